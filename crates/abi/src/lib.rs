@@ -1,0 +1,35 @@
+//! ABI v1 of iopf: the byte-exact records and region headers that cross between the host and
+//! the VMM through shared memory.
+//!
+//! Everything here is plain data. The wire types ([`FaultRecord`], [`ResponseRecord`],
+//! [`HostPageHeader`], [`VmmPageHeader`]) accept every bit pattern, so they can be read out of
+//! memory another process writes; their `decode` methods (and
+//! [`QueueGeometry::from_host_header`]) validate every field and return a typed error for
+//! anything ABI v1 does not define. The decoded types ([`Fault`], [`PageRequest`],
+//! [`UnrecoverableFault`], [`PageResponse`]) can only hold valid values, and encode back to
+//! exactly the bytes they came from.
+//!
+//! The layout is specified in `docs/ABI.md`; `include/iopf_abi.h` is the same layout for C.
+#![no_std]
+#![deny(missing_docs)]
+
+mod error;
+mod fault;
+mod ids;
+mod region;
+mod response;
+
+pub use error::{DecodeError, RegionError};
+pub use fault::{
+    FAULT_TYPE_PAGE_REQUEST, FAULT_TYPE_UNRECOVERABLE, Fault, FaultReason, FaultRecord,
+    PageRequest, Perm, UnrecoverableFault, page_request_flags, unrecoverable_flags,
+};
+pub use ids::{Cookie, Pasid, PrgIndex};
+pub use region::{
+    ENTRIES_OFFSET, FLAG_NEED_WAKEUP, HOST_FLAG_LIVE, HOST_FLAGS_ALL, HOST_PAGE_OFFSET,
+    HostPageHeader, MAX_ENTRIES, MIN_ENTRIES, PAGE_SIZE, QueueGeometry, QueueKind, REGION_MAGIC,
+    REGION_VERSION, VMM_ABI_V1, VMM_FLAGS_ALL, VMM_PAGE_OFFSET, VmmPageHeader,
+};
+pub use response::{
+    PageResponse, RESPONSE_PASID_VALID, RESPONSE_VERSION, ResponseCode, ResponseRecord,
+};
