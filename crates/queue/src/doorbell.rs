@@ -1,0 +1,93 @@
+//! Doorbells: an eventfd each side can ring and the other can sleep on.
+//!
+//! An eventfd adds every ring to a counter and one read drains it, so many kicks before the
+//! sleeper wakes cost one wake-up; the ring's `NEED_WAKEUP` protocol means the producer rings
+//! only when the consumer said it is about to sleep.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+
+/// An eventfd used as a doorbell.
+#[derive(Debug)]
+pub struct Doorbell {
+    fd: OwnedFd,
+}
+
+impl Doorbell {
+    /// A new doorbell (non-blocking eventfd, close-on-exec).
+    pub fn new() -> io::Result<Self> {
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(Self { fd })
+    }
+
+    /// A doorbell over an fd received from elsewhere. Refuses anything but an eventfd, so a
+    /// peer cannot make us write into a pipe or a socket by handing us the wrong fd.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        if link.as_os_str() != "anon_inode:[eventfd]" {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("doorbell fd is {}, not an eventfd", link.display()),
+            ));
+        }
+        // Our waits use poll(), so blocking or not, a read after POLLIN does not block for long;
+        // set non-blocking anyway so a racing reader cannot leave us stuck in read().
+        let flags = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+        Ok(Self { fd })
+    }
+
+    /// Rings the doorbell (adds 1 to the eventfd counter).
+    pub fn ring(&self) -> io::Result<()> {
+        match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+            // The counter is saturated: the sleeper is going to wake anyway.
+            Ok(_) | Err(Errno::AGAIN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Drains pending rings without blocking; returns how many rings were pending.
+    pub fn drain(&self) -> io::Result<u64> {
+        let mut buf = [0u8; 8];
+        match rustix::io::read(&self.fd, &mut buf) {
+            Ok(8) => Ok(u64::from_ne_bytes(buf)),
+            Ok(_) => Err(io::Error::other("short eventfd read")),
+            Err(Errno::AGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sleeps until the doorbell rings or `timeout` passes (`None`: no timeout), then drains
+    /// it. Returns `true` if it rang.
+    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        let timeout = timeout.map(|t| Timespec {
+            tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: t.subsec_nanos().into(),
+        });
+        loop {
+            let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
+                Ok(0) => return Ok(false),
+                Ok(_) => return Ok(self.drain()? > 0),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl AsFd for Doorbell {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl From<Doorbell> for OwnedFd {
+    fn from(d: Doorbell) -> OwnedFd {
+        d.fd
+    }
+}

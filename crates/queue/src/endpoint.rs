@@ -1,0 +1,151 @@
+//! A ring end with its doorbell: the part of every queue that is the same whichever way records
+//! flow. [`Sender`] publishes and kicks; [`Receiver`] drains and sleeps.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::doorbell::Doorbell;
+use crate::entry::Entry;
+use crate::memory::QueueMemory;
+use crate::ring::{ProtocolError, Published, RingConsumer, RingProducer};
+
+/// Why a queue operation failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The peer broke the ring protocol; the queue is unusable.
+    #[error("queue broken by its peer: {0}")]
+    Broken(#[from] ProtocolError),
+    /// The doorbell's eventfd failed.
+    #[error("doorbell: {0}")]
+    Doorbell(#[source] io::Error),
+}
+
+/// Default number of polls of the ring before a consumer goes to sleep on its doorbell. An
+/// eventfd wake-up costs tens of microseconds; a few microseconds of polling first saves it
+/// whenever records keep coming.
+pub const DEFAULT_SPIN: u32 = 2000;
+
+/// The producing end of a queue and the doorbell of its consumer.
+#[derive(Debug)]
+pub struct Sender<E, M> {
+    pub(crate) ring: RingProducer<E, M>,
+    doorbell: Option<Doorbell>,
+    kicks: u64,
+}
+
+impl<E: Entry, M: QueueMemory> Sender<E, M> {
+    pub(crate) fn new(ring: RingProducer<E, M>, doorbell: Option<Doorbell>) -> Self {
+        Self {
+            ring,
+            doorbell,
+            kicks: 0,
+        }
+    }
+
+    /// Replaces the consumer's doorbell (`None`: publish without kicking).
+    pub fn set_doorbell(&mut self, doorbell: Option<Doorbell>) {
+        self.doorbell = doorbell;
+    }
+
+    /// Publishes every staged record with one index store, and rings the consumer's doorbell
+    /// if it is asleep.
+    pub fn publish(&mut self) -> Result<Published, QueueError> {
+        let published = self.ring.publish()?;
+        if let (true, Some(doorbell)) = (published.kick, &self.doorbell) {
+            doorbell.ring().map_err(QueueError::Doorbell)?;
+            self.kicks += 1;
+        }
+        Ok(published)
+    }
+
+    /// Doorbell rings so far.
+    pub fn kicks(&self) -> u64 {
+        self.kicks
+    }
+
+    /// The ring's error, if the peer broke it.
+    pub fn broken(&self) -> Option<ProtocolError> {
+        self.ring.broken()
+    }
+}
+
+/// The consuming end of a queue and its own doorbell.
+#[derive(Debug)]
+pub struct Receiver<E, M> {
+    pub(crate) ring: RingConsumer<E, M>,
+    doorbell: Doorbell,
+    spin: u32,
+    sleeps: u64,
+}
+
+impl<E: Entry, M: QueueMemory> Receiver<E, M> {
+    pub(crate) fn new(ring: RingConsumer<E, M>, doorbell: Doorbell) -> Self {
+        Self {
+            ring,
+            doorbell,
+            spin: DEFAULT_SPIN,
+            sleeps: 0,
+        }
+    }
+
+    /// Sets how many times [`wait`](Self::wait) polls the ring before sleeping.
+    pub fn set_spin(&mut self, spin: u32) {
+        self.spin = spin;
+    }
+
+    /// Reads up to `max` records, in order, handing each to `f`; returns their slots with one
+    /// index store. Returns how many were read (0 if none are ready).
+    pub fn drain(&mut self, max: usize, f: impl FnMut(E)) -> Result<usize, ProtocolError> {
+        self.ring.drain(max, f)
+    }
+
+    /// Records published and not yet drained.
+    pub fn ready(&mut self) -> Result<u32, ProtocolError> {
+        self.ring.refresh()
+    }
+
+    /// Waits until records are ready or `timeout` passes (`None`: forever): polls the ring a
+    /// while, then sets `NEED_WAKEUP` and sleeps on the doorbell. Returns the records ready
+    /// (0 on timeout).
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<u32, QueueError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            for _ in 0..=self.spin {
+                let ready = self.ring.refresh()?;
+                if ready > 0 {
+                    return Ok(ready);
+                }
+                core::hint::spin_loop();
+            }
+            if !self.ring.prepare_to_sleep()? {
+                continue;
+            }
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.sleeps += 1;
+            let slept = self.doorbell.wait(remaining);
+            self.ring.woke();
+            slept.map_err(QueueError::Doorbell)?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(self.ring.refresh()?);
+            }
+        }
+    }
+
+    /// Times this receiver went to sleep on its doorbell.
+    pub fn sleeps(&self) -> u64 {
+        self.sleeps
+    }
+
+    /// The doorbell this receiver sleeps on.
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.doorbell
+    }
+
+    /// The ring's error, if the peer broke it.
+    pub fn broken(&self) -> Option<ProtocolError> {
+        self.ring.broken()
+    }
+}

@@ -1,0 +1,54 @@
+//! The records a ring carries, and how they move between a record and its slot's words.
+
+use iopf_abi::{FaultRecord, QueueKind, ResponseRecord};
+use zerocopy::little_endian::U64;
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// A record type that lives in a ring slot.
+///
+/// Slots are written and read one 64-bit little-endian word at a time with relaxed atomic
+/// accesses; the ring's release/acquire on its indices orders them. Storing straight into the
+/// slot matters: building a record on the stack and copying it in costs store-forwarding
+/// stalls (`PERF-ANCHORS.md`).
+pub trait Entry: Copy + Sized {
+    /// The queue kind that carries this record.
+    const KIND: QueueKind;
+    /// Words per slot.
+    const WORDS: usize;
+    /// Stores the record into `slot` (exactly `WORDS` words).
+    fn store(&self, slot: &[AtomicU64]);
+    /// Loads a record from `slot` (exactly `WORDS` words). Any bits make a record.
+    fn load(slot: &[AtomicU64]) -> Self;
+}
+
+macro_rules! impl_entry {
+    ($t:ty, $kind:expr, $words:literal) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $words * 8);
+
+        impl Entry for $t {
+            const KIND: QueueKind = $kind;
+            const WORDS: usize = $words;
+
+            #[inline]
+            fn store(&self, slot: &[AtomicU64]) {
+                let words: [U64; $words] = zerocopy::transmute!(*self);
+                for (cell, word) in slot.iter().zip(words) {
+                    cell.store(word.get(), Ordering::Relaxed);
+                }
+            }
+
+            #[inline]
+            fn load(slot: &[AtomicU64]) -> Self {
+                let mut words = [U64::ZERO; $words];
+                for (word, cell) in words.iter_mut().zip(slot) {
+                    *word = U64::new(cell.load(Ordering::Relaxed));
+                }
+                zerocopy::transmute!(words)
+            }
+        }
+    };
+}
+
+impl_entry!(FaultRecord, QueueKind::Fault, 8);
+impl_entry!(ResponseRecord, QueueKind::Response, 4);

@@ -1,0 +1,227 @@
+//! The fault queue: the host publishes fault records, the VMM drains them.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use iopf_abi::{
+    DecodeError, Fault, FaultRecord, HOST_FLAG_LIVE, PageRequest, QueueGeometry, QueueKind,
+    UnrecoverableFault, VMM_ABI_V1,
+};
+
+use crate::doorbell::Doorbell;
+use crate::endpoint::{QueueError, Receiver, Sender};
+use crate::memory::QueueMemory;
+use crate::region::{AttachError, QueueRegion};
+use crate::ring::{ProtocolError, Published, PushError, RingConsumer, RingProducer};
+use crate::sync::Ordering;
+
+/// What became of an unrecoverable fault offered to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// In the ring; visible at the next publish.
+    Queued,
+    /// The ring was full: dropped and counted in `lost`.
+    Lost,
+}
+
+/// The host's end of a fault queue.
+///
+/// Page request groups go in whole or not at all; a group that does not fit is reported
+/// [`PushError::Full`] so that the fault core answers it (`Invalid`) at once: a page request is
+/// never dropped silently. Unrecoverable faults that do not fit are dropped and counted in the
+/// host page's `lost`.
+#[derive(Debug)]
+pub struct FaultQueueProducer<M = QueueRegion> {
+    sender: Sender<FaultRecord, M>,
+    flags: u32,
+    lost: u64,
+}
+
+impl FaultQueueProducer<QueueRegion> {
+    /// Creates a fault queue region of `nb_entries` entries (a power of two in 2..=65536).
+    pub fn create(nb_entries: u32) -> Result<Self, AttachError> {
+        let geometry = QueueGeometry::new(QueueKind::Fault, nb_entries)?;
+        Ok(Self::new(QueueRegion::create(geometry)?))
+    }
+}
+
+impl<M: QueueMemory> FaultQueueProducer<M> {
+    /// The host end over fresh fault queue memory.
+    pub fn new(memory: M) -> Self {
+        Self {
+            sender: Sender::new(RingProducer::new(memory), None),
+            flags: 0,
+            lost: 0,
+        }
+    }
+
+    /// The region's memory (for its fd, or for inspection).
+    pub fn memory(&self) -> &M {
+        self.sender.ring.memory()
+    }
+
+    /// Sets the doorbell to ring when the VMM sleeps (the fault IRQ's eventfd).
+    pub fn set_doorbell(&mut self, doorbell: Option<Doorbell>) {
+        self.sender.set_doorbell(doorbell);
+    }
+
+    /// Sets or clears `LIVE` (a fault handler is registered) in the host page.
+    pub fn set_live(&mut self, live: bool) {
+        self.flags = if live { HOST_FLAG_LIVE } else { 0 };
+        let host = self.memory().host_page();
+        host.flags.store(self.flags, Ordering::Release);
+    }
+
+    /// Whether a VMM that speaks ABI v1 has attached (its page's `abi` is 1). Untrusted: it
+    /// only decides whether publishing is worth trying.
+    pub fn consumer_attached(&self) -> bool {
+        self.memory().vmm_page().abi.load(Ordering::Acquire) == VMM_ABI_V1
+    }
+
+    /// Stages a whole page request group (its `LAST_PAGE` request last), or none of it.
+    pub fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), PushError> {
+        self.sender
+            .ring
+            .stage_exact(group.iter().map(FaultRecord::from))
+    }
+
+    /// Stages an unrecoverable fault, or drops and counts it if the ring is full.
+    pub fn stage_unrecoverable(
+        &mut self,
+        fault: &UnrecoverableFault,
+    ) -> Result<Staged, ProtocolError> {
+        match self.sender.ring.stage(&FaultRecord::from(fault)) {
+            Ok(()) => Ok(Staged::Queued),
+            Err(PushError::Full) => {
+                self.count_lost(1);
+                Ok(Staged::Lost)
+            }
+            Err(PushError::Broken(e)) => Err(e),
+        }
+    }
+
+    /// Counts `n` records dropped and shows the total in the host page's `lost`.
+    pub fn count_lost(&mut self, n: u64) {
+        self.lost = self.lost.saturating_add(n);
+        let host = self.memory().host_page();
+        host.lost.store(self.lost, Ordering::Relaxed);
+    }
+
+    /// Publishes every staged record with one index store and at most one doorbell ring.
+    pub fn publish(&mut self) -> Result<Published, QueueError> {
+        self.sender.publish()
+    }
+
+    /// Records dropped because the ring was full.
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+
+    /// Doorbell rings so far.
+    pub fn kicks(&self) -> u64 {
+        self.sender.kicks()
+    }
+
+    /// The ring's error, if the VMM broke it.
+    pub fn broken(&self) -> Option<ProtocolError> {
+        self.sender.broken()
+    }
+}
+
+/// The VMM's end of a fault queue.
+#[derive(Debug)]
+pub struct FaultQueueConsumer<M: QueueMemory = QueueRegion> {
+    receiver: Receiver<FaultRecord, M>,
+}
+
+impl FaultQueueConsumer<QueueRegion> {
+    /// Attaches to a fault queue region from its fd alone (see [`QueueRegion::attach`]),
+    /// resuming where a previous consumer left off, and announces ABI v1 in the VMM page.
+    /// `doorbell` is the eventfd the host rings (the fault IRQ).
+    pub fn attach(fd: OwnedFd, doorbell: Doorbell) -> Result<Self, AttachError> {
+        let region = QueueRegion::attach(fd, QueueKind::Fault)?;
+        let cons = region.vmm_page().index.load(Ordering::Relaxed);
+        let prod = region.host_page().index.load(Ordering::Acquire);
+        let ring = RingConsumer::with_indices(region, cons, prod)?;
+        Ok(Self::from_ring(ring, doorbell))
+    }
+}
+
+impl<M: QueueMemory> FaultQueueConsumer<M> {
+    /// The VMM end over fresh fault queue memory, announcing ABI v1.
+    pub fn new(memory: M, doorbell: Doorbell) -> Self {
+        Self::from_ring(RingConsumer::new(memory), doorbell)
+    }
+
+    fn from_ring(ring: RingConsumer<FaultRecord, M>, doorbell: Doorbell) -> Self {
+        ring.memory()
+            .vmm_page()
+            .abi
+            .store(VMM_ABI_V1, Ordering::Release);
+        Self {
+            receiver: Receiver::new(ring, doorbell),
+        }
+    }
+
+    /// The region's memory.
+    pub fn memory(&self) -> &M {
+        self.receiver.ring.memory()
+    }
+
+    /// Reads up to `max` raw records, in order, and returns their slots.
+    pub fn drain(
+        &mut self,
+        max: usize,
+        f: impl FnMut(FaultRecord),
+    ) -> Result<usize, ProtocolError> {
+        self.receiver.drain(max, f)
+    }
+
+    /// Reads up to `max` records and decodes each one (a record the host wrote wrongly is
+    /// handed over as its decode error, never skipped silently).
+    pub fn drain_faults(
+        &mut self,
+        max: usize,
+        mut f: impl FnMut(Result<Fault, DecodeError>),
+    ) -> Result<usize, ProtocolError> {
+        self.receiver.drain(max, |record| f(record.decode()))
+    }
+
+    /// Waits for faults (spinning a while, then sleeping on the doorbell). Returns how many
+    /// are ready; 0 on timeout.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<u32, QueueError> {
+        self.receiver.wait(timeout)
+    }
+
+    /// Sets how many times [`wait`](Self::wait) polls before it sleeps.
+    pub fn set_spin(&mut self, spin: u32) {
+        self.receiver.set_spin(spin);
+    }
+
+    /// Times the consumer slept on its doorbell.
+    pub fn sleeps(&self) -> u64 {
+        self.receiver.sleeps()
+    }
+
+    /// The host's count of faults dropped because the ring was full.
+    pub fn lost(&self) -> u64 {
+        self.memory().host_page().lost.load(Ordering::Relaxed)
+    }
+
+    /// Whether the host says a fault handler is registered.
+    pub fn live(&self) -> bool {
+        self.memory().host_page().flags.load(Ordering::Acquire) & HOST_FLAG_LIVE != 0
+    }
+
+    /// The ring's error, if the host broke it.
+    pub fn broken(&self) -> Option<ProtocolError> {
+        self.receiver.broken()
+    }
+}
+
+impl<M: QueueMemory> Drop for FaultQueueConsumer<M> {
+    fn drop(&mut self) {
+        // Tell the host no consumer is attached any more.
+        self.memory().vmm_page().abi.store(0, Ordering::Release);
+    }
+}

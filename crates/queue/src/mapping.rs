@@ -1,0 +1,112 @@
+//! The one place that maps memory: a shared, writable mapping of a sealed memfd, and the typed
+//! views of it the rings use. Everything above this module is safe code over atomics.
+
+use core::ptr::NonNull;
+use std::io;
+use std::os::fd::BorrowedFd;
+
+use iopf_abi::{ENTRIES_OFFSET, HOST_PAGE_OFFSET, VMM_PAGE_OFFSET};
+use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::memory::{HostPage, VmmPage};
+use crate::sync::AtomicU64;
+
+/// A `MAP_SHARED` read-write mapping of a whole queue region.
+///
+/// Invariants, established by [`Mapping::new`] and relied on by every view:
+/// 1. `ptr..ptr + len` is mapped for as long as `self` lives (unmapped only in `Drop`);
+/// 2. `ptr` is page-aligned and `len >= ENTRIES_OFFSET`, so both header pages lie inside it;
+/// 3. the file under it cannot shrink (the caller checked `F_SEAL_SHRINK`), so no access inside
+///    `len` can raise `SIGBUS`.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: `Mapping` owns a plain memory mapping; the views it hands out are atomics, which are
+// `Sync`, so sharing or sending the owner across threads creates no unsynchronised access.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: every access through `&Mapping` goes through atomic views.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `fd`.
+    ///
+    /// The caller must have checked that `fd` is a memfd sealed with `F_SEAL_SHRINK` and at
+    /// least `len` bytes long (invariant 3); `len < ENTRIES_OFFSET` is refused here.
+    pub(crate) fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        if len < ENTRIES_OFFSET as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mapping smaller than the region's header pages",
+            ));
+        }
+        // SAFETY:
+        // 1. A null hint lets the kernel choose the address, so no existing mapping is replaced.
+        // 2. `MAP_SHARED` of a file we hold an fd for; `len` is non-zero.
+        // 3. The returned pointer is used only through `Mapping`, which unmaps it once, in Drop.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                core::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                0,
+            )
+        }?;
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The mapping's length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The host page at offset 0.
+    pub(crate) fn host_page(&self) -> &HostPage {
+        let page = self.ptr.as_ptr().wrapping_add(HOST_PAGE_OFFSET as usize);
+        // SAFETY: the host page lies at offset 0 of a page-aligned mapping at least
+        // `ENTRIES_OFFSET` long (invariant 2), so `HostPage` (48 bytes, align 8) is in bounds
+        // and aligned; its fields are atomics, valid for every bit pattern and for concurrent
+        // access from the peer; the memory outlives `&self` (invariant 1) and cannot vanish
+        // under us (invariant 3).
+        unsafe { &*page.cast::<HostPage>() }
+    }
+
+    /// The VMM page at offset 4096.
+    pub(crate) fn vmm_page(&self) -> &VmmPage {
+        let page = self.ptr.as_ptr().wrapping_add(VMM_PAGE_OFFSET as usize);
+        // SAFETY: as for `host_page`: offset 4096 of the mapping is page-aligned and the 12
+        // bytes of `VmmPage` end before `ENTRIES_OFFSET <= len`.
+        unsafe { &*page.cast::<VmmPage>() }
+    }
+
+    /// `count` 64-bit words from `ENTRIES_OFFSET`, or `None` if they do not fit the mapping.
+    pub(crate) fn entry_words(&self, count: usize) -> Option<&[AtomicU64]> {
+        let bytes = count.checked_mul(8)?;
+        if bytes > self.len - ENTRIES_OFFSET as usize {
+            return None;
+        }
+        let entries = self.ptr.as_ptr().wrapping_add(ENTRIES_OFFSET as usize);
+        // SAFETY: `ENTRIES_OFFSET` (8192) is 8-aligned in a page-aligned mapping, the `count`
+        // words end inside it (checked just above), `AtomicU64` is valid for every bit pattern
+        // and for concurrent access, and the memory outlives `&self` (invariants 1 and 3).
+        Some(unsafe { core::slice::from_raw_parts(entries.cast::<AtomicU64>(), count) })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is the mapping `new` created and nothing else unmaps it; no
+        // view outlives `&self`, so no reference into it survives this call.
+        let result = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        debug_assert!(
+            result.is_ok(),
+            "munmap of our own mapping failed: {result:?}"
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! Queue regions in shared memory: a sealed memfd, mapped by both sides.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use iopf_abi::{
+    ENTRIES_OFFSET, HostPageHeader, MAX_ENTRIES, QueueGeometry, QueueKind, RegionError,
+    VmmPageHeader,
+};
+use rustix::fs::{MemfdFlags, SealFlags};
+use thiserror::Error;
+
+use crate::mapping::Mapping;
+use crate::memory::{HostPage, QueueMemory, VmmPage};
+use crate::sync::AtomicU64;
+
+/// The seals every queue region carries: nobody can shrink it (which would make the other side
+/// fault on its mapping), grow it, or change its seals.
+pub const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK
+    .union(SealFlags::GROW)
+    .union(SealFlags::SEAL);
+
+/// Why a queue region could not be created or attached.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The fd is not a memfd sealed against shrinking, growing and resealing.
+    #[error("region fd is not a sealed memfd (seals {found:?}, need {REQUIRED_SEALS:?})")]
+    NotSealed {
+        /// The seals it has (empty if it is not a memfd at all).
+        found: SealFlags,
+    },
+    /// The region's header or size does not describe a valid ABI v1 queue.
+    #[error("invalid queue region: {0}")]
+    Region(#[from] RegionError),
+    /// The indices in the region's pages are inconsistent.
+    #[error("inconsistent ring indices: {0}")]
+    Ring(#[from] crate::ring::ProtocolError),
+    /// The region is larger than its header says: a consistent region is exactly its length.
+    #[error("region is {len} bytes but its header describes {expected}")]
+    SizeMismatch {
+        /// The fd's size.
+        len: u64,
+        /// The size the header implies.
+        expected: u64,
+    },
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> AttachError {
+    move |e| AttachError::Io {
+        op,
+        source: e.into(),
+    }
+}
+
+/// One queue region, mapped: the memfd and its shared mapping.
+#[derive(Debug)]
+pub struct QueueRegion {
+    fd: OwnedFd,
+    mapping: Mapping,
+    geometry: QueueGeometry,
+    words: usize,
+}
+
+impl QueueRegion {
+    /// Creates a region (host side): a memfd of exactly the region's length, sealed, mapped,
+    /// with its host page written.
+    pub fn create(geometry: QueueGeometry) -> Result<Self, AttachError> {
+        let name = match geometry.kind() {
+            QueueKind::Fault => "iopf-fault-queue",
+            QueueKind::Response => "iopf-response-queue",
+        };
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(io_err("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, geometry.region_len()).map_err(io_err("ftruncate"))?;
+        rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS).map_err(io_err("F_ADD_SEALS"))?;
+        let region = Self::map(fd, geometry)?;
+        region.host_page().init(&geometry);
+        Ok(region)
+    }
+
+    /// Attaches to a region from its fd alone (VMM side, or anyone who received the fd): checks
+    /// the seals, the size, and every field of the host page (magic, version, kind, geometry),
+    /// and refuses anything inconsistent.
+    pub fn attach(fd: OwnedFd, expected: QueueKind) -> Result<Self, AttachError> {
+        let found = rustix::fs::fcntl_get_seals(&fd).unwrap_or(SealFlags::empty());
+        if !found.contains(REQUIRED_SEALS) {
+            return Err(AttachError::NotSealed { found });
+        }
+        let len = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
+        let len = u64::try_from(len).unwrap_or(0);
+        let max = QueueGeometry::new(expected, MAX_ENTRIES)?.region_len();
+        if len < u64::from(ENTRIES_OFFSET) || len > max {
+            // Refuse before mapping anything: too small to hold a header, or larger than any
+            // valid region of this kind.
+            return Err(if len > max {
+                AttachError::SizeMismatch { len, expected: max }
+            } else {
+                RegionError::TooSmall {
+                    needed: ENTRIES_OFFSET.into(),
+                    len,
+                }
+                .into()
+            });
+        }
+        // Map the header pages alone first, so the geometry comes from the header and the file
+        // size together, and is validated before the full mapping exists.
+        let header = {
+            let pages = Mapping::new(fd.as_fd(), ENTRIES_OFFSET as usize)
+                .map_err(|source| AttachError::Io { op: "mmap", source })?;
+            pages.host_page().snapshot()
+        };
+        let geometry = QueueGeometry::from_host_header(&header, expected, len)?;
+        if len != geometry.region_len() {
+            return Err(AttachError::SizeMismatch {
+                len,
+                expected: geometry.region_len(),
+            });
+        }
+        Self::map(fd, geometry)
+    }
+
+    fn map(fd: OwnedFd, geometry: QueueGeometry) -> Result<Self, AttachError> {
+        let len = usize::try_from(geometry.region_len()).unwrap_or(usize::MAX);
+        let mapping = Mapping::new(fd.as_fd(), len)
+            .map_err(|source| AttachError::Io { op: "mmap", source })?;
+        let words = (geometry.nb_entries() * geometry.entry_size() / 8) as usize;
+        if mapping.entry_words(words).is_none() {
+            return Err(RegionError::TooSmall {
+                needed: geometry.region_len(),
+                len: mapping.len() as u64,
+            }
+            .into());
+        }
+        Ok(Self {
+            fd,
+            mapping,
+            geometry,
+            words,
+        })
+    }
+
+    /// The region's memfd, to hand to the other side.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Both header pages as they are now (for inspection; values are not validated).
+    pub fn snapshot(&self) -> (HostPageHeader, VmmPageHeader) {
+        (self.host_page().snapshot(), self.vmm_page().snapshot())
+    }
+}
+
+impl QueueMemory for QueueRegion {
+    fn geometry(&self) -> QueueGeometry {
+        self.geometry
+    }
+    fn host_page(&self) -> &HostPage {
+        self.mapping.host_page()
+    }
+    fn vmm_page(&self) -> &VmmPage {
+        self.mapping.vmm_page()
+    }
+    fn entry_words(&self) -> &[AtomicU64] {
+        // Checked in `map`: the words fit the mapping.
+        self.mapping.entry_words(self.words).unwrap_or(&[])
+    }
+}

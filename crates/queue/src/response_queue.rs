@@ -1,0 +1,169 @@
+//! The response queue: the VMM publishes page responses, the host drains them.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use iopf_abi::{HOST_FLAG_LIVE, PageResponse, QueueGeometry, QueueKind, ResponseRecord};
+
+use crate::doorbell::Doorbell;
+use crate::endpoint::{QueueError, Receiver, Sender};
+use crate::memory::QueueMemory;
+use crate::region::{AttachError, QueueRegion};
+use crate::ring::{ProtocolError, Published, PushError, RingConsumer, RingProducer};
+use crate::sync::Ordering;
+
+/// The VMM's end of a response queue.
+#[derive(Debug)]
+pub struct ResponseQueueProducer<M = QueueRegion> {
+    sender: Sender<ResponseRecord, M>,
+}
+
+impl ResponseQueueProducer<QueueRegion> {
+    /// Attaches to a response queue region from its fd alone (see [`QueueRegion::attach`]),
+    /// resuming at the indices in its pages. `doorbell` is the host's (rung when the host
+    /// sleeps).
+    pub fn attach(fd: OwnedFd, doorbell: Option<Doorbell>) -> Result<Self, AttachError> {
+        let region = QueueRegion::attach(fd, QueueKind::Response)?;
+        let prod = region.vmm_page().index.load(Ordering::Relaxed);
+        let cons = region.host_page().index.load(Ordering::Acquire);
+        let ring = RingProducer::with_indices(region, prod, cons)?;
+        Ok(Self {
+            sender: Sender::new(ring, doorbell),
+        })
+    }
+}
+
+impl<M: QueueMemory> ResponseQueueProducer<M> {
+    /// The VMM end over fresh response queue memory.
+    pub fn new(memory: M, doorbell: Option<Doorbell>) -> Self {
+        Self {
+            sender: Sender::new(RingProducer::new(memory), doorbell),
+        }
+    }
+
+    /// The region's memory.
+    pub fn memory(&self) -> &M {
+        self.sender.ring.memory()
+    }
+
+    /// Stages one response.
+    pub fn stage(&mut self, response: &PageResponse) -> Result<(), PushError> {
+        self.sender.ring.stage(&ResponseRecord::from(response))
+    }
+
+    /// Stages one raw record, as is (for tools and tests that must send what a decoder would
+    /// refuse).
+    pub fn stage_record(&mut self, record: &ResponseRecord) -> Result<(), PushError> {
+        self.sender.ring.stage(record)
+    }
+
+    /// Stages as many of `responses` as fit; returns how many.
+    pub fn stage_some(&mut self, responses: &[PageResponse]) -> Result<usize, ProtocolError> {
+        let mut staged = 0;
+        for response in responses {
+            match self.stage(response) {
+                Ok(()) => staged += 1,
+                Err(PushError::Full) => break,
+                Err(PushError::Broken(e)) => return Err(e),
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Publishes every staged response with one index store and at most one doorbell ring.
+    pub fn publish(&mut self) -> Result<Published, QueueError> {
+        self.sender.publish()
+    }
+
+    /// Doorbell rings so far.
+    pub fn kicks(&self) -> u64 {
+        self.sender.kicks()
+    }
+
+    /// The ring's error, if the host broke it.
+    pub fn broken(&self) -> Option<ProtocolError> {
+        self.sender.broken()
+    }
+}
+
+/// The host's end of a response queue. Every record it yields is untrusted: decode it, then let
+/// the fault core decide whether its cookie names a pending group.
+#[derive(Debug)]
+pub struct ResponseQueueConsumer<M = QueueRegion> {
+    receiver: Receiver<ResponseRecord, M>,
+    rejected: u64,
+}
+
+impl ResponseQueueConsumer<QueueRegion> {
+    /// Creates a response queue region of `nb_entries` entries; `doorbell` is the one this end
+    /// sleeps on (the VMM rings it).
+    pub fn create(nb_entries: u32, doorbell: Doorbell) -> Result<Self, AttachError> {
+        let geometry = QueueGeometry::new(QueueKind::Response, nb_entries)?;
+        Ok(Self::new(QueueRegion::create(geometry)?, doorbell))
+    }
+}
+
+impl<M: QueueMemory> ResponseQueueConsumer<M> {
+    /// The host end over fresh response queue memory.
+    pub fn new(memory: M, doorbell: Doorbell) -> Self {
+        Self {
+            receiver: Receiver::new(RingConsumer::new(memory), doorbell),
+            rejected: 0,
+        }
+    }
+
+    /// The region's memory.
+    pub fn memory(&self) -> &M {
+        self.receiver.ring.memory()
+    }
+
+    /// Sets or clears `LIVE` in the host page.
+    pub fn set_live(&mut self, live: bool) {
+        self.receiver
+            .ring
+            .set_flags(if live { HOST_FLAG_LIVE } else { 0 });
+    }
+
+    /// Reads up to `max` raw records, in order, and returns their slots. Each record is copied
+    /// out of shared memory once, so the VMM cannot change it between check and use.
+    pub fn drain(
+        &mut self,
+        max: usize,
+        f: impl FnMut(ResponseRecord),
+    ) -> Result<usize, ProtocolError> {
+        self.receiver.drain(max, f)
+    }
+
+    /// Waits for responses (spinning a while, then sleeping on the doorbell). Returns how many
+    /// are ready; 0 on timeout.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<u32, QueueError> {
+        self.receiver.wait(timeout)
+    }
+
+    /// Sets how many times [`wait`](Self::wait) polls before it sleeps.
+    pub fn set_spin(&mut self, spin: u32) {
+        self.receiver.set_spin(spin);
+    }
+
+    /// The doorbell this end sleeps on (to add to an epoll set).
+    pub fn doorbell(&self) -> &Doorbell {
+        self.receiver.doorbell()
+    }
+
+    /// Counts `n` refused responses and shows the total in the host page's `rejected`.
+    pub fn count_rejected(&mut self, n: u64) {
+        self.rejected = self.rejected.saturating_add(n);
+        let host = self.memory().host_page();
+        host.rejected.store(self.rejected, Ordering::Relaxed);
+    }
+
+    /// Responses refused so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// The ring's error, if the VMM broke it.
+    pub fn broken(&self) -> Option<ProtocolError> {
+        self.receiver.broken()
+    }
+}
