@@ -4,7 +4,7 @@ use bitflags::bitflags;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::{Cookie, DecodeError, Pasid, PrgIndex};
+use crate::{Cookie, DecodeError, PageAddr, Pasid, PrgIndex};
 
 /// `type` of an unrecoverable fault (`IOMMU_FAULT_DMA_UNRECOV`).
 pub const FAULT_TYPE_UNRECOVERABLE: u32 = 1;
@@ -147,8 +147,8 @@ pub struct PageRequest {
     pub grpid: PrgIndex,
     /// The access that faulted.
     pub perm: Perm,
-    /// The page address (4 KiB aligned).
-    pub addr: u64,
+    /// The page the device asks for.
+    pub addr: PageAddr,
     /// This is the last request of its group.
     pub last: bool,
     /// Device-specific data, if the request carried some.
@@ -242,10 +242,7 @@ impl FaultRecord {
         )?;
         let grpid = PrgIndex::new(self.word4.get())?;
         let perm = perm(self.perm.get())?;
-        let addr = self.addr.get();
-        if addr & 0xfff != 0 {
-            return Err(DecodeError::UnalignedPageAddress(addr));
-        }
+        let addr = PageAddr::new(self.addr.get())?;
         let (d0, d1) = (self.data0.get(), self.data1.get());
         let private_data = if flags & f::PRIV_DATA != 0 {
             Some([d0, d1])
@@ -290,7 +287,7 @@ impl FaultRecord {
             raw_fetch,
             || Ok(raw_fetch),
         )?;
-        zero("data1", self.data1.get())?;
+        zero("event.reserved[0]", self.data1.get())?;
         Ok(UnrecoverableFault {
             reason,
             pasid,
@@ -322,7 +319,7 @@ impl From<&PageRequest> for FaultRecord {
             word3: r.pasid.map_or(0, Pasid::get).into(),
             word4: u32::from(r.grpid.get()).into(),
             perm: r.perm.bits().into(),
-            addr: r.addr.into(),
+            addr: r.addr.get().into(),
             data0: d0.into(),
             data1: d1.into(),
             reserved: [U64::ZERO; 2],

@@ -72,6 +72,33 @@ impl Cookie {
     }
 }
 
+/// The address of a 4 KiB page: what a page request asks to have mapped.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageAddr(u64);
+
+impl PageAddr {
+    /// The page size page requests are expressed in.
+    pub const SIZE: u64 = 4096;
+
+    /// A page address, or an error unless `addr` is 4 KiB aligned.
+    pub const fn new(addr: u64) -> Result<Self, DecodeError> {
+        if !addr.is_multiple_of(Self::SIZE) {
+            return Err(DecodeError::UnalignedPageAddress(addr));
+        }
+        Ok(Self(addr))
+    }
+
+    /// The page that holds byte address `addr`.
+    pub const fn containing(addr: u64) -> Self {
+        Self(addr & !(Self::SIZE - 1))
+    }
+
+    /// The raw address (4 KiB aligned).
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
 macro_rules! id_fmt {
     ($t:ty, $name:literal, $fmt:literal) => {
         impl fmt::Debug for $t {
@@ -90,6 +117,7 @@ macro_rules! id_fmt {
 id_fmt!(Pasid, "Pasid", "{:#x}");
 id_fmt!(PrgIndex, "PrgIndex", "{}");
 id_fmt!(Cookie, "Cookie", "{:#x}");
+id_fmt!(PageAddr, "PageAddr", "{:#x}");
 
 #[cfg(test)]
 mod tests {
@@ -111,6 +139,16 @@ mod tests {
             PrgIndex::new(512),
             Err(DecodeError::PrgIndexOutOfRange(512))
         );
+    }
+
+    #[test]
+    fn page_addr_must_be_4k_aligned() {
+        assert_eq!(PageAddr::new(0x2000).unwrap().get(), 0x2000);
+        assert_eq!(
+            PageAddr::new(0x2001),
+            Err(DecodeError::UnalignedPageAddress(0x2001))
+        );
+        assert_eq!(PageAddr::containing(0x2fff).get(), 0x2000);
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub use fault::{
     FAULT_TYPE_PAGE_REQUEST, FAULT_TYPE_UNRECOVERABLE, Fault, FaultReason, FaultRecord,
     PageRequest, Perm, UnrecoverableFault, page_request_flags, unrecoverable_flags,
 };
-pub use ids::{Cookie, Pasid, PrgIndex};
+pub use ids::{Cookie, PageAddr, Pasid, PrgIndex};
 pub use region::{
     ENTRIES_OFFSET, FLAG_NEED_WAKEUP, HOST_FLAG_LIVE, HOST_FLAGS_ALL, HOST_PAGE_OFFSET,
     HostPageHeader, MAX_ENTRIES, MIN_ENTRIES, PAGE_SIZE, QueueGeometry, QueueKind, REGION_MAGIC,

@@ -197,9 +197,14 @@ impl QueueGeometry {
         if header.offset.get() != ENTRIES_OFFSET {
             return Err(RegionError::BadOffset(header.offset.get()));
         }
+        // `NEED_WAKEUP` in the host page belongs to the host consumer of a response queue.
+        let allowed = match kind {
+            QueueKind::Fault => HOST_FLAG_LIVE,
+            QueueKind::Response => HOST_FLAGS_ALL,
+        };
         let flags = header.flags.get();
-        if flags & !HOST_FLAGS_ALL != 0 {
-            return Err(RegionError::UnknownFlags(flags & !HOST_FLAGS_ALL));
+        if flags & !allowed != 0 {
+            return Err(RegionError::UnknownFlags(flags & !allowed));
         }
         if header.reserved.get() != 0 {
             return Err(RegionError::ReservedNonZero(header.reserved.get()));
