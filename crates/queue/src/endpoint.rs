@@ -61,6 +61,16 @@ impl<E: Entry, M: QueueMemory> Sender<E, M> {
         Ok(published)
     }
 
+    /// Rings the consumer's doorbell whether or not it sleeps (to make it look at something
+    /// other than the ring, such as the host page's `LIVE` flag).
+    pub fn kick(&mut self) -> Result<(), QueueError> {
+        if let Some(doorbell) = &self.doorbell {
+            doorbell.ring().map_err(QueueError::Doorbell)?;
+            self.kicks += 1;
+        }
+        Ok(())
+    }
+
     /// Doorbell rings so far.
     pub fn kicks(&self) -> u64 {
         self.kicks

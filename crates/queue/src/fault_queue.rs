@@ -112,6 +112,11 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
         self.sender.publish()
     }
 
+    /// Rings the VMM's doorbell unconditionally (after `LIVE` changes, say).
+    pub fn kick(&mut self) -> Result<(), QueueError> {
+        self.sender.kick()
+    }
+
     /// Records dropped because the ring was full.
     pub fn lost(&self) -> u64 {
         self.lost
