@@ -12,30 +12,46 @@ use crate::sync::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 /// The host page (offset 0) as the running code sees it: `HostPageHeader`'s layout, in atomics.
 ///
 /// Only the host writes it; a VMM can still scribble on it (the mapping is shared and
-/// writable), so the host never reads its own page back to make a decision.
+/// writable), so the host never reads its own page back to make a decision. The fields are
+/// public because they are shared memory that any mapper can write anyway: the rings keep their
+/// own copies of the indices and never trust these.
 #[repr(C)]
 #[derive(Debug)]
 pub struct HostPage {
-    pub(crate) magic: AtomicU32,
-    pub(crate) version: AtomicU16,
-    pub(crate) kind: AtomicU16,
-    pub(crate) entry_size: AtomicU32,
-    pub(crate) nb_entries: AtomicU32,
-    pub(crate) offset: AtomicU32,
-    pub(crate) flags: AtomicU32,
-    pub(crate) index: AtomicU32,
-    pub(crate) reserved: AtomicU32,
-    pub(crate) lost: AtomicU64,
-    pub(crate) rejected: AtomicU64,
+    /// `magic`.
+    pub magic: AtomicU32,
+    /// `version`.
+    pub version: AtomicU16,
+    /// `kind`.
+    pub kind: AtomicU16,
+    /// `entry_size`.
+    pub entry_size: AtomicU32,
+    /// `nb_entries`.
+    pub nb_entries: AtomicU32,
+    /// `offset`.
+    pub offset: AtomicU32,
+    /// `flags`.
+    pub flags: AtomicU32,
+    /// `index`: fault queue `prod`, response queue `cons` (host page); fault queue `cons`, response queue `prod` (VMM page).
+    pub index: AtomicU32,
+    /// `reserved`.
+    pub reserved: AtomicU32,
+    /// `lost`.
+    pub lost: AtomicU64,
+    /// `rejected`.
+    pub rejected: AtomicU64,
 }
 
 /// The VMM page (offset 4096) as the running code sees it: `VmmPageHeader`'s layout, in atomics.
 #[repr(C)]
 #[derive(Debug)]
 pub struct VmmPage {
-    pub(crate) abi: AtomicU32,
-    pub(crate) flags: AtomicU32,
-    pub(crate) index: AtomicU32,
+    /// `abi`.
+    pub abi: AtomicU32,
+    /// `flags`.
+    pub flags: AtomicU32,
+    /// `index`: fault queue `prod`, response queue `cons` (host page); fault queue `cons`, response queue `prod` (VMM page).
+    pub index: AtomicU32,
 }
 
 #[cfg(not(loom))]
