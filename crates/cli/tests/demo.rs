@@ -8,13 +8,15 @@ fn demo(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("run iopf demo");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
 fn number_after(text: &str, prefix: &str) -> u64 {
-    let rest = &text[text.find(prefix).unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}"))
+    let rest = &text[text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}"))
         + prefix.len()..];
     rest.split_whitespace()
         .next()
@@ -47,5 +49,8 @@ fn demo_with_a_ring_smaller_than_the_credits_answers_overflowing_groups_itself()
 fn demo_refuses_a_ring_size_that_is_not_a_power_of_two() {
     let (ok, text) = demo(&["--entries", "100"]);
     assert!(!ok);
-    assert!(text.contains("entry count 100 is not a power of two"), "{text}");
+    assert!(
+        text.contains("entry count 100 is not a power of two"),
+        "{text}"
+    );
 }

@@ -1,0 +1,458 @@
+//! One device's fault state: its handler, its partial and pending groups, its cookie counter,
+//! its counters. Everything here runs under the device's lock and never blocks; responses for
+//! the device are pushed to `out` and delivered by the caller after the lock is released.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+use iopf_abi::{
+    Cookie, DecodeError, PageRequest, ResponseCode, ResponseRecord, UnrecoverableFault,
+};
+use iopf_queue::Staged;
+
+use crate::clock::Nanos;
+use crate::counters::DeviceCounters;
+use crate::handler::{FaultHandler, StageError};
+use crate::pending::{PendingGroup, PendingTable};
+use crate::ratelimit::RateLimit;
+use crate::types::{
+    AutoReason, DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, Refusal,
+    ResponseSource,
+};
+
+/// (PASID or `NO_PASID`, PRG index): the key of a group still being assembled.
+type PartialKey = (u32, u16);
+const NO_PASID: u32 = u32::MAX;
+
+/// A group whose `LAST_PAGE` request has not arrived.
+#[derive(Debug, Default)]
+struct PartialGroup {
+    pages: Vec<DevicePageRequest>,
+    /// Pages were dropped because the group passed the page limit.
+    truncated: bool,
+}
+
+/// Responses read from the response queue per call, so one busy VMM cannot hold a device lock
+/// for an unbounded time.
+const RESPONSE_BATCH: usize = 1024;
+
+#[derive(Debug)]
+pub(crate) struct DeviceState {
+    id: DeviceId,
+    config: DeviceConfig,
+    handler: Option<Box<dyn FaultHandler>>,
+    /// The next cookie to try. Monotonic across handler lives: never reset by unregister.
+    next_cookie: u32,
+    next_seq: u64,
+    partial: HashMap<PartialKey, PartialGroup, BuildHasherDefault<std::hash::DefaultHasher>>,
+    pending: PendingTable,
+    /// Records staged since the last publish.
+    staged: bool,
+    pub(crate) counters: DeviceCounters,
+    log: RateLimit,
+    scratch: Vec<ResponseRecord>,
+}
+
+fn auto(request: &DevicePageRequest, reason: AutoReason) -> DeviceResponse {
+    DeviceResponse {
+        pasid: request.pasid,
+        grpid: request.grpid,
+        code: ResponseCode::Invalid,
+        cookie: None,
+        source: ResponseSource::Auto(reason),
+    }
+}
+
+impl DeviceState {
+    pub(crate) fn new(id: DeviceId, config: DeviceConfig) -> Self {
+        Self {
+            id,
+            config,
+            handler: None,
+            // Start each device's counter somewhere different, so that cookies of different
+            // devices rarely coincide in logs. Correctness does not depend on it: a response
+            // is only ever matched against its own device's pending table.
+            next_cookie: (id.0.wrapping_mul(0x9e37_79b9) >> 8).max(1),
+            next_seq: 0,
+            partial: HashMap::default(),
+            pending: PendingTable::default(),
+            staged: false,
+            counters: DeviceCounters::default(),
+            log: RateLimit::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub(crate) fn has_handler(&self) -> bool {
+        self.handler.is_some()
+    }
+
+    pub(crate) fn pending_groups(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn next_deadline(&mut self) -> Option<Nanos> {
+        self.pending.next_deadline()
+    }
+
+    pub(crate) fn register(
+        &mut self,
+        mut handler: Box<dyn FaultHandler>,
+    ) -> Result<(), Box<dyn FaultHandler>> {
+        if self.handler.is_some() {
+            return Err(handler);
+        }
+        handler.set_live(true);
+        self.handler = Some(handler);
+        self.counters.registrations += 1;
+        Ok(())
+    }
+
+    /// Drops the handler and answers every pending group `Invalid` for `reason`. Partial
+    /// groups are discarded: the device has not finished them, and their `LAST_PAGE` request,
+    /// when it comes, is answered then. Never fails, never waits on the consumer.
+    pub(crate) fn unregister(
+        &mut self,
+        reason: AutoReason,
+        out: &mut Vec<DeviceResponse>,
+    ) -> usize {
+        let Some(mut handler) = self.handler.take() else {
+            return 0;
+        };
+        // Best effort: the consumer learns the handler is gone. Whatever it writes from now on
+        // goes to memory nobody reads.
+        handler.set_live(false);
+        drop(handler);
+        self.staged = false;
+        self.counters.unregistrations += 1;
+        let discarded: usize = self.partial.drain().map(|(_, p)| p.pages.len()).sum();
+        self.counters.partial_dropped += discarded as u64;
+        let groups = self.pending.take_all();
+        let answered = groups.len();
+        for group in groups {
+            self.count_auto(reason);
+            out.push(DeviceResponse {
+                pasid: group.pasid,
+                grpid: group.grpid,
+                code: ResponseCode::Invalid,
+                cookie: Some(group.cookie),
+                source: ResponseSource::Auto(reason),
+            });
+        }
+        if answered > 0 {
+            tracing::debug!(device = %self.id, answered, ?reason, "pending groups answered Invalid");
+        }
+        answered
+    }
+
+    fn count_auto(&mut self, reason: AutoReason) {
+        let a = &mut self.counters.responses.auto;
+        let counter = match reason {
+            AutoReason::NoHandler => &mut a.no_handler,
+            AutoReason::NotAttached => &mut a.not_attached,
+            AutoReason::QueueFull => &mut a.queue_full,
+            AutoReason::PendingLimit => &mut a.pending_limit,
+            AutoReason::GroupTooLarge => &mut a.group_too_large,
+            AutoReason::Unregister => &mut a.unregister,
+            AutoReason::VmmGone => &mut a.vmm_gone,
+            AutoReason::QueueBroken => &mut a.queue_broken,
+            AutoReason::Timeout => &mut a.timeout,
+        };
+        *counter += 1;
+    }
+
+    fn answer_auto(
+        &mut self,
+        request: &DevicePageRequest,
+        reason: AutoReason,
+        out: &mut Vec<DeviceResponse>,
+    ) {
+        self.count_auto(reason);
+        out.push(auto(request, reason));
+    }
+
+    /// The next cookie: monotonic, never 0, never one that is still pending.
+    fn allocate_cookie(&mut self) -> Cookie {
+        loop {
+            let candidate = self.next_cookie;
+            self.next_cookie = candidate.wrapping_add(1).max(1);
+            if let Ok(cookie) = Cookie::new(candidate)
+                && !self.pending.contains(candidate)
+            {
+                return cookie;
+            }
+        }
+    }
+
+    pub(crate) fn report(
+        &mut self,
+        fault: &DeviceFault,
+        now: Nanos,
+        out: &mut Vec<DeviceResponse>,
+    ) {
+        match fault {
+            DeviceFault::PageRequest(request) => self.report_page_request(request, now, out),
+            DeviceFault::Unrecoverable(fault) => self.report_unrecoverable(fault, out),
+        }
+    }
+
+    fn report_unrecoverable(&mut self, fault: &UnrecoverableFault, out: &mut Vec<DeviceResponse>) {
+        self.counters.unrecoverable += 1;
+        let Some(handler) = self.handler.as_mut().filter(|h| h.consumer_attached()) else {
+            self.counters.lost += 1;
+            return;
+        };
+        match handler.stage_unrecoverable(fault) {
+            Ok(Staged::Queued) => {
+                self.counters.unrecoverable_delivered += 1;
+                self.staged = true;
+            }
+            Ok(Staged::Lost) => self.counters.lost += 1,
+            Err(e) => {
+                self.counters.lost += 1;
+                tracing::warn!(device = %self.id, error = %e, "fault queue broken by its consumer");
+                self.unregister(AutoReason::QueueBroken, out);
+            }
+        }
+    }
+
+    fn report_page_request(
+        &mut self,
+        request: &DevicePageRequest,
+        now: Nanos,
+        out: &mut Vec<DeviceResponse>,
+    ) {
+        self.counters.page_requests += 1;
+        let key = (
+            request.pasid.map_or(NO_PASID, |p| p.get()),
+            request.grpid.get(),
+        );
+        if !request.last {
+            self.hold_partial(key, request);
+            return;
+        }
+        self.counters.groups += 1;
+        let partial = self.partial.remove(&key).unwrap_or_default();
+        if partial.truncated {
+            return self.answer_auto(request, AutoReason::GroupTooLarge, out);
+        }
+        let Some(handler) = self.handler.as_mut() else {
+            return self.answer_auto(request, AutoReason::NoHandler, out);
+        };
+        if !handler.consumer_attached() {
+            return self.answer_auto(request, AutoReason::NotAttached, out);
+        }
+        if self.pending.len() >= self.config.max_pending_groups {
+            if self.log.allow(now) {
+                tracing::warn!(device = %self.id, limit = self.config.max_pending_groups, "pending group limit reached");
+            }
+            return self.answer_auto(request, AutoReason::PendingLimit, out);
+        }
+        let cookie = self.allocate_cookie();
+        let staged = if partial.pages.is_empty() {
+            self.stage(&[request.with_cookie(cookie)])
+        } else {
+            let group: Vec<PageRequest> = partial
+                .pages
+                .iter()
+                .chain(std::iter::once(request))
+                .map(|r| r.with_cookie(cookie))
+                .collect();
+            self.stage(&group)
+        };
+        match staged {
+            Ok(()) => {
+                let deadline = self
+                    .config
+                    .response_timeout
+                    .map(|t| now.saturating_add(u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)));
+                self.pending.insert(PendingGroup {
+                    cookie,
+                    pasid: request.pasid,
+                    grpid: request.grpid,
+                    deadline,
+                    seq: self.next_seq,
+                });
+                self.next_seq += 1;
+                self.counters.groups_delivered += 1;
+                self.staged = true;
+            }
+            Err(StageError::Full) => self.answer_auto(request, AutoReason::QueueFull, out),
+            Err(StageError::Broken(e)) => {
+                tracing::warn!(device = %self.id, error = %e, "fault queue broken by its consumer");
+                self.answer_auto(request, AutoReason::QueueBroken, out);
+                self.unregister(AutoReason::QueueBroken, out);
+            }
+        }
+    }
+
+    fn stage(&mut self, group: &[PageRequest]) -> Result<(), StageError> {
+        match self.handler.as_mut() {
+            Some(handler) => handler.stage_group(group),
+            None => Err(StageError::Full),
+        }
+    }
+
+    fn hold_partial(&mut self, key: PartialKey, request: &DevicePageRequest) {
+        if self.handler.is_none() {
+            self.counters.partial_dropped += 1;
+            return;
+        }
+        let max_pages = self.config.max_group_pages;
+        if let Some(partial) = self.partial.get_mut(&key) {
+            // The LAST_PAGE request needs a place too.
+            if partial.pages.len() + 1 >= max_pages {
+                partial.truncated = true;
+                self.counters.partial_dropped += 1;
+            } else {
+                partial.pages.push(*request);
+            }
+        } else if self.partial.len() >= self.config.max_partial_groups || max_pages < 2 {
+            // Dropped: when its LAST_PAGE request comes, the group is delivered with what was
+            // kept; on Success the device asks again for any page still missing.
+            self.counters.partial_dropped += 1;
+        } else {
+            self.partial.insert(
+                key,
+                PartialGroup {
+                    pages: vec![*request],
+                    truncated: false,
+                },
+            );
+        }
+    }
+
+    /// Publishes what was staged, waking the consumer if it sleeps.
+    pub(crate) fn publish(&mut self, out: &mut Vec<DeviceResponse>) {
+        if !std::mem::take(&mut self.staged) {
+            return;
+        }
+        let Some(handler) = self.handler.as_mut() else {
+            return;
+        };
+        if let Err(e) = handler.publish() {
+            tracing::warn!(device = %self.id, error = %e, "cannot publish to the fault queue");
+            self.unregister(AutoReason::QueueBroken, out);
+        }
+    }
+
+    /// Checks one response against ABI v1 and the pending table; if it answers a pending
+    /// group, the group is complete and its response goes to `out`.
+    pub(crate) fn respond(
+        &mut self,
+        record: &ResponseRecord,
+        now: Nanos,
+        out: &mut Vec<DeviceResponse>,
+    ) -> Result<(), Refusal> {
+        let result = self.check_response(record);
+        match result {
+            Ok(response) => {
+                let c = &mut self.counters.responses.guest;
+                match response.code {
+                    ResponseCode::Success => c.success += 1,
+                    ResponseCode::Invalid => c.invalid += 1,
+                    ResponseCode::Failure => c.failure += 1,
+                }
+                out.push(response);
+                Ok(())
+            }
+            Err(refusal) => {
+                let r = &mut self.counters.refused;
+                match refusal {
+                    Refusal::Malformed(_) => r.malformed += 1,
+                    Refusal::BadVersion(_) => r.bad_version += 1,
+                    Refusal::UnknownCookie(_) => r.unknown_cookie += 1,
+                    Refusal::Mismatch { .. } => r.mismatch += 1,
+                    Refusal::FailureCode => r.failure_code += 1,
+                }
+                if self.log.allow(now) {
+                    tracing::warn!(device = %self.id, %refusal, "page response refused");
+                }
+                Err(refusal)
+            }
+        }
+    }
+
+    fn check_response(&mut self, record: &ResponseRecord) -> Result<DeviceResponse, Refusal> {
+        let response = record.decode().map_err(|e| match e {
+            DecodeError::UnsupportedResponseVersion(v) => Refusal::BadVersion(v),
+            other => Refusal::Malformed(other),
+        })?;
+        let group = self
+            .pending
+            .get(response.cookie)
+            .ok_or(Refusal::UnknownCookie(response.cookie))?;
+        if group.pasid != response.pasid || group.grpid != response.grpid {
+            return Err(Refusal::Mismatch {
+                cookie: response.cookie,
+                expected_pasid: group.pasid,
+                expected_grpid: group.grpid,
+                pasid: response.pasid,
+                grpid: response.grpid,
+            });
+        }
+        if response.code == ResponseCode::Failure && !self.config.allow_failure {
+            return Err(Refusal::FailureCode);
+        }
+        let group = self
+            .pending
+            .remove(response.cookie)
+            .ok_or(Refusal::UnknownCookie(response.cookie))?;
+        Ok(DeviceResponse {
+            pasid: group.pasid,
+            grpid: group.grpid,
+            code: response.code,
+            cookie: Some(group.cookie),
+            source: ResponseSource::Guest,
+        })
+    }
+
+    /// Reads a batch of responses from the handler's response queue and applies each one.
+    /// Returns how many records were read.
+    pub(crate) fn process_responses(&mut self, now: Nanos, out: &mut Vec<DeviceResponse>) -> usize {
+        let Some(handler) = self.handler.as_mut() else {
+            return 0;
+        };
+        let mut records = std::mem::take(&mut self.scratch);
+        records.clear();
+        let drained = handler.drain_responses(RESPONSE_BATCH, &mut records);
+        let mut refused = 0;
+        for record in &records {
+            if self.respond(record, now, out).is_err() {
+                refused += 1;
+            }
+        }
+        if refused > 0
+            && let Some(handler) = self.handler.as_mut()
+        {
+            handler.count_rejected(refused);
+        }
+        let read = records.len();
+        self.scratch = records;
+        if let Err(e) = drained {
+            tracing::warn!(device = %self.id, error = %e, "response queue broken by its producer");
+            self.unregister(AutoReason::QueueBroken, out);
+        }
+        read
+    }
+
+    /// Answers every group whose deadline has passed.
+    pub(crate) fn expire(&mut self, now: Nanos, out: &mut Vec<DeviceResponse>) -> usize {
+        let mut expired = 0;
+        while let Some(group) = self.pending.pop_expired(now) {
+            self.count_auto(AutoReason::Timeout);
+            out.push(DeviceResponse {
+                pasid: group.pasid,
+                grpid: group.grpid,
+                code: ResponseCode::Invalid,
+                cookie: Some(group.cookie),
+                source: ResponseSource::Auto(AutoReason::Timeout),
+            });
+            expired += 1;
+        }
+        if expired > 0 && self.log.allow(now) {
+            tracing::warn!(device = %self.id, expired, "page request groups timed out");
+        }
+        expired
+    }
+}

@@ -1,0 +1,255 @@
+//! The registry of devices, and the entry points the IOMMU side, the VMM side and the event
+//! loop call.
+//!
+//! Locking: the device map is behind a read-write lock held only long enough to clone a
+//! device's `Arc`; each device's state is behind its own mutex. Reporting for one device never
+//! waits for another device. Responses are handed to the device's sink after its lock is
+//! released, so a sink may report new faults from inside `page_response`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use iopf_abi::ResponseRecord;
+use thiserror::Error;
+
+use crate::clock::{Clock, Nanos};
+use crate::counters::DeviceCounters;
+use crate::device::DeviceState;
+use crate::handler::FaultHandler;
+use crate::types::{
+    AutoReason, DeviceConfig, DeviceFault, DeviceId, DeviceResponse, DeviceSink, Refusal,
+};
+
+/// Errors of the core's entry points.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// No device with this id.
+    #[error("{0} is not known to the fault core")]
+    UnknownDevice(DeviceId),
+    /// A device with this id exists already.
+    #[error("{0} exists already")]
+    DeviceExists(DeviceId),
+    /// A handler is registered for the device already.
+    #[error("{0} has a fault handler registered already")]
+    AlreadyRegistered(DeviceId),
+}
+
+#[derive(Debug)]
+struct Device {
+    sink: Arc<dyn DeviceSink>,
+    state: Mutex<DeviceState>,
+}
+
+impl Device {
+    fn lock(&self) -> MutexGuard<'_, DeviceState> {
+        // Nothing under this lock panics by design; if something did, the state is still
+        // consistent enough to answer groups, which beats wedging the device.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The host's fault core (DESIGN.md §2 and §4).
+#[derive(Debug)]
+pub struct FaultCore {
+    clock: Arc<dyn Clock>,
+    devices: RwLock<HashMap<DeviceId, Arc<Device>>>,
+    /// Counters of removed devices, so the totals never go backwards.
+    retired: Mutex<DeviceCounters>,
+}
+
+impl FaultCore {
+    /// A core with no devices, timing responses with `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            devices: RwLock::new(HashMap::new()),
+            retired: Mutex::new(DeviceCounters::default()),
+        }
+    }
+
+    /// The core's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Adds a device; its responses go to `sink`.
+    pub fn add_device(
+        &self,
+        id: DeviceId,
+        config: DeviceConfig,
+        sink: Arc<dyn DeviceSink>,
+    ) -> Result<(), CoreError> {
+        let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+        if devices.contains_key(&id) {
+            return Err(CoreError::DeviceExists(id));
+        }
+        devices.insert(
+            id,
+            Arc::new(Device {
+                sink,
+                state: Mutex::new(DeviceState::new(id, config)),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Removes a device, unregistering its handler first (its pending groups are answered).
+    pub fn remove_device(&self, id: DeviceId) -> Result<DeviceCounters, CoreError> {
+        self.unregister_for(id, AutoReason::Unregister)?;
+        let device = self
+            .devices
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+            .ok_or(CoreError::UnknownDevice(id))?;
+        let counters = device.lock().counters;
+        *self.retired.lock().unwrap_or_else(PoisonError::into_inner) += &counters;
+        Ok(counters)
+    }
+
+    fn device(&self, id: DeviceId) -> Result<Arc<Device>, CoreError> {
+        self.devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+            .ok_or(CoreError::UnknownDevice(id))
+    }
+
+    /// Runs `f` on the device's state under its lock, then delivers the responses it produced.
+    fn with<R>(
+        &self,
+        id: DeviceId,
+        f: impl FnOnce(&mut DeviceState, Nanos, &mut Vec<DeviceResponse>) -> R,
+    ) -> Result<R, CoreError> {
+        let device = self.device(id)?;
+        let mut out = Vec::new();
+        let result = {
+            let mut state = device.lock();
+            f(&mut state, self.clock.now(), &mut out)
+        };
+        for response in out {
+            device.sink.page_response(id, response);
+        }
+        Ok(result)
+    }
+
+    /// Registers `handler` for the device. A second registration while one is live is an
+    /// error (the new handler is dropped).
+    pub fn register(&self, id: DeviceId, handler: Box<dyn FaultHandler>) -> Result<(), CoreError> {
+        self.with(id, |state, _, _| state.register(handler))?
+            .map_err(|_| CoreError::AlreadyRegistered(id))
+    }
+
+    /// Unregisters the device's handler. Never fails and never waits on the VMM: every
+    /// pending group is answered `Invalid` before this returns, and nothing of the handler is
+    /// reachable afterwards. Returns how many groups were answered (0 for an unknown device
+    /// or one without a handler).
+    pub fn unregister(&self, id: DeviceId) -> usize {
+        self.unregister_for(id, AutoReason::Unregister).unwrap_or(0)
+    }
+
+    /// The VMM serving the device is gone (its socket hung up): the same as unregister, counted
+    /// apart.
+    pub fn vmm_gone(&self, id: DeviceId) -> usize {
+        self.unregister_for(id, AutoReason::VmmGone).unwrap_or(0)
+    }
+
+    fn unregister_for(&self, id: DeviceId, reason: AutoReason) -> Result<usize, CoreError> {
+        self.with(id, |state, _, out| state.unregister(reason, out))
+    }
+
+    /// Whether the device has a handler registered.
+    pub fn is_registered(&self, id: DeviceId) -> Result<bool, CoreError> {
+        self.with(id, |state, _, _| state.has_handler())
+    }
+
+    /// Reports one fault from the device and publishes it at once.
+    pub fn report(&self, id: DeviceId, fault: &DeviceFault) -> Result<(), CoreError> {
+        self.report_batch(id, std::slice::from_ref(fault))
+    }
+
+    /// Reports many faults from the device and publishes them together: one index store and
+    /// at most one doorbell ring for the whole batch.
+    pub fn report_batch(&self, id: DeviceId, faults: &[DeviceFault]) -> Result<(), CoreError> {
+        self.with(id, |state, now, out| {
+            for fault in faults {
+                state.report(fault, now, out);
+            }
+            state.publish(out);
+        })
+    }
+
+    /// Applies one response record that reached the host by another path than the response
+    /// queue (a region write, say). Untrusted: checked exactly as queued responses are.
+    pub fn respond(
+        &self,
+        id: DeviceId,
+        record: &ResponseRecord,
+    ) -> Result<Result<(), Refusal>, CoreError> {
+        self.with(id, |state, now, out| state.respond(record, now, out))
+    }
+
+    /// Reads the device's response queue (one bounded batch) and applies every response.
+    /// Returns how many records were read; call again while it returns a full batch.
+    pub fn process_responses(&self, id: DeviceId) -> Result<usize, CoreError> {
+        self.with(id, |state, now, out| state.process_responses(now, out))
+    }
+
+    /// Answers every group of every device whose response timeout has passed. Returns how
+    /// many groups timed out.
+    pub fn expire(&self) -> usize {
+        let ids: Vec<DeviceId> = self
+            .devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.with(id, |state, now, out| state.expire(now, out)).ok())
+            .sum()
+    }
+
+    /// The earliest response deadline of any device, for an event loop's sleep.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        let devices: Vec<Arc<Device>> = self
+            .devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        devices
+            .iter()
+            .filter_map(|d| d.lock().next_deadline())
+            .min()
+    }
+
+    /// Groups delivered to the device's VMM and not answered yet.
+    pub fn pending_groups(&self, id: DeviceId) -> Result<usize, CoreError> {
+        self.with(id, |state, _, _| state.pending_groups())
+    }
+
+    /// The device's counters.
+    pub fn counters(&self, id: DeviceId) -> Result<DeviceCounters, CoreError> {
+        self.with(id, |state, _, _| state.counters)
+    }
+
+    /// The counters of every device, present and removed, summed.
+    pub fn total_counters(&self) -> DeviceCounters {
+        let mut total = *self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        let devices: Vec<Arc<Device>> = self
+            .devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for device in devices {
+            total += &device.lock().counters;
+        }
+        total
+    }
+}

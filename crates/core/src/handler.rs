@@ -1,0 +1,96 @@
+//! Fault handlers: where the core sends a device's faults and finds its page responses.
+
+use std::fmt;
+
+use iopf_abi::{PageRequest, ResponseRecord, UnrecoverableFault};
+use iopf_queue::{
+    FaultQueueProducer, ProtocolError, PushError, QueueError, QueueMemory, QueueRegion,
+    ResponseQueueConsumer, Staged,
+};
+use thiserror::Error;
+
+/// Why a handler could not take a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum StageError {
+    /// No room for the whole group now.
+    #[error("fault queue full")]
+    Full,
+    /// The consumer broke the queue; the handler is unusable.
+    #[error(transparent)]
+    Broken(#[from] ProtocolError),
+}
+
+/// A registered fault handler's view of its transport.
+///
+/// The core calls it with the device's lock held, so it must not block on the consumer: a full
+/// queue is `StageError::Full`, never a wait.
+pub trait FaultHandler: Send + fmt::Debug {
+    /// Whether a consumer is attached and speaks ABI v1. Until then, page requests are
+    /// answered `Invalid` at once and unrecoverable faults are dropped.
+    fn consumer_attached(&self) -> bool;
+    /// Stages a whole group (records in order, `LAST_PAGE` last), or none of it.
+    fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError>;
+    /// Stages an unrecoverable fault, or drops and counts it when there is no room.
+    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError>;
+    /// Publishes what was staged and wakes the consumer if it sleeps.
+    fn publish(&mut self) -> Result<(), QueueError>;
+    /// Moves up to `max` response records out of the response queue into `out`.
+    fn drain_responses(
+        &mut self,
+        max: usize,
+        out: &mut Vec<ResponseRecord>,
+    ) -> Result<usize, ProtocolError>;
+    /// Counts `n` refused responses where the consumer can see them.
+    fn count_rejected(&mut self, n: u64);
+    /// Tells the consumer whether the handler is registered (`LIVE`).
+    fn set_live(&mut self, live: bool);
+}
+
+/// The handler of a VMM-attached device: its fault queue and its response queue.
+#[derive(Debug)]
+pub struct QueueHandler<M: QueueMemory = QueueRegion> {
+    /// The fault queue, host end.
+    pub faults: FaultQueueProducer<M>,
+    /// The response queue, host end.
+    pub responses: ResponseQueueConsumer<M>,
+}
+
+impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
+    fn consumer_attached(&self) -> bool {
+        self.faults.consumer_attached()
+    }
+
+    fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError> {
+        match self.faults.stage_group(group) {
+            Ok(()) => Ok(()),
+            Err(PushError::Broken(e)) => Err(StageError::Broken(e)),
+            Err(_) => Err(StageError::Full),
+        }
+    }
+
+    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError> {
+        self.faults.stage_unrecoverable(fault)
+    }
+
+    fn publish(&mut self) -> Result<(), QueueError> {
+        self.faults.publish().map(|_| ())
+    }
+
+    fn drain_responses(
+        &mut self,
+        max: usize,
+        out: &mut Vec<ResponseRecord>,
+    ) -> Result<usize, ProtocolError> {
+        self.responses.drain(max, |record| out.push(record))
+    }
+
+    fn count_rejected(&mut self, n: u64) {
+        self.responses.count_rejected(n);
+    }
+
+    fn set_live(&mut self, live: bool) {
+        self.faults.set_live(live);
+        self.responses.set_live(live);
+    }
+}
