@@ -2,8 +2,8 @@
 //! carries the queue regions' memfds and the doorbells' eventfds (`SCM_RIGHTS`). The host plays
 //! a device with a bounded number of outstanding page request groups (its PRI credits) plus a
 //! stream of unrecoverable faults; the VMM drains them and answers each group through the
-//! response queue. Until the fault core and the device models land, the host matches responses
-//! to groups by cookie itself.
+//! response queue. The host side is the real fault core (`iopf-core`): it assembles the groups,
+//! gives them cookies, publishes them, checks every response and answers what it must itself.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -11,18 +11,23 @@ use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 use iopf_abi::{
-    Cookie, Fault, FaultReason, PageAddr, PageRequest, PageResponse, Pasid, Perm, PrgIndex,
-    ResponseCode, UnrecoverableFault,
+    Fault, FaultReason, PageAddr, PageResponse, Pasid, Perm, PrgIndex, ResponseCode,
+    UnrecoverableFault,
+};
+use iopf_core::{
+    DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore,
+    MonotonicClock, QueueHandler,
 };
 use iopf_queue::fdpass::{recv_with_fds, send_with_fds};
 use iopf_queue::{
-    Doorbell, FaultQueueConsumer, FaultQueueProducer, PushError, ResponseQueueConsumer,
-    ResponseQueueProducer, Staged,
+    Doorbell, FaultQueueConsumer, FaultQueueProducer, ResponseQueueConsumer, ResponseQueueProducer,
 };
 
 const HELLO: &[u8] = b"iopf-demo-v1";
@@ -68,22 +73,16 @@ impl Rng {
     }
 }
 
-/// What the host expects back for a group.
-struct Pending {
-    pasid: Option<Pasid>,
-    grpid: PrgIndex,
+/// The demo's device: counts what it is answered and how many groups it still waits on.
+#[derive(Debug, Default)]
+struct DemoDevice {
+    outstanding: AtomicU64,
 }
 
-#[derive(Default)]
-struct HostStats {
-    groups: u64,
-    requests: u64,
-    unrecoverable: u64,
-    responses: u64,
-    success: u64,
-    invalid: u64,
-    refused: u64,
-    full: u64,
+impl DeviceSink for DemoDevice {
+    fn page_response(&self, _device: DeviceId, _response: DeviceResponse) {
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Kills the VMM if the host bails out early, so no process is left behind.
@@ -98,13 +97,19 @@ impl Drop for Reaper {
     }
 }
 
+const DEVICE: DeviceId = DeviceId(1);
+
 pub fn host(args: DemoArgs) -> anyhow::Result<()> {
+    let core = FaultCore::new(Arc::new(MonotonicClock::new()));
+    let device = Arc::new(DemoDevice::default());
+    core.add_device(DEVICE, DeviceConfig::default(), device.clone())?;
+
     let mut faults = FaultQueueProducer::create(args.entries).context("fault queue")?;
-    let mut responses =
-        ResponseQueueConsumer::create(args.entries, Doorbell::new()?).context("response queue")?;
+    let response_doorbell = Doorbell::new()?;
+    let response_wake = response_doorbell.try_clone()?;
+    let responses =
+        ResponseQueueConsumer::create(args.entries, response_doorbell).context("response queue")?;
     let fault_doorbell = Doorbell::new()?;
-    faults.set_live(true);
-    responses.set_live(true);
 
     let dir = std::env::temp_dir().join(format!("iopf-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -132,7 +137,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         ],
     )
     .context("send the regions and doorbells")?;
-    // The VMM rings the fault doorbell's other end; the host keeps its own copy to kick.
+    let fault_kick = fault_doorbell.try_clone()?;
     faults.set_doorbell(Some(fault_doorbell));
 
     let pid = vmm.0.id();
@@ -144,7 +149,8 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         args.entries,
     );
 
-    // Wait for the VMM to attach (its page's `abi` becomes 1).
+    // Wait for the VMM to attach (its page's `abi` becomes 1), then register the handler. (A
+    // handler registered earlier would answer page requests Invalid until then.)
     let deadline = Instant::now() + Duration::from_secs(10);
     while !faults.consumer_attached() {
         ensure!(
@@ -156,26 +162,24 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    core.register(DEVICE, Box::new(QueueHandler { faults, responses }))?;
 
     let mut rng = Rng(args.seed);
-    let mut pending: HashMap<u32, Pending> = HashMap::new();
-    let mut stats = HostStats::default();
-    let mut next_cookie = 1u32;
     let mut issued = 0u32;
-    let mut group = Vec::with_capacity(4);
+    let mut batch: Vec<DeviceFault> = Vec::with_capacity(4 * args.credits as usize);
     let start = Instant::now();
-    while issued < args.groups || !pending.is_empty() {
-        // The device issues groups while it has credits.
-        while issued < args.groups && (pending.len() as u32) < args.credits {
+    loop {
+        // The device issues groups while it has credits, reported as one batch.
+        batch.clear();
+        while issued < args.groups
+            && device.outstanding.load(Ordering::Relaxed) < u64::from(args.credits)
+        {
             let pages = 1 + rng.next() % 4;
             let pasid = Pasid::new(1 + (rng.next() % 8) as u32)?;
             let grpid = PrgIndex::new(issued % 512)?;
             let base = (rng.next() % (1 << 36)) & !0xfff;
-            let cookie = Cookie::new(next_cookie)?;
-            group.clear();
             for page in 0..pages {
-                group.push(PageRequest {
-                    cookie,
+                batch.push(DeviceFault::PageRequest(DevicePageRequest {
                     pasid: Some(pasid),
                     grpid,
                     perm: if rng.next().is_multiple_of(2) {
@@ -186,78 +190,46 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
                     addr: PageAddr::containing(base + page * 4096),
                     last: page + 1 == pages,
                     private_data: None,
-                });
+                }));
             }
-            match faults.stage_group(&group) {
-                Ok(()) => {
-                    pending.insert(
-                        cookie.get(),
-                        Pending {
-                            pasid: Some(pasid),
-                            grpid,
-                        },
-                    );
-                    stats.groups += 1;
-                    stats.requests += pages;
-                }
-                // No room: the host answers the device itself (Invalid) at once.
-                Err(PushError::Full) => stats.full += 1,
-                Err(e) => bail!("fault queue broken by the VMM: {e}"),
-            }
-            next_cookie = next_cookie.checked_add(1).unwrap_or(1);
+            device.outstanding.fetch_add(1, Ordering::Relaxed);
             issued += 1;
             if args.unrecoverable_every != 0 && issued.is_multiple_of(args.unrecoverable_every) {
-                let fault = UnrecoverableFault {
+                batch.push(DeviceFault::Unrecoverable(UnrecoverableFault {
                     reason: FaultReason::Permission,
                     pasid: Some(pasid),
                     perm: Perm::WRITE,
                     addr: Some(base),
                     fetch_addr: None,
-                };
-                if faults.stage_unrecoverable(&fault)? == Staged::Queued {
-                    stats.unrecoverable += 1;
-                }
+                }));
             }
         }
-        faults.publish()?;
-
-        let drained = responses.drain(usize::MAX, |record| {
-            stats.responses += 1;
-            let accepted = record.decode().ok().and_then(|r| {
-                let p = pending.get(&r.cookie.get())?;
-                (p.pasid == r.pasid && p.grpid == r.grpid && r.code != ResponseCode::Failure)
-                    .then_some(r)
-            });
-            match accepted {
-                Some(r) => {
-                    pending.remove(&r.cookie.get());
-                    match r.code {
-                        ResponseCode::Success => stats.success += 1,
-                        _ => stats.invalid += 1,
-                    }
-                }
-                None => stats.refused += 1,
-            }
-        })?;
-        if stats.refused > 0 {
-            responses.count_rejected(stats.refused - responses.rejected());
+        if !batch.is_empty() {
+            core.report_batch(DEVICE, &batch)?;
         }
-        let idle = drained == 0 && !pending.is_empty();
-        if idle
-            && responses.wait(Some(Duration::from_millis(100)))? == 0
-            && let Some(status) = vmm.0.try_wait()?
-        {
-            bail!(
-                "the VMM exited with {} groups unanswered: {status}",
-                pending.len()
+        if issued == args.groups && device.outstanding.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        if core.process_responses(DEVICE)? == 0 {
+            // Nothing came back: ask the VMM for a doorbell ring and sleep on it.
+            if core.prepare_to_sleep(DEVICE)? {
+                response_wake.wait(Some(Duration::from_millis(100)))?;
+            }
+            core.woke(DEVICE)?;
+            if let Some(status) = vmm.0.try_wait()? {
+                bail!("the VMM exited with groups unanswered: {status}");
+            }
+            ensure!(
+                core.is_registered(DEVICE)?,
+                "the VMM broke a queue; its groups were answered Invalid"
             );
         }
     }
     let elapsed = start.elapsed();
 
-    // Tell the VMM the handler is gone, wake it, and collect its account.
-    faults.set_live(false);
-    faults.kick()?;
+    // Unregister (clears LIVE), wake the VMM so it sees that, and collect its account.
+    core.unregister(DEVICE);
+    fault_kick.ring()?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
@@ -271,60 +243,60 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         .collect();
     let get = |k: &str| vmm_stats.get(k).copied().unwrap_or(0);
 
+    let c = core.counters(DEVICE)?;
+    let auto = &c.responses.auto;
     let secs = elapsed.as_secs_f64().max(1e-9);
-    let records = stats.requests + stats.unrecoverable;
+    let records = c.page_requests + c.unrecoverable_delivered;
     println!();
     println!(
-        "host  published {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults",
-        stats.requests, stats.groups, stats.unrecoverable
+        "device  issued   {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults",
+        c.page_requests, c.groups, c.unrecoverable
     );
     println!(
-        "VMM   received  {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults, {} malformed",
+        "host    published {:>8} groups to the VMM, {:>7} unrecoverable faults ({} lost: ring full)",
+        c.groups_delivered, c.unrecoverable_delivered, c.lost
+    );
+    println!(
+        "VMM     received {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults, {} malformed",
         get("requests"),
         get("groups"),
         get("unrecoverable"),
         get("malformed")
     );
     println!(
-        "guest answered  {:>9} success, {:>7} invalid",
-        get("success"),
-        get("invalid")
+        "guest   answered {:>9} success, {:>7} invalid; host refused {} responses",
+        c.responses.guest.success,
+        c.responses.guest.invalid,
+        c.refused_total()
     );
     println!(
-        "host  accepted  {:>9} responses ({} success, {} invalid), refused {}",
-        stats.success + stats.invalid,
-        stats.success,
-        stats.invalid,
-        stats.refused
+        "host    answered {:>9} groups itself: {} queue full, {} pending limit, {} timeout, {} other",
+        auto.queue_full + auto.pending_limit + auto.timeout + auto.not_attached + auto.no_handler,
+        auto.queue_full,
+        auto.pending_limit,
+        auto.timeout,
+        auto.not_attached + auto.no_handler + auto.group_too_large,
     );
+    println!("unanswered groups: {}", c.groups - c.answered());
     println!(
-        "queue full: {} groups answered Invalid by the host, {} unrecoverable faults lost (host page `lost`)",
-        stats.full,
-        faults.lost()
-    );
-    println!("unanswered groups: {}", pending.len());
-    println!(
-        "doorbells: host kicked the VMM {} times ({:.4} per record), the VMM slept {} times; \
-              the VMM kicked the host {} times",
-        faults.kicks(),
-        faults.kicks() as f64 / records.max(1) as f64,
+        "doorbells: the VMM slept {} times, it kicked the host {} times ({:.4} per response)",
         get("sleeps"),
-        get("kicks")
+        get("kicks"),
+        get("kicks") as f64 / c.responses.guest.success.max(1) as f64
     );
     println!(
-        "{:.0} groups/s, {:.0} fault records/s in {:.2} s ({} issued by the device)",
-        stats.groups as f64 / secs,
+        "{:.0} groups/s, {:.0} fault records/s in {:.2} s",
+        c.groups as f64 / secs,
         records as f64 / secs,
         secs,
-        issued
     );
-    ensure!(pending.is_empty(), "groups left unanswered");
+    ensure!(c.groups == c.answered(), "groups left unanswered");
     ensure!(
-        get("groups") == stats.groups,
+        get("groups") == c.groups_delivered,
         "the VMM saw a different number of groups"
     );
     ensure!(
-        stats.refused == 0,
+        c.refused_total() == 0,
         "the host refused responses from an honest VMM"
     );
     Ok(())

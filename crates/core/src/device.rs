@@ -436,6 +436,28 @@ impl DeviceState {
         read
     }
 
+    /// Asks the handler's VMM for a doorbell ring on its next response. `true`: the caller may
+    /// sleep; `false`: responses are waiting, or there is no handler to wait for.
+    pub(crate) fn prepare_to_sleep(&mut self, out: &mut Vec<DeviceResponse>) -> bool {
+        let Some(handler) = self.handler.as_mut() else {
+            return false;
+        };
+        match handler.prepare_to_sleep() {
+            Ok(sleep) => sleep,
+            Err(e) => {
+                tracing::warn!(device = %self.id, error = %e, "response queue broken by its producer");
+                self.unregister(AutoReason::QueueBroken, out);
+                false
+            }
+        }
+    }
+
+    pub(crate) fn woke(&mut self) {
+        if let Some(handler) = self.handler.as_mut() {
+            handler.woke();
+        }
+    }
+
     /// Answers every group whose deadline has passed.
     pub(crate) fn expire(&mut self, now: Nanos, out: &mut Vec<DeviceResponse>) -> usize {
         let mut expired = 0;

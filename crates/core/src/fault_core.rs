@@ -197,6 +197,18 @@ impl FaultCore {
         self.with(id, |state, now, out| state.process_responses(now, out))
     }
 
+    /// For an event loop about to sleep on the device's response doorbell: asks the VMM to ring
+    /// it for its next response (`NEED_WAKEUP`). `true`: sleep; `false`: responses are already
+    /// waiting (or the device has no handler). Call [`woke`](Self::woke) after the sleep.
+    pub fn prepare_to_sleep(&self, id: DeviceId) -> Result<bool, CoreError> {
+        self.with(id, |state, _, out| state.prepare_to_sleep(out))
+    }
+
+    /// Withdraws [`prepare_to_sleep`](Self::prepare_to_sleep) after waking.
+    pub fn woke(&self, id: DeviceId) -> Result<(), CoreError> {
+        self.with(id, |state, _, _| state.woke())
+    }
+
     /// Answers every group of every device whose response timeout has passed. Returns how
     /// many groups timed out.
     pub fn expire(&self) -> usize {

@@ -45,6 +45,11 @@ pub trait FaultHandler: Send + fmt::Debug {
     fn count_rejected(&mut self, n: u64);
     /// Tells the consumer whether the handler is registered (`LIVE`).
     fn set_live(&mut self, live: bool);
+    /// Asks the VMM to ring the response doorbell for its next response (`NEED_WAKEUP`).
+    /// Returns `false` if responses are already waiting (the request is withdrawn).
+    fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError>;
+    /// Withdraws the request of [`prepare_to_sleep`](Self::prepare_to_sleep).
+    fn woke(&mut self);
 }
 
 /// The handler of a VMM-attached device: its fault queue and its response queue.
@@ -92,5 +97,13 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
     fn set_live(&mut self, live: bool) {
         self.faults.set_live(live);
         self.responses.set_live(live);
+    }
+
+    fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+        self.responses.prepare_to_sleep()
+    }
+
+    fn woke(&mut self) {
+        self.responses.woke();
     }
 }

@@ -41,6 +41,14 @@ impl Doorbell {
         Ok(Self { fd })
     }
 
+    /// A second handle on the same eventfd (to sleep on it while another owner rings or
+    /// drains it).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
     /// Rings the doorbell (adds 1 to the eventfd counter).
     pub fn ring(&self) -> io::Result<()> {
         match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {

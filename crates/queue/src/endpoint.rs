@@ -144,6 +144,19 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
         }
     }
 
+    /// For an event loop that sleeps on many doorbells at once (epoll): sets `NEED_WAKEUP`
+    /// and returns `true` if the ring is still empty, so the caller may sleep on
+    /// [`doorbell`](Self::doorbell); `false` if records arrived (the flag is cleared again).
+    /// Call [`woke`](Self::woke) after sleeping.
+    pub fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+        self.ring.prepare_to_sleep()
+    }
+
+    /// Clears `NEED_WAKEUP` after a sleep.
+    pub fn woke(&mut self) {
+        self.ring.woke();
+    }
+
     /// Times this receiver went to sleep on its doorbell.
     pub fn sleeps(&self) -> u64 {
         self.sleeps

@@ -145,6 +145,17 @@ impl<M: QueueMemory> ResponseQueueConsumer<M> {
         self.receiver.set_spin(spin);
     }
 
+    /// Sets `NEED_WAKEUP` for an event loop about to sleep on [`doorbell`](Self::doorbell);
+    /// `false` if responses arrived meanwhile (see [`Receiver::prepare_to_sleep`]).
+    pub fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+        self.receiver.prepare_to_sleep()
+    }
+
+    /// Clears `NEED_WAKEUP` after a sleep.
+    pub fn woke(&mut self) {
+        self.receiver.woke();
+    }
+
     /// The doorbell this end sleeps on (to add to an epoll set).
     pub fn doorbell(&self) -> &Doorbell {
         self.receiver.doorbell()
