@@ -87,15 +87,21 @@ impl Mapping {
 
     /// `count` 64-bit words from `ENTRIES_OFFSET`, or `None` if they do not fit the mapping.
     pub(crate) fn entry_words(&self, count: usize) -> Option<&[AtomicU64]> {
-        let bytes = count.checked_mul(8)?;
-        if bytes > self.len - ENTRIES_OFFSET as usize {
+        self.words_at(ENTRIES_OFFSET as usize, count)
+    }
+
+    /// `count` 64-bit words from byte `offset`, or `None` unless `offset` is 8-aligned and the
+    /// words end inside the mapping.
+    pub(crate) fn words_at(&self, offset: usize, count: usize) -> Option<&[AtomicU64]> {
+        let end = count.checked_mul(8)?.checked_add(offset)?;
+        if end > self.len || !offset.is_multiple_of(8) {
             return None;
         }
-        let entries = self.ptr.as_ptr().wrapping_add(ENTRIES_OFFSET as usize);
-        // SAFETY: `ENTRIES_OFFSET` (8192) is 8-aligned in a page-aligned mapping, the `count`
-        // words end inside it (checked just above), `AtomicU64` is valid for every bit pattern
-        // and for concurrent access, and the memory outlives `&self` (invariants 1 and 3).
-        Some(unsafe { core::slice::from_raw_parts(entries.cast::<AtomicU64>(), count) })
+        let words = self.ptr.as_ptr().wrapping_add(offset);
+        // SAFETY: `offset` is 8-aligned in a page-aligned mapping, the `count` words end inside
+        // it (checked just above), `AtomicU64` is valid for every bit pattern and for concurrent
+        // access, and the memory outlives `&self` (invariants 1 and 3).
+        Some(unsafe { core::slice::from_raw_parts(words.cast::<AtomicU64>(), count) })
     }
 }
 

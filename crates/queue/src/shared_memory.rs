@@ -1,0 +1,120 @@
+//! Plain shared memory: a sealed memfd of any size, mapped, seen as 64-bit atomic words. Used
+//! for guest memory that a device model writes by DMA and another process may check.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{MemfdFlags, SealFlags};
+
+use crate::mapping::Mapping;
+use crate::region::{AttachError, REQUIRED_SEALS};
+use crate::sync::AtomicU64;
+
+/// A sealed memfd mapping of `len` bytes (a multiple of 4096, at least 8192).
+#[derive(Debug)]
+pub struct SharedMemory {
+    fd: OwnedFd,
+    mapping: Mapping,
+    words: usize,
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> AttachError {
+    move |e| AttachError::Io {
+        op,
+        source: e.into(),
+    }
+}
+
+impl SharedMemory {
+    /// Creates zeroed shared memory of at least `len` bytes (rounded up to whole pages, and to
+    /// two pages at least).
+    pub fn create(name: &str, len: u64) -> Result<Self, AttachError> {
+        let len = len.max(8192).div_ceil(4096) * 4096;
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(io_err("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, len).map_err(io_err("ftruncate"))?;
+        rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS).map_err(io_err("F_ADD_SEALS"))?;
+        Self::map(fd, len)
+    }
+
+    /// Maps shared memory received from elsewhere, refusing an fd that is not a sealed memfd
+    /// or whose size is not a page multiple in 8 KiB ..= `max_len`.
+    pub fn attach(fd: OwnedFd, max_len: u64) -> Result<Self, AttachError> {
+        let found = rustix::fs::fcntl_get_seals(&fd).unwrap_or(SealFlags::empty());
+        if !found.contains(REQUIRED_SEALS) {
+            return Err(AttachError::NotSealed { found });
+        }
+        let len = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
+        let len = u64::try_from(len).unwrap_or(0);
+        if len < 8192 || len > max_len || !len.is_multiple_of(4096) {
+            return Err(AttachError::SizeMismatch {
+                len,
+                expected: max_len,
+            });
+        }
+        Self::map(fd, len)
+    }
+
+    fn map(fd: OwnedFd, len: u64) -> Result<Self, AttachError> {
+        let len = usize::try_from(len).map_err(|_| AttachError::SizeMismatch {
+            len,
+            expected: usize::MAX as u64,
+        })?;
+        let mapping = Mapping::new(fd.as_fd(), len)
+            .map_err(|source| AttachError::Io { op: "mmap", source })?;
+        Ok(Self {
+            fd,
+            mapping,
+            words: len / 8,
+        })
+    }
+
+    /// The memory's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.words as u64 * 8
+    }
+
+    /// Always false: shared memory is at least 8 KiB.
+    pub fn is_empty(&self) -> bool {
+        self.words == 0
+    }
+
+    /// The whole memory as little-endian 64-bit words.
+    pub fn words(&self) -> &[AtomicU64] {
+        self.mapping.words_at(0, self.words).unwrap_or(&[])
+    }
+
+    /// The memfd, to hand to another process.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::Ordering;
+
+    #[test]
+    fn writes_through_one_mapping_are_seen_through_another() {
+        let a = SharedMemory::create("test", 10_000).unwrap();
+        assert_eq!(a.len(), 12_288);
+        let b = SharedMemory::attach(a.fd().try_clone_to_owned().unwrap(), 1 << 20).unwrap();
+        a.words()[1000].store(0xdead_beef, Ordering::Relaxed);
+        assert_eq!(b.words()[1000].load(Ordering::Relaxed), 0xdead_beef);
+    }
+
+    #[test]
+    fn attach_refuses_unsealed_and_oversized_memory() {
+        let fd = rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 8192).unwrap();
+        assert!(matches!(
+            SharedMemory::attach(fd, 1 << 20),
+            Err(AttachError::NotSealed { .. })
+        ));
+        let big = SharedMemory::create("big", 1 << 16).unwrap();
+        assert!(matches!(
+            SharedMemory::attach(big.fd().try_clone_to_owned().unwrap(), 1 << 15),
+            Err(AttachError::SizeMismatch { .. })
+        ));
+    }
+}
