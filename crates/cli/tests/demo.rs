@@ -43,7 +43,10 @@ fn demo_with_a_ring_smaller_than_the_credits_answers_overflowing_groups_itself()
     assert!(ok, "{text}");
     assert_eq!(number_after(&text, "unanswered groups:"), 0, "{text}");
     assert!(number_after(&text, "groups itself:") > 0, "{text}");
-    assert!(number_after(&text, "faults (") > 0, "unrecoverable faults lost: {text}");
+    assert!(
+        number_after(&text, "faults (") > 0,
+        "unrecoverable faults lost: {text}"
+    );
 }
 
 #[test]

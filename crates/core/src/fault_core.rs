@@ -6,7 +6,7 @@
 //! waits for another device. Responses are handed to the device's sink after its lock is
 //! released, so a sink may report new faults from inside `page_response`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use iopf_abi::ResponseRecord;
@@ -53,7 +53,9 @@ impl Device {
 #[derive(Debug)]
 pub struct FaultCore {
     clock: Arc<dyn Clock>,
-    devices: RwLock<HashMap<DeviceId, Arc<Device>>>,
+    /// Ordered, so that sweeps over all devices (expiry, totals) run in the same order every time:
+    /// a deterministic simulation depends on it.
+    devices: RwLock<BTreeMap<DeviceId, Arc<Device>>>,
     /// Counters of removed devices, so the totals never go backwards.
     retired: Mutex<DeviceCounters>,
 }
@@ -63,7 +65,7 @@ impl FaultCore {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             clock,
-            devices: RwLock::new(HashMap::new()),
+            devices: RwLock::new(BTreeMap::new()),
             retired: Mutex::new(DeviceCounters::default()),
         }
     }
