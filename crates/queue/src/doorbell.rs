@@ -9,7 +9,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
-use rustix::io::Errno;
+use rustix::io::{Errno, ReadWriteFlags};
+use std::io::IoSliceMut;
 
 /// An eventfd used as a doorbell.
 #[derive(Debug)]
@@ -49,8 +50,27 @@ impl Doorbell {
         })
     }
 
-    /// Rings the doorbell (adds 1 to the eventfd counter).
+    /// Rings the doorbell (adds 1 to the eventfd counter), without ever blocking.
+    ///
+    /// The fd's `O_NONBLOCK` lives in the open file description, which the peer shares and can
+    /// clear; an eventfd write then blocks while the counter is saturated, and the peer can
+    /// saturate it. So we ask `poll` first: a counter that is already non-zero (`POLLIN`) will
+    /// wake the sleeper anyway and needs no write; a write is made only when `POLLOUT` says it
+    /// cannot block. A peer that saturates the counter between our poll and our write, and
+    /// has cleared `O_NONBLOCK`, can still stall this call: the window is a few instructions
+    /// wide, and closing it needs the ring moved to a thread allowed to block (`docs/ABI.md`).
     pub fn ring(&self) -> io::Result<()> {
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN | PollFlags::OUT)];
+        let ready = loop {
+            match rustix::event::poll(&mut fds, Some(&Timespec::default())) {
+                Ok(_) => break fds[0].revents(),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if ready.contains(PollFlags::IN) || !ready.contains(PollFlags::OUT) {
+            return Ok(());
+        }
         match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
             // The counter is saturated: the sleeper is going to wake anyway.
             Ok(_) | Err(Errno::AGAIN) => Ok(()),
@@ -59,9 +79,22 @@ impl Doorbell {
     }
 
     /// Drains pending rings without blocking; returns how many rings were pending.
+    ///
+    /// Reads with `RWF_NOWAIT`, which does not block whatever the shared `O_NONBLOCK` says (a
+    /// peer can clear that flag, and can drain the counter between our poll and our read).
+    /// Kernels without `RWF_NOWAIT` for eventfds fall back to a plain read.
     pub fn drain(&self) -> io::Result<u64> {
         let mut buf = [0u8; 8];
-        match rustix::io::read(&self.fd, &mut buf) {
+        let result = match rustix::io::preadv2(
+            &self.fd,
+            &mut [IoSliceMut::new(&mut buf)],
+            u64::MAX,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Err(Errno::OPNOTSUPP | Errno::INVAL) => rustix::io::read(&self.fd, &mut buf),
+            other => other,
+        };
+        match result {
             Ok(8) => Ok(u64::from_ne_bytes(buf)),
             Ok(_) => Err(io::Error::other("short eventfd read")),
             Err(Errno::AGAIN) => Ok(0),

@@ -59,7 +59,9 @@ pub fn recv_with_fds(socket: impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Ve
             fds.extend(received);
         }
     }
-    if msg.flags.contains(ReturnFlags::CTRUNC) {
+    // The control buffer has alignment slack, so the kernel may fit a few fds more than
+    // MAX_FDS without truncating: refuse those too (dropping `fds` closes them).
+    if msg.flags.contains(ReturnFlags::CTRUNC) || fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("message carried more than {MAX_FDS} fds"),
