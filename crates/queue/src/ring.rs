@@ -308,6 +308,8 @@ pub struct RingConsumer<E, M> {
     prod: u32,
     /// The consumer's flags word, less `NEED_WAKEUP` (the host keeps `LIVE` here).
     flags: u32,
+    /// Between `prepare_to_sleep` (returning true) and `woke`.
+    sleeping: bool,
     broken: Option<ProtocolError>,
     _entry: PhantomData<E>,
 }
@@ -325,6 +327,7 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
             cons: 0,
             prod: 0,
             flags: 0,
+            sleeping: false,
             broken: None,
             _entry: PhantomData,
         }
@@ -359,10 +362,14 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
         self.cons
     }
 
-    /// Sets the consumer's flags word (other than `NEED_WAKEUP`) and stores it.
+    /// Sets the consumer's flags word (other than `NEED_WAKEUP`) and stores it. A consumer
+    /// between [`prepare_to_sleep`](Self::prepare_to_sleep) and [`woke`](Self::woke) keeps
+    /// `NEED_WAKEUP` set, so changing flags then cannot lose its wake-up.
     pub fn set_flags(&mut self, flags: u32) {
         self.flags = flags & !FLAG_NEED_WAKEUP;
-        Cells::consumer_flags(self.kind, &self.memory).store(self.flags, Ordering::Relaxed);
+        let wakeup = if self.sleeping { FLAG_NEED_WAKEUP } else { 0 };
+        Cells::consumer_flags(self.kind, &self.memory)
+            .store(self.flags | wakeup, Ordering::Relaxed);
     }
 
     fn check(&self) -> Result<(), ProtocolError> {
@@ -425,7 +432,10 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
         // the producer's fence in `RingProducer::publish`.
         fence(Ordering::SeqCst);
         match self.refresh() {
-            Ok(0) => Ok(true),
+            Ok(0) => {
+                self.sleeping = true;
+                Ok(true)
+            }
             other => {
                 self.woke();
                 other.map(|_| false)
@@ -435,6 +445,7 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
 
     /// Clears `NEED_WAKEUP` after a sleep (whether or not a kick came).
     pub fn woke(&mut self) {
+        self.sleeping = false;
         Cells::consumer_flags(self.kind, &self.memory).store(self.flags, Ordering::Relaxed);
     }
 }
@@ -625,6 +636,19 @@ mod tests {
         c.woke();
         let flags = c.memory().host_page().flags.load(Ordering::Relaxed);
         assert_eq!(flags, iopf_abi::HOST_FLAG_LIVE);
+    }
+
+    #[test]
+    fn changing_flags_while_asleep_keeps_need_wakeup() {
+        let (mut p, mut c) = ring(4);
+        assert_eq!(c.prepare_to_sleep(), Ok(true));
+        c.set_flags(iopf_abi::HOST_FLAG_LIVE);
+        p.stage(&record(1)).unwrap();
+        assert!(p.publish().unwrap().kick, "the sleeper must still be woken");
+        c.woke();
+        c.set_flags(0);
+        p.stage(&record(2)).unwrap();
+        assert!(!p.publish().unwrap().kick);
     }
 
     #[test]
