@@ -15,10 +15,17 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((record, _)) = ResponseRecord::read_from_prefix(data)
         && let Ok(response) = record.decode()
     {
-        assert_eq!(ResponseRecord::from(&response).as_bytes(), record.as_bytes());
+        assert_eq!(
+            ResponseRecord::from(&response).as_bytes(),
+            record.as_bytes()
+        );
     }
     if let Ok((header, rest)) = HostPageHeader::read_from_prefix(data) {
-        let len = u64::from_le_bytes(rest.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]));
+        let len = u64::from_le_bytes(
+            rest.get(..8)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 8]),
+        );
         for kind in [QueueKind::Fault, QueueKind::Response] {
             if let Ok(geometry) = QueueGeometry::from_host_header(&header, kind, len) {
                 assert!(geometry.region_len() <= len);

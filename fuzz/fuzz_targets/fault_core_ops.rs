@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use arbitrary::Arbitrary;
 use iopf_abi::{Fault, PageAddr, Pasid, Perm, PrgIndex, QueueGeometry, QueueKind, ResponseRecord};
 use iopf_core::{
-    DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink,
-    FaultCore, ManualClock, QueueHandler, ResponseSource,
+    DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore,
+    ManualClock, QueueHandler, ResponseSource,
 };
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, ResponseQueueConsumer,
@@ -22,17 +22,48 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Debug, Arbitrary)]
 enum Op {
     /// A request of group (pasid, grpid); `last` closes the group.
-    Request { dev: bool, pasid: u8, grpid: u8, last: bool },
+    Request {
+        dev: bool,
+        pasid: u8,
+        grpid: u8,
+        last: bool,
+    },
     /// The VMM answers the n-th page request it ever saw (any life), with a code.
-    Answer { dev: bool, pick: u16, code: u8 },
+    Answer {
+        dev: bool,
+        pick: u16,
+        code: u8,
+    },
     /// The VMM sends an arbitrary record.
-    Raw { dev: bool, version: u8, flags: u8, pasid: u8, grpid: u16, code: u8, cookie: u32, reserved: u8 },
-    Read { dev: bool },
-    Process { dev: bool },
-    Register { dev: bool, entries_log: u8 },
-    Unregister { dev: bool },
-    VmmGone { dev: bool },
-    Expire { millis: u16 },
+    Raw {
+        dev: bool,
+        version: u8,
+        flags: u8,
+        pasid: u8,
+        grpid: u16,
+        code: u8,
+        cookie: u32,
+        reserved: u8,
+    },
+    Read {
+        dev: bool,
+    },
+    Process {
+        dev: bool,
+    },
+    Register {
+        dev: bool,
+        entries_log: u8,
+    },
+    Unregister {
+        dev: bool,
+    },
+    VmmGone {
+        dev: bool,
+    },
+    Expire {
+        millis: u16,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -50,7 +81,10 @@ struct Model {
     waiting: HashSet<(u8, u8)>,
     /// Groups with requests sent but no LAST yet.
     open: HashSet<(u8, u8)>,
-    vmm: Option<(FaultQueueConsumer<Arc<HeapMemory>>, ResponseQueueProducer<Arc<HeapMemory>>)>,
+    vmm: Option<(
+        FaultQueueConsumer<Arc<HeapMemory>>,
+        ResponseQueueProducer<Arc<HeapMemory>>,
+    )>,
     seen: Vec<iopf_abi::PageRequest>,
     sent_cookies: HashSet<u32>,
 }
@@ -59,7 +93,12 @@ fuzz_target!(|ops: Vec<Op>| {
     let clock = Arc::new(ManualClock::new(0));
     let core = FaultCore::new(clock.clone());
     let sink = Arc::new(Sink::default());
-    let config = DeviceConfig { max_pending_groups: 16, max_partial_groups: 4, max_group_pages: 4, ..DeviceConfig::default() };
+    let config = DeviceConfig {
+        max_pending_groups: 16,
+        max_partial_groups: 4,
+        max_group_pages: 4,
+        ..DeviceConfig::default()
+    };
     let ids = [DeviceId(1), DeviceId(2)];
     for id in ids {
         core.add_device(id, config, sink.clone()).unwrap();
@@ -67,7 +106,12 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut models = [Model::default(), Model::default()];
     for op in ops.into_iter().take(300) {
         match op {
-            Op::Request { dev, pasid, grpid, last } => {
+            Op::Request {
+                dev,
+                pasid,
+                grpid,
+                last,
+            } => {
                 let (d, key) = (usize::from(dev), (pasid % 3, grpid % 8));
                 if models[d].waiting.contains(&key) {
                     continue; // a device never reuses a PRG index before its response
@@ -106,7 +150,16 @@ fuzz_target!(|ops: Vec<Op>| {
                     let _ = responses.publish();
                 }
             }
-            Op::Raw { dev, version, flags, pasid, grpid, code, cookie, reserved } => {
+            Op::Raw {
+                dev,
+                version,
+                flags,
+                pasid,
+                grpid,
+                code,
+                cookie,
+                reserved,
+            } => {
                 let m = &mut models[usize::from(dev)];
                 if let Some((_, responses)) = m.vmm.as_mut() {
                     m.sent_cookies.insert(cookie);
@@ -143,13 +196,20 @@ fuzz_target!(|ops: Vec<Op>| {
                 let d = usize::from(dev);
                 if !core.is_registered(ids[d]).unwrap() {
                     let entries = 1 << (1 + entries_log % 5);
-                    let f = Arc::new(HeapMemory::new(QueueGeometry::new(QueueKind::Fault, entries).unwrap()));
-                    let r = Arc::new(HeapMemory::new(QueueGeometry::new(QueueKind::Response, entries).unwrap()));
+                    let f = Arc::new(HeapMemory::new(
+                        QueueGeometry::new(QueueKind::Fault, entries).unwrap(),
+                    ));
+                    let r = Arc::new(HeapMemory::new(
+                        QueueGeometry::new(QueueKind::Response, entries).unwrap(),
+                    ));
                     let handler = QueueHandler {
                         faults: FaultQueueProducer::new(f.clone()),
                         responses: ResponseQueueConsumer::new(r.clone(), Doorbell::new().unwrap()),
                     };
-                    models[d].vmm = Some((FaultQueueConsumer::new(f, Doorbell::new().unwrap()), ResponseQueueProducer::new(r, None)));
+                    models[d].vmm = Some((
+                        FaultQueueConsumer::new(f, Doorbell::new().unwrap()),
+                        ResponseQueueProducer::new(r, None),
+                    ));
                     core.register(ids[d], Box::new(handler)).unwrap();
                 }
             }
@@ -171,8 +231,14 @@ fuzz_target!(|ops: Vec<Op>| {
         }
         for (id, response) in sink.0.lock().unwrap().drain(..) {
             let m = &mut models[usize::from(id == ids[1])];
-            let key = (response.pasid.map_or(0, |p| p.get() as u8), response.grpid.get() as u8);
-            assert!(m.waiting.remove(&key), "response for no waiting group: {response:?}");
+            let key = (
+                response.pasid.map_or(0, |p| p.get() as u8),
+                response.grpid.get() as u8,
+            );
+            assert!(
+                m.waiting.remove(&key),
+                "response for no waiting group: {response:?}"
+            );
             if response.source == ResponseSource::Guest {
                 assert!(m.sent_cookies.contains(&response.cookie.unwrap().get()));
             }

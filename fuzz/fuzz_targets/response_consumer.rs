@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use arbitrary::Arbitrary;
 use iopf_abi::{PageAddr, Pasid, Perm, PrgIndex, QueueGeometry, QueueKind};
 use iopf_core::{
-    DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink,
-    FaultCore, ManualClock, QueueHandler,
+    DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore,
+    ManualClock, QueueHandler,
 };
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, QueueMemory,
@@ -48,9 +48,14 @@ fuzz_target!(|steps: Vec<Step>| {
     let core = FaultCore::new(clock.clone());
     let sink = Arc::new(Sink::default());
     let dev = DeviceId(1);
-    core.add_device(dev, DeviceConfig::default(), sink.clone()).unwrap();
-    let faults = Arc::new(HeapMemory::new(QueueGeometry::new(QueueKind::Fault, 16).unwrap()));
-    let responses = Arc::new(HeapMemory::new(QueueGeometry::new(QueueKind::Response, 8).unwrap()));
+    core.add_device(dev, DeviceConfig::default(), sink.clone())
+        .unwrap();
+    let faults = Arc::new(HeapMemory::new(
+        QueueGeometry::new(QueueKind::Fault, 16).unwrap(),
+    ));
+    let responses = Arc::new(HeapMemory::new(
+        QueueGeometry::new(QueueKind::Response, 8).unwrap(),
+    ));
     let handler = QueueHandler {
         faults: FaultQueueProducer::new(faults.clone()),
         responses: ResponseQueueConsumer::new(responses.clone(), Doorbell::new().unwrap()),
@@ -91,16 +96,31 @@ fuzz_target!(|steps: Vec<Step>| {
             }
         }
         for response in sink.0.lock().unwrap().drain(..) {
-            let key = (response.pasid.map_or(0, |p| p.get() as u8), response.grpid.get());
-            assert!(outstanding.remove(&key), "response for no outstanding group: {response:?}");
+            let key = (
+                response.pasid.map_or(0, |p| p.get() as u8),
+                response.grpid.get(),
+            );
+            assert!(
+                outstanding.remove(&key),
+                "response for no outstanding group: {response:?}"
+            );
         }
         let c = core.counters(dev).unwrap();
-        assert_eq!(c.groups, c.answered() + core.pending_groups(dev).unwrap() as u64);
+        assert_eq!(
+            c.groups,
+            c.answered() + core.pending_groups(dev).unwrap() as u64
+        );
     }
     core.unregister(dev);
     for response in sink.0.lock().unwrap().drain(..) {
-        let key = (response.pasid.map_or(0, |p| p.get() as u8), response.grpid.get());
+        let key = (
+            response.pasid.map_or(0, |p| p.get() as u8),
+            response.grpid.get(),
+        );
         assert!(outstanding.remove(&key));
     }
-    assert!(outstanding.is_empty(), "groups never answered: {outstanding:?}");
+    assert!(
+        outstanding.is_empty(),
+        "groups never answered: {outstanding:?}"
+    );
 });
