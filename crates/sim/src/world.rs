@@ -677,16 +677,17 @@ impl World {
         }
     }
 
+    /// Whether anything is left to happen: queued work, a device with work, or a group
+    /// pending at the host. Periodic polls stop rescheduling themselves when nothing is.
     fn active(&self) -> bool {
         self.work > 0
-            || self.devices.iter().enumerate().any(|(i, d)| {
+            || self.devices.iter().any(|d| {
                 !d.endpoint.idle()
                     || d.issued
                         .iter()
                         .zip(&d.spec.streams)
                         .any(|(n, s)| *n < s.accesses)
                     || self.core.pending_groups(d.id).unwrap_or(0) > 0
-                    || i >= self.devices.len()
             })
     }
 
