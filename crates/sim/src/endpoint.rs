@@ -21,7 +21,7 @@ use iopf_abi::{FaultReason, PageAddr, Pasid, Perm, PrgIndex, ResponseCode, Unrec
 use serde::Serialize;
 
 use crate::PAGE_SIZE;
-use crate::iommu::{Iommu, Translation};
+use crate::iommu::{Translate, Translation};
 use crate::memory::GuestMemory;
 use crate::rng::pattern_word;
 
@@ -268,7 +268,12 @@ impl Endpoint {
 
     /// Runs queued accesses until one must wait (credits, PRG indices) or none are left.
     /// Translates through `iommu`, does the DMA in `memory`, and pushes what goes upstream.
-    pub fn step(&mut self, iommu: &mut Iommu, memory: &mut GuestMemory, out: &mut Vec<Upstream>) {
+    pub fn step(
+        &mut self,
+        iommu: &mut impl Translate,
+        memory: &mut GuestMemory,
+        out: &mut Vec<Upstream>,
+    ) {
         while let Some(waiting) = self.queue.front().copied() {
             let access = waiting.access;
             let perm = if access.write {

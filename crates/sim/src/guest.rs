@@ -5,7 +5,7 @@
 use iopf_abi::{Cookie, PageRequest, PageResponse, Perm, ResponseCode, ResponseRecord};
 use serde::Serialize;
 
-use crate::iommu::Iommu;
+use crate::iommu::PageTables;
 use crate::memory::GuestMemory;
 use crate::rng::Rng;
 use iopf_core::Nanos;
@@ -156,7 +156,7 @@ impl Guest {
         device: u32,
         group: &[PageRequest],
         tag: u64,
-        iommu: &mut Iommu,
+        iommu: &mut impl PageTables,
         memory: &mut GuestMemory,
         now: Nanos,
     ) -> Vec<Answer> {
@@ -240,24 +240,22 @@ impl Guest {
         &mut self,
         device: u32,
         request: &PageRequest,
-        iommu: &mut Iommu,
+        iommu: &mut impl PageTables,
         memory: &mut GuestMemory,
     ) -> bool {
         let space = (device, request.pasid);
         let iova = request.addr.get();
         let want = request.perm | Perm::READ;
-        let gpa = match iommu.lookup(space, iova) {
+        let (gpa, perm) = match iommu.lookup(memory, space, iova) {
             Some(pte) if pte.perm.contains(want) => return true,
-            Some(pte) => pte.gpa,
+            // Mapped with less than this access needs: widen the permissions in place.
+            Some(pte) => (pte.gpa, pte.perm | want),
             None => match memory.allocate_page() {
-                Some(gpa) => gpa,
+                Some(gpa) => (gpa, want),
                 None => return false,
             },
         };
         self.counters.mapped += 1;
-        let perm = iommu
-            .lookup(space, iova)
-            .map_or(want, |pte| pte.perm | want);
-        iommu.map(space, iova, gpa, perm).is_ok()
+        iommu.map(memory, space, iova, gpa, perm).is_ok()
     }
 }

@@ -12,6 +12,7 @@ use iopf_abi::{FaultReason, Pasid, Perm};
 use thiserror::Error;
 
 use crate::PAGE_SIZE;
+use crate::memory::GuestMemory;
 
 /// Which address space of which device: `None` is the device's requests without PASID.
 pub type SpaceId = (u32, Option<Pasid>);
@@ -59,6 +60,50 @@ pub enum MapError {
     /// An address is not page aligned.
     #[error("address {0:#x} is not page aligned")]
     Unaligned(u64),
+}
+
+/// What the endpoint needs from an IOMMU: translation.
+pub trait Translate {
+    /// Translates `iova` in `space` for an access needing `access`.
+    fn translate(&mut self, space: SpaceId, iova: u64, access: Perm) -> Translation;
+}
+
+/// What the guest needs to map pages: the page tables of its address spaces.
+pub trait PageTables {
+    /// The mapping of the page holding `iova`, if any.
+    fn lookup(&mut self, memory: &mut GuestMemory, space: SpaceId, iova: u64) -> Option<Pte>;
+    /// Maps the page at `iova` to the page at `gpa` with `perm`.
+    fn map(
+        &mut self,
+        memory: &mut GuestMemory,
+        space: SpaceId,
+        iova: u64,
+        gpa: u64,
+        perm: Perm,
+    ) -> Result<(), MapError>;
+}
+
+impl Translate for Iommu {
+    fn translate(&mut self, space: SpaceId, iova: u64, access: Perm) -> Translation {
+        Iommu::translate(self, space, iova, access)
+    }
+}
+
+/// The in-process IOMMU keeps its tables itself; guest memory is not involved.
+impl PageTables for Iommu {
+    fn lookup(&mut self, _: &mut GuestMemory, space: SpaceId, iova: u64) -> Option<Pte> {
+        Iommu::lookup(self, space, iova)
+    }
+    fn map(
+        &mut self,
+        _: &mut GuestMemory,
+        space: SpaceId,
+        iova: u64,
+        gpa: u64,
+        perm: Perm,
+    ) -> Result<(), MapError> {
+        Iommu::map(self, space, iova, gpa, perm)
+    }
 }
 
 type Table = HashMap<u64, Pte, BuildHasherDefault<std::hash::DefaultHasher>>;

@@ -8,6 +8,7 @@ pub mod endpoint;
 pub mod guest;
 pub mod iommu;
 pub mod memory;
+pub mod nested;
 pub mod rng;
 pub mod workload;
 pub mod world;

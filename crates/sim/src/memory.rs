@@ -97,6 +97,33 @@ impl GuestMemory {
         Some(value)
     }
 
+    /// A store by the guest's CPU (page tables, say): not DMA, so not in the shadow.
+    pub fn cpu_write(&self, gpa: u64, value: u64) -> bool {
+        match self
+            .word_index(gpa)
+            .and_then(|i| self.memory.words().get(i))
+        {
+            Some(word) => {
+                // Release: a device that later sees the effect of a response sent after this
+                // store (through the rings' release/acquire) sees the store too.
+                word.store(value, std::sync::atomic::Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A load by the guest's CPU.
+    pub fn cpu_read(&self, gpa: u64) -> Option<u64> {
+        let index = self.word_index(gpa)?;
+        Some(
+            self.memory
+                .words()
+                .get(index)?
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
+    }
+
     /// Compares every page DMA wrote with its shadow.
     pub fn verify(&self) -> MemoryVerdict {
         let words = self.memory.words();
