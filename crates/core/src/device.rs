@@ -87,6 +87,20 @@ impl DeviceState {
         self.handler.is_some()
     }
 
+    pub(crate) fn consumer_attached(&self) -> bool {
+        self.handler.as_ref().is_some_and(|h| h.consumer_attached())
+    }
+
+    pub(crate) fn set_fault_doorbell(&mut self, doorbell: Option<iopf_queue::Doorbell>) -> bool {
+        match self.handler.as_mut() {
+            Some(handler) => {
+                handler.set_fault_doorbell(doorbell);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub(crate) fn pending_groups(&self) -> usize {
         self.pending.len()
     }

@@ -167,6 +167,21 @@ impl FaultCore {
         self.with(id, |state, _, _| state.has_handler())
     }
 
+    /// Whether the device has a handler whose consumer has attached (speaks ABI v1).
+    pub fn consumer_attached(&self, id: DeviceId) -> Result<bool, CoreError> {
+        self.with(id, |state, _, _| state.consumer_attached())
+    }
+
+    /// Sets the doorbell the device's handler rings for a sleeping consumer (the fault IRQ
+    /// eventfd). Returns whether a handler was there to take it.
+    pub fn set_fault_doorbell(
+        &self,
+        id: DeviceId,
+        doorbell: Option<iopf_queue::Doorbell>,
+    ) -> Result<bool, CoreError> {
+        self.with(id, |state, _, _| state.set_fault_doorbell(doorbell))
+    }
+
     /// Reports one fault from the device and publishes it at once.
     pub fn report(&self, id: DeviceId, fault: &DeviceFault) -> Result<(), CoreError> {
         self.report_batch(id, std::slice::from_ref(fault))

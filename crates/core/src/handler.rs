@@ -50,6 +50,9 @@ pub trait FaultHandler: Send + fmt::Debug {
     fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError>;
     /// Withdraws the request of [`prepare_to_sleep`](Self::prepare_to_sleep).
     fn woke(&mut self);
+    /// Sets the doorbell rung when faults are published and the consumer sleeps (the fault
+    /// IRQ's eventfd, which the VMM may hand over after registration).
+    fn set_fault_doorbell(&mut self, doorbell: Option<iopf_queue::Doorbell>);
 }
 
 /// The handler of a VMM-attached device: its fault queue and its response queue.
@@ -105,5 +108,9 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
 
     fn woke(&mut self) {
         self.responses.woke();
+    }
+
+    fn set_fault_doorbell(&mut self, doorbell: Option<iopf_queue::Doorbell>) {
+        self.faults.set_doorbell(doorbell);
     }
 }

@@ -46,6 +46,19 @@ impl GuestMemory {
         })
     }
 
+    /// Guest memory another process created, as the device side sees it: DMA reads and writes
+    /// with a shadow, and no page allocation (frames are the guest's to hand out).
+    pub fn from_shared(memory: SharedMemory) -> Self {
+        let pages = memory.len() / PAGE_SIZE;
+        Self {
+            memory,
+            pages,
+            next_free: pages,
+            shadow: BTreeMap::new(),
+            read_mismatches: 0,
+        }
+    }
+
     /// The shared memory (to hand its fd to another process).
     pub fn shared(&self) -> &SharedMemory {
         &self.memory

@@ -1,0 +1,304 @@
+//! One device's life in real time: its endpoint model issues DMA, translates through the
+//! guest's own page tables (`NestedIommu`), reports faults to the fault core, sleeps on the
+//! response doorbell, and takes the core's responses back.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use iopf_core::{DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore};
+use iopf_queue::{Doorbell, SharedMemory};
+use iopf_sim::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
+use iopf_sim::memory::{GuestMemory, MemoryVerdict};
+use iopf_sim::nested::{Directory, NestedIommu};
+use iopf_sim::rng::Rng;
+use iopf_sim::workload::Stream;
+use serde::Serialize;
+
+/// What a device runs.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The endpoint's PRI configuration.
+    pub endpoint: EndpointConfig,
+    /// Its DMA streams.
+    pub streams: Vec<Stream>,
+    /// Seed of its random choices (access placement, data).
+    pub seed: u64,
+}
+
+/// What the VMM has told the device so far, through vfio-user (DMA map, register writes).
+#[derive(Debug, Default)]
+pub struct Attachment {
+    /// Guest memory, as the host maps it.
+    pub memory: Option<SharedMemory>,
+    /// The guest's PASID directory.
+    pub directory: Option<Directory>,
+    /// A handle on the current handler's response doorbell, to sleep on.
+    pub wake: Option<Doorbell>,
+    /// Bumped whenever the above change (a new VMM, say).
+    pub generation: u64,
+}
+
+/// State shared between a device's engine and the connection serving it.
+#[derive(Debug)]
+pub struct DeviceSlot {
+    /// The device.
+    pub id: DeviceId,
+    /// What the VMM provided.
+    pub attachment: Mutex<Attachment>,
+    inbox: Mutex<VecDeque<DeviceResponse>>,
+}
+
+impl DeviceSlot {
+    /// An empty slot.
+    pub fn new(id: DeviceId) -> Self {
+        Self {
+            id,
+            attachment: Mutex::new(Attachment::default()),
+            inbox: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Locks the attachment.
+    pub fn attachment(&self) -> std::sync::MutexGuard<'_, Attachment> {
+        self.attachment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The core delivers each response into its device's inbox; the engine takes it from there.
+#[derive(Debug, Default)]
+pub struct SlotSink {
+    slots: Mutex<BTreeMap<DeviceId, Arc<DeviceSlot>>>,
+}
+
+impl SlotSink {
+    /// Routes responses for `slot.id` to `slot`.
+    pub fn add(&self, slot: Arc<DeviceSlot>) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(slot.id, slot);
+    }
+}
+
+impl DeviceSink for SlotSink {
+    fn page_response(&self, device: DeviceId, response: DeviceResponse) {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&device)
+            .cloned();
+        if let Some(slot) = slot {
+            slot.inbox
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_back(response);
+        }
+    }
+}
+
+/// What a device's run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineReport {
+    /// The device.
+    pub device: u32,
+    /// The endpoint's counters.
+    pub endpoint: EndpointCounters,
+    /// Guest memory against what DMA wrote (every guest memory the device was given).
+    pub memory: MemoryVerdict,
+    /// Page table walks that met malformed guest tables.
+    pub malformed_walks: u64,
+    /// Page request round trips (group sent to response received), nanoseconds.
+    #[serde(skip)]
+    pub latency: Histogram<u64>,
+    /// Wall time of the run.
+    pub elapsed_ns: u64,
+}
+
+/// Progress a watcher can read while the engine runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Accesses ended (completed or failed).
+    pub accesses_done: std::sync::atomic::AtomicU64,
+    /// Groups answered.
+    pub groups_answered: std::sync::atomic::AtomicU64,
+}
+
+/// Another mapping of guest memory (one for the IOMMU's walks, one for DMA).
+fn view(memory: &SharedMemory) -> Option<SharedMemory> {
+    let fd = memory.fd().try_clone_to_owned().ok()?;
+    SharedMemory::attach(fd, memory.len()).ok()
+}
+
+/// Runs the device's workload to its end: every access completed or failed, nothing in flight.
+/// `stop` ends the run early.
+pub fn run(
+    core: &FaultCore,
+    slot: &DeviceSlot,
+    workload: &Workload,
+    progress: &Progress,
+    stop: &std::sync::atomic::AtomicBool,
+) -> EngineReport {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = Instant::now();
+    let mut endpoint = Endpoint::new(slot.id.0, workload.endpoint);
+    let mut rng = Rng::new(workload.seed);
+    let mut issued = vec![0u32; workload.streams.len()];
+    let mut next_issue = vec![started; workload.streams.len()];
+    let mut next_id = 0u64;
+    let mut generation = u64::MAX;
+    let mut device: Option<(NestedIommu, GuestMemory)> = None;
+    let mut wake: Option<Doorbell> = None;
+    let mut verdict = MemoryVerdict::default();
+    let mut malformed = 0;
+    let mut latency =
+        Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
+    let mut sent_at: BTreeMap<u16, Instant> = BTreeMap::new();
+    let mut upstream = Vec::new();
+    let mut faults = Vec::new();
+    loop {
+        if stop.load(Relaxed) {
+            break;
+        }
+        // Pick up a new guest memory or directory (a VMM attached, or a new one did).
+        {
+            let attachment = slot.attachment();
+            if attachment.generation != generation {
+                generation = attachment.generation;
+                if let Some((iommu, memory)) = device.take() {
+                    add_verdict(&mut verdict, &memory.verify());
+                    malformed += iommu.malformed;
+                }
+                wake = attachment.wake.as_ref().and_then(|d| d.try_clone().ok());
+                if let (Some(memory), Some(directory)) = (&attachment.memory, attachment.directory)
+                    && let (Some(walker), Some(target)) = (view(memory), view(memory))
+                {
+                    let mut iommu = NestedIommu::new(walker);
+                    iommu.set_directory(slot.id.0, directory);
+                    device = Some((iommu, GuestMemory::from_shared(target)));
+                }
+            }
+        }
+        let ready = device.is_some() && core.consumer_attached(slot.id).unwrap_or(false);
+        let now = Instant::now();
+        if ready {
+            for (i, stream) in workload.streams.iter().enumerate() {
+                while issued[i] < stream.accesses && next_issue[i] <= now {
+                    next_id += 1;
+                    endpoint.submit(stream.access(issued[i], next_id, &mut rng));
+                    issued[i] += 1;
+                    next_issue[i] += Duration::from_nanos(stream.interval_ns);
+                }
+            }
+        }
+        // Responses first: they free credits and PRG indices.
+        let responses: Vec<DeviceResponse> = slot
+            .inbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for response in &responses {
+            if let Some(at) = sent_at.remove(&response.grpid.get()) {
+                let _ = latency.record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            }
+            endpoint.on_response(response.pasid, response.grpid, response.code);
+        }
+        progress
+            .groups_answered
+            .fetch_add(responses.len() as u64, Relaxed);
+        if let Some((iommu, memory)) = device.as_mut().filter(|_| ready) {
+            upstream.clear();
+            endpoint.step(iommu, memory, &mut upstream);
+            faults.clear();
+            for u in &upstream {
+                faults.push(match *u {
+                    Upstream::PageRequest(r) => {
+                        if r.last {
+                            sent_at.insert(r.prgi.get(), Instant::now());
+                        }
+                        DeviceFault::PageRequest(DevicePageRequest {
+                            pasid: r.pasid,
+                            grpid: r.prgi,
+                            perm: r.perm,
+                            addr: r.addr,
+                            last: r.last,
+                            private_data: None,
+                        })
+                    }
+                    Upstream::Unrecoverable(f) => DeviceFault::Unrecoverable(f),
+                });
+            }
+            if !faults.is_empty() {
+                let _ = core.report_batch(slot.id, &faults);
+            }
+        }
+        let c = endpoint.counters();
+        let failed = c.failed_invalid
+            + c.failed_no_pri
+            + c.failed_retries
+            + c.failed_too_large
+            + c.failed_halted;
+        progress.accesses_done.store(c.completed + failed, Relaxed);
+        let all_issued = issued
+            .iter()
+            .zip(&workload.streams)
+            .all(|(n, s)| *n >= s.accesses);
+        if all_issued && endpoint.idle() {
+            break;
+        }
+        let _ = core.process_responses(slot.id);
+        core.expire();
+        if !slot
+            .inbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+        {
+            continue;
+        }
+        // Nothing to do right now: sleep until a response, the next access, or a short tick.
+        let next = next_issue
+            .iter()
+            .zip(issued.iter().zip(&workload.streams))
+            .filter(|(_, (n, s))| **n < s.accesses)
+            .map(|(t, _)| *t)
+            .min();
+        let tick = Duration::from_millis(if ready { 2 } else { 10 });
+        let timeout = next.map_or(tick, |t| {
+            t.saturating_duration_since(Instant::now()).min(tick)
+        });
+        if !timeout.is_zero() {
+            match &wake {
+                Some(wake) if core.prepare_to_sleep(slot.id).unwrap_or(false) => {
+                    let _ = wake.wait(Some(timeout));
+                }
+                Some(_) => {}
+                None => std::thread::sleep(timeout),
+            }
+        }
+        let _ = core.woke(slot.id);
+    }
+    if let Some((iommu, memory)) = device.take() {
+        add_verdict(&mut verdict, &memory.verify());
+        malformed += iommu.malformed;
+    }
+    EngineReport {
+        device: slot.id.0,
+        endpoint: endpoint.counters(),
+        memory: verdict,
+        malformed_walks: malformed,
+        latency,
+        elapsed_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+    }
+}
+
+fn add_verdict(total: &mut MemoryVerdict, v: &MemoryVerdict) {
+    total.bytes_verified += v.bytes_verified;
+    total.bytes_mismatched += v.bytes_mismatched;
+    total.read_mismatches += v.read_mismatches;
+}

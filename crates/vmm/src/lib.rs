@@ -1,0 +1,8 @@
+//! The VMM side of iopf, as a library a VMM author can embed: a device's fault queue and
+//! response queue, the guest memory it registered with the host, the guest's page tables in
+//! it, and the guest that answers page requests.
+#![deny(missing_docs)]
+
+mod device;
+
+pub use device::{VmmDevice, VmmError, VmmStats};

@@ -1,0 +1,131 @@
+//! The host's device engine and the VMM's device, on real memfd regions, eventfds and guest
+//! memory, in two threads: every access ends, every group is answered, every DMA byte checks.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use iopf_core::{DeviceConfig, DeviceId, FaultCore, MonotonicClock, QueueHandler};
+use iopf_host::engine::{DeviceSlot, Progress, SlotSink, Workload, run};
+use iopf_queue::{
+    Doorbell, FaultQueueConsumer, FaultQueueProducer, ResponseQueueConsumer, ResponseQueueProducer,
+    SharedMemory,
+};
+use iopf_sim::endpoint::EndpointConfig;
+use iopf_sim::guest::{Guest, GuestConfig};
+use iopf_sim::memory::GuestMemory;
+use iopf_sim::nested::GuestTables;
+use iopf_sim::rng::Rng;
+use iopf_sim::workload::{Pattern, Stream};
+use iopf_vmm::VmmDevice;
+
+#[test]
+fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
+    let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
+    let sink = Arc::new(SlotSink::default());
+    let id = DeviceId(1);
+    let slot = Arc::new(DeviceSlot::new(id));
+    sink.add(slot.clone());
+    core.add_device(id, DeviceConfig::default(), sink.clone())
+        .unwrap();
+
+    // Host side: the regions and doorbells, the handler registered.
+    let mut faults = FaultQueueProducer::create(64).unwrap();
+    let fault_bell = Doorbell::new().unwrap();
+    let response_bell = Doorbell::new().unwrap();
+    let wake = response_bell.try_clone().unwrap();
+    let responses = ResponseQueueConsumer::create(64, response_bell).unwrap();
+    faults.set_doorbell(Some(fault_bell.try_clone().unwrap()));
+    let fault_fd = faults.memory().fd().try_clone_to_owned().unwrap();
+    let response_fd = responses.memory().fd().try_clone_to_owned().unwrap();
+    let response_bell_fd = responses.doorbell().as_fd().try_clone_to_owned().unwrap();
+    core.register(id, Box::new(QueueHandler { faults, responses }))
+        .unwrap();
+
+    // VMM side: attach from the fds, create guest memory and tables.
+    let mut memory = GuestMemory::new(512).unwrap();
+    let tables = GuestTables::new(&mut memory, 16).unwrap();
+    let guest_fd = memory.shared().fd().try_clone_to_owned().unwrap();
+    let vmm = VmmDevice::new(
+        1,
+        FaultQueueConsumer::attach(fault_fd, fault_bell).unwrap(),
+        ResponseQueueProducer::attach(
+            response_fd,
+            Some(Doorbell::from_fd(response_bell_fd).unwrap()),
+        )
+        .unwrap(),
+        memory,
+        tables,
+        Guest::new(GuestConfig::default(), Rng::new(9)),
+        4,
+    );
+    // What DMA_MAP and the register writes would tell the host.
+    {
+        let mut a = slot.attachment();
+        a.memory = Some(SharedMemory::attach(guest_fd, 1 << 30).unwrap());
+        a.directory = Some(tables.directory());
+        a.wake = Some(wake);
+        a.generation += 1;
+    }
+    let vmm_thread = std::thread::spawn(move || {
+        let mut vmm = vmm;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while vmm.live() && std::time::Instant::now() < deadline {
+            vmm.poll().unwrap();
+            vmm.wait(Duration::from_millis(5)).unwrap();
+        }
+        vmm.stats()
+    });
+    let workload = Workload {
+        endpoint: EndpointConfig::default(),
+        streams: vec![
+            Stream {
+                pasid: iopf_abi::Pasid::new(1).ok(),
+                base: 0x4000_0000,
+                pages: 64,
+                pattern: Pattern::Sequential,
+                access_len: 8192,
+                write: true,
+                accesses: 200,
+                interval_ns: 20_000,
+            },
+            Stream {
+                pasid: iopf_abi::Pasid::new(2).ok(),
+                base: 0x8000_0000,
+                pages: 64,
+                pattern: Pattern::Random,
+                access_len: 4096,
+                write: false,
+                accesses: 200,
+                interval_ns: 20_000,
+            },
+        ],
+        seed: 3,
+    };
+    let report = run(
+        &core,
+        &slot,
+        &workload,
+        &Progress::default(),
+        &AtomicBool::new(false),
+    );
+    core.unregister(id);
+    let vmm_stats = vmm_thread.join().unwrap();
+
+    let e = report.endpoint;
+    let c = core.counters(id).unwrap();
+    assert_eq!(e.accesses, 400);
+    assert_eq!(e.completed + e.failed_invalid, 400, "{e:?}");
+    assert_eq!(e.failed_invalid, c.responses.guest.invalid);
+    assert_eq!(c.groups, c.answered());
+    assert_eq!(e.groups, e.responses_matched);
+    assert_eq!(e.unexpected, 0);
+    assert_eq!(vmm_stats.groups, c.groups_delivered);
+    assert_eq!(vmm_stats.malformed, 0);
+    assert_eq!(report.memory.bytes_mismatched, 0);
+    assert_eq!(report.memory.read_mismatches, 0);
+    assert!(report.memory.bytes_verified > 0);
+    assert_eq!(report.malformed_walks, 0);
+    assert_eq!(report.latency.len(), e.groups);
+}
