@@ -1,0 +1,326 @@
+//! Framing over a UNIX stream socket: one message in, one message out, fds included.
+//!
+//! Receiving reads the 16-byte header, refuses a size below the header or above
+//! [`MAX_MESSAGE_SIZE`] before allocating anything, then reads exactly the rest of the message
+//! (short reads are normal on a stream socket; the buffer is the announced size, bounded).
+//! Reading never goes past the message's last byte, so the fds received while reading it
+//! belong to it: the kernel attaches `SCM_RIGHTS` to the first bytes of the `sendmsg` that
+//! carried them and never merges two messages' fds into one `recvmsg`.
+//!
+//! Sending writes a whole message, header and payload, with its fds, in ONE `sendmsg`
+//! ([`iopf_queue::fdpass::send_with_fds`]): some peers (the rust-vmm client) read a reply's
+//! header and its fd in a single `recvmsg` and break on a reply split in two.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use iopf_queue::fdpass::{recv_with_fds, send_with_fds};
+use thiserror::Error;
+use zerocopy::FromBytes;
+
+use crate::protocol::{HEADER_SIZE, Header, MAX_MESSAGE_SIZE, MAX_MSG_FDS};
+
+/// One message received: its header, its payload (`msg_size - 16` bytes) and the fds that came
+/// with it.
+#[derive(Debug)]
+pub struct Message {
+    /// The header.
+    pub header: Header,
+    /// The bytes after the header.
+    pub payload: Vec<u8>,
+    /// Fds received with the message (at most [`MAX_MSG_FDS`]).
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Why a connection can carry no more messages.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The peer closed the socket in the middle of a message.
+    #[error("peer closed the connection after {received} of {expected} bytes of a message")]
+    Truncated {
+        /// Bytes of the message received.
+        received: usize,
+        /// Bytes the message should have had (16 while the header was incomplete).
+        expected: usize,
+    },
+    /// The header announces a message smaller than the header itself.
+    #[error("message size {} is smaller than the 16-byte header", header.msg_size)]
+    TooSmall {
+        /// The header.
+        header: Header,
+    },
+    /// The header announces a message larger than [`MAX_MESSAGE_SIZE`]; nothing was
+    /// allocated for it.
+    #[error("message size {} exceeds the limit of {MAX_MESSAGE_SIZE} bytes", header.msg_size)]
+    TooLarge {
+        /// The header.
+        header: Header,
+    },
+    /// The message carried more fds than [`MAX_MSG_FDS`] (they were closed, and the stream
+    /// position is lost with them).
+    #[error("a message carried more than {MAX_MSG_FDS} fds")]
+    TooManyFds,
+    /// The rest of a started message did not arrive in time, or a send did not complete in
+    /// time.
+    #[error("timed out in the middle of a message")]
+    Timeout,
+    /// A message was sent only in part (the send timed out, or a signal interrupted it, after
+    /// some bytes left): the stream is torn.
+    #[error("a message was only partly sent")]
+    ShortSend,
+    /// The peer reset the connection, or is gone while we were sending.
+    #[error("connection reset by the peer")]
+    Reset,
+    /// Any other socket error.
+    #[error("socket: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl ConnectionError {
+    /// The header of the offending message, when it was read completely (an error reply can
+    /// then name it).
+    pub fn header(&self) -> Option<&Header> {
+        match self {
+            ConnectionError::TooSmall { header } | ConnectionError::TooLarge { header } => {
+                Some(header)
+            }
+            _ => None,
+        }
+    }
+
+    fn from_io(error: io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ConnectionError::Timeout,
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected => ConnectionError::Reset,
+            // recv_with_fds reports fds that did not fit (MSG_CTRUNC) or more than 16 so.
+            io::ErrorKind::InvalidData => ConnectionError::TooManyFds,
+            // send_with_fds reports a short sendmsg so.
+            io::ErrorKind::WriteZero => ConnectionError::ShortSend,
+            _ => ConnectionError::Io(error),
+        }
+    }
+}
+
+/// A vfio-user connection: one side of a UNIX stream socket.
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    message_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+}
+
+impl Connection {
+    /// Wraps a connected socket. Reads and writes block without a time limit until
+    /// [`set_timeouts`](Self::set_timeouts) says otherwise.
+    pub fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            message_timeout: None,
+            idle_timeout: None,
+        }
+    }
+
+    /// Sets the time limits: `idle` for the first bytes of a message (`None`: wait for ever,
+    /// right for a server whose client may be quiet for hours), and `message` for the rest of
+    /// a message once it has started and for each send (`None`: no limit). A peer that starts
+    /// a message and stalls then costs at most `message`.
+    pub fn set_timeouts(
+        &mut self,
+        idle: Option<Duration>,
+        message: Option<Duration>,
+    ) -> io::Result<()> {
+        self.idle_timeout = idle;
+        self.message_timeout = message;
+        self.stream.set_read_timeout(idle)?;
+        self.stream.set_write_timeout(message)
+    }
+
+    /// The socket.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Receives one whole message. `Ok(None)` means the peer closed the socket cleanly, between
+    /// two messages.
+    pub fn recv(&mut self) -> Result<Option<Message>, ConnectionError> {
+        let mut fds = Vec::new();
+        let mut head = [0u8; HEADER_SIZE];
+        let got = self.read_full(&mut head, 0, HEADER_SIZE, &mut fds)?;
+        if got == 0 {
+            return Ok(None);
+        }
+        let result = self.recv_body(&head, &mut fds);
+        self.restore_idle_timeout()?;
+        let (header, payload) = result?;
+        Ok(Some(Message {
+            header,
+            payload,
+            fds,
+        }))
+    }
+
+    fn recv_body(
+        &mut self,
+        head: &[u8; HEADER_SIZE],
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<(Header, Vec<u8>), ConnectionError> {
+        let header = Header::read_from_bytes(head).map_err(|_| ConnectionError::Truncated {
+            received: 0,
+            expected: HEADER_SIZE,
+        })?;
+        let size = header.msg_size as usize;
+        if size < HEADER_SIZE {
+            return Err(ConnectionError::TooSmall { header });
+        }
+        if size > MAX_MESSAGE_SIZE {
+            return Err(ConnectionError::TooLarge { header });
+        }
+        // Bounded by MAX_MESSAGE_SIZE just above.
+        let mut payload = vec![0u8; size - HEADER_SIZE];
+        let got = self.read_full(&mut payload, HEADER_SIZE, size, fds)?;
+        if got < payload.len() {
+            return Err(ConnectionError::Truncated {
+                received: HEADER_SIZE + got,
+                expected: size,
+            });
+        }
+        Ok((header, payload))
+    }
+
+    /// Fills `buf` (bytes `already..total` of the message), collecting fds. Returns the bytes
+    /// read: `buf.len()`, or less if the peer closed (0 only if it closed before the first
+    /// byte of a message). Once a message has started, the rest must come within the message
+    /// timeout.
+    fn read_full(
+        &mut self,
+        buf: &mut [u8],
+        already: usize,
+        total: usize,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<usize, ConnectionError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match recv_with_fds(self.stream.as_fd(), &mut buf[got..]) {
+                Ok((0, received)) => {
+                    fds.extend(received);
+                    if already + got == 0 {
+                        return Ok(0);
+                    }
+                    return Err(ConnectionError::Truncated {
+                        received: already + got,
+                        expected: total,
+                    });
+                }
+                Ok((n, received)) => {
+                    if already + got == 0 && self.message_timeout != self.idle_timeout {
+                        self.stream
+                            .set_read_timeout(self.message_timeout)
+                            .map_err(ConnectionError::Io)?;
+                    }
+                    got += n;
+                    fds.extend(received);
+                    if fds.len() > MAX_MSG_FDS {
+                        return Err(ConnectionError::TooManyFds);
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(ConnectionError::from_io(error)),
+            }
+        }
+        Ok(got)
+    }
+
+    fn restore_idle_timeout(&mut self) -> Result<(), ConnectionError> {
+        if self.message_timeout != self.idle_timeout {
+            self.stream
+                .set_read_timeout(self.idle_timeout)
+                .map_err(ConnectionError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Sends one whole message (`bytes` starts with its header) with `fds`, in one `sendmsg`.
+    pub fn send(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ConnectionError> {
+        debug_assert!(bytes.len() >= HEADER_SIZE && bytes.len() <= MAX_MESSAGE_SIZE);
+        loop {
+            match send_with_fds(self.stream.as_fd(), bytes, fds) {
+                Ok(()) => return Ok(()),
+                // Nothing was sent (a partial send is reported as WriteZero): try again.
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(ConnectionError::from_io(error)),
+            }
+        }
+    }
+
+    /// Sends `header` and `payload` as one message.
+    pub fn send_parts(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ConnectionError> {
+        self.send(&header.with_payload(payload), fds)
+    }
+
+    /// Shuts the socket down in both directions (the peer sees end of stream).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Command;
+    use std::io::Write;
+
+    #[test]
+    fn message_split_across_writes_is_reassembled() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let header = Header::command(3, Command::RegionWrite, 20);
+        let bytes = header.with_payload(&[7; 20]);
+        let writer = std::thread::spawn(move || {
+            for chunk in bytes.chunks(5) {
+                b.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let mut conn = Connection::new(a);
+        let message = conn.recv().unwrap().unwrap();
+        writer.join().unwrap();
+        assert_eq!(message.header, header);
+        assert_eq!(message.payload, vec![7; 20]);
+        assert!(conn.recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_header_is_refused_without_reading_on() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut header = Header::command(1, Command::RegionWrite, 0);
+        header.msg_size = u32::MAX;
+        b.write_all(&header.with_payload(&[])).unwrap();
+        let mut conn = Connection::new(a);
+        assert!(matches!(conn.recv(), Err(ConnectionError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn eof_inside_the_header_is_truncation() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(&[1, 2, 3]).unwrap();
+        drop(b);
+        let mut conn = Connection::new(a);
+        assert!(matches!(
+            conn.recv(),
+            Err(ConnectionError::Truncated {
+                received: 3,
+                expected: 16
+            })
+        ));
+    }
+}

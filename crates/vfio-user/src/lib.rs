@@ -1,0 +1,47 @@
+//! The vfio-user control plane of iopf: the wire protocol, framing with fds, a server for a
+//! device behind a trait, and a client.
+//!
+//! The host is a vfio-user server exposing each simulated PCIe endpoint with its DMA fault
+//! region, DMA fault response region and DMA fault IRQ ([`device`]); the VMM is a client that
+//! finds the regions by their type capability, maps them from the fds it receives, and gives
+//! the fault IRQ its eventfd. Closing the socket is unregister. The protocol is QEMU's
+//! `docs/interop/vfio-user.rst`; `docs/PROTOCOL.md` lists the subset implemented here and every
+//! value the iopf device uses.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`protocol`] | header, command numbers, wire structs, errno, limits, [`ProtocolError`] |
+//! | [`version`] | `VERSION` and its JSON capabilities |
+//! | [`info`] | device, region (with capability list), IRQ and I/O fd descriptions; reply codecs |
+//! | [`request`] | the validating decoder of every command, and the client's encoders |
+//! | [`connection`] | one whole message in or out, fds included, one `sendmsg` per message |
+//! | [`server`] | [`VfioUserDevice`] and [`Server::serve`] (one connection per call) |
+//! | [`client`] | [`Client`] |
+//! | [`device`] | the iopf device's region and IRQ indices, types and offsets |
+//!
+//! Everything read from the peer is untrusted: sizes are checked against the header and the
+//! command's layout, counts against the data and fds present, and no message larger than
+//! [`protocol::MAX_MESSAGE_SIZE`] is ever allocated for. There is no `unsafe` code here; fds
+//! cross the socket through [`iopf_queue::fdpass`].
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod connection;
+pub mod device;
+pub mod info;
+pub mod protocol;
+pub mod request;
+pub mod server;
+pub mod version;
+
+pub use client::{Client, ClientError, Region, RegionIoFds};
+pub use connection::{Connection, ConnectionError, Message};
+pub use info::{
+    DeviceFlags, DeviceInfo, DmaProt, IoFd, IoFdKind, IrqFlags, IrqInfo, RegionCapability,
+    RegionFlags, RegionInfo, SparseMmapArea,
+};
+pub use protocol::{Command, Errno, Header, ProtocolError};
+pub use request::{DmaMap, DmaUnmap, IrqAction, IrqData, IrqSetFlags, SetIrqs};
+pub use server::{Disconnect, Server, ServerConfig, ServerError, VfioUserDevice, serve};
+pub use version::{Capabilities, Version};
