@@ -1,0 +1,71 @@
+//! Why a benchmark could not run.
+
+use std::io;
+
+use iopf_core::CoreError;
+use iopf_queue::{AttachError, ProtocolError, PushError, QueueError};
+use thiserror::Error;
+
+/// Why `iopf bench` (or its peer process) failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A queue region could not be created or attached.
+    #[error("queue region: {0}")]
+    Attach(#[from] AttachError),
+    /// A queue operation failed.
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    /// A ring was broken (a bug here: both sides are ours).
+    #[error("ring: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The fault core refused a call.
+    #[error("fault core: {0}")]
+    Core(#[from] CoreError),
+    /// The control channel to the peer process carried something unexpected.
+    #[error("peer protocol: {0}")]
+    Peer(String),
+    /// The peer process reported a failure.
+    #[error("peer process failed: {0}")]
+    PeerFailed(String),
+    /// A message could not be encoded or decoded.
+    #[error("control message: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A loop waited too long for the other side (it died or stalled).
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// A measurement produced nothing usable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl BenchError {
+    /// A closure mapping an I/O error of `op` into a [`BenchError`].
+    pub(crate) fn io<E: Into<io::Error>>(op: &'static str) -> impl FnOnce(E) -> Self {
+        move |e| Self::Io {
+            op,
+            source: e.into(),
+        }
+    }
+}
+
+impl From<PushError> for BenchError {
+    fn from(e: PushError) -> Self {
+        match e {
+            PushError::Broken(e) => Self::Protocol(e),
+            other => Self::Invalid(format!("unexpected push error: {other}")),
+        }
+    }
+}
+
+/// Shorthand for this crate's results.
+pub type Result<T, E = BenchError> = std::result::Result<T, E>;

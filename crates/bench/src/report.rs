@@ -1,0 +1,286 @@
+//! What `iopf bench` found: the figures, their ratios to the machine's limits and to the
+//! socketpair baseline, the scaling series and the targets of issue 7; as a table or as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// How a figure is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    /// Nanoseconds per round trip (lower is better).
+    Nanoseconds,
+    /// Records per second (higher is better).
+    RecordsPerSecond,
+    /// Page request groups per second (higher is better).
+    GroupsPerSecond,
+}
+
+impl Unit {
+    /// Whether this is a rate (the ceiling is its limit) rather than a latency (the floor).
+    pub fn is_rate(self) -> bool {
+        !matches!(self, Self::Nanoseconds)
+    }
+}
+
+/// One figure: the median of its rounds, and its ratios from the same rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// Stable key (for scripts).
+    pub name: String,
+    /// `limit`, `iopf queue`, `baseline` or `end to end`.
+    pub group: String,
+    /// What was measured.
+    pub description: String,
+    /// The unit of `value`.
+    pub unit: Unit,
+    /// Median over the rounds.
+    pub value: f64,
+    /// Every round's value.
+    pub rounds: Vec<f64>,
+    /// The limit it is compared with: `floor` (round trips) or `ceiling` (rates).
+    pub limit: String,
+    /// Median over the rounds of this value divided by the limit measured just before it
+    /// (for a latency, how many floors; for a rate, the fraction of the ceiling).
+    pub vs_limit: f64,
+    /// Median over the rounds of this value divided by the socketpair baseline of the same
+    /// round (its round trip for a latency, its stream for a rate).
+    pub vs_socketpair: f64,
+    /// Other numbers of this figure (percentiles, doorbell kicks and sleeps per record),
+    /// medians over the rounds.
+    pub details: BTreeMap<String, f64>,
+}
+
+/// One point of a scaling series.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingPoint {
+    /// Devices, PASIDs per device, or pending groups per device.
+    pub n: u64,
+    /// Median over the rounds of the cost per reported group, in nanoseconds.
+    pub ns_per_group: f64,
+    /// Every round's cost.
+    pub rounds: Vec<f64>,
+}
+
+/// The cost per fault as one dimension grows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingSeries {
+    /// `devices`, `pasids` or `pending`.
+    pub dimension: String,
+    /// The points, in growing order.
+    pub points: Vec<ScalingPoint>,
+    /// Largest cost divided by smallest cost (1.0 is perfectly flat).
+    pub max_over_min: f64,
+}
+
+/// The scaling figures (one process, real core, in-process queues and consumer).
+#[derive(Debug, Clone, Serialize)]
+pub struct Scaling {
+    /// Timed groups per point and round.
+    pub groups_per_point: u64,
+    /// Groups per `report_batch` (each group is two page requests).
+    pub groups_per_step: u64,
+    /// As the number of devices grows (one pending target of 0, one PASID).
+    pub devices: ScalingSeries,
+    /// As the PASIDs in use per device grow (one device).
+    pub pasids: ScalingSeries,
+    /// As the groups pending per device grow (one device).
+    pub pending: ScalingSeries,
+}
+
+/// A target of issue 7 and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What the target says.
+    pub target: String,
+    /// The ratio this run measured.
+    pub ratio: f64,
+    /// The bound the ratio must respect, as text (`>= 0.70`).
+    pub bound: String,
+    /// Whether it held.
+    pub met: bool,
+}
+
+/// The machine and the placement of the two processes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPUs this process may run on.
+    pub cpus: usize,
+    /// `/proc/cpuinfo`'s model name.
+    pub cpu_model: String,
+    /// The kernel release.
+    pub kernel: String,
+    /// Whether the two processes were pinned to two CPUs.
+    pub pinned: bool,
+    /// Where each process ran.
+    pub placement: String,
+}
+
+/// Everything one run of `iopf bench` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Where it ran.
+    pub machine: Machine,
+    /// Rounds per figure.
+    pub rounds: u32,
+    /// The `--records` size every count derives from.
+    pub records: u64,
+    /// `--quick` (smoke-test sizes: the figures mean nothing).
+    pub quick: bool,
+    /// Wall time of the whole run, seconds.
+    pub seconds: f64,
+    /// The two-process figures.
+    pub figures: Vec<Figure>,
+    /// Cost per fault as the core's tables grow (`None` if not asked for).
+    pub scaling: Option<Scaling>,
+    /// The targets of issue 7.
+    pub targets: Vec<Target>,
+    /// What the figures are and are not.
+    pub notes: Vec<String>,
+}
+
+fn format_value(unit: Unit, v: f64) -> String {
+    match unit {
+        Unit::Nanoseconds if v < 10_000.0 => format!("{v:.0} ns"),
+        Unit::Nanoseconds if v < 10_000_000.0 => format!("{:.1} us", v / 1e3),
+        Unit::Nanoseconds => format!("{:.1} ms", v / 1e6),
+        Unit::RecordsPerSecond => format!("{:.2} M rec/s", v / 1e6),
+        Unit::GroupsPerSecond => format!("{:.2} M groups/s", v / 1e6),
+    }
+}
+
+fn format_limit(unit: Unit, ratio: f64) -> String {
+    if unit.is_rate() {
+        format!("{:.1} % ceiling", ratio * 100.0)
+    } else {
+        format!("{ratio:.2}x floor")
+    }
+}
+
+fn format_details(details: &BTreeMap<String, f64>) -> String {
+    details
+        .iter()
+        .map(|(k, v)| {
+            if k.ends_with("_ns") {
+                format!(
+                    "{}={}",
+                    k.trim_end_matches("_ns"),
+                    format_value(Unit::Nanoseconds, *v)
+                )
+            } else if *v != 0.0 && v.abs() < 0.01 {
+                format!("{k}={v:.2e}")
+            } else {
+                format!("{k}={v:.3}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Report {
+    /// The figure called `name`.
+    pub fn figure(&self, name: &str) -> Option<&Figure> {
+        self.figures.iter().find(|f| f.name == name)
+    }
+
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(self)
+    }
+
+    /// The report as a table for people.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            out,
+            "iopf bench: median of {} rounds, 64-byte records{}; {} s",
+            self.rounds,
+            if self.quick {
+                " (--quick: smoke-test sizes, figures mean nothing)"
+            } else {
+                ""
+            },
+            self.seconds.round()
+        );
+        let _ = writeln!(
+            out,
+            "machine: {}, {} CPUs, Linux {}; {}",
+            m.cpu_model, m.cpus, m.kernel, m.placement
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<11} {:<54} {:>16} {:>16} {:>12}  notes",
+            "group", "figure", "median", "vs limit", "vs sockpair"
+        );
+        for f in &self.figures {
+            let line = format!(
+                "{:<11} {:<54} {:>16} {:>16} {:>11.3}x  {}",
+                f.group,
+                f.description,
+                format_value(f.unit, f.value),
+                format_limit(f.unit, f.vs_limit),
+                f.vs_socketpair,
+                format_details(&f.details)
+            );
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+        if let Some(s) = &self.scaling {
+            self.scaling_table(s, &mut out);
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "targets of issue 7 (ratios from this run):");
+        for t in &self.targets {
+            let _ = writeln!(
+                out,
+                "  {:<66} {:>8.3} {:<8} {}",
+                t.target,
+                t.ratio,
+                t.bound,
+                if t.ratio.is_nan() {
+                    "not measured"
+                } else if t.met {
+                    "met"
+                } else {
+                    "MISSED"
+                }
+            );
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(out);
+            for note in &self.notes {
+                let _ = writeln!(out, "note: {note}");
+            }
+        }
+        out
+    }
+
+    fn scaling_table(&self, s: &Scaling, out: &mut String) {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "scaling: ns per reported group (2 page requests; {} groups per report_batch), \
+             one process, real core, in-process queues and VMM",
+            s.groups_per_step
+        );
+        for series in [&s.devices, &s.pasids, &s.pending] {
+            if series.points.iter().all(|p| p.rounds.is_empty()) {
+                continue;
+            }
+            let points = series
+                .points
+                .iter()
+                .map(|p| format!("{}: {:.0}", p.n, p.ns_per_group))
+                .collect::<Vec<_>>()
+                .join("  ");
+            let _ = writeln!(
+                out,
+                "  {:<8} {points}   max/min {:.2}",
+                series.dimension, series.max_over_min
+            );
+        }
+    }
+}
