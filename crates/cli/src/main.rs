@@ -2,7 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
+mod inspect;
+mod run;
+mod sim;
 
 /// Carry I/O page faults from an IOMMU to the VMM that owns the device, and the guest's page
 /// responses back.
@@ -15,17 +19,42 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job: a host serving simulated devices over vfio-user and a VMM process
+    /// attaching to them, a workload run to completion, and a summary.
+    Run(run::RunArgs),
+    /// Serve simulated devices over vfio-user on a socket until their workloads finish.
+    Host(run::HostArgs),
+    /// Attach to a host's devices over vfio-user and answer their page requests.
+    Vmm(run::VmmArgs),
     /// Push page request groups and unrecoverable faults from a host process to a VMM process
     /// through real shared-memory queues, answer them, and print what happened.
     Demo(demo::DemoArgs),
     /// The VMM side of `iopf demo` (started by it).
     #[command(hide = true)]
     DemoVmm(demo::VmmArgs),
+    /// Measure the fault path against the machine's limits and the baselines, in one run.
+    Bench(bench::BenchArgs),
+    /// Decode a queue region (a saved image, or a live memfd as /proc/PID/fd/N): its pages,
+    /// indices, counters and pending records.
+    Inspect(inspect::InspectArgs),
+    /// Run the deterministic simulation of the whole loop (device, IOMMU, fault core, rings,
+    /// VMM, guest) for one seed, or sweep many seeds.
+    Sim(sim::SimArgs),
+    /// The peer process of `iopf bench` (started by it).
+    #[command(hide = true)]
+    BenchPeer(bench::PeerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => run::run(args),
+        Command::Host(args) => run::host(args),
+        Command::Vmm(args) => run::vmm(args),
         Command::Demo(args) => demo::host(args),
         Command::DemoVmm(args) => demo::vmm(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Sim(args) => sim::main(args),
+        Command::Inspect(args) => inspect::main(args),
+        Command::BenchPeer(args) => bench::peer(args),
     }
 }

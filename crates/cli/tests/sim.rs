@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn iopf(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_iopf")).args(args).output().expect("run iopf")
+    Command::new(env!("CARGO_BIN_EXE_iopf"))
+        .args(args)
+        .output()
+        .expect("run iopf")
 }
 
 #[test]
@@ -22,7 +25,11 @@ fn a_seeded_run_prints_the_same_report_twice() {
 fn a_short_sweep_reports_no_failing_seed() {
     let out = iopf(&["sim", "--sweep", "25", "--seed", "1000"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("25 seeds from 1000"), "{text}");
     assert!(text.contains(": 0 broke an invariant"), "{text}");
 }

@@ -1,6 +1,15 @@
-//! The iopf host: each simulated PCIe endpoint runs in real time against the fault core, and
-//! (with the vfio-user layer) is served to a VMM process that owns its guest memory and page
-//! tables.
+//! The iopf host: each simulated PCIe endpoint runs in real time against the fault core and is
+//! served over vfio-user to a VMM process that owns its guest memory and page tables.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`engine`] | one device's endpoint model in real time, with the guest-owned IOMMU tables |
+//! | [`pci`] | the PCI device a VMM sees: registers, config space, fault regions, fault IRQ |
+//! | [`host`] | the devices, the socket, one thread per VMM connection |
 #![deny(missing_docs)]
 
 pub mod engine;
+pub mod host;
+pub mod pci;
+
+pub use host::{Host, HostConfig, HostReport};

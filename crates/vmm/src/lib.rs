@@ -3,6 +3,8 @@
 //! it, and the guest that answers page requests.
 #![deny(missing_docs)]
 
+mod attach;
 mod device;
 
+pub use attach::{AttachError, Attached, GuestSetup, attach};
 pub use device::{VmmDevice, VmmError, VmmStats};

@@ -1,0 +1,85 @@
+//! `iopf inspect` on a live region (through /proc) and on garbage.
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+use iopf_abi::{
+    Cookie, FaultReason, PageAddr, PageRequest, Pasid, Perm, PrgIndex, UnrecoverableFault,
+};
+use iopf_queue::FaultQueueProducer;
+
+fn inspect(path: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_iopf"))
+        .args(["inspect", path])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn inspect_decodes_a_live_fault_queue_through_proc() {
+    let mut queue = FaultQueueProducer::create(8).unwrap();
+    queue.set_live(true);
+    let request = PageRequest {
+        cookie: Cookie::new(42).unwrap(),
+        pasid: Some(Pasid::new(3).unwrap()),
+        grpid: PrgIndex::new(7).unwrap(),
+        perm: Perm::READ,
+        addr: PageAddr::new(0x5000).unwrap(),
+        last: true,
+        private_data: None,
+    };
+    queue.stage_group(&[request]).unwrap();
+    queue
+        .stage_unrecoverable(&UnrecoverableFault {
+            reason: FaultReason::Permission,
+            pasid: None,
+            perm: Perm::WRITE,
+            addr: Some(0x9000),
+            fetch_addr: None,
+        })
+        .unwrap();
+    queue.publish().unwrap();
+    let path = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        queue.memory().fd().as_raw_fd()
+    );
+    let (ok, text) = inspect(&path);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("kind fault entry_size 64 nb_entries 8"),
+        "{text}"
+    );
+    assert!(text.contains("LIVE"), "{text}");
+    assert!(
+        text.contains("2 records between cons 0 and prod 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Cookie(0x2a)") && text.contains("PrgIndex(7)"),
+        "{text}"
+    );
+    assert!(text.contains("Permission"), "{text}");
+}
+
+#[test]
+fn inspect_refuses_garbage_without_panicking() {
+    let dir = std::env::temp_dir().join(format!("iopf-inspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let small = dir.join("small");
+    std::fs::write(&small, [0u8; 100]).unwrap();
+    let (ok, text) = inspect(small.to_str().unwrap());
+    assert!(!ok);
+    assert!(text.contains("too small for a queue region"), "{text}");
+    let noise = dir.join("noise");
+    let bytes: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&noise, bytes).unwrap();
+    let (_, text) = inspect(noise.to_str().unwrap());
+    assert!(!text.contains("panicked"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,183 @@
+//! The host and VMM as separate processes over vfio-user: a whole run, a VMM killed with
+//! groups pending and replaced, and garbage sent to the host's socket.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn iopf() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_iopf"))
+}
+
+/// Kills the child if the test fails before it ends.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("iopf-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("host.sock")
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the host never bound {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn host(socket: &Path, args: &[&str]) -> Reaper {
+    Reaper(
+        iopf()
+            .arg("host")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn vmm(socket: &Path, args: &[&str]) -> Reaper {
+    Reaper(
+        iopf()
+            .arg("vmm")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits for the host to finish (bounded) and returns its JSON report.
+fn report(mut host: Reaper) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while host.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the host did not finish in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = std::mem::replace(&mut host.0, iopf().arg("--version").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "host failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn assert_clean(r: &serde_json::Value) {
+    assert_eq!(r["unanswered_groups"], 0, "{r:#}");
+    assert_eq!(r["dma_bytes_mismatched"], 0, "{r:#}");
+    assert!(r["dma_bytes_verified"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(
+        r["accesses"],
+        r["completed"].as_u64().unwrap() + r["failed"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn iopf_run_answers_every_group_and_verifies_every_dma_byte() {
+    let out = iopf()
+        .args(["run", "--devices", "2", "--accesses", "1000", "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_clean(&r);
+    assert!(r["groups"].as_u64().unwrap() > 0);
+    assert_eq!(r["accesses"], 4000);
+    assert!(r["latency_us"]["samples"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn killing_the_vmm_with_groups_pending_answers_them_and_a_new_vmm_finishes() {
+    let socket = socket_path("kill");
+    let host = host(
+        &socket,
+        &[
+            "--devices",
+            "8",
+            "--accesses",
+            "2000",
+            "--allocation",
+            "512",
+            "--ring-entries",
+            "4096",
+        ],
+    );
+    wait_for(&socket);
+    // A guest that takes 10 s per answer: each device's groups pile up to its credits (512
+    // requests), so about two thousand groups are pending across the eight devices.
+    let mut slow = vmm(
+        &socket,
+        &["--devices", "8", "--latency-us", "10000000", "10000000"],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    slow.0.kill().unwrap(); // SIGKILL: no goodbye, the socket just closes
+    slow.0.wait().unwrap();
+    let _fast = vmm(&socket, &["--devices", "8"]);
+    let r = report(host);
+    assert_clean(&r);
+    let gone = r["core"]["responses"]["auto"]["vmm_gone"].as_u64().unwrap();
+    assert!(
+        gone >= 1000,
+        "only {gone} groups were pending when the VMM died: {r:#}"
+    );
+    assert_eq!(r["core"]["refused"]["unknown_cookie"], 0);
+    assert!(r["disconnects"].as_array().unwrap().len() >= 8);
+    let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+}
+
+#[test]
+fn garbage_on_the_socket_does_not_stop_the_host_serving_a_real_vmm() {
+    let socket = socket_path("garbage");
+    let host = host(&socket, &["--devices", "1", "--accesses", "500"]);
+    wait_for(&socket);
+    // A client that sends garbage, then one that stops mid-message, then one that lies about
+    // its size: each gets an error or a closed connection, and frees the device again.
+    for bytes in [
+        &b"\xff\xfegarbage that is no vfio-user header at all"[..],
+        &[1, 0, 3],
+        &[0, 0, 1, 0, 0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0, 0, 0, 0, 0],
+    ] {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        let _ = s.write_all(bytes);
+        drop(s);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _vmm = vmm(&socket, &["--devices", "1"]);
+    let r = report(host);
+    assert_clean(&r);
+    assert!(r["groups"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+}

@@ -1,0 +1,219 @@
+//! The host process's core: devices with their engines, a socket, one thread per VMM
+//! connection. A connection takes the first device no other connection serves; closing it is
+//! unregister (the VMM is gone: its device's pending groups are answered `Invalid`), and a new
+//! connection can take the device over.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use iopf_core::{DeviceConfig, DeviceCounters, DeviceId, FaultCore, MonotonicClock};
+use iopf_vfio_user::{Disconnect, Server, ServerConfig};
+
+use crate::engine::{self, DeviceSlot, EngineReport, Progress, SlotSink, Workload};
+use crate::pci::FaultPciDevice;
+
+/// How the host runs.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// One workload per device.
+    pub workloads: Vec<Workload>,
+    /// Entries of each queue.
+    pub ring_entries: u32,
+    /// The fault core's limits and policies for each device.
+    pub device: DeviceConfig,
+}
+
+/// A VMM connection: a handle on its socket (to close it) and the thread serving it.
+type Connection = (UnixStream, JoinHandle<()>);
+
+/// A running host.
+#[derive(Debug)]
+pub struct Host {
+    core: Arc<FaultCore>,
+    slots: Vec<Arc<DeviceSlot>>,
+    served: Arc<Mutex<Vec<bool>>>,
+    progress: Arc<Vec<Progress>>,
+    stop: Arc<AtomicBool>,
+    engines: Vec<JoinHandle<EngineReport>>,
+    connections: Arc<Mutex<Vec<Connection>>>,
+    disconnects: Arc<Mutex<Vec<String>>>,
+}
+
+/// What a host run did.
+#[derive(Debug)]
+pub struct HostReport {
+    /// Each device's engine report.
+    pub engines: Vec<EngineReport>,
+    /// The fault core's counters, all devices.
+    pub core: DeviceCounters,
+    /// How each VMM connection ended.
+    pub disconnects: Vec<String>,
+}
+
+impl Host {
+    /// Starts the devices' engines (they wait for a VMM) and serves `listener` in a thread.
+    pub fn start(config: HostConfig, listener: UnixListener) -> std::io::Result<Self> {
+        let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
+        let sink = Arc::new(SlotSink::default());
+        let mut slots = Vec::new();
+        for index in 0..config.workloads.len() {
+            let slot = Arc::new(DeviceSlot::new(DeviceId(index as u32 + 1)));
+            sink.add(slot.clone());
+            core.add_device(slot.id, config.device, sink.clone())
+                .map_err(std::io::Error::other)?;
+            slots.push(slot);
+        }
+        let progress: Arc<Vec<Progress>> =
+            Arc::new((0..slots.len()).map(|_| Progress::default()).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let engines = slots
+            .iter()
+            .zip(config.workloads.iter().cloned())
+            .enumerate()
+            .map(|(index, (slot, workload))| {
+                let (core, slot, progress, stop) =
+                    (core.clone(), slot.clone(), progress.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    engine::run(&core, &slot, &workload, &progress[index], &stop)
+                })
+            })
+            .collect();
+        let host = Self {
+            core,
+            slots,
+            served: Arc::new(Mutex::new(vec![false; config.workloads.len()])),
+            progress,
+            stop,
+            engines,
+            connections: Arc::new(Mutex::new(Vec::new())),
+            disconnects: Arc::new(Mutex::new(Vec::new())),
+        };
+        host.accept_in_background(listener, config.ring_entries);
+        Ok(host)
+    }
+
+    /// Binds `path` and starts.
+    pub fn bind(config: HostConfig, path: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        Self::start(config, UnixListener::bind(path)?)
+    }
+
+    fn accept_in_background(&self, listener: UnixListener, ring_entries: u32) {
+        let (core, slots, served, connections, disconnects, stop) = (
+            self.core.clone(),
+            self.slots.clone(),
+            self.served.clone(),
+            self.connections.clone(),
+            self.disconnects.clone(),
+            self.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let free = {
+                    let mut served = served.lock().unwrap_or_else(PoisonError::into_inner);
+                    let free = served.iter().position(|s| !s);
+                    if let Some(i) = free {
+                        served[i] = true;
+                    }
+                    free
+                };
+                // No free device: closing the connection is the answer.
+                let Some(index) = free else { continue };
+                let Ok(control) = stream.try_clone() else {
+                    continue;
+                };
+                let (core, slot, served, disconnects) = (
+                    core.clone(),
+                    slots[index].clone(),
+                    served.clone(),
+                    disconnects.clone(),
+                );
+                let thread = std::thread::spawn(move || {
+                    let reason = match FaultPciDevice::new(slot.clone(), core, ring_entries) {
+                        Ok(mut device) => {
+                            let server = Server::new(ServerConfig::default());
+                            let reason = match server.serve(stream, &mut device) {
+                                Ok(Disconnect::Closed) => "closed".to_string(),
+                                Ok(other) => format!("{other:?}"),
+                                Err(e) => format!("server error: {e}"),
+                            };
+                            device.detach();
+                            reason
+                        }
+                        Err(e) => format!("setup failed: {e}"),
+                    };
+                    disconnects
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(format!("{}: {reason}", slot.id));
+                    served.lock().unwrap_or_else(PoisonError::into_inner)[index] = false;
+                });
+                connections
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((control, thread));
+            }
+        });
+    }
+
+    /// Progress of each device.
+    pub fn progress(&self) -> &[Progress] {
+        &self.progress
+    }
+
+    /// The fault core.
+    pub fn core(&self) -> &FaultCore {
+        &self.core
+    }
+
+    /// Whether every engine has finished its workload.
+    pub fn finished(&self) -> bool {
+        self.engines.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Waits for every engine, then unregisters every device (so the VMMs see `LIVE` cleared
+    /// and leave), closes the connections, and reports.
+    pub fn finish(self) -> HostReport {
+        let engines: Vec<EngineReport> = self
+            .engines
+            .into_iter()
+            .filter_map(|e| e.join().ok())
+            .collect();
+        for slot in &self.slots {
+            self.core.unregister(slot.id);
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        // The VMMs leave once they see LIVE cleared; give them a moment, then close.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let connections = std::mem::take(
+            &mut *self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for (control, thread) in connections {
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let _ = control.shutdown(std::net::Shutdown::Both);
+            let _ = thread.join();
+        }
+        HostReport {
+            engines,
+            core: self.core.total_counters(),
+            disconnects: std::mem::take(
+                &mut *self
+                    .disconnects
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            ),
+        }
+    }
+}

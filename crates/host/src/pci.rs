@@ -1,0 +1,320 @@
+//! The PCI device a VMM sees over vfio-user: a small register BAR, config space, the DMA fault
+//! region, the DMA fault response region (with its ioeventfd), and the DMA fault IRQ.
+//! `docs/PROTOCOL.md` lists every value.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use iopf_abi::QueueKind;
+use iopf_core::{FaultCore, QueueHandler};
+use iopf_queue::{Doorbell, FaultQueueProducer, QueueRegion, ResponseQueueConsumer, SharedMemory};
+use iopf_sim::nested::Directory;
+use iopf_vfio_user::device::{
+    self, DMA_FAULT_IRQ_INDEX, DMA_FAULT_REGION_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, NUM_IRQS,
+    NUM_REGIONS, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+};
+use iopf_vfio_user::{
+    DeviceFlags, DeviceInfo, DmaMap, DmaUnmap, Errno, IoFd, IrqData, IrqInfo, RegionFlags,
+    RegionInfo, SetIrqs, VfioUserDevice,
+};
+
+use crate::engine::DeviceSlot;
+
+/// BAR0 register: guest-physical address of the PASID directory (u64, read-write).
+pub const REG_DIRECTORY_BASE: u64 = 0x00;
+/// BAR0 register: slots in the PASID directory (u64, read-write). Writing it makes the
+/// directory effective.
+pub const REG_DIRECTORY_ENTRIES: u64 = 0x08;
+/// BAR0 register: the host's number for this device (u32, read-only).
+pub const REG_DEVICE_ID: u64 = 0x10;
+/// BAR0 size.
+pub const BAR0_SIZE: u64 = 4096;
+/// Config space size.
+pub const CONFIG_SIZE: usize = 256;
+/// PCI vendor id (Red Hat's, used by QEMU's own devices) and device id of the iopf device.
+pub const VENDOR_ID: u16 = 0x1b36;
+/// PCI device id of the iopf device.
+pub const DEVICE_ID: u16 = 0x10f0;
+/// Largest guest memory the device accepts in `DMA_MAP` (1 GiB).
+pub const MAX_GUEST_MEMORY: u64 = 1 << 30;
+
+/// One connection's view of a device: the regions of this handler life and the registers.
+#[derive(Debug)]
+pub struct FaultPciDevice {
+    slot: Arc<DeviceSlot>,
+    core: Arc<FaultCore>,
+    fault_fd: OwnedFd,
+    fault_len: u64,
+    response_fd: OwnedFd,
+    response_len: u64,
+    response_doorbell: Doorbell,
+    config: [u8; CONFIG_SIZE],
+    directory_base: u64,
+    directory_entries: u64,
+    mapped: Option<(u64, u64)>,
+}
+
+/// Why a device could not be set up for a connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// A region or eventfd could not be created.
+    #[error("creating the queues: {0}")]
+    Queue(#[from] iopf_queue::AttachError),
+    /// An eventfd could not be created.
+    #[error("eventfd: {0}")]
+    Io(#[from] std::io::Error),
+    /// The fault core refused the handler.
+    #[error("fault core: {0}")]
+    Core(#[from] iopf_core::CoreError),
+}
+
+impl FaultPciDevice {
+    /// Creates this life's queues, registers their handler with the core (page requests are
+    /// answered `Invalid` until the VMM attaches), and tells the engine about the doorbell.
+    pub fn new(
+        slot: Arc<DeviceSlot>,
+        core: Arc<FaultCore>,
+        ring_entries: u32,
+    ) -> Result<Self, SetupError> {
+        let faults = FaultQueueProducer::create(ring_entries)?;
+        let response_doorbell = Doorbell::new()?;
+        let responses =
+            ResponseQueueConsumer::create(ring_entries, response_doorbell.try_clone()?)?;
+        let fault_fd = faults.memory().fd().try_clone_to_owned()?;
+        let response_fd = responses.memory().fd().try_clone_to_owned()?;
+        let fault_len = region_len(faults.memory());
+        let response_len = region_len(responses.memory());
+        core.register(slot.id, Box::new(QueueHandler { faults, responses }))?;
+        {
+            let mut attachment = slot.attachment();
+            attachment.wake = Some(response_doorbell.try_clone()?);
+            attachment.generation += 1;
+        }
+        let mut config = [0u8; CONFIG_SIZE];
+        config[..2].copy_from_slice(&VENDOR_ID.to_le_bytes());
+        config[2..4].copy_from_slice(&DEVICE_ID.to_le_bytes());
+        Ok(Self {
+            slot,
+            core,
+            fault_fd,
+            fault_len,
+            response_fd,
+            response_len,
+            response_doorbell,
+            config,
+            directory_base: 0,
+            directory_entries: 0,
+            mapped: None,
+        })
+    }
+
+    /// The VMM is gone: its groups are answered, its memory forgotten.
+    pub fn detach(self) {
+        self.core.vmm_gone(self.slot.id);
+        let mut attachment = self.slot.attachment();
+        attachment.memory = None;
+        attachment.directory = None;
+        attachment.wake = None;
+        attachment.generation += 1;
+    }
+
+    fn queue_fd(&self, index: u32) -> Option<BorrowedFd<'_>> {
+        match index {
+            DMA_FAULT_REGION_INDEX => Some(self.fault_fd.as_fd()),
+            DMA_FAULT_RESPONSE_REGION_INDEX => Some(self.response_fd.as_fd()),
+            _ => None,
+        }
+    }
+
+    fn publish_directory(&self) {
+        let mut attachment = self.slot.attachment();
+        attachment.directory = (self.directory_entries > 0).then_some(Directory {
+            base: self.directory_base,
+            entries: self.directory_entries,
+        });
+        attachment.generation += 1;
+    }
+}
+
+fn region_len(region: &QueueRegion) -> u64 {
+    use iopf_queue::QueueMemory;
+    region.geometry().region_len()
+}
+
+fn le_u64(data: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(data.try_into().ok()?))
+}
+
+impl VfioUserDevice for FaultPciDevice {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: DeviceFlags::PCI,
+            num_regions: NUM_REGIONS,
+            num_irqs: NUM_IRQS,
+        }
+    }
+
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        Some(match index {
+            VFIO_PCI_BAR0_REGION_INDEX => RegionInfo {
+                flags: RegionFlags::READ | RegionFlags::WRITE,
+                size: BAR0_SIZE,
+                mmap_offset: 0,
+                caps: Vec::new(),
+            },
+            VFIO_PCI_CONFIG_REGION_INDEX => RegionInfo {
+                flags: RegionFlags::READ | RegionFlags::WRITE,
+                size: CONFIG_SIZE as u64,
+                mmap_offset: 0,
+                caps: Vec::new(),
+            },
+            DMA_FAULT_REGION_INDEX => device::queue_region_info(QueueKind::Fault, self.fault_len),
+            DMA_FAULT_RESPONSE_REGION_INDEX => {
+                device::queue_region_info(QueueKind::Response, self.response_len)
+            }
+            i if i < NUM_REGIONS => device::absent_region_info(),
+            _ => return None,
+        })
+    }
+
+    fn region_fd(&self, index: u32) -> Option<BorrowedFd<'_>> {
+        self.queue_fd(index)
+    }
+
+    fn region_io_fds(&self, index: u32) -> Result<Vec<(IoFd, BorrowedFd<'_>)>, Errno> {
+        Ok(if index == DMA_FAULT_RESPONSE_REGION_INDEX {
+            vec![(
+                device::response_doorbell_io_fd(),
+                self.response_doorbell.as_fd(),
+            )]
+        } else {
+            Vec::new()
+        })
+    }
+
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        Some(match index {
+            DMA_FAULT_IRQ_INDEX => device::dma_fault_irq_info(),
+            i if i < NUM_IRQS => device::absent_irq_info(),
+            _ => return None,
+        })
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
+        match index {
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
+                let bytes = self
+                    .config
+                    .get(start..start + data.len())
+                    .ok_or(Errno::EINVAL)?;
+                data.copy_from_slice(bytes);
+            }
+            VFIO_PCI_BAR0_REGION_INDEX => {
+                let value = match (offset, data.len()) {
+                    (REG_DIRECTORY_BASE, 8) => self.directory_base,
+                    (REG_DIRECTORY_ENTRIES, 8) => self.directory_entries,
+                    (REG_DEVICE_ID, 4) => u64::from(self.slot.id.0),
+                    _ => return Err(Errno::EINVAL),
+                };
+                data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
+            }
+            _ => {
+                let fd = self.queue_fd(index).ok_or(Errno::EINVAL)?;
+                let len = data.len();
+                let n = rustix::io::pread(fd, &mut *data, offset)
+                    .map_err(|e| Errno(e.raw_os_error() as u32))?;
+                if n != len {
+                    return Err(Errno::EIO);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        match index {
+            // Config space is read-only here; writes are accepted and ignored, as for an
+            // unimplemented register.
+            VFIO_PCI_CONFIG_REGION_INDEX => Ok(()),
+            VFIO_PCI_BAR0_REGION_INDEX => {
+                let value = le_u64(data).ok_or(Errno::EINVAL)?;
+                match offset {
+                    REG_DIRECTORY_BASE => self.directory_base = value,
+                    REG_DIRECTORY_ENTRIES => {
+                        self.directory_entries = value;
+                        self.publish_directory();
+                    }
+                    _ => return Err(Errno::EINVAL),
+                }
+                Ok(())
+            }
+            _ => {
+                // The VMM's page of a queue region, through the socket instead of the mapping;
+                // on the response queue's `prod`, this is the doorbell's fallback.
+                let fd = self.queue_fd(index).ok_or(Errno::EINVAL)?;
+                let n = rustix::io::pwrite(fd, data, offset)
+                    .map_err(|e| Errno(e.raw_os_error() as u32))?;
+                if n != data.len() {
+                    return Err(Errno::EIO);
+                }
+                if index == DMA_FAULT_RESPONSE_REGION_INDEX
+                    && offset == device::RESPONSE_PROD_OFFSET
+                {
+                    self.response_doorbell.ring().map_err(Errno::from)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn set_irqs(&mut self, request: SetIrqs) -> Result<(), Errno> {
+        if request.index != DMA_FAULT_IRQ_INDEX {
+            return Err(Errno::EINVAL);
+        }
+        let doorbell = match request.data {
+            IrqData::Eventfds(mut fds) if fds.len() == 1 => {
+                Some(Doorbell::from_fd(fds.remove(0)).map_err(|_| Errno::EINVAL)?)
+            }
+            IrqData::Eventfds(fds) if fds.is_empty() => None,
+            IrqData::None => None,
+            _ => return Err(Errno::EINVAL),
+        };
+        self.core
+            .set_fault_doorbell(self.slot.id, doorbell)
+            .map_err(|_| Errno::EINVAL)?;
+        Ok(())
+    }
+
+    fn dma_map(&mut self, map: DmaMap) -> Result<(), Errno> {
+        // One mapping: guest memory from guest-physical address 0, shared as a memfd.
+        if self.mapped.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if map.iova != 0 || map.offset != 0 || map.size > MAX_GUEST_MEMORY {
+            return Err(Errno::EINVAL);
+        }
+        let fd = map.fd.ok_or(Errno::EINVAL)?;
+        let memory = SharedMemory::attach(fd, MAX_GUEST_MEMORY).map_err(|_| Errno::EINVAL)?;
+        if memory.len() < map.size {
+            return Err(Errno::EINVAL);
+        }
+        self.mapped = Some((map.iova, map.size));
+        let mut attachment = self.slot.attachment();
+        attachment.memory = Some(memory);
+        attachment.generation += 1;
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, unmap: DmaUnmap) -> Result<(), Errno> {
+        let _ = unmap;
+        if self.mapped.take().is_none() {
+            return Err(Errno::ENOENT);
+        }
+        let mut attachment = self.slot.attachment();
+        attachment.memory = None;
+        attachment.generation += 1;
+        Ok(())
+    }
+}

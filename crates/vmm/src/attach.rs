@@ -1,0 +1,147 @@
+//! Attaching a device over vfio-user (docs/PROTOCOL.md's attach sequence): find the fault
+//! regions by type, map them from their fds, register guest memory and the guest's PASID
+//! directory, and give the fault IRQ its eventfd.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use iopf_queue::{Doorbell, FaultQueueConsumer, ResponseQueueProducer};
+use iopf_sim::guest::{Guest, GuestConfig};
+use iopf_sim::memory::GuestMemory;
+use iopf_sim::nested::GuestTables;
+use iopf_sim::rng::Rng;
+use iopf_vfio_user::device::{
+    DMA_FAULT_IRQ_INDEX, VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
+    VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED,
+};
+use iopf_vfio_user::{Client, ClientError, DmaProt};
+use thiserror::Error;
+
+use crate::VmmDevice;
+
+/// BAR0 register offsets of the iopf device (`docs/PROTOCOL.md`).
+const REG_DIRECTORY_BASE: u64 = 0x00;
+const REG_DIRECTORY_ENTRIES: u64 = 0x08;
+const REG_DEVICE_ID: u64 = 0x10;
+
+/// Why a device could not be attached.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// The vfio-user exchange failed.
+    #[error("vfio-user: {0}")]
+    Client(#[from] ClientError),
+    /// The device lacks a region or fd the protocol promises.
+    #[error("the device has no {0}")]
+    Missing(&'static str),
+    /// A region or doorbell failed its checks.
+    #[error("queue: {0}")]
+    Queue(#[from] iopf_queue::AttachError),
+    /// An eventfd failed.
+    #[error("eventfd: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How the VMM's guest behaves for a device.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestSetup {
+    /// The guest model.
+    pub guest: GuestConfig,
+    /// Guest memory, in 4 KiB pages.
+    pub pages: u64,
+    /// Address spaces to create: requests without PASID, and PASIDs `0..pasids`.
+    pub pasids: u32,
+    /// Seed of the guest's random choices.
+    pub seed: u64,
+}
+
+/// A device attached over vfio-user.
+#[derive(Debug)]
+pub struct Attached {
+    /// The connection (closing it is unregister).
+    pub client: Client,
+    /// The device's queues, memory, tables and guest.
+    pub device: VmmDevice,
+    /// The host's number for the device.
+    pub device_id: u32,
+}
+
+fn region_fd(
+    client: &mut Client,
+    subtype: u32,
+    what: &'static str,
+) -> Result<OwnedFd, AttachError> {
+    client
+        .find_region_by_type(VFIO_REGION_TYPE_NESTED, subtype)?
+        .and_then(|region| region.fd)
+        .ok_or(AttachError::Missing(what))
+}
+
+/// Connects to the host at `socket` and attaches one device.
+pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError> {
+    let mut client = Client::connect(socket)?;
+    client.device_info()?;
+    let mut id = [0u8; 4];
+    client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_DEVICE_ID, &mut id)?;
+    let device_id = u32::from_le_bytes(id);
+
+    let fault_fd = region_fd(
+        &mut client,
+        VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
+        "DMA fault region",
+    )?;
+    let response_fd = region_fd(
+        &mut client,
+        VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE,
+        "DMA fault response region",
+    )?;
+    let mut io_fds =
+        client.region_io_fds(iopf_vfio_user::device::DMA_FAULT_RESPONSE_REGION_INDEX)?;
+    let response_doorbell = match io_fds.fds.len() {
+        0 => None,
+        _ => Some(Doorbell::from_fd(io_fds.fds.remove(0))?),
+    };
+    // The fault IRQ first, so the host can wake us from the first fault on.
+    let fault_doorbell = Doorbell::new()?;
+    client.set_irqs(DMA_FAULT_IRQ_INDEX, &[fault_doorbell.as_fd()])?;
+    let faults = FaultQueueConsumer::attach(fault_fd, fault_doorbell)?;
+    let responses = ResponseQueueProducer::attach(response_fd, response_doorbell)?;
+
+    let mut memory = GuestMemory::new(setup.pages)?;
+    let tables =
+        GuestTables::new(&mut memory, 64).ok_or(AttachError::Missing("guest memory for tables"))?;
+    client.dma_map(
+        Some(memory.shared().fd()),
+        0,
+        0,
+        memory.shared().len(),
+        DmaProt::READ | DmaProt::WRITE,
+    )?;
+    let guest = Guest::new(setup.guest, Rng::new(setup.seed ^ u64::from(device_id)));
+    let device = VmmDevice::new(
+        device_id,
+        faults,
+        responses,
+        memory,
+        tables,
+        guest,
+        setup.pasids,
+    );
+    // The directory holds the address spaces now: tell the device where it is.
+    let directory = tables.directory();
+    client.region_write(
+        VFIO_PCI_BAR0_REGION_INDEX,
+        REG_DIRECTORY_BASE,
+        &directory.base.to_le_bytes(),
+    )?;
+    client.region_write(
+        VFIO_PCI_BAR0_REGION_INDEX,
+        REG_DIRECTORY_ENTRIES,
+        &directory.entries.to_le_bytes(),
+    )?;
+    Ok(Attached {
+        client,
+        device,
+        device_id,
+    })
+}
