@@ -219,6 +219,7 @@ fn optional<T>(
 
 impl FaultRecord {
     /// Validates the record against ABI v1 and returns the fault it carries.
+    #[inline]
     pub fn decode(&self) -> Result<Fault, DecodeError> {
         zero("reserved[0]", self.reserved[0].get())?;
         zero("reserved[1]", self.reserved[1].get())?;
@@ -299,6 +300,7 @@ impl FaultRecord {
 }
 
 impl From<&PageRequest> for FaultRecord {
+    #[inline]
     fn from(r: &PageRequest) -> Self {
         use page_request_flags as f;
         let mut flags = 0;
@@ -328,6 +330,7 @@ impl From<&PageRequest> for FaultRecord {
 }
 
 impl From<&UnrecoverableFault> for FaultRecord {
+    #[inline]
     fn from(u: &UnrecoverableFault) -> Self {
         use unrecoverable_flags as f;
         let mut flags = 0;
@@ -356,6 +359,7 @@ impl From<&UnrecoverableFault> for FaultRecord {
 }
 
 impl From<&Fault> for FaultRecord {
+    #[inline]
     fn from(f: &Fault) -> Self {
         match f {
             Fault::Unrecoverable(u) => u.into(),

@@ -87,6 +87,7 @@ pub struct PageResponse {
 
 impl ResponseRecord {
     /// Validates the record against ABI v1 and returns the response it carries.
+    #[inline]
     pub fn decode(&self) -> Result<PageResponse, DecodeError> {
         let version = self.version.get();
         if version != RESPONSE_VERSION {
@@ -127,6 +128,7 @@ impl ResponseRecord {
 }
 
 impl From<&PageResponse> for ResponseRecord {
+    #[inline]
     fn from(r: &PageResponse) -> Self {
         ResponseRecord {
             version: RESPONSE_VERSION.into(),

@@ -58,6 +58,16 @@ impl PendingTable {
 
     pub(crate) fn remove(&mut self, cookie: Cookie) -> Option<PendingGroup> {
         let group = self.groups.remove(&cookie.get());
+        // Groups are mostly answered in the order they were issued: drop the answered group's
+        // timer entry at once when it is the oldest, so compaction is rarely needed.
+        if let Some(g) = &group
+            && self
+                .timers
+                .front()
+                .is_some_and(|&(d, c)| c == cookie.get() && Some(d) == g.deadline)
+        {
+            self.timers.pop_front();
+        }
         if self.timers.len() > 2 * self.groups.len() + 64 {
             let groups = &self.groups;
             self.timers.retain(|&(deadline, c)| {

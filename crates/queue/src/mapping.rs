@@ -67,6 +67,7 @@ impl Mapping {
     }
 
     /// The host page at offset 0.
+    #[inline]
     pub(crate) fn host_page(&self) -> &HostPage {
         let page = self.ptr.as_ptr().wrapping_add(HOST_PAGE_OFFSET as usize);
         // SAFETY: the host page lies at offset 0 of a page-aligned mapping at least
@@ -78,6 +79,7 @@ impl Mapping {
     }
 
     /// The VMM page at offset 4096.
+    #[inline]
     pub(crate) fn vmm_page(&self) -> &VmmPage {
         let page = self.ptr.as_ptr().wrapping_add(VMM_PAGE_OFFSET as usize);
         // SAFETY: as for `host_page`: offset 4096 of the mapping is page-aligned and the 12
@@ -86,12 +88,14 @@ impl Mapping {
     }
 
     /// `count` 64-bit words from `ENTRIES_OFFSET`, or `None` if they do not fit the mapping.
+    #[inline]
     pub(crate) fn entry_words(&self, count: usize) -> Option<&[AtomicU64]> {
         self.words_at(ENTRIES_OFFSET as usize, count)
     }
 
     /// `count` 64-bit words from byte `offset`, or `None` unless `offset` is 8-aligned and the
     /// words end inside the mapping.
+    #[inline]
     pub(crate) fn words_at(&self, offset: usize, count: usize) -> Option<&[AtomicU64]> {
         let end = count.checked_mul(8)?.checked_add(offset)?;
         if end > self.len || !offset.is_multiple_of(8) {

@@ -142,15 +142,19 @@ pub trait QueueMemory {
 macro_rules! impl_for_arc {
     ($arc:ident) => {
         impl<M: QueueMemory + ?Sized> QueueMemory for $arc<M> {
+            #[inline]
             fn geometry(&self) -> QueueGeometry {
                 (**self).geometry()
             }
+            #[inline]
             fn host_page(&self) -> &HostPage {
                 (**self).host_page()
             }
+            #[inline]
             fn vmm_page(&self) -> &VmmPage {
                 (**self).vmm_page()
             }
+            #[inline]
             fn entry_words(&self) -> &[AtomicU64] {
                 (**self).entry_words()
             }
@@ -210,15 +214,19 @@ impl HeapMemory {
 }
 
 impl QueueMemory for HeapMemory {
+    #[inline]
     fn geometry(&self) -> QueueGeometry {
         self.geometry
     }
+    #[inline]
     fn host_page(&self) -> &HostPage {
         &self.host
     }
+    #[inline]
     fn vmm_page(&self) -> &VmmPage {
         &self.vmm
     }
+    #[inline]
     fn entry_words(&self) -> &[AtomicU64] {
         &self.entries
     }

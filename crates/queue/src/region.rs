@@ -161,15 +161,19 @@ impl QueueRegion {
 }
 
 impl QueueMemory for QueueRegion {
+    #[inline]
     fn geometry(&self) -> QueueGeometry {
         self.geometry
     }
+    #[inline]
     fn host_page(&self) -> &HostPage {
         self.mapping.host_page()
     }
+    #[inline]
     fn vmm_page(&self) -> &VmmPage {
         self.mapping.vmm_page()
     }
+    #[inline]
     fn entry_words(&self) -> &[AtomicU64] {
         // Checked in `map`: the words fit the mapping.
         self.mapping.entry_words(self.words).unwrap_or(&[])
