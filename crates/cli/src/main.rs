@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod inspect;
+mod report;
 mod run;
+mod scenario;
 mod sim;
 
 /// Carry I/O page faults from an IOMMU to the VMM that owns the device, and the guest's page

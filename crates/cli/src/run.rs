@@ -8,36 +8,61 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 use hdrhistogram::Histogram;
-use iopf_core::DeviceConfig;
-use iopf_host::engine::Workload;
-use iopf_host::{Host, HostConfig, HostReport};
-use iopf_sim::endpoint::EndpointConfig;
-use iopf_sim::guest::GuestConfig;
-use iopf_sim::workload::{Pattern, Stream};
+use iopf_host::{Host, HostReport};
 use iopf_vmm::{GuestSetup, attach};
 use serde_json::json;
 
-/// Options shared by `run` and `host`: the devices and their work.
+use crate::scenario::Scenario;
+
+/// Options shared by `run` and `host`: the scenario, and overrides of it.
 #[derive(Debug, Args, Clone)]
 pub struct DeviceArgs {
-    /// Simulated devices.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    devices: u32,
-    /// DMA accesses per stream (each device runs two streams on two PASIDs).
-    #[arg(long, default_value_t = 5000)]
-    accesses: u32,
-    /// Entries per queue (a power of two in 2..=65536).
-    #[arg(long, default_value_t = 256)]
-    ring_entries: u32,
-    /// The endpoint's Outstanding Page Request Allocation.
-    #[arg(long, default_value_t = 64)]
-    allocation: u32,
-    /// Seed of the workload.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// A TOML scenario (see `scenarios/`); without it, `scenarios/default.toml`.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Override: this many devices, all like the scenario's first.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    devices: Option<u32>,
+    /// Override: DMA accesses per stream.
+    #[arg(long)]
+    accesses: Option<u32>,
+    /// Override: entries per queue (a power of two in 2..=65536).
+    #[arg(long)]
+    ring_entries: Option<u32>,
+    /// Override: the endpoints' Outstanding Page Request Allocation.
+    #[arg(long)]
+    allocation: Option<u32>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+impl DeviceArgs {
+    fn scenario(&self) -> anyhow::Result<Scenario> {
+        let mut s = match &self.scenario {
+            Some(path) => Scenario::load(path)?,
+            None => Scenario::parse(crate::scenario::DEFAULT)?,
+        };
+        if let Some(n) = self.devices {
+            s.devices.truncate(1);
+            s.devices[0].count = n;
+        }
+        for d in &mut s.devices {
+            if let Some(a) = self.allocation {
+                d.allocation = a;
+            }
+            for stream in &mut d.streams {
+                if let Some(k) = self.accesses {
+                    stream.accesses = k;
+                }
+            }
+        }
+        if let Some(r) = self.ring_entries {
+            s.ring_entries = r;
+        }
+        // Overrides go through the same checks as the file.
+        Scenario::check_again(s)
+    }
 }
 
 /// Options of `iopf run`.
@@ -45,6 +70,9 @@ pub struct DeviceArgs {
 pub struct RunArgs {
     #[command(flatten)]
     devices: DeviceArgs,
+    /// Write an HTML report (latency histogram, throughput over time) into this directory.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 /// Options of `iopf host`.
@@ -66,46 +94,12 @@ pub struct VmmArgs {
     /// Devices to attach (one vfio-user connection each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     devices: u32,
-    /// Guest memory per device, in 4 KiB pages.
-    #[arg(long, default_value_t = 4096)]
-    pages: u64,
-    /// Share of groups the guest refuses.
-    #[arg(long, default_value_t = 0.02)]
-    refuse_rate: f64,
-    /// Shortest and longest guest answer latency, in microseconds.
-    #[arg(long, num_args = 2, default_values_t = [2, 20])]
-    latency_us: Vec<u64>,
-}
-
-fn host_config(args: &DeviceArgs) -> anyhow::Result<HostConfig> {
-    iopf_abi::QueueGeometry::new(iopf_abi::QueueKind::Fault, args.ring_entries)?;
-    let stream = |pasid: u32, pattern, write| Stream {
-        pasid: iopf_abi::Pasid::new(pasid).ok(),
-        base: 0x4000_0000 * u64::from(pasid),
-        pages: 1024,
-        pattern,
-        access_len: 8192,
-        write,
-        accesses: args.accesses,
-        interval_ns: 5_000,
-    };
-    Ok(HostConfig {
-        workloads: (0..args.devices)
-            .map(|d| Workload {
-                endpoint: EndpointConfig {
-                    allocation: args.allocation,
-                    ..EndpointConfig::default()
-                },
-                streams: vec![
-                    stream(1, Pattern::Sequential, true),
-                    stream(2, Pattern::Random, false),
-                ],
-                seed: args.seed.wrapping_add(u64::from(d)),
-            })
-            .collect(),
-        ring_entries: args.ring_entries,
-        device: DeviceConfig::default(),
-    })
+    /// The scenario whose `[guest]` section the guest follows (default: the built-in one).
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Override: shortest and longest guest answer latency, in microseconds.
+    #[arg(long, num_args = 2)]
+    latency_us: Option<Vec<u64>>,
 }
 
 /// Kills a child that is still running when dropped.
@@ -120,90 +114,140 @@ impl Drop for Reaper {
     }
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = host_config(&args.devices)?;
-    let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("host.sock");
-    let host = Host::bind(config, &socket).context("start the host")?;
-    let vmm = Command::new(std::env::current_exe()?)
-        .args([
-            "vmm",
-            "--devices",
-            &args.devices.devices.to_string(),
-            "--socket",
-        ])
-        .arg(&socket)
+fn spawn_vmm(socket: &Path, devices: u32, scenario: Option<&Path>) -> anyhow::Result<Reaper> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args(["vmm", "--devices", &devices.to_string(), "--socket"])
+        .arg(socket);
+    if let Some(path) = scenario {
+        command.arg("--scenario").arg(path);
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .context("start the VMM process")?;
-    let mut vmm = Reaper(vmm);
-    let report = drive(
+    Ok(Reaper(child))
+}
+
+/// Throughput samples: (seconds since start, groups answered so far).
+type Samples = Vec<(f64, u64)>;
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let scenario = args.devices.scenario()?;
+    let devices = scenario.device_count();
+    let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("host.sock");
+    let host = Host::bind(scenario.host_config(), &socket).context("start the host")?;
+    let file = args.devices.scenario.as_deref();
+    let mut vmm = spawn_vmm(&socket, devices, file)?;
+    let mut chaos: Vec<(u64, u64)> = scenario
+        .chaos
+        .iter()
+        .map(|c| (c.at_ms, c.down_ms))
+        .collect();
+    chaos.sort_unstable();
+    let mut restart_at: Option<u64> = None;
+    let mut restarts = 0;
+    let started = Instant::now();
+    let outcome = drive(
         host,
-        args.devices.accesses * 2 * args.devices.devices,
+        scenario.total_accesses(),
         !args.devices.json,
-        || vmm.0.try_wait().ok().flatten().map(|s| s.to_string()),
-    )?;
+        |elapsed| {
+            let ms = elapsed.as_millis() as u64;
+            if let Some(&(at, down)) = chaos.first()
+                && ms >= at
+            {
+                chaos.remove(0);
+                // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets close.
+                let _ = vmm.0.kill();
+                let _ = vmm.0.wait();
+                restart_at = Some(ms + down);
+            }
+            if let Some(at) = restart_at
+                && ms >= at
+            {
+                vmm = spawn_vmm(&socket, devices, file)?;
+                restart_at = None;
+                restarts += 1;
+            }
+            if restart_at.is_none()
+                && let Some(status) = vmm.0.try_wait()?
+            {
+                bail!("the VMM process exited before the run finished: {status}");
+            }
+            Ok(())
+        },
+    );
+    let _ = started;
+    let (report, elapsed, samples) = outcome?;
     let status = vmm.0.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
-    print_report(&report, args.devices.json)?;
+    print_report(
+        &(report, elapsed),
+        args.devices.json,
+        restarts,
+        args.report.as_deref(),
+        &samples,
+    )?;
     ensure!(status.success(), "the VMM process failed: {status}");
-    check(&report)
+    Ok(())
 }
 
 pub fn host(args: HostArgs) -> anyhow::Result<()> {
-    let config = host_config(&args.devices)?;
-    let host = Host::bind(config, &args.socket).context("start the host")?;
-    let report = drive(
-        host,
-        args.devices.accesses * 2 * args.devices.devices,
-        !args.devices.json,
-        || None,
-    )?;
+    let scenario = args.devices.scenario()?;
+    let host = Host::bind(scenario.host_config(), &args.socket).context("start the host")?;
+    let (report, elapsed, samples) =
+        drive(host, scenario.total_accesses(), !args.devices.json, |_| {
+            Ok(())
+        })?;
     let _ = std::fs::remove_file(&args.socket);
-    print_report(&report, args.devices.json)?;
-    check(&report)
+    print_report(&(report, elapsed), args.devices.json, 0, None, &samples)
 }
 
-/// Waits for the host to finish, with a progress bar; `gone` says why a VMM died early.
+/// Waits for the host to finish, with a progress bar; `tick` runs every 20 ms (chaos, and
+/// noticing a dead VMM).
 fn drive(
     host: Host,
-    total: u32,
+    total: u64,
     bar: bool,
-    mut gone: impl FnMut() -> Option<String>,
-) -> anyhow::Result<(HostReport, Duration)> {
+    mut tick: impl FnMut(Duration) -> anyhow::Result<()>,
+) -> anyhow::Result<(HostReport, Duration, Samples)> {
     let started = Instant::now();
     let progress = bar.then(|| {
-        let p = indicatif::ProgressBar::new(u64::from(total));
+        let p = indicatif::ProgressBar::new(total);
         p.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} DMA accesses {elapsed}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         p
     });
+    let mut samples = vec![(0.0, 0)];
     while !host.finished() {
-        std::thread::sleep(Duration::from_millis(50));
-        let done: u64 = host
-            .progress()
-            .iter()
-            .map(|p| p.accesses_done.load(std::sync::atomic::Ordering::Relaxed))
-            .sum();
+        std::thread::sleep(Duration::from_millis(20));
+        let load = |f: fn(&iopf_host::engine::Progress) -> u64| -> u64 {
+            host.progress().iter().map(f).sum()
+        };
+        let done = load(|p| p.accesses_done.load(std::sync::atomic::Ordering::Relaxed));
+        let answered = load(|p| p.groups_answered.load(std::sync::atomic::Ordering::Relaxed));
+        samples.push((started.elapsed().as_secs_f64(), answered));
         if let Some(p) = &progress {
             p.set_position(done);
         }
-        if let Some(status) = gone() {
-            bail!("the VMM process exited before the run finished: {status}");
-        }
+        tick(started.elapsed())?;
     }
     if let Some(p) = &progress {
         p.finish_and_clear();
     }
     let elapsed = started.elapsed();
-    Ok((host.finish(), elapsed))
+    let report = host.finish();
+    check(&report)?;
+    Ok((report, elapsed, samples))
 }
 
-fn check((report, _): &(HostReport, Duration)) -> anyhow::Result<()> {
+fn check(report: &HostReport) -> anyhow::Result<()> {
     let c = &report.core;
     ensure!(
         c.groups == c.answered(),
@@ -225,7 +269,13 @@ fn check((report, _): &(HostReport, Duration)) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_report((report, elapsed): &(HostReport, Duration), as_json: bool) -> anyhow::Result<()> {
+fn print_report(
+    (report, elapsed): &(HostReport, Duration),
+    as_json: bool,
+    restarts: u32,
+    html: Option<&Path>,
+    samples: &Samples,
+) -> anyhow::Result<()> {
     let c = &report.core;
     let a = &c.responses.auto;
     let mut latency = Histogram::<u64>::new(3)?;
@@ -242,6 +292,12 @@ fn print_report((report, elapsed): &(HostReport, Duration), as_json: bool) -> an
     }
     let secs = elapsed.as_secs_f64().max(1e-9);
     let q = |x: f64| latency.value_at_quantile(x) as f64 / 1000.0;
+    if let Some(dir) = html {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("report.html");
+        std::fs::write(&path, crate::report::html(report, &latency, samples, secs))?;
+        eprintln!("report: {}", path.display());
+    }
     if as_json {
         let value = json!({
             "elapsed_s": secs,
@@ -253,12 +309,13 @@ fn print_report((report, elapsed): &(HostReport, Duration), as_json: bool) -> an
             "latency_us": { "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": latency.max() as f64 / 1000.0, "samples": latency.len() },
             "groups_per_s": c.groups as f64 / secs,
             "disconnects": report.disconnects,
+            "vmm_restarts": restarts,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     println!(
-        "iopf run: {} devices over vfio-user, {:.2} s",
+        "iopf run: {} devices over vfio-user, {:.2} s, {restarts} VMM restarts",
         report.engines.len(),
         secs
     );
@@ -312,19 +369,15 @@ fn print_report((report, elapsed): &(HostReport, Duration), as_json: bool) -> an
 }
 
 pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
-    let setup = GuestSetup {
-        guest: GuestConfig {
-            latency_ns: (
-                args.latency_us[0] * 1000,
-                args.latency_us[1].max(args.latency_us[0]) * 1000,
-            ),
-            refuse_rate: args.refuse_rate.clamp(0.0, 1.0),
-            ..GuestConfig::default()
-        },
-        pages: args.pages,
-        pasids: 4,
-        seed: 7,
+    let scenario = match &args.scenario {
+        Some(path) => Scenario::load(path)?,
+        None => Scenario::parse(crate::scenario::DEFAULT)?,
     };
+    let mut setup = scenario.guest_setup();
+    if let Some(l) = &args.latency_us {
+        ensure!(l.len() == 2 && l[0] <= l[1], "--latency-us takes MIN MAX");
+        setup.guest.latency_ns = (l[0].saturating_mul(1000), l[1].saturating_mul(1000));
+    }
     let threads: Vec<_> = (0..args.devices)
         .map(|_| {
             let socket = args.socket.clone();

@@ -181,3 +181,53 @@ fn garbage_on_the_socket_does_not_stop_the_host_serving_a_real_vmm() {
     assert!(r["groups"].as_u64().unwrap() > 0);
     let _ = std::fs::remove_dir_all(socket.parent().unwrap());
 }
+
+#[test]
+fn a_scenario_with_a_vmm_restart_loses_nothing_and_writes_an_html_report() {
+    let dir = std::env::temp_dir().join(format!("iopf-test-report-{}", std::process::id()));
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scenarios/vmm-restart.toml"
+    );
+    let out = iopf()
+        .args(["run", "--scenario", scenario, "--json", "--report"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_clean(&r);
+    assert_eq!(r["vmm_restarts"], 1);
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("page request round trips"),
+        "{html}"
+    );
+    assert!(html.contains("groups answered per second"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_scenario_file_gets_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("iopf-test-scenario-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "ring_entries = 100\n[[device]]\n[[device.stream]]\npages = 1\naccess_len = 8\naccesses = 1\n").unwrap();
+    let out = iopf()
+        .args(["run", "--scenario"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("power of two"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,384 @@
+//! Scenario files for `iopf run` and `iopf host`/`iopf vmm` (TOML): devices, PASIDs and their
+//! workloads, the guest's behaviour, ring sizes, timeouts, and chaos. A scenario comes from a
+//! file, so every value is checked against a bound before anything is built from it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use iopf_core::DeviceConfig;
+use iopf_host::HostConfig;
+use iopf_host::engine::Workload;
+use iopf_sim::endpoint::EndpointConfig;
+use iopf_sim::guest::GuestConfig;
+use iopf_sim::workload::{Pattern, Stream};
+use iopf_vmm::GuestSetup;
+use serde::Deserialize;
+
+/// A whole scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Seed of the workloads and the guest.
+    #[serde(default = "one")]
+    pub seed: u64,
+    /// Entries per queue.
+    #[serde(default = "ring_entries")]
+    pub ring_entries: u32,
+    /// How long the guest may take before the host answers `Invalid`.
+    #[serde(default = "timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// The guest.
+    #[serde(default)]
+    pub guest: GuestSection,
+    /// Device groups.
+    #[serde(rename = "device")]
+    pub devices: Vec<DeviceSection>,
+    /// Chaos events.
+    #[serde(default)]
+    pub chaos: Vec<ChaosSection>,
+}
+
+/// The guest behind the VMM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestSection {
+    /// Shortest and longest answer latency, microseconds.
+    pub latency_us: [u64; 2],
+    /// Share of groups refused.
+    pub refuse_rate: f64,
+    /// Guest memory per device, in 4 KiB pages.
+    pub pages: u64,
+    /// Share of answers sent twice.
+    pub duplicate_rate: f64,
+    /// Share of groups followed by a forged cookie.
+    pub forged_rate: f64,
+    /// Share of groups followed by a stale replay.
+    pub stale_rate: f64,
+    /// Share of groups never answered.
+    pub silent_rate: f64,
+}
+
+impl Default for GuestSection {
+    fn default() -> Self {
+        Self {
+            latency_us: [2, 20],
+            refuse_rate: 0.02,
+            pages: 4096,
+            duplicate_rate: 0.0,
+            forged_rate: 0.0,
+            stale_rate: 0.0,
+            silent_rate: 0.0,
+        }
+    }
+}
+
+/// `count` identical devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// How many.
+    #[serde(default = "one_u32")]
+    pub count: u32,
+    /// Outstanding Page Request Allocation.
+    #[serde(default = "allocation")]
+    pub allocation: u32,
+    /// Their DMA streams.
+    #[serde(rename = "stream")]
+    pub streams: Vec<StreamSection>,
+}
+
+/// One DMA stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSection {
+    /// PASID (none: requests without PASID).
+    pub pasid: Option<u32>,
+    /// `sequential`, `random` or `strided`.
+    #[serde(default = "sequential")]
+    pub pattern: String,
+    /// Stride in bytes, for `strided`.
+    #[serde(default = "stride")]
+    pub stride: u64,
+    /// Buffer size in pages.
+    pub pages: u64,
+    /// Bytes per access.
+    pub access_len: u32,
+    /// Writes (else reads).
+    #[serde(default)]
+    pub write: bool,
+    /// Accesses.
+    pub accesses: u32,
+    /// Time between accesses, microseconds.
+    #[serde(default = "one")]
+    pub interval_us: u64,
+}
+
+/// A disruption of the multi-process run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChaosSection {
+    /// When, from the start of the run.
+    pub at_ms: u64,
+    /// `vmm_restart`: the VMM process is killed with SIGKILL and a new one starts after
+    /// `down_ms`.
+    pub kind: String,
+    /// Time without a VMM.
+    #[serde(default)]
+    pub down_ms: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+fn one_u32() -> u32 {
+    1
+}
+fn ring_entries() -> u32 {
+    256
+}
+fn timeout_ms() -> u64 {
+    10_000
+}
+fn allocation() -> u32 {
+    64
+}
+fn sequential() -> String {
+    "sequential".into()
+}
+fn stride() -> u64 {
+    12_288
+}
+
+/// The scenario `iopf run` uses without `--scenario` (also `scenarios/default.toml`).
+pub const DEFAULT: &str = include_str!("../../../scenarios/default.toml");
+
+impl Scenario {
+    /// Parses and checks a scenario.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let scenario: Scenario = toml::from_str(text).context("scenario")?;
+        scenario.check()?;
+        Ok(scenario)
+    }
+
+    /// Reads, parses and checks a scenario file (at most 1 MiB).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("{}", path.display()))?
+            .len();
+        ensure!(
+            len <= 1 << 20,
+            "{}: {len} bytes, a scenario is at most 1 MiB",
+            path.display()
+        );
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    /// Checks a scenario changed after parsing (command-line overrides).
+    pub fn check_again(self) -> anyhow::Result<Self> {
+        self.check()?;
+        Ok(self)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        iopf_abi::QueueGeometry::new(iopf_abi::QueueKind::Fault, self.ring_entries)?;
+        ensure!(
+            (1..=600_000).contains(&self.response_timeout_ms),
+            "response_timeout_ms must be 1..=600000"
+        );
+        let g = &self.guest;
+        ensure!(
+            g.latency_us[0] <= g.latency_us[1] && g.latency_us[1] <= 60_000_000,
+            "guest.latency_us must be [min, max] with max <= 60 s"
+        );
+        for (name, rate) in [
+            ("refuse_rate", g.refuse_rate),
+            ("duplicate_rate", g.duplicate_rate),
+            ("forged_rate", g.forged_rate),
+            ("stale_rate", g.stale_rate),
+            ("silent_rate", g.silent_rate),
+        ] {
+            ensure!((0.0..=1.0).contains(&rate), "guest.{name} must be in 0..=1");
+        }
+        ensure!(
+            (16..=262_144).contains(&g.pages),
+            "guest.pages must be 16..=262144 (1 GiB)"
+        );
+        let devices: u32 = self.devices.iter().map(|d| d.count).sum();
+        ensure!(
+            (1..=64).contains(&devices),
+            "1 to 64 devices in all, not {devices}"
+        );
+        for d in &self.devices {
+            ensure!(
+                (1..=4096).contains(&d.allocation),
+                "allocation must be 1..=4096"
+            );
+            ensure!(
+                (1..=16).contains(&d.streams.len()),
+                "1 to 16 streams per device"
+            );
+            for s in &d.streams {
+                ensure!(
+                    s.pasid.is_none_or(|p| p < 64),
+                    "stream pasid must be below 64"
+                );
+                ensure!(
+                    (1..=65_536).contains(&s.pages),
+                    "stream pages must be 1..=65536"
+                );
+                ensure!(
+                    (8..=65_536).contains(&s.access_len),
+                    "access_len must be 8..=65536"
+                );
+                ensure!(
+                    s.accesses <= 10_000_000,
+                    "at most 10,000,000 accesses per stream"
+                );
+                ensure!(
+                    s.interval_us <= 1_000_000,
+                    "interval_us must be at most 1 s"
+                );
+                ensure!(
+                    matches!(s.pattern.as_str(), "sequential" | "random" | "strided"),
+                    "pattern must be sequential, random or strided"
+                );
+            }
+        }
+        for c in &self.chaos {
+            if c.kind != "vmm_restart" {
+                bail!("unknown chaos kind {:?} (known: vmm_restart)", c.kind);
+            }
+            ensure!(
+                c.at_ms <= 3_600_000 && c.down_ms <= 600_000,
+                "chaos times out of range"
+            );
+        }
+        Ok(())
+    }
+
+    /// Devices in all.
+    pub fn device_count(&self) -> u32 {
+        self.devices.iter().map(|d| d.count).sum()
+    }
+
+    /// DMA accesses in all.
+    pub fn total_accesses(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|d| {
+                u64::from(d.count) * d.streams.iter().map(|s| u64::from(s.accesses)).sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// The host's configuration.
+    pub fn host_config(&self) -> HostConfig {
+        let mut workloads = Vec::new();
+        for d in &self.devices {
+            for _ in 0..d.count {
+                let index = workloads.len() as u64;
+                workloads.push(Workload {
+                    endpoint: EndpointConfig {
+                        allocation: d.allocation,
+                        ..EndpointConfig::default()
+                    },
+                    streams: d
+                        .streams
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| Stream {
+                            pasid: s.pasid.and_then(|p| iopf_abi::Pasid::new(p).ok()),
+                            // Each stream its own 1 GiB window of IOVA space.
+                            base: (i as u64 + 1) << 30,
+                            pages: s.pages,
+                            pattern: match s.pattern.as_str() {
+                                "random" => Pattern::Random,
+                                "strided" => Pattern::Strided { stride: s.stride },
+                                _ => Pattern::Sequential,
+                            },
+                            access_len: s.access_len,
+                            write: s.write,
+                            accesses: s.accesses,
+                            interval_ns: s.interval_us * 1000,
+                        })
+                        .collect(),
+                    seed: self.seed.wrapping_add(index),
+                });
+            }
+        }
+        HostConfig {
+            workloads,
+            ring_entries: self.ring_entries,
+            device: DeviceConfig {
+                response_timeout: Some(Duration::from_millis(self.response_timeout_ms)),
+                ..DeviceConfig::default()
+            },
+        }
+    }
+
+    /// The VMM's guest.
+    pub fn guest_setup(&self) -> GuestSetup {
+        let g = &self.guest;
+        GuestSetup {
+            guest: GuestConfig {
+                latency_ns: (g.latency_us[0] * 1000, g.latency_us[1] * 1000),
+                refuse_rate: g.refuse_rate,
+                duplicate_rate: g.duplicate_rate,
+                forged_rate: g.forged_rate,
+                stale_rate: g.stale_rate,
+                silent_rate: g.silent_rate,
+                ..GuestConfig::default()
+            },
+            pages: g.pages,
+            pasids: 64,
+            seed: self.seed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_scenario_parses() {
+        let s = Scenario::parse(DEFAULT).unwrap();
+        assert!(s.device_count() >= 1 && s.total_accesses() > 0);
+    }
+
+    #[test]
+    fn bad_scenarios_get_clear_errors() {
+        for (text, needle) in [
+            ("[[device]]\n", "missing field"),
+            (
+                "bogus = 1\n[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n",
+                "unknown field",
+            ),
+            (
+                "ring_entries = 100\n[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n",
+                "power of two",
+            ),
+            (
+                "[[device]]\ncount = 65\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n",
+                "64 devices",
+            ),
+            (
+                "[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\npattern='zigzag'\n",
+                "pattern",
+            ),
+            (
+                "[guest]\nrefuse_rate = 2.0\n[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n",
+                "refuse_rate",
+            ),
+            (
+                "[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n[[chaos]]\nat_ms=1\nkind='meteor'\n",
+                "unknown chaos",
+            ),
+        ] {
+            let e = format!("{:#}", Scenario::parse(text).unwrap_err());
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+    }
+}
