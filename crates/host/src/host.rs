@@ -101,6 +101,9 @@ impl Host {
         Self::start(config, UnixListener::bind(path)?)
     }
 
+    /// Accepts VMM connections until the host finishes. The accepting thread notices the end
+    /// at its next connection attempt; a process that embeds a `Host` and outlives it keeps
+    /// that one thread blocked in `accept` until then.
     fn accept_in_background(&self, listener: UnixListener, ring_entries: u32) {
         let (core, slots, served, connections, disconnects, stop) = (
             self.core.clone(),

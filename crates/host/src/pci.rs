@@ -205,10 +205,8 @@ impl VfioUserDevice for FaultPciDevice {
         match index {
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
-                let bytes = self
-                    .config
-                    .get(start..start + data.len())
-                    .ok_or(Errno::EINVAL)?;
+                let end = start.checked_add(data.len()).ok_or(Errno::EINVAL)?;
+                let bytes = self.config.get(start..end).ok_or(Errno::EINVAL)?;
                 data.copy_from_slice(bytes);
             }
             VFIO_PCI_BAR0_REGION_INDEX => {
