@@ -9,7 +9,7 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use hdrhistogram::Histogram;
 use iopf_host::{Host, HostReport};
-use iopf_vmm::{GuestSetup, attach};
+use iopf_vmm::{GuestSetup, attach, host_finished, reattach};
 use serde_json::json;
 
 use crate::scenario::Scenario;
@@ -145,43 +145,37 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut chaos: Vec<(u64, u64)> = scenario
         .chaos
         .iter()
+        .filter(|c| c.kind == "vmm_restart")
         .map(|c| (c.at_ms, c.down_ms))
         .collect();
     chaos.sort_unstable();
     let mut restart_at: Option<u64> = None;
     let mut restarts = 0;
-    let started = Instant::now();
-    let outcome = drive(
-        host,
-        scenario.total_accesses(),
-        !args.devices.json,
-        |elapsed| {
-            let ms = elapsed.as_millis() as u64;
-            if let Some(&(at, down)) = chaos.first()
-                && ms >= at
-            {
-                chaos.remove(0);
-                // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets close.
-                let _ = vmm.0.kill();
-                let _ = vmm.0.wait();
-                restart_at = Some(ms + down);
-            }
-            if let Some(at) = restart_at
-                && ms >= at
-            {
-                vmm = spawn_vmm(&socket, devices, file)?;
-                restart_at = None;
-                restarts += 1;
-            }
-            if restart_at.is_none()
-                && let Some(status) = vmm.0.try_wait()?
-            {
-                bail!("the VMM process exited before the run finished: {status}");
-            }
-            Ok(())
-        },
-    );
-    let _ = started;
+    let outcome = drive(host, &scenario, !args.devices.json, |elapsed| {
+        let ms = elapsed.as_millis() as u64;
+        if let Some(&(at, down)) = chaos.first()
+            && ms >= at
+        {
+            chaos.remove(0);
+            // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets close.
+            let _ = vmm.0.kill();
+            let _ = vmm.0.wait();
+            restart_at = Some(ms + down);
+        }
+        if let Some(at) = restart_at
+            && ms >= at
+        {
+            vmm = spawn_vmm(&socket, devices, file)?;
+            restart_at = None;
+            restarts += 1;
+        }
+        if restart_at.is_none()
+            && let Some(status) = vmm.0.try_wait()?
+        {
+            bail!("the VMM process exited before the run finished: {status}");
+        }
+        Ok(())
+    });
     let (report, elapsed, samples) = outcome?;
     let status = vmm.0.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -199,10 +193,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 pub fn host(args: HostArgs) -> anyhow::Result<()> {
     let scenario = args.devices.scenario()?;
     let host = Host::bind(scenario.host_config(), &args.socket).context("start the host")?;
-    let (report, elapsed, samples) =
-        drive(host, scenario.total_accesses(), !args.devices.json, |_| {
-            Ok(())
-        })?;
+    let (report, elapsed, samples) = drive(host, &scenario, !args.devices.json, |_| Ok(()))?;
     let _ = std::fs::remove_file(&args.socket);
     print_report(&(report, elapsed), args.devices.json, 0, None, &samples)
 }
@@ -211,11 +202,20 @@ pub fn host(args: HostArgs) -> anyhow::Result<()> {
 /// noticing a dead VMM).
 fn drive(
     host: Host,
-    total: u64,
+    scenario: &Scenario,
     bar: bool,
     mut tick: impl FnMut(Duration) -> anyhow::Result<()>,
 ) -> anyhow::Result<(HostReport, Duration, Samples)> {
     let started = Instant::now();
+    let total = scenario.total_accesses();
+    // The host's own chaos: unregister a device's handler, let its VMM attach again later.
+    let mut unregister: Vec<(u64, usize, u64)> = scenario
+        .chaos
+        .iter()
+        .filter(|c| c.kind == "unregister")
+        .map(|c| (c.at_ms, c.device as usize, c.down_ms))
+        .collect();
+    unregister.sort_unstable();
     let progress = bar.then(|| {
         let p = indicatif::ProgressBar::new(total);
         p.set_style(
@@ -235,6 +235,13 @@ fn drive(
         samples.push((started.elapsed().as_secs_f64(), answered));
         if let Some(p) = &progress {
             p.set_position(done);
+        }
+        let ms = started.elapsed().as_millis() as u64;
+        while let Some(&(at, device, down)) = unregister.first()
+            && ms >= at
+        {
+            unregister.remove(0);
+            host.unregister_for(device, Duration::from_millis(down));
         }
         tick(started.elapsed())?;
     }
@@ -393,16 +400,52 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attaches one device and serves it until the host unregisters it.
+/// Attaches one device and serves it until the host finishes. When the host unregisters the
+/// device's handler (`LIVE` cleared while the host runs on), the VMM lets the connection go and
+/// attaches again to the device's next handler life, keeping its guest memory, page tables and
+/// the answers it still owes (the host refuses those that answer the earlier life).
 fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<String> {
-    let mut attached = attach(socket, setup).context("attach a device")?;
-    while attached.device.live() {
-        attached.device.poll()?;
-        attached.device.wait(Duration::from_millis(20))?;
+    // The host may keep a device closed for a while (after an unregister): retry a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let attached = loop {
+        match attach(socket, setup) {
+            Ok(attached) => break attached,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e).context("attach a device"),
+        }
+    };
+    let (mut client, mut device) = (attached.client, attached.device);
+    let mut lives = 1;
+    loop {
+        while device.live() {
+            device.poll()?;
+            device.wait(Duration::from_millis(20))?;
+        }
+        if host_finished(&mut client).unwrap_or(true) {
+            break;
+        }
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        client = loop {
+            match reattach(socket, &mut device) {
+                Ok(client) => break client,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(e).context("attach again after an unregister"),
+            }
+        };
+        lives += 1;
     }
-    let s = attached.device.stats();
+    let s = device.stats();
     Ok(format!(
-        "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed",
-        attached.device_id, s.requests, s.groups, s.unrecoverable, s.responses, s.malformed
+        "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives",
+        device.device_id(),
+        s.requests,
+        s.groups,
+        s.unrecoverable,
+        s.responses,
+        s.malformed,
+        lives
     ))
 }

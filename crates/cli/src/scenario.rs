@@ -121,11 +121,15 @@ pub struct ChaosSection {
     /// When, from the start of the run.
     pub at_ms: u64,
     /// `vmm_restart`: the VMM process is killed with SIGKILL and a new one starts after
-    /// `down_ms`.
+    /// `down_ms`. `unregister`: the host unregisters device `device`'s handler, and lets its
+    /// VMM attach again (a new handler life) after `down_ms`.
     pub kind: String,
-    /// Time without a VMM.
+    /// Time without a VMM, or without a handler.
     #[serde(default)]
     pub down_ms: u64,
+    /// The device (index from 0), for `unregister`.
+    #[serde(default)]
+    pub device: u32,
 }
 
 fn one() -> u64 {
@@ -247,8 +251,14 @@ impl Scenario {
             }
         }
         for c in &self.chaos {
-            if c.kind != "vmm_restart" {
-                bail!("unknown chaos kind {:?} (known: vmm_restart)", c.kind);
+            match c.kind.as_str() {
+                "vmm_restart" => {}
+                "unregister" => ensure!(
+                    c.device < devices,
+                    "chaos device {} does not exist",
+                    c.device
+                ),
+                other => bail!("unknown chaos kind {other:?} (known: vmm_restart, unregister)"),
             }
             ensure!(
                 c.at_ms <= 3_600_000 && c.down_ms <= 600_000,

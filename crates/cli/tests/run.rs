@@ -231,3 +231,34 @@ fn a_bad_scenario_file_gets_a_clear_error() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The seed review's scenario across processes and vfio-user: the host unregisters a device's
+/// handler while the guest still owes answers, the VMM attaches again to the new handler life,
+/// and its late answers (through the new response queue) are refused by cookie.
+#[test]
+fn late_answers_from_an_earlier_handler_life_are_refused_across_processes() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scenarios/unregister.toml"
+    );
+    let out = iopf()
+        .args(["run", "--scenario", scenario, "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_clean(&r);
+    let core = &r["core"];
+    // Two devices, each unregistered once and attached again.
+    assert_eq!(core["registrations"], 4, "{r:#}");
+    let answered_at_unregister = core["responses"]["auto"]["unregister"].as_u64().unwrap();
+    let refused = core["refused"]["unknown_cookie"].as_u64().unwrap();
+    assert!(answered_at_unregister > 0, "{r:#}");
+    assert!(refused > 0 && refused <= answered_at_unregister, "{r:#}");
+    assert_eq!(core["refused"]["mismatch"], 0);
+}

@@ -100,6 +100,10 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
     fn set_live(&mut self, live: bool) {
         self.faults.set_live(live);
         self.responses.set_live(live);
+        if !live {
+            // Wake a sleeping VMM so it sees the handler go (best effort: it polls anyway).
+            let _ = self.faults.kick();
+        }
     }
 
     fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {

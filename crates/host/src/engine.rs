@@ -48,6 +48,10 @@ pub struct DeviceSlot {
     /// What the VMM provided.
     pub attachment: Mutex<Attachment>,
     inbox: Mutex<VecDeque<DeviceResponse>>,
+    /// After a host-side unregister, no VMM may attach before this time.
+    pub closed_until: Mutex<Option<Instant>>,
+    /// The host has finished: a VMM that sees `LIVE` cleared should leave, not reattach.
+    pub finished: std::sync::atomic::AtomicBool,
 }
 
 impl DeviceSlot {
@@ -57,6 +61,8 @@ impl DeviceSlot {
             id,
             attachment: Mutex::new(Attachment::default()),
             inbox: Mutex::new(VecDeque::new()),
+            closed_until: Mutex::new(None),
+            finished: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -151,7 +157,11 @@ pub fn run(
     let mut next_issue = vec![started; workload.streams.len()];
     let mut next_id = 0u64;
     let mut generation = u64::MAX;
-    let mut device: Option<(NestedIommu, GuestMemory)> = None;
+    // The walker of the current attachment, and the guest memory DMA writes with its shadow.
+    // The memory outlives a VMM's connection: if the VMM comes back with the same memfd (a new
+    // handler life), its shadow still holds what DMA wrote before.
+    let mut iommu: Option<NestedIommu> = None;
+    let mut guest: Option<GuestMemory> = None;
     let mut wake: Option<Doorbell> = None;
     let mut verdict = MemoryVerdict::default();
     let mut malformed = 0;
@@ -169,21 +179,28 @@ pub fn run(
             let attachment = slot.attachment();
             if attachment.generation != generation {
                 generation = attachment.generation;
-                if let Some((iommu, memory)) = device.take() {
-                    add_verdict(&mut verdict, &memory.verify());
-                    malformed += iommu.malformed;
-                }
                 wake = attachment.wake.as_ref().and_then(|d| d.try_clone().ok());
-                if let (Some(memory), Some(directory)) = (&attachment.memory, attachment.directory)
-                    && let (Some(walker), Some(target)) = (view(memory), view(memory))
-                {
-                    let mut iommu = NestedIommu::new(walker);
-                    iommu.set_directory(slot.id.0, directory);
-                    device = Some((iommu, GuestMemory::from_shared(target)));
+                if let Some(old) = iommu.take() {
+                    malformed += old.malformed;
+                }
+                if let Some(shared) = &attachment.memory {
+                    let same = guest.as_ref().is_some_and(|m| m.shared().same_file(shared));
+                    if !same {
+                        if let Some(old) = guest.take() {
+                            add_verdict(&mut verdict, &old.verify());
+                        }
+                        guest = view(shared).map(GuestMemory::from_shared);
+                    }
+                    if let (Some(directory), Some(walker)) = (attachment.directory, view(shared)) {
+                        let mut walk = NestedIommu::new(walker);
+                        walk.set_directory(slot.id.0, directory);
+                        iommu = Some(walk);
+                    }
                 }
             }
         }
-        let ready = device.is_some() && core.consumer_attached(slot.id).unwrap_or(false);
+        let ready =
+            iommu.is_some() && guest.is_some() && core.consumer_attached(slot.id).unwrap_or(false);
         let now = Instant::now();
         if ready {
             for (i, stream) in workload.streams.iter().enumerate() {
@@ -211,7 +228,7 @@ pub fn run(
         progress
             .groups_answered
             .fetch_add(responses.len() as u64, Relaxed);
-        if let Some((iommu, memory)) = device.as_mut().filter(|_| ready) {
+        if let (Some(iommu), Some(memory), true) = (iommu.as_mut(), guest.as_mut(), ready) {
             upstream.clear();
             endpoint.step(iommu, memory, &mut upstream);
             faults.clear();
@@ -283,9 +300,11 @@ pub fn run(
         }
         let _ = core.woke(slot.id);
     }
-    if let Some((iommu, memory)) = device.take() {
+    if let Some(memory) = guest.take() {
         add_verdict(&mut verdict, &memory.verify());
-        malformed += iommu.malformed;
+    }
+    if let Some(walk) = iommu.take() {
+        malformed += walk.malformed;
     }
     EngineReport {
         device: slot.id.0,

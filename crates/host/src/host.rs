@@ -121,7 +121,15 @@ impl Host {
                 let Ok(stream) = stream else { continue };
                 let free = {
                     let mut served = served.lock().unwrap_or_else(PoisonError::into_inner);
-                    let free = served.iter().position(|s| !s);
+                    let now = std::time::Instant::now();
+                    let open = |i: usize| {
+                        slots[i]
+                            .closed_until
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .is_none_or(|until| now >= until)
+                    };
+                    let free = (0..served.len()).find(|&i| !served[i] && open(i));
                     if let Some(i) = free {
                         served[i] = true;
                     }
@@ -166,6 +174,20 @@ impl Host {
         });
     }
 
+    /// Unregisters device `index`'s handler now (its pending groups are answered `Invalid`,
+    /// `LIVE` is cleared, so its VMM lets the connection go) and lets no VMM attach to it for
+    /// `down`; the next attach is a new handler life, with fresh regions.
+    pub fn unregister_for(&self, index: usize, down: std::time::Duration) {
+        let Some(slot) = self.slots.get(index) else {
+            return;
+        };
+        *slot
+            .closed_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now() + down);
+        self.core.unregister(slot.id);
+    }
+
     /// Progress of each device.
     pub fn progress(&self) -> &[Progress] {
         &self.progress
@@ -190,6 +212,7 @@ impl Host {
             .filter_map(|e| e.join().ok())
             .collect();
         for slot in &self.slots {
+            slot.finished.store(true, Ordering::Relaxed);
             self.core.unregister(slot.id);
         }
         self.stop.store(true, Ordering::Relaxed);

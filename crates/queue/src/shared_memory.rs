@@ -83,6 +83,14 @@ impl SharedMemory {
         self.mapping.words_at(0, self.words).unwrap_or(&[])
     }
 
+    /// Whether `other` maps the same file (the same memfd, through any fd).
+    pub fn same_file(&self, other: &SharedMemory) -> bool {
+        match (rustix::fs::fstat(&self.fd), rustix::fs::fstat(&other.fd)) {
+            (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+            _ => false,
+        }
+    }
+
     /// The memfd, to hand to another process.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

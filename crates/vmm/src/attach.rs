@@ -23,6 +23,7 @@ use crate::VmmDevice;
 const REG_DIRECTORY_BASE: u64 = 0x00;
 const REG_DIRECTORY_ENTRIES: u64 = 0x08;
 const REG_DEVICE_ID: u64 = 0x10;
+const REG_HOST_STATE: u64 = 0x18;
 
 /// Why a device could not be attached.
 #[derive(Debug, Error)]
@@ -77,21 +78,19 @@ fn region_fd(
         .ok_or(AttachError::Missing(what))
 }
 
-/// Connects to the host at `socket` and attaches one device.
-pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError> {
-    let mut client = Client::connect(socket)?;
-    client.device_info()?;
-    let mut id = [0u8; 4];
-    client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_DEVICE_ID, &mut id)?;
-    let device_id = u32::from_le_bytes(id);
-
+/// A device's queues, attached over `client`: regions found by type, the response doorbell
+/// from `GET_REGION_IO_FDS`, and the fault IRQ given its eventfd before the regions are
+/// attached (so the host can wake the VMM from the first fault on).
+fn attach_queues(
+    client: &mut Client,
+) -> Result<(FaultQueueConsumer, ResponseQueueProducer), AttachError> {
     let fault_fd = region_fd(
-        &mut client,
+        client,
         VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
         "DMA fault region",
     )?;
     let response_fd = region_fd(
-        &mut client,
+        client,
         VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE,
         "DMA fault response region",
     )?;
@@ -101,15 +100,19 @@ pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError>
         0 => None,
         _ => Some(Doorbell::from_fd(io_fds.fds.remove(0))?),
     };
-    // The fault IRQ first, so the host can wake us from the first fault on.
     let fault_doorbell = Doorbell::new()?;
     client.set_irqs(DMA_FAULT_IRQ_INDEX, &[fault_doorbell.as_fd()])?;
     let faults = FaultQueueConsumer::attach(fault_fd, fault_doorbell)?;
     let responses = ResponseQueueProducer::attach(response_fd, response_doorbell)?;
+    Ok((faults, responses))
+}
 
-    let mut memory = GuestMemory::new(setup.pages)?;
-    let tables =
-        GuestTables::new(&mut memory, 64).ok_or(AttachError::Missing("guest memory for tables"))?;
+/// Registers guest memory and the guest's PASID directory with the device.
+fn register_memory(
+    client: &mut Client,
+    memory: &GuestMemory,
+    tables: &GuestTables,
+) -> Result<(), AttachError> {
     client.dma_map(
         Some(memory.shared().fd()),
         0,
@@ -117,17 +120,6 @@ pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError>
         memory.shared().len(),
         DmaProt::READ | DmaProt::WRITE,
     )?;
-    let guest = Guest::new(setup.guest, Rng::new(setup.seed ^ u64::from(device_id)));
-    let device = VmmDevice::new(
-        device_id,
-        faults,
-        responses,
-        memory,
-        tables,
-        guest,
-        setup.pasids,
-    );
-    // The directory holds the address spaces now: tell the device where it is.
     let directory = tables.directory();
     client.region_write(
         VFIO_PCI_BAR0_REGION_INDEX,
@@ -139,9 +131,61 @@ pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError>
         REG_DIRECTORY_ENTRIES,
         &directory.entries.to_le_bytes(),
     )?;
+    Ok(())
+}
+
+fn device_id(client: &mut Client) -> Result<u32, AttachError> {
+    client.device_info()?;
+    let mut id = [0u8; 4];
+    client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_DEVICE_ID, &mut id)?;
+    Ok(u32::from_le_bytes(id))
+}
+
+/// Connects to the host at `socket` and attaches one device.
+pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError> {
+    let mut client = Client::connect(socket)?;
+    let device_id = device_id(&mut client)?;
+    let (faults, responses) = attach_queues(&mut client)?;
+    let mut memory = GuestMemory::new(setup.pages)?;
+    let tables =
+        GuestTables::new(&mut memory, 64).ok_or(AttachError::Missing("guest memory for tables"))?;
+    let guest = Guest::new(setup.guest, Rng::new(setup.seed ^ u64::from(device_id)));
+    // Creating the address spaces fills the directory before the device is told about it.
+    let device = VmmDevice::new(
+        device_id,
+        faults,
+        responses,
+        memory,
+        tables,
+        guest,
+        setup.pasids,
+    );
+    register_memory(&mut client, device.memory(), &device.tables())?;
     Ok(Attached {
         client,
         device,
         device_id,
     })
+}
+
+/// Attaches `device` again after the host unregistered its handler: a new connection, the new
+/// life's regions, the same guest memory and page tables. Fails if the host hands over another
+/// device (or none).
+pub fn reattach(socket: &Path, device: &mut VmmDevice) -> Result<Client, AttachError> {
+    let mut client = Client::connect(socket)?;
+    if device_id(&mut client)? != device.device_id() {
+        return Err(AttachError::Missing("the same device"));
+    }
+    let (faults, responses) = attach_queues(&mut client)?;
+    device.replace_queues(faults, responses);
+    register_memory(&mut client, device.memory(), &device.tables())?;
+    Ok(client)
+}
+
+/// Whether the host says it has finished (BAR0 host state bit 0): a VMM that sees `LIVE`
+/// cleared then leaves instead of attaching again.
+pub fn host_finished(client: &mut Client) -> Result<bool, AttachError> {
+    let mut state = [0u8; 4];
+    client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_HOST_STATE, &mut state)?;
+    Ok(u32::from_le_bytes(state) & 1 != 0)
 }

@@ -97,6 +97,29 @@ impl VmmDevice {
         &self.guest
     }
 
+    /// The host's number for the device.
+    pub fn device_id(&self) -> u32 {
+        self.device
+    }
+
+    /// Guest memory (to register it with the host again after a new attach).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The guest's page tables.
+    pub fn tables(&self) -> GuestTables {
+        self.tables
+    }
+
+    /// Takes the queues of a new handler life. Answers still due go to the new response queue:
+    /// the host refuses those that answer groups of the earlier life.
+    pub fn replace_queues(&mut self, faults: FaultQueueConsumer, responses: ResponseQueueProducer) {
+        self.faults = faults;
+        self.responses = responses;
+        self.partial.clear();
+    }
+
     /// Whether the host says a handler is registered.
     pub fn live(&self) -> bool {
         self.faults.live()

@@ -6,5 +6,5 @@
 mod attach;
 mod device;
 
-pub use attach::{AttachError, Attached, GuestSetup, attach};
+pub use attach::{AttachError, Attached, GuestSetup, attach, host_finished, reattach};
 pub use device::{VmmDevice, VmmError, VmmStats};
