@@ -37,6 +37,35 @@ pub const KVM_IOEVENTFD_FLAG_PIO: u32 = 1 << 1;
 
 const REGION_INFO_SIZE: usize = size_of::<RawRegionInfo>();
 
+/// The `argsz` handshake of a variable-size reply: the reply never exceeds the `asked` size
+/// the client offered; if the whole reply (`needed`) does not fit, the client must ask again
+/// (`Ok(false)`); otherwise the reply is exactly `needed` bytes (`Ok(true)`).
+fn variable_reply_complete(
+    command: Command,
+    payload_len: usize,
+    asked: u32,
+    needed: usize,
+) -> Result<bool, ProtocolError> {
+    if payload_len > asked as usize {
+        return Err(ProtocolError::PayloadSize {
+            command,
+            expected: asked as usize,
+            actual: payload_len,
+        });
+    }
+    if needed > asked as usize {
+        return Ok(false);
+    }
+    if payload_len != needed {
+        return Err(ProtocolError::PayloadSize {
+            command,
+            expected: needed,
+            actual: payload_len,
+        });
+    }
+    Ok(true)
+}
+
 bitflags! {
     /// `struct vfio_device_info` flags.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -348,22 +377,8 @@ impl RegionInfo {
                 why: "a reply's argsz is between 32 and the message size limit",
             });
         }
-        if payload.len() > argsz as usize {
-            return Err(ProtocolError::PayloadSize {
-                command,
-                expected: argsz as usize,
-                actual: payload.len(),
-            });
-        }
-        if needed > argsz as usize {
+        if !variable_reply_complete(command, payload.len(), argsz, needed)? {
             return Ok(RegionInfoReply::NeedsArgsz(raw.argsz));
-        }
-        if payload.len() != needed {
-            return Err(ProtocolError::PayloadSize {
-                command,
-                expected: needed,
-                actual: payload.len(),
-            });
         }
         let flags = RegionFlags::from_bits(raw.flags).ok_or(ProtocolError::Flags {
             command,
@@ -643,22 +658,8 @@ pub fn decode_io_fds_reply(
             why: "a reply's argsz is 16 + 40 * count",
         });
     }
-    if payload.len() > argsz as usize {
-        return Err(ProtocolError::PayloadSize {
-            command,
-            expected: argsz as usize,
-            actual: payload.len(),
-        });
-    }
-    if needed > argsz as usize {
+    if !variable_reply_complete(command, payload.len(), argsz, needed)? {
         return Ok(IoFdsReply::NeedsArgsz(head.argsz));
-    }
-    if payload.len() != needed {
-        return Err(ProtocolError::PayloadSize {
-            command,
-            expected: needed,
-            actual: payload.len(),
-        });
     }
     let mut sub_regions = Vec::with_capacity(head.count as usize);
     for _ in 0..head.count {
