@@ -90,6 +90,19 @@ fn report(mut host: Reaper) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// Runs an `iopf` command that prints a JSON report, and returns the report (failing with its
+/// output if it failed).
+fn run_json(command: &mut Command) -> serde_json::Value {
+    let out = command.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 fn assert_clean(r: &serde_json::Value) {
     assert_eq!(r["unanswered_groups"], 0, "{r:#}");
     assert_eq!(r["dma_bytes_mismatched"], 0, "{r:#}");
@@ -102,17 +115,7 @@ fn assert_clean(r: &serde_json::Value) {
 
 #[test]
 fn iopf_run_answers_every_group_and_verifies_every_dma_byte() {
-    let out = iopf()
-        .args(["run", "--devices", "2", "--accesses", "1000", "--json"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let r = run_json(iopf().args(["run", "--devices", "2", "--accesses", "1000", "--json"]));
     assert_clean(&r);
     assert!(r["groups"].as_u64().unwrap() > 0);
     assert_eq!(r["accesses"], 4000);
@@ -189,18 +192,11 @@ fn a_scenario_with_a_vmm_restart_loses_nothing_and_writes_an_html_report() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../scenarios/vmm-restart.toml"
     );
-    let out = iopf()
-        .args(["run", "--scenario", scenario, "--json", "--report"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = run_json(
+        iopf()
+            .args(["run", "--scenario", scenario, "--json", "--report"])
+            .arg(&dir),
     );
-    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_clean(&r);
     assert_eq!(r["vmm_restarts"], 1);
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
@@ -241,17 +237,7 @@ fn late_answers_from_an_earlier_handler_life_are_refused_across_processes() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../scenarios/unregister.toml"
     );
-    let out = iopf()
-        .args(["run", "--scenario", scenario, "--json"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let r = run_json(iopf().args(["run", "--scenario", scenario, "--json"]));
     assert_clean(&r);
     let core = &r["core"];
     // Two devices, each unregistered once and attached again.
