@@ -85,6 +85,19 @@ pub struct PageResponse {
     pub code: ResponseCode,
 }
 
+impl PageResponse {
+    /// The response to `request`'s group with `code`: its cookie, PASID and PRG index.
+    #[inline]
+    pub fn answering(request: &crate::PageRequest, code: ResponseCode) -> Self {
+        Self {
+            cookie: request.cookie,
+            pasid: request.pasid,
+            grpid: request.grpid,
+            code,
+        }
+    }
+}
+
 impl ResponseRecord {
     /// Validates the record against ABI v1 and returns the response it carries.
     #[inline]

@@ -361,12 +361,9 @@ pub(crate) fn vmm_peer(control: &Control, fds: Vec<OwnedFd>) -> Result<PeerStats
             continue;
         }
         faults.drain_faults(usize::MAX, |fault| match fault {
-            Ok(Fault::PageRequest(r)) if r.last => answers.push(PageResponse {
-                cookie: r.cookie,
-                pasid: r.pasid,
-                grpid: r.grpid,
-                code: ResponseCode::Success,
-            }),
+            Ok(Fault::PageRequest(r)) if r.last => {
+                answers.push(PageResponse::answering(&r, ResponseCode::Success))
+            }
             Ok(_) => {}
             Err(_) => malformed += 1,
         })?;

@@ -253,12 +253,7 @@ pub(crate) fn rtt_peer(
         let mut bad = None;
         faults.drain_faults(1, |fault| match fault {
             Ok(iopf_abi::Fault::PageRequest(r)) => {
-                answer = Some(PageResponse {
-                    cookie: r.cookie,
-                    pasid: r.pasid,
-                    grpid: r.grpid,
-                    code: ResponseCode::Success,
-                });
+                answer = Some(PageResponse::answering(&r, ResponseCode::Success));
             }
             other => bad = Some(format!("{other:?}")),
         })?;

@@ -150,12 +150,9 @@ impl Rig {
         let mut malformed = 0;
         let held = &mut vmm.held;
         vmm.faults.drain_faults(usize::MAX, |fault| match fault {
-            Ok(Fault::PageRequest(r)) if r.last => held.push_back(PageResponse {
-                cookie: r.cookie,
-                pasid: r.pasid,
-                grpid: r.grpid,
-                code: ResponseCode::Success,
-            }),
+            Ok(Fault::PageRequest(r)) if r.last => {
+                held.push_back(PageResponse::answering(&r, ResponseCode::Success))
+            }
             Ok(_) => {}
             Err(_) => malformed += 1,
         })?;

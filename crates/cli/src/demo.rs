@@ -353,12 +353,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
                     } else {
                         ResponseCode::Success
                     };
-                    answers.push(PageResponse {
-                        cookie: request.cookie,
-                        pasid: request.pasid,
-                        grpid: request.grpid,
-                        code,
-                    });
+                    answers.push(PageResponse::answering(&request, code));
                 }
             }
             Ok(Fault::Unrecoverable(_)) => stats.unrecoverable += 1,

@@ -78,12 +78,7 @@ impl Rig {
         self.faults
             .drain_faults(usize::MAX, |fault| {
                 if let Ok(Fault::PageRequest(r)) = fault {
-                    answers.push(PageResponse {
-                        cookie: r.cookie,
-                        pasid: r.pasid,
-                        grpid: r.grpid,
-                        code: ResponseCode::Success,
-                    });
+                    answers.push(PageResponse::answering(&r, ResponseCode::Success));
                 }
             })
             .unwrap();

@@ -205,14 +205,9 @@ impl World {
                         ResponseCode::Failure,
                     ][code as usize];
                     model.sent_cookies.insert(request.cookie.get());
-                    let _ = vmm
-                        .responses
-                        .stage_record(&ResponseRecord::from(&PageResponse {
-                            cookie: request.cookie,
-                            pasid: request.pasid,
-                            grpid: request.grpid,
-                            code,
-                        }));
+                    let _ = vmm.responses.stage_record(&ResponseRecord::from(
+                        &PageResponse::answering(&request, code),
+                    ));
                     let _ = vmm.responses.publish();
                 }
             }

@@ -234,12 +234,7 @@ fn one_pending() -> (
 }
 
 fn record(request: &iopf_abi::PageRequest, code: ResponseCode) -> ResponseRecord {
-    ResponseRecord::from(&PageResponse {
-        cookie: request.cookie,
-        pasid: request.pasid,
-        grpid: request.grpid,
-        code,
-    })
+    ResponseRecord::from(&PageResponse::answering(request, code))
 }
 
 /// Sends `bad`, checks it is refused with `expected` and leaves the group pending, then checks

@@ -138,16 +138,14 @@ impl Unit {
 
 /// The VMM's answer to a group: `Invalid` for every fifth cookie, `Success` otherwise.
 fn response_for(last_page: &PageRequest) -> PageResponse {
-    PageResponse {
-        cookie: last_page.cookie,
-        pasid: last_page.pasid,
-        grpid: last_page.grpid,
-        code: if last_page.cookie.get().is_multiple_of(5) {
+    PageResponse::answering(
+        last_page,
+        if last_page.cookie.get().is_multiple_of(5) {
             ResponseCode::Invalid
         } else {
             ResponseCode::Success
         },
-    }
+    )
 }
 
 /// Groups (responses owed) among records `1..=records`.

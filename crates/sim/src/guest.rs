@@ -178,12 +178,7 @@ impl Guest {
             self.counters.success += 1;
             ResponseCode::Success
         };
-        let record = ResponseRecord::from(&PageResponse {
-            cookie: last.cookie,
-            pasid: last.pasid,
-            grpid: last.grpid,
-            code,
-        });
+        let record = ResponseRecord::from(&PageResponse::answering(last, code));
         let (lo, hi) = self.config.latency_ns;
         let mut at = now + self.rng.between(lo, hi);
         if self.rng.chance(self.config.late_rate) {

@@ -73,12 +73,9 @@ impl Vmm {
 
     /// Answers `request`'s group with `code`.
     pub fn answer(&mut self, request: &PageRequest, code: ResponseCode) {
-        self.send_record(ResponseRecord::from(&PageResponse {
-            cookie: request.cookie,
-            pasid: request.pasid,
-            grpid: request.grpid,
-            code,
-        }));
+        self.send_record(ResponseRecord::from(&PageResponse::answering(
+            request, code,
+        )));
     }
 }
 
