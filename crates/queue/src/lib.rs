@@ -12,6 +12,10 @@
 //! | fault | [`FaultQueueProducer`] (host) | [`FaultQueueConsumer`] (VMM) |
 //! | response | [`ResponseQueueProducer`] (VMM) | [`ResponseQueueConsumer`] (host) |
 //!
+//! A VMM reads faults and sends responses through the [`FaultChannel`] trait, which these
+//! queues implement ([`SharedMemoryChannel`]) as does the kernel's iommufd fault queue
+//! (crate `iopf-iommufd`).
+//!
 //! Each side keeps its indices in private memory and validates every index it reads from the
 //! other side: a peer that writes garbage breaks its own queue ([`ProtocolError`]), and
 //! nothing else.
@@ -30,6 +34,8 @@ pub use ring::{ProtocolError, Published, PushError, RingConsumer, RingProducer};
 // The OS side (memfd, mmap, eventfd, SCM_RIGHTS) and the queues built on it: real memory and
 // real syscalls, which the loom model has no use for.
 #[cfg(not(loom))]
+mod channel;
+#[cfg(not(loom))]
 mod doorbell;
 #[cfg(not(loom))]
 mod endpoint;
@@ -46,6 +52,8 @@ mod response_queue;
 #[cfg(not(loom))]
 mod shared_memory;
 
+#[cfg(not(loom))]
+pub use channel::{ChannelError, ChannelFault, FaultChannel, SharedMemoryChannel};
 #[cfg(not(loom))]
 pub use doorbell::Doorbell;
 #[cfg(not(loom))]

@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use iopf_queue::{Doorbell, FaultQueueConsumer, ResponseQueueProducer};
+use iopf_queue::{Doorbell, FaultQueueConsumer, ResponseQueueProducer, SharedMemoryChannel};
 use iopf_sim::guest::{Guest, GuestConfig};
 use iopf_sim::memory::GuestMemory;
 use iopf_sim::nested::GuestTables;
@@ -81,9 +81,7 @@ fn region_fd(
 /// A device's queues, attached over `client`: regions found by type, the response doorbell
 /// from `GET_REGION_IO_FDS`, and the fault IRQ given its eventfd before the regions are
 /// attached (so the host can wake the VMM from the first fault on).
-fn attach_queues(
-    client: &mut Client,
-) -> Result<(FaultQueueConsumer, ResponseQueueProducer), AttachError> {
+fn attach_queues(client: &mut Client, device: u32) -> Result<SharedMemoryChannel, AttachError> {
     let fault_fd = region_fd(
         client,
         VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
@@ -104,7 +102,7 @@ fn attach_queues(
     client.set_irqs(DMA_FAULT_IRQ_INDEX, &[fault_doorbell.as_fd()])?;
     let faults = FaultQueueConsumer::attach(fault_fd, fault_doorbell)?;
     let responses = ResponseQueueProducer::attach(response_fd, response_doorbell)?;
-    Ok((faults, responses))
+    Ok(SharedMemoryChannel::new(device, faults, responses))
 }
 
 /// Registers guest memory and the guest's PASID directory with the device.
@@ -145,21 +143,13 @@ fn device_id(client: &mut Client) -> Result<u32, AttachError> {
 pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError> {
     let mut client = Client::connect(socket)?;
     let device_id = device_id(&mut client)?;
-    let (faults, responses) = attach_queues(&mut client)?;
+    let channel = attach_queues(&mut client, device_id)?;
     let mut memory = GuestMemory::new(setup.pages)?;
     let tables =
         GuestTables::new(&mut memory, 64).ok_or(AttachError::Missing("guest memory for tables"))?;
     let guest = Guest::new(setup.guest, Rng::new(setup.seed ^ u64::from(device_id)));
     // Creating the address spaces fills the directory before the device is told about it.
-    let device = VmmDevice::new(
-        device_id,
-        faults,
-        responses,
-        memory,
-        tables,
-        guest,
-        setup.pasids,
-    );
+    let device = VmmDevice::new(device_id, channel, memory, tables, guest, setup.pasids);
     register_memory(&mut client, device.memory(), &device.tables())?;
     Ok(Attached {
         client,
@@ -176,8 +166,8 @@ pub fn reattach(socket: &Path, device: &mut VmmDevice) -> Result<Client, AttachE
     if device_id(&mut client)? != device.device_id() {
         return Err(AttachError::Missing("the same device"));
     }
-    let (faults, responses) = attach_queues(&mut client)?;
-    device.replace_queues(faults, responses);
+    let channel = attach_queues(&mut client, device.device_id())?;
+    device.replace_channel(channel);
     register_memory(&mut client, device.memory(), &device.tables())?;
     Ok(client)
 }

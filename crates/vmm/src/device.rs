@@ -5,7 +5,7 @@ use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use iopf_abi::{Fault, PageRequest, Pasid, ResponseRecord};
-use iopf_queue::{FaultQueueConsumer, ProtocolError, QueueError, ResponseQueueProducer};
+use iopf_queue::{ChannelError, ChannelFault, FaultChannel, SharedMemoryChannel};
 use iopf_sim::guest::Guest;
 use iopf_sim::memory::GuestMemory;
 use iopf_sim::nested::GuestTables;
@@ -15,12 +15,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum VmmError {
-    /// The host broke a queue's protocol.
-    #[error("queue: {0}")]
-    Queue(#[from] QueueError),
-    /// The host broke a ring's indices.
-    #[error("ring: {0}")]
-    Ring(#[from] ProtocolError),
+    /// The fault channel failed (the host broke a queue, or the kernel's file failed).
+    #[error("fault channel: {0}")]
+    Channel(#[from] ChannelError),
 }
 
 /// What the VMM counts.
@@ -38,12 +35,14 @@ pub struct VmmStats {
     pub responses: u64,
 }
 
-/// A device's queues, guest memory, page tables and guest.
+/// A device's fault channel, guest memory, page tables and guest.
+///
+/// The channel is any [`FaultChannel`]: the shared-memory queues of an iopf host (the
+/// default) or the kernel's iommufd fault queue; the fault handling here is the same.
 #[derive(Debug)]
-pub struct VmmDevice {
+pub struct VmmDevice<C: FaultChannel = SharedMemoryChannel> {
     device: u32,
-    faults: FaultQueueConsumer,
-    responses: ResponseQueueProducer,
+    channel: C,
     memory: GuestMemory,
     tables: GuestTables,
     guest: Guest,
@@ -55,14 +54,13 @@ pub struct VmmDevice {
     stats: VmmStats,
 }
 
-impl VmmDevice {
-    /// Serves `device` with attached queues, guest memory (already registered with the host)
-    /// and page tables in it; creates the address spaces of requests without PASID and of
-    /// PASIDs `0..pasids`.
+impl<C: FaultChannel> VmmDevice<C> {
+    /// Serves `device` with its fault channel, guest memory (already registered with the
+    /// host) and page tables in it; creates the address spaces of requests without PASID and
+    /// of PASIDs `0..pasids`.
     pub fn new(
         device: u32,
-        faults: FaultQueueConsumer,
-        responses: ResponseQueueProducer,
+        channel: C,
         mut memory: GuestMemory,
         tables: GuestTables,
         guest: Guest,
@@ -74,8 +72,7 @@ impl VmmDevice {
         }
         Self {
             device,
-            faults,
-            responses,
+            channel,
             memory,
             tables,
             guest,
@@ -112,26 +109,32 @@ impl VmmDevice {
         self.tables
     }
 
-    /// Takes the queues of a new handler life. Answers still due go to the new response queue:
-    /// the host refuses those that answer groups of the earlier life.
-    pub fn replace_queues(&mut self, faults: FaultQueueConsumer, responses: ResponseQueueProducer) {
-        self.faults = faults;
-        self.responses = responses;
+    /// Takes the channel of a new handler life. Answers still due go to the new channel: the
+    /// host refuses those that answer groups of the earlier life.
+    pub fn replace_channel(&mut self, channel: C) {
+        self.channel = channel;
         self.partial.clear();
     }
 
-    /// Whether the host says a handler is registered.
+    /// The fault channel.
+    pub fn channel(&self) -> &C {
+        &self.channel
+    }
+
+    /// Whether the other side says faults may still come.
     pub fn live(&self) -> bool {
-        self.faults.live()
+        self.channel.live()
     }
 
     /// Reads every fault ready, hands whole groups to the guest, and sends the answers that are
     /// due. Returns the fault records read.
     pub fn poll(&mut self) -> Result<usize, VmmError> {
         let mut faults = Vec::new();
-        let read = self.faults.drain_faults(usize::MAX, |f| faults.push(f))?;
+        let read = self
+            .channel
+            .read(usize::MAX, &mut |f: ChannelFault| faults.push(f))?;
         let now_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        for fault in faults {
+        for ChannelFault { device, fault } in faults {
             match fault {
                 Ok(Fault::PageRequest(request)) => {
                     self.stats.requests += 1;
@@ -140,7 +143,7 @@ impl VmmDevice {
                         self.stats.groups += 1;
                         let group = std::mem::take(&mut self.partial);
                         for answer in self.guest.on_group(
-                            self.device,
+                            device,
                             &group,
                             0,
                             &mut self.tables,
@@ -164,22 +167,26 @@ impl VmmDevice {
 
     fn send_due(&mut self) -> Result<(), VmmError> {
         let now = Instant::now();
-        let mut staged = false;
-        while let Some(Reverse((at, _, bytes))) = self.due.peek().copied() {
-            if at > now {
+        let mut due = Vec::new();
+        while let Some(Reverse(entry)) = self.due.peek().copied() {
+            if entry.0 > now {
                 break;
             }
-            let record: ResponseRecord = zerocopy::transmute!(bytes);
-            if self.responses.stage_record(&record).is_err() {
-                // Ring full: publish what is staged and try again on the next poll.
-                break;
-            }
+            due.push(entry);
             self.due.pop();
-            self.stats.responses += 1;
-            staged = true;
         }
-        if staged {
-            self.responses.publish()?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<ResponseRecord> = due
+            .iter()
+            .map(|(_, _, bytes)| zerocopy::transmute!(*bytes))
+            .collect();
+        let taken = self.channel.respond(&records)?;
+        self.stats.responses += taken as u64;
+        // What did not fit goes back as it was, for the next poll.
+        for entry in &due[taken..] {
+            self.due.push(Reverse(*entry));
         }
         Ok(())
     }
@@ -192,7 +199,7 @@ impl VmmDevice {
             .map(|Reverse((at, _, _))| at.saturating_duration_since(Instant::now()));
         let timeout = until_due.map_or(timeout, |d| d.min(timeout));
         if !timeout.is_zero() {
-            self.faults.wait(Some(timeout))?;
+            self.channel.wait(Some(timeout))?;
         }
         Ok(())
     }

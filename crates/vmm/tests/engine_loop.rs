@@ -10,7 +10,7 @@ use iopf_core::{DeviceConfig, DeviceId, FaultCore, MonotonicClock, QueueHandler}
 use iopf_host::engine::{DeviceSlot, Progress, SlotSink, Workload, run};
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, ResponseQueueConsumer, ResponseQueueProducer,
-    SharedMemory,
+    SharedMemory, SharedMemoryChannel,
 };
 use iopf_sim::endpoint::EndpointConfig;
 use iopf_sim::guest::{Guest, GuestConfig};
@@ -47,7 +47,7 @@ fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
     let mut memory = GuestMemory::new(512).unwrap();
     let tables = GuestTables::new(&mut memory, 16).unwrap();
     let guest_fd = memory.shared().fd().try_clone_to_owned().unwrap();
-    let vmm = VmmDevice::new(
+    let channel = SharedMemoryChannel::new(
         1,
         FaultQueueConsumer::attach(fault_fd, fault_bell).unwrap(),
         ResponseQueueProducer::attach(
@@ -55,6 +55,10 @@ fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
             Some(Doorbell::from_fd(response_bell_fd).unwrap()),
         )
         .unwrap(),
+    );
+    let vmm = VmmDevice::new(
+        1,
+        channel,
         memory,
         tables,
         Guest::new(GuestConfig::default(), Rng::new(9)),
