@@ -49,6 +49,13 @@ pub enum DecodeError {
     /// A page request address that is not 4 KiB aligned.
     #[error("page request address {0:#x} is not 4 KiB aligned")]
     UnalignedPageAddress(u64),
+    /// A page request whose device, PASID or PRG index differ from those of the first request
+    /// of its group (a backend that delivers whole groups checks this).
+    #[error("page request does not belong to its group: {field} differs")]
+    InconsistentGroup {
+        /// The field that differs, as named in the ABI.
+        field: &'static str,
+    },
 }
 
 /// A queue region whose header or size is inconsistent with ABI v1.

@@ -1,0 +1,280 @@
+//! The kernel's iommufd self-test interface (`CONFIG_IOMMUFD_TEST`): a mock IOMMU and mock
+//! devices that raise page requests on demand. Defined here from Linux 6.12's
+//! `drivers/iommu/iommufd/iommufd_test.h` (no crate carries it), with layout tests.
+//!
+//! This is what lets the backend be proven against a real kernel without a PRI-capable device:
+//! the real-kernel check (crate `iopf-kernel-check`) builds the mock's nested setup and
+//! triggers faults with [`MockDevice::trigger_iopf`].
+
+use iommufd_bindings::iommufd::{
+    IOMMUFD_CMD_BASE, iommu_hwpt_alloc, iommu_ioas_alloc,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
+};
+use zerocopy::{Immutable, IntoBytes};
+
+use crate::Iommufd;
+use crate::error::KernelError;
+use crate::sys;
+
+/// `IOMMU_TEST_CMD` is `_IO(';', IOMMUFD_CMD_BASE + 32)`.
+pub(crate) const IOMMU_TEST_CMD_NR: u32 = IOMMUFD_CMD_BASE + 32;
+
+/// `IOMMU_TEST_OP_MOCK_DOMAIN`: a mock device attached to an IOAS.
+pub const IOMMU_TEST_OP_MOCK_DOMAIN: u32 = 2;
+/// `IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE`: attach the mock device to another page table.
+pub const IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE: u32 = 10;
+/// `IOMMU_TEST_OP_TRIGGER_IOPF`: the mock device raises a one-page page request group.
+pub const IOMMU_TEST_OP_TRIGGER_IOPF: u32 = 15;
+/// `IOMMU_HWPT_DATA_SELFTEST`: the data type of a mock nested page table.
+pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
+/// `IOMMU_TEST_IOTLB_DEFAULT`: the mock nested page table's initial IOTLB value.
+pub const IOMMU_TEST_IOTLB_DEFAULT: u32 = 0x0bad_beef;
+
+/// `struct iommu_test_cmd` (72 bytes): a header, a 48-byte union aligned to 8, and `last`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, IntoBytes, Immutable)]
+pub(crate) struct TestCmd {
+    pub size: u32,
+    pub op: u32,
+    pub id: u32,
+    pub reserved: u32,
+    /// The union; its largest member (`dirty`) is 48 bytes.
+    pub payload: [u64; 6],
+    pub last: u32,
+    pub tail_padding: u32,
+}
+
+const _: () = assert!(size_of::<TestCmd>() == 72);
+const _: () = assert!(std::mem::offset_of!(TestCmd, payload) == 16);
+const _: () = assert!(std::mem::offset_of!(TestCmd, last) == 64);
+
+impl TestCmd {
+    fn new(op: u32, id: u32) -> Self {
+        Self {
+            size: size_of::<Self>() as u32,
+            op,
+            id,
+            ..Self::default()
+        }
+    }
+
+    /// The union's 32-bit word `i` (native endian, as the kernel sees it).
+    fn word(&self, i: usize) -> u32 {
+        let bytes = self.payload.as_bytes();
+        u32::from_ne_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ])
+    }
+
+    fn set_words(&mut self, words: &[u32]) {
+        let mut bytes = [0u8; 48];
+        for (i, w) in words.iter().enumerate() {
+            bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+            self.payload[i] = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
+        }
+    }
+}
+
+/// What `IOMMU_TEST_OP_TRIGGER_IOPF` asks the mock device to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TriggerIopf {
+    /// PASID (0 is "no PASID": the record then has `PASID_VALID` clear).
+    pub pasid: u32,
+    /// The PRG index.
+    pub grpid: u32,
+    /// `IOMMU_PGFAULT_PERM_*` bits.
+    pub perm: u32,
+    /// The faulting address.
+    pub addr: u64,
+}
+
+/// A mock device of the self-test driver, attached to an IOAS, with the nested page tables the
+/// fault path needs: a nesting parent and a nested table that routes faults to a fault queue.
+#[derive(Debug)]
+pub struct MockDevice {
+    /// The self-test device object (target of replace and trigger).
+    pub stdev_id: u32,
+    /// The iommufd device object id: the `dev_id` of the fault records.
+    pub idev_id: u32,
+    /// The IOAS.
+    pub ioas_id: u32,
+    /// The page table the device was first attached to (the IOAS's automatic domain).
+    pub initial_hwpt_id: u32,
+    /// The nesting parent page table.
+    pub parent_hwpt_id: u32,
+}
+
+impl MockDevice {
+    /// Allocates an IOAS and attaches a new mock device to it, then a nesting parent page
+    /// table over the IOAS.
+    pub fn new(iommufd: &Iommufd) -> Result<Self, KernelError> {
+        let mut ioas = iommu_ioas_alloc {
+            size: size_of::<iommu_ioas_alloc>() as u32,
+            flags: 0,
+            out_ioas_id: 0,
+        };
+        iommufd
+            .ioctls()
+            .alloc_iommu_ioas(&mut ioas)
+            .map_err(|e| KernelError::Ioctl {
+                what: "IOMMU_IOAS_ALLOC",
+                source: crate::sys_error(e),
+            })?;
+        let mut cmd = TestCmd::new(IOMMU_TEST_OP_MOCK_DOMAIN, ioas.out_ioas_id);
+        sys::test_cmd(iommufd.ioctls(), &mut cmd).map_err(|source| KernelError::Ioctl {
+            what: "IOMMU_TEST_OP_MOCK_DOMAIN",
+            source,
+        })?;
+        let (stdev_id, initial_hwpt_id, idev_id) = (cmd.word(0), cmd.word(1), cmd.word(2));
+        let parent_hwpt_id = iommufd.alloc_hwpt_with(hwpt_alloc(
+            idev_id,
+            ioas.out_ioas_id,
+            iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
+            None,
+            None,
+        ))?;
+        Ok(Self {
+            stdev_id,
+            idev_id,
+            ioas_id: ioas.out_ioas_id,
+            initial_hwpt_id,
+            parent_hwpt_id,
+        })
+    }
+
+    /// A nested page table on the parent whose faults go to the fault queue `fault_id`.
+    pub fn alloc_fault_hwpt(&self, iommufd: &Iommufd, fault_id: u32) -> Result<u32, KernelError> {
+        let data = HwptSelftest {
+            iotlb: IOMMU_TEST_IOTLB_DEFAULT,
+        };
+        iommufd.alloc_hwpt_with(hwpt_alloc(
+            self.idev_id,
+            self.parent_hwpt_id,
+            iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
+            Some(fault_id),
+            Some(&data),
+        ))
+    }
+
+    /// Attaches the device to page table `hwpt_id` (`IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE`).
+    /// Leaving a fault-capable page table makes the kernel answer `INVALID` to every group of
+    /// the device still pending in its fault queue.
+    pub fn replace(&self, iommufd: &Iommufd, hwpt_id: u32) -> Result<(), KernelError> {
+        let mut cmd = TestCmd::new(IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, self.stdev_id);
+        cmd.set_words(&[hwpt_id]);
+        sys::test_cmd(iommufd.ioctls(), &mut cmd).map_err(|source| KernelError::Ioctl {
+            what: "IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE",
+            source,
+        })
+    }
+
+    /// Makes the mock device raise a page request (`IOMMU_TEST_OP_TRIGGER_IOPF`).
+    pub fn trigger_iopf(&self, iommufd: &Iommufd, fault: TriggerIopf) -> Result<(), KernelError> {
+        let mut cmd = TestCmd::new(IOMMU_TEST_OP_TRIGGER_IOPF, 0);
+        let addr = fault.addr;
+        cmd.set_words(&[
+            self.idev_id,
+            fault.pasid,
+            fault.grpid,
+            fault.perm,
+            addr as u32,
+            (addr >> 32) as u32,
+        ]);
+        sys::test_cmd(iommufd.ioctls(), &mut cmd).map_err(|source| KernelError::Ioctl {
+            what: "IOMMU_TEST_OP_TRIGGER_IOPF",
+            source,
+        })
+    }
+}
+
+/// The `IOMMU_HWPT_DATA_SELFTEST` payload of a mock nested page table
+/// (`struct iommu_hwpt_selftest`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, IntoBytes, Immutable)]
+pub(crate) struct HwptSelftest {
+    pub iotlb: u32,
+}
+
+/// Fills the parts of `iommu_hwpt_alloc` that depend on the page table's kind.
+pub(crate) fn hwpt_alloc(
+    dev_id: u32,
+    pt_id: u32,
+    flags: u32,
+    fault_id: Option<u32>,
+    data: Option<&HwptSelftest>,
+) -> iommu_hwpt_alloc {
+    let (data_type, data_len, data_uptr) = match data {
+        Some(d) => (
+            IOMMU_HWPT_DATA_SELFTEST,
+            size_of::<HwptSelftest>() as u32,
+            std::ptr::from_ref(d) as u64,
+        ),
+        None => (0, 0, 0),
+    };
+    iommu_hwpt_alloc {
+        size: size_of::<iommu_hwpt_alloc>() as u32,
+        flags,
+        dev_id,
+        pt_id,
+        out_hwpt_id: 0,
+        __reserved: 0,
+        data_type,
+        data_len,
+        data_uptr,
+        fault_id: fault_id.unwrap_or(0),
+        __reserved2: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout of `struct iommu_test_cmd` in Linux 6.12's `iommufd_test.h`: header at 0..16,
+    /// the union at 16 (8-aligned, because of its `__aligned_u64` members) and 48 bytes long
+    /// (`dirty`: u32 flags, then five u64), `last` at 64, total 72.
+    #[test]
+    fn test_cmd_matches_the_kernel_layout() {
+        assert_eq!(size_of::<TestCmd>(), 72);
+        assert_eq!(std::mem::offset_of!(TestCmd, size), 0);
+        assert_eq!(std::mem::offset_of!(TestCmd, op), 4);
+        assert_eq!(std::mem::offset_of!(TestCmd, id), 8);
+        assert_eq!(std::mem::offset_of!(TestCmd, payload), 16);
+        assert_eq!(std::mem::offset_of!(TestCmd, last), 64);
+        assert_eq!(align_of::<TestCmd>(), 8);
+        assert_eq!(IOMMU_TEST_CMD_NR, 0xa0);
+    }
+
+    /// `trigger_iopf` is `{u32 dev_id, pasid, grpid, perm; u64 addr}` at the union's start.
+    #[test]
+    fn trigger_iopf_payload_is_laid_out_as_the_kernel_reads_it() {
+        let mut cmd = TestCmd::new(IOMMU_TEST_OP_TRIGGER_IOPF, 0);
+        let addr: u64 = 0x1234_5678_9abc_d000;
+        cmd.set_words(&[7, 1, 2, 3, addr as u32, (addr >> 32) as u32]);
+        let bytes = cmd.as_bytes();
+        let at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap());
+        assert_eq!(at(0), 72);
+        assert_eq!(at(4), IOMMU_TEST_OP_TRIGGER_IOPF);
+        assert_eq!((at(16), at(20), at(24), at(28)), (7, 1, 2, 3));
+        assert_eq!(u64::from_ne_bytes(bytes[32..40].try_into().unwrap()), addr);
+        assert_eq!(cmd.word(4), addr as u32);
+    }
+
+    #[test]
+    fn hwpt_alloc_carries_the_fault_id_and_selftest_data() {
+        let data = HwptSelftest {
+            iotlb: IOMMU_TEST_IOTLB_DEFAULT,
+        };
+        let a = hwpt_alloc(3, 4, 4, Some(9), Some(&data));
+        assert_eq!(a.size, 48);
+        assert_eq!((a.dev_id, a.pt_id, a.flags, a.fault_id), (3, 4, 4, 9));
+        assert_eq!((a.data_type, a.data_len), (0xdead, 4));
+        assert_eq!(a.data_uptr, std::ptr::from_ref(&data) as u64);
+    }
+}
