@@ -6,11 +6,7 @@
 //! the real-kernel check (crate `iopf-kernel-check`) builds the mock's nested setup and
 //! triggers faults with [`MockDevice::trigger_iopf`].
 
-use iommufd_bindings::iommufd::{
-    IOMMUFD_CMD_BASE, iommu_hwpt_alloc, iommu_ioas_alloc,
-    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
-    iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
-};
+use iommufd_bindings::iommufd::IOMMUFD_CMD_BASE;
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::Iommufd;
@@ -114,35 +110,18 @@ impl MockDevice {
     /// Allocates an IOAS and attaches a new mock device to it, then a nesting parent page
     /// table over the IOAS.
     pub fn new(iommufd: &Iommufd) -> Result<Self, KernelError> {
-        let mut ioas = iommu_ioas_alloc {
-            size: size_of::<iommu_ioas_alloc>() as u32,
-            flags: 0,
-            out_ioas_id: 0,
-        };
-        iommufd
-            .ioctls()
-            .alloc_iommu_ioas(&mut ioas)
-            .map_err(|e| KernelError::Ioctl {
-                what: "IOMMU_IOAS_ALLOC",
-                source: crate::sys_error(e),
-            })?;
-        let mut cmd = TestCmd::new(IOMMU_TEST_OP_MOCK_DOMAIN, ioas.out_ioas_id);
+        let ioas_id = iommufd.alloc_ioas()?;
+        let mut cmd = TestCmd::new(IOMMU_TEST_OP_MOCK_DOMAIN, ioas_id);
         sys::test_cmd(iommufd.ioctls(), &mut cmd).map_err(|source| KernelError::Ioctl {
             what: "IOMMU_TEST_OP_MOCK_DOMAIN",
             source,
         })?;
         let (stdev_id, initial_hwpt_id, idev_id) = (cmd.word(0), cmd.word(1), cmd.word(2));
-        let parent_hwpt_id = iommufd.alloc_hwpt_with(hwpt_alloc(
-            idev_id,
-            ioas.out_ioas_id,
-            iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
-            None,
-            None,
-        ))?;
+        let parent_hwpt_id = iommufd.alloc_nest_parent_hwpt(idev_id, ioas_id)?;
         Ok(Self {
             stdev_id,
             idev_id,
-            ioas_id: ioas.out_ioas_id,
+            ioas_id,
             initial_hwpt_id,
             parent_hwpt_id,
         })
@@ -153,13 +132,13 @@ impl MockDevice {
         let data = HwptSelftest {
             iotlb: IOMMU_TEST_IOTLB_DEFAULT,
         };
-        iommufd.alloc_hwpt_with(hwpt_alloc(
+        iommufd.alloc_nested_hwpt_with_faults(
             self.idev_id,
             self.parent_hwpt_id,
-            iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
-            Some(fault_id),
-            Some(&data),
-        ))
+            fault_id,
+            IOMMU_HWPT_DATA_SELFTEST,
+            data.as_bytes(),
+        )
     }
 
     /// Attaches the device to page table `hwpt_id` (`IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE`).
@@ -201,37 +180,6 @@ pub(crate) struct HwptSelftest {
     pub iotlb: u32,
 }
 
-/// Fills the parts of `iommu_hwpt_alloc` that depend on the page table's kind.
-pub(crate) fn hwpt_alloc(
-    dev_id: u32,
-    pt_id: u32,
-    flags: u32,
-    fault_id: Option<u32>,
-    data: Option<&HwptSelftest>,
-) -> iommu_hwpt_alloc {
-    let (data_type, data_len, data_uptr) = match data {
-        Some(d) => (
-            IOMMU_HWPT_DATA_SELFTEST,
-            size_of::<HwptSelftest>() as u32,
-            std::ptr::from_ref(d) as u64,
-        ),
-        None => (0, 0, 0),
-    };
-    iommu_hwpt_alloc {
-        size: size_of::<iommu_hwpt_alloc>() as u32,
-        flags,
-        dev_id,
-        pt_id,
-        out_hwpt_id: 0,
-        __reserved: 0,
-        data_type,
-        data_len,
-        data_uptr,
-        fault_id: fault_id.unwrap_or(0),
-        __reserved2: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,17 +212,5 @@ mod tests {
         assert_eq!((at(16), at(20), at(24), at(28)), (7, 1, 2, 3));
         assert_eq!(u64::from_ne_bytes(bytes[32..40].try_into().unwrap()), addr);
         assert_eq!(cmd.word(4), addr as u32);
-    }
-
-    #[test]
-    fn hwpt_alloc_carries_the_fault_id_and_selftest_data() {
-        let data = HwptSelftest {
-            iotlb: IOMMU_TEST_IOTLB_DEFAULT,
-        };
-        let a = hwpt_alloc(3, 4, 4, Some(9), Some(&data));
-        assert_eq!(a.size, 48);
-        assert_eq!((a.dev_id, a.pt_id, a.flags, a.fault_id), (3, 4, 4, 9));
-        assert_eq!((a.data_type, a.data_len), (0xdead, 4));
-        assert_eq!(a.data_uptr, std::ptr::from_ref(&data) as u64);
     }
 }
