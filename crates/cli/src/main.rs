@@ -4,11 +4,13 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod hostile;
 mod inspect;
 mod report;
 mod run;
 mod scenario;
 mod sim;
+mod soak;
 
 /// Carry I/O page faults from an IOMMU to the VMM that owns the device, and the guest's page
 /// responses back.
@@ -45,6 +47,10 @@ enum Command {
     /// The peer process of `iopf bench` (started by it).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
+    /// A VMM that attaches one device and then misbehaves in one chosen way (the hostile-VMM
+    /// process suite, `tests/hostile_vmm.rs`).
+    #[command(hide = true)]
+    HostileVmm(hostile::HostileArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,5 +64,6 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(args) => sim::main(args),
         Command::Inspect(args) => inspect::main(args),
         Command::BenchPeer(args) => bench::peer(args),
+        Command::HostileVmm(args) => hostile::main(args),
     }
 }

@@ -12,7 +12,8 @@ use iopf_host::{Host, HostReport};
 use iopf_vmm::{GuestSetup, attach, host_finished, reattach};
 use serde_json::json;
 
-use crate::scenario::Scenario;
+use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
+use crate::soak::{SoakOptions, SoakSummary, parse_duration};
 
 /// Options shared by `run` and `host`: the scenario, and overrides of it.
 #[derive(Debug, Args, Clone)]
@@ -73,6 +74,17 @@ pub struct RunArgs {
     /// Write an HTML report (latency histogram, throughput over time) into this directory.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Soak: run the workload in rounds for this long (30s, 10m, 1h, ...) with chaos repeating,
+    /// and fail unless the memory and fd count of the host and the VMM stay flat.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Soak: period of the built-in chaos (a VMM kill and restart, an unregister of each
+    /// device) when the scenario has no [[chaos]]; default 5s.
+    #[arg(long, value_parser = parse_duration, requires = "duration")]
+    chaos_every: Option<Duration>,
+    /// Soak: sample memory and fds this often (default: 1s, less for short soaks).
+    #[arg(long, value_parser = parse_duration, requires = "duration")]
+    sample_every: Option<Duration>,
 }
 
 /// Options of `iopf host`.
@@ -103,7 +115,7 @@ pub struct VmmArgs {
 }
 
 /// Kills a child that is still running when dropped.
-struct Reaper(Child);
+pub(crate) struct Reaper(pub(crate) Child);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -114,7 +126,11 @@ impl Drop for Reaper {
     }
 }
 
-fn spawn_vmm(socket: &Path, devices: u32, scenario: Option<&Path>) -> anyhow::Result<Reaper> {
+pub(crate) fn spawn_vmm(
+    socket: &Path,
+    devices: u32,
+    scenario: Option<&Path>,
+) -> anyhow::Result<Reaper> {
     let mut command = Command::new(std::env::current_exe()?);
     command
         .args(["vmm", "--devices", &devices.to_string(), "--socket"])
@@ -133,8 +149,57 @@ fn spawn_vmm(socket: &Path, devices: u32, scenario: Option<&Path>) -> anyhow::Re
 /// Throughput samples: (seconds since start, groups answered so far).
 type Samples = Vec<(f64, u64)>;
 
+/// Throughput samples of a run of any length: past [`Throughput::MAX`] samples, every other one
+/// is dropped and the interval doubles, so a soak of hours keeps a few KiB.
+#[derive(Debug, Default)]
+pub(crate) struct Throughput {
+    samples: Samples,
+    stride: u64,
+    ticks: u64,
+}
+
+impl Throughput {
+    const MAX: usize = 4096;
+
+    /// Offers a sample; keeps one in `stride`.
+    pub(crate) fn push(&mut self, t: f64, answered: u64) {
+        if self.samples.is_empty() {
+            self.samples.push((0.0, 0));
+            self.stride = 1;
+        }
+        self.ticks += 1;
+        if !self.ticks.is_multiple_of(self.stride) {
+            return;
+        }
+        if self.samples.len() >= Self::MAX {
+            let kept: Samples = self.samples.iter().step_by(2).copied().collect();
+            self.samples = kept;
+            self.stride *= 2;
+        }
+        self.samples.push((t, answered));
+    }
+
+    pub(crate) fn samples(&self) -> &Samples {
+        &self.samples
+    }
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let scenario = args.devices.scenario()?;
+    if let Some(duration) = args.duration {
+        let options = SoakOptions {
+            duration,
+            chaos_every: args.chaos_every,
+            sample_every: args.sample_every,
+        };
+        return crate::soak::soak(
+            scenario,
+            args.devices.scenario.as_deref(),
+            options,
+            args.devices.json,
+            args.report.as_deref(),
+        );
+    }
     let devices = scenario.device_count();
     let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -142,25 +207,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let host = Host::bind(scenario.host_config(), &socket).context("start the host")?;
     let file = args.devices.scenario.as_deref();
     let mut vmm = spawn_vmm(&socket, devices, file)?;
-    let mut chaos: Vec<(u64, u64)> = scenario
-        .chaos
-        .iter()
-        .filter(|c| c.kind == "vmm_restart")
-        .map(|c| (c.at_ms, c.down_ms))
-        .collect();
-    chaos.sort_unstable();
+    let mut chaos =
+        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, ChaosEvent::VmmRestart { .. }));
     let mut restart_at: Option<u64> = None;
     let mut restarts = 0;
     let outcome = drive(host, &scenario, !args.devices.json, |elapsed| {
         let ms = elapsed.as_millis() as u64;
-        if let Some(&(at, down)) = chaos.first()
-            && ms >= at
-        {
-            chaos.remove(0);
-            // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets close.
-            let _ = vmm.0.kill();
-            let _ = vmm.0.wait();
-            restart_at = Some(ms + down);
+        for event in chaos.due(ms, false) {
+            if let (ChaosEvent::VmmRestart { down_ms }, None) = (event, restart_at) {
+                // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets
+                // close.
+                let _ = vmm.0.kill();
+                let _ = vmm.0.wait();
+                restart_at = Some(ms + down_ms);
+            }
         }
         if let Some(at) = restart_at
             && ms >= at
@@ -185,6 +245,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         restarts,
         args.report.as_deref(),
         &samples,
+        None,
     )?;
     ensure!(status.success(), "the VMM process failed: {status}");
     Ok(())
@@ -195,7 +256,14 @@ pub fn host(args: HostArgs) -> anyhow::Result<()> {
     let host = Host::bind(scenario.host_config(), &args.socket).context("start the host")?;
     let (report, elapsed, samples) = drive(host, &scenario, !args.devices.json, |_| Ok(()))?;
     let _ = std::fs::remove_file(&args.socket);
-    print_report(&(report, elapsed), args.devices.json, 0, None, &samples)
+    print_report(
+        &(report, elapsed),
+        args.devices.json,
+        0,
+        None,
+        &samples,
+        None,
+    )
 }
 
 /// Waits for the host to finish, with a progress bar; `tick` runs every 20 ms (chaos, and
@@ -209,13 +277,8 @@ fn drive(
     let started = Instant::now();
     let total = scenario.total_accesses();
     // The host's own chaos: unregister a device's handler, let its VMM attach again later.
-    let mut unregister: Vec<(u64, usize, u64)> = scenario
-        .chaos
-        .iter()
-        .filter(|c| c.kind == "unregister")
-        .map(|c| (c.at_ms, c.device as usize, c.down_ms))
-        .collect();
-    unregister.sort_unstable();
+    let mut unregister =
+        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, ChaosEvent::Unregister { .. }));
     let progress = bar.then(|| {
         let p = indicatif::ProgressBar::new(total);
         p.set_style(
@@ -224,7 +287,7 @@ fn drive(
         );
         p
     });
-    let mut samples = vec![(0.0, 0)];
+    let mut samples = Throughput::default();
     while !host.finished() {
         std::thread::sleep(Duration::from_millis(20));
         let load = |f: fn(&iopf_host::engine::Progress) -> u64| -> u64 {
@@ -232,16 +295,15 @@ fn drive(
         };
         let done = load(|p| p.accesses_done.load(std::sync::atomic::Ordering::Relaxed));
         let answered = load(|p| p.groups_answered.load(std::sync::atomic::Ordering::Relaxed));
-        samples.push((started.elapsed().as_secs_f64(), answered));
+        samples.push(started.elapsed().as_secs_f64(), answered);
         if let Some(p) = &progress {
             p.set_position(done);
         }
         let ms = started.elapsed().as_millis() as u64;
-        while let Some(&(at, device, down)) = unregister.first()
-            && ms >= at
-        {
-            unregister.remove(0);
-            host.unregister_for(device, Duration::from_millis(down));
+        for event in unregister.due(ms, false) {
+            if let ChaosEvent::Unregister { device, down_ms } = event {
+                host.unregister_for(device, Duration::from_millis(down_ms));
+            }
         }
         tick(started.elapsed())?;
     }
@@ -251,10 +313,12 @@ fn drive(
     let elapsed = started.elapsed();
     let report = host.finish();
     check(&report)?;
-    Ok((report, elapsed, samples))
+    Ok((report, elapsed, samples.samples))
 }
 
-fn check(report: &HostReport) -> anyhow::Result<()> {
+/// The run's invariants: every group answered exactly once (none left, none answered at a
+/// device that had nothing in flight), and guest memory holds what DMA wrote.
+pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     let c = &report.core;
     ensure!(
         c.groups == c.answered(),
@@ -276,12 +340,13 @@ fn check(report: &HostReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_report(
+pub(crate) fn print_report(
     (report, elapsed): &(HostReport, Duration),
     as_json: bool,
     restarts: u32,
     html: Option<&Path>,
     samples: &Samples,
+    soak: Option<&SoakSummary>,
 ) -> anyhow::Result<()> {
     let c = &report.core;
     let a = &c.responses.auto;
@@ -306,7 +371,7 @@ fn print_report(
         eprintln!("report: {}", path.display());
     }
     if as_json {
-        let value = json!({
+        let mut value = json!({
             "elapsed_s": secs,
             "accesses": accesses, "completed": completed, "failed": failed,
             "page_requests": c.page_requests, "unrecoverable": c.unrecoverable, "groups": c.groups,
@@ -316,8 +381,13 @@ fn print_report(
             "latency_us": { "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": latency.max() as f64 / 1000.0, "samples": latency.len() },
             "groups_per_s": c.groups as f64 / secs,
             "disconnects": report.disconnects,
+            // Per device: the fault core's counters and the endpoint's (crates/cli/tests/hostile_vmm.rs).
+            "devices": report.devices, "engines": report.engines,
             "vmm_restarts": restarts,
         });
+        if let Some(soak) = soak {
+            value["soak"] = soak.json();
+        }
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
@@ -372,6 +442,9 @@ fn print_report(
         c.groups as f64 / secs,
         c.page_requests as f64 / secs
     );
+    for line in soak.iter().flat_map(|s| s.lines()) {
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -130,6 +130,77 @@ pub struct ChaosSection {
     /// The device (index from 0), for `unregister`.
     #[serde(default)]
     pub device: u32,
+    /// Repeat the event every this many milliseconds after `at_ms` (0: once).
+    #[serde(default)]
+    pub every_ms: u64,
+}
+
+/// A chaos event that is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChaosEvent {
+    /// Kill the VMM; start a new one after this long.
+    VmmRestart { down_ms: u64 },
+    /// Unregister this device's handler; let its VMM attach again after this long.
+    Unregister { device: usize, down_ms: u64 },
+}
+
+/// The scenario's chaos events on a clock, repeating ones rescheduled as they fire.
+#[derive(Debug, Clone)]
+pub struct ChaosClock {
+    /// (next time, period or 0, event).
+    events: Vec<(u64, u64, ChaosEvent)>,
+}
+
+impl ChaosClock {
+    /// The events of `chaos` (all kinds).
+    pub fn new(chaos: &[ChaosSection]) -> Self {
+        let events = chaos
+            .iter()
+            .filter_map(|c| {
+                let event = match c.kind.as_str() {
+                    "vmm_restart" => ChaosEvent::VmmRestart { down_ms: c.down_ms },
+                    "unregister" => ChaosEvent::Unregister {
+                        device: c.device as usize,
+                        down_ms: c.down_ms,
+                    },
+                    _ => return None,
+                };
+                Some((c.at_ms, c.every_ms, event))
+            })
+            .collect();
+        Self { events }
+    }
+
+    /// Keeps only the events `keep` accepts.
+    pub fn only(mut self, keep: impl Fn(&ChaosEvent) -> bool) -> Self {
+        self.events.retain(|(_, _, e)| keep(e));
+        self
+    }
+
+    /// The events due at `ms`, in time order. While `paused`, nothing fires: a repeating
+    /// event skips the occurrences that fall in the pause, a one-off waits for its end.
+    pub fn due(&mut self, ms: u64, paused: bool) -> Vec<ChaosEvent> {
+        let mut fired = Vec::new();
+        for (next, every, event) in &mut self.events {
+            if *next > ms {
+                continue;
+            }
+            if *every == 0 {
+                if !paused {
+                    fired.push((*next, *event));
+                    *next = u64::MAX;
+                }
+                continue;
+            }
+            if !paused {
+                fired.push((*next, *event));
+            }
+            // The next occurrence after `ms` (a slow tick skips, it does not pile up).
+            *next += (ms - *next) / *every * *every + *every;
+        }
+        fired.sort_by_key(|(at, _)| *at);
+        fired.into_iter().map(|(_, e)| e).collect()
+    }
 }
 
 fn one() -> u64 {
@@ -264,8 +335,38 @@ impl Scenario {
                 c.at_ms <= 3_600_000 && c.down_ms <= 600_000,
                 "chaos times out of range"
             );
+            ensure!(
+                c.every_ms == 0
+                    || ((100..=3_600_000).contains(&c.every_ms) && c.down_ms < c.every_ms),
+                "chaos every_ms must be 0 (once) or 100..=3600000, and longer than down_ms"
+            );
         }
         Ok(())
+    }
+
+    /// The chaos of a soak when the scenario has none: every `period`, the VMM is killed and
+    /// restarted (after 50 ms); half a period later, and spread over the period's second
+    /// half, each device's handler is unregistered (for 30 ms) and its VMM attaches again.
+    pub fn soak_chaos(&self, period: Duration) -> Vec<ChaosSection> {
+        let every = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
+        let devices = u64::from(self.device_count());
+        let mut chaos = vec![ChaosSection {
+            at_ms: every,
+            kind: "vmm_restart".into(),
+            down_ms: 50.min(every / 4),
+            device: 0,
+            every_ms: every,
+        }];
+        for d in 0..devices {
+            chaos.push(ChaosSection {
+                at_ms: every / 2 + d * (every / 2) / devices,
+                kind: "unregister".into(),
+                down_ms: 30.min(every / 4),
+                device: d as u32,
+                every_ms: every,
+            });
+        }
+        chaos
     }
 
     /// Devices in all.
@@ -325,6 +426,7 @@ impl Scenario {
                 response_timeout: Some(Duration::from_millis(self.response_timeout_ms)),
                 ..DeviceConfig::default()
             },
+            repeat: false,
         }
     }
 
@@ -351,6 +453,60 @@ impl Scenario {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(at_ms: u64, every_ms: u64, kind: &str, device: u32) -> ChaosSection {
+        ChaosSection {
+            at_ms,
+            kind: kind.into(),
+            down_ms: 10,
+            device,
+            every_ms,
+        }
+    }
+
+    #[test]
+    fn chaos_repeats_skips_pauses_and_keeps_one_offs_for_after_them() {
+        let restart = ChaosEvent::VmmRestart { down_ms: 10 };
+        let unregister = ChaosEvent::Unregister {
+            device: 1,
+            down_ms: 10,
+        };
+        let mut clock = ChaosClock::new(&[
+            event(1000, 1000, "vmm_restart", 0),
+            event(1500, 0, "unregister", 1),
+        ]);
+        assert!(clock.due(999, false).is_empty());
+        assert_eq!(clock.due(1000, false), [restart]);
+        assert!(clock.due(1001, false).is_empty());
+        // Paused at 2000 and 3000: the restarts are skipped, the one-off waits.
+        assert!(clock.due(2000, true).is_empty());
+        assert!(clock.due(3000, true).is_empty());
+        assert_eq!(clock.due(3100, false), [unregister]);
+        // A slow tick does not pile occurrences up.
+        assert_eq!(clock.due(6500, false), [restart]);
+        assert_eq!(clock.due(7000, false), [restart]);
+        assert!(clock.due(7999, false).is_empty());
+        let only = ChaosClock::new(&[event(0, 0, "vmm_restart", 0), event(0, 0, "unregister", 0)])
+            .only(|e| matches!(e, ChaosEvent::Unregister { .. }));
+        assert_eq!(only.clone().due(0, false).len(), 1);
+    }
+
+    #[test]
+    fn the_soak_chaos_restarts_the_vmm_and_unregisters_every_device_each_period() {
+        let s = Scenario::parse(DEFAULT).unwrap();
+        let chaos = s.soak_chaos(Duration::from_secs(4));
+        assert_eq!(chaos.len(), 1 + s.device_count() as usize);
+        assert!(chaos.iter().all(|c| c.every_ms == 4000 && c.down_ms < 4000));
+        Scenario::check_again(Scenario { chaos, ..s }).unwrap();
+        let e = format!(
+            "{:#}",
+            Scenario::parse(
+                "[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n[[chaos]]\nat_ms=1\nkind='vmm_restart'\nevery_ms=50\n"
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("every_ms"), "{e}");
+    }
 
     #[test]
     fn the_default_scenario_parses() {

@@ -140,6 +140,13 @@ fn view(memory: &SharedMemory) -> Option<SharedMemory> {
     SharedMemory::attach(fd, memory.len()).ok()
 }
 
+/// In rounds ([`run_until`]), how far a stream may fall behind its rate before it forgets
+/// the accesses it owes.
+const ROUND_SLACK: Duration = Duration::from_millis(10);
+
+/// In rounds, the most accesses a device keeps queued or in flight.
+const ROUND_BACKLOG: u64 = 1024;
+
 /// Runs the device's workload to its end: every access completed or failed, nothing in flight.
 /// `stop` ends the run early.
 pub fn run(
@@ -148,6 +155,20 @@ pub fn run(
     workload: &Workload,
     progress: &Progress,
     stop: &std::sync::atomic::AtomicBool,
+) -> EngineReport {
+    run_until(core, slot, workload, progress, stop, None)
+}
+
+/// Like [`run`], but with `drain` the workload runs in rounds: each stream starts over (a new
+/// round, its random choices going on) when it has issued its accesses, until `drain` is set.
+/// Then the device issues nothing more, and the run ends once nothing is in flight.
+pub fn run_until(
+    core: &FaultCore,
+    slot: &DeviceSlot,
+    workload: &Workload,
+    progress: &Progress,
+    stop: &std::sync::atomic::AtomicBool,
+    drain: Option<&std::sync::atomic::AtomicBool>,
 ) -> EngineReport {
     use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
@@ -202,9 +223,29 @@ pub fn run(
         let ready =
             iommu.is_some() && guest.is_some() && core.consumer_attached(slot.id).unwrap_or(false);
         let now = Instant::now();
-        if ready {
+        let draining = drain.is_some_and(|d| d.load(Relaxed));
+        // In rounds, a device that cannot keep up with its streams' rates keeps a bounded
+        // backlog: it issues nothing more while this many accesses wait or are in flight.
+        let mut room = match drain {
+            Some(_) => ROUND_BACKLOG.saturating_sub(outstanding(&endpoint.counters())),
+            None => u64::MAX,
+        };
+        if ready && !draining {
             for (i, stream) in workload.streams.iter().enumerate() {
-                while issued[i] < stream.accesses && next_issue[i] <= now {
+                if drain.is_some() {
+                    if issued[i] >= stream.accesses {
+                        // Rounds: this stream starts over.
+                        issued[i] = 0;
+                    }
+                    // A device that runs for hours and cannot keep up with its stream's rate
+                    // (or waited for a VMM) forgets what it owes beyond a short slack, so
+                    // the queue of accesses stays bounded.
+                    if let Some(floor) = now.checked_sub(ROUND_SLACK) {
+                        next_issue[i] = next_issue[i].max(floor);
+                    }
+                }
+                while issued[i] < stream.accesses && next_issue[i] <= now && room > 0 {
+                    room -= 1;
                     next_id += 1;
                     endpoint.submit(stream.access(issued[i], next_id, &mut rng));
                     issued[i] += 1;
@@ -255,16 +296,16 @@ pub fn run(
             }
         }
         let c = endpoint.counters();
-        let failed = c.failed_invalid
-            + c.failed_no_pri
-            + c.failed_retries
-            + c.failed_too_large
-            + c.failed_halted;
-        progress.accesses_done.store(c.completed + failed, Relaxed);
-        let all_issued = issued
-            .iter()
-            .zip(&workload.streams)
-            .all(|(n, s)| *n >= s.accesses);
+        progress
+            .accesses_done
+            .store(c.accesses - outstanding(&c), Relaxed);
+        let all_issued = match drain {
+            Some(drain) => drain.load(Relaxed),
+            None => issued
+                .iter()
+                .zip(&workload.streams)
+                .all(|(n, s)| *n >= s.accesses),
+        };
         if all_issued && endpoint.idle() {
             break;
         }
@@ -282,7 +323,9 @@ pub fn run(
         let next = next_issue
             .iter()
             .zip(issued.iter().zip(&workload.streams))
-            .filter(|(_, (n, s))| **n < s.accesses)
+            .filter(|(_, (n, s))| {
+                !draining && s.accesses > 0 && (drain.is_some() || **n < s.accesses)
+            })
             .map(|(t, _)| *t)
             .min();
         let tick = Duration::from_millis(if ready { 2 } else { 10 });
@@ -314,6 +357,16 @@ pub fn run(
         latency,
         elapsed_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
     }
+}
+
+/// Accesses submitted and not ended yet (queued or waiting for a page response).
+fn outstanding(c: &EndpointCounters) -> u64 {
+    let failed = c.failed_invalid
+        + c.failed_no_pri
+        + c.failed_retries
+        + c.failed_too_large
+        + c.failed_halted;
+    c.accesses.saturating_sub(c.completed + failed)
 }
 
 fn add_verdict(total: &mut MemoryVerdict, v: &MemoryVerdict) {

@@ -5,7 +5,7 @@
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -24,10 +24,15 @@ pub struct HostConfig {
     pub ring_entries: u32,
     /// The fault core's limits and policies for each device.
     pub device: DeviceConfig,
+    /// Run the workloads in rounds until [`Host::drain`] (a soak), instead of once.
+    pub repeat: bool,
 }
 
 /// A VMM connection: a handle on its socket (to close it) and the thread serving it.
 type Connection = (UnixStream, JoinHandle<()>);
+
+/// How many VMM disconnects a report lists; past them, it counts.
+const MAX_DISCONNECTS_LISTED: usize = 1024;
 
 /// A running host.
 #[derive(Debug)]
@@ -37,9 +42,12 @@ pub struct Host {
     served: Arc<Mutex<Vec<bool>>>,
     progress: Arc<Vec<Progress>>,
     stop: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
     engines: Vec<JoinHandle<EngineReport>>,
     connections: Arc<Mutex<Vec<Connection>>>,
     disconnects: Arc<Mutex<Vec<String>>>,
+    /// Disconnects past [`MAX_DISCONNECTS_LISTED`].
+    unlisted: Arc<AtomicU64>,
 }
 
 /// What a host run did.
@@ -51,6 +59,18 @@ pub struct HostReport {
     pub core: DeviceCounters,
     /// How each VMM connection ended.
     pub disconnects: Vec<String>,
+    /// Each device's own fault core counters, in device order (so a run can show that one
+    /// device's VMM did not disturb another's).
+    pub devices: Vec<DeviceSummary>,
+}
+
+/// One device's fault core counters at the end of a run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct DeviceSummary {
+    /// The device.
+    pub device: u32,
+    /// Its counters.
+    pub core: DeviceCounters,
 }
 
 impl Host {
@@ -69,15 +89,23 @@ impl Host {
         let progress: Arc<Vec<Progress>> =
             Arc::new((0..slots.len()).map(|_| Progress::default()).collect());
         let stop = Arc::new(AtomicBool::new(false));
+        let drain = Arc::new(AtomicBool::new(false));
+        let repeat = config.repeat;
         let engines = slots
             .iter()
             .zip(config.workloads.iter().cloned())
             .enumerate()
             .map(|(index, (slot, workload))| {
-                let (core, slot, progress, stop) =
-                    (core.clone(), slot.clone(), progress.clone(), stop.clone());
+                let (core, slot, progress, stop, drain) = (
+                    core.clone(),
+                    slot.clone(),
+                    progress.clone(),
+                    stop.clone(),
+                    drain.clone(),
+                );
                 std::thread::spawn(move || {
-                    engine::run(&core, &slot, &workload, &progress[index], &stop)
+                    let drain = repeat.then_some(&*drain);
+                    engine::run_until(&core, &slot, &workload, &progress[index], &stop, drain)
                 })
             })
             .collect();
@@ -87,9 +115,11 @@ impl Host {
             served: Arc::new(Mutex::new(vec![false; config.workloads.len()])),
             progress,
             stop,
+            drain,
             engines,
             connections: Arc::new(Mutex::new(Vec::new())),
             disconnects: Arc::new(Mutex::new(Vec::new())),
+            unlisted: Arc::new(AtomicU64::new(0)),
         };
         host.accept_in_background(listener, config.ring_entries);
         Ok(host)
@@ -105,6 +135,7 @@ impl Host {
     /// at its next connection attempt; a process that embeds a `Host` and outlives it keeps
     /// that one thread blocked in `accept` until then.
     fn accept_in_background(&self, listener: UnixListener, ring_entries: u32) {
+        let unlisted = self.unlisted.clone();
         let (core, slots, served, connections, disconnects, stop) = (
             self.core.clone(),
             self.slots.clone(),
@@ -140,11 +171,12 @@ impl Host {
                 let Ok(control) = stream.try_clone() else {
                     continue;
                 };
-                let (core, slot, served, disconnects) = (
+                let (core, slot, served, disconnects, unlisted) = (
                     core.clone(),
                     slots[index].clone(),
                     served.clone(),
                     disconnects.clone(),
+                    unlisted.clone(),
                 );
                 let thread = std::thread::spawn(move || {
                     let reason = match FaultPciDevice::new(slot.clone(), core, ring_entries) {
@@ -160,16 +192,29 @@ impl Host {
                         }
                         Err(e) => format!("setup failed: {e}"),
                     };
-                    disconnects
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(format!("{}: {reason}", slot.id));
+                    {
+                        let mut list = disconnects.lock().unwrap_or_else(PoisonError::into_inner);
+                        // A host that serves VMM after VMM for days lists the first ones.
+                        if list.len() < MAX_DISCONNECTS_LISTED {
+                            list.push(format!("{}: {reason}", slot.id));
+                        } else {
+                            unlisted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     served.lock().unwrap_or_else(PoisonError::into_inner)[index] = false;
                 });
-                connections
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push((control, thread));
+                let mut connections = connections.lock().unwrap_or_else(PoisonError::into_inner);
+                // Forget the connections whose VMM has left: join their threads and close
+                // their sockets, so serving VMM after VMM costs no fd and no thread for good.
+                let (ended, open): (Vec<Connection>, Vec<Connection>) =
+                    std::mem::take(&mut *connections)
+                        .into_iter()
+                        .partition(|(_, thread)| thread.is_finished());
+                *connections = open;
+                for (_, thread) in ended {
+                    let _ = thread.join();
+                }
+                connections.push((control, thread));
             }
         });
     }
@@ -186,6 +231,27 @@ impl Host {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now() + down);
         self.core.unregister(slot.id);
+    }
+
+    /// Ends a soak ([`HostConfig::repeat`]): the devices issue no more accesses, and their
+    /// engines finish once nothing is in flight.
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether every device has a handler with an attached consumer (a VMM serving it).
+    pub fn all_attached(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|slot| self.core.consumer_attached(slot.id).unwrap_or(false))
+    }
+
+    /// Page request groups pending (sent to a VMM, not answered yet), all devices.
+    pub fn pending_groups(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|slot| self.core.pending_groups(slot.id).unwrap_or(0))
+            .sum()
     }
 
     /// Progress of each device.
@@ -231,15 +297,29 @@ impl Host {
             let _ = control.shutdown(std::net::Shutdown::Both);
             let _ = thread.join();
         }
+        let devices = self
+            .slots
+            .iter()
+            .map(|slot| DeviceSummary {
+                device: slot.id.0,
+                core: self.core.counters(slot.id).unwrap_or_default(),
+            })
+            .collect();
+        let mut disconnects = std::mem::take(
+            &mut *self
+                .disconnects
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let unlisted = self.unlisted.load(Ordering::Relaxed);
+        if unlisted > 0 {
+            disconnects.push(format!("and {unlisted} more disconnects"));
+        }
         HostReport {
             engines,
             core: self.core.total_counters(),
-            disconnects: std::mem::take(
-                &mut *self
-                    .disconnects
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            ),
+            devices,
+            disconnects,
         }
     }
 }

@@ -12,4 +12,4 @@ pub mod engine;
 pub mod host;
 pub mod pci;
 
-pub use host::{Host, HostConfig, HostReport};
+pub use host::{DeviceSummary, Host, HostConfig, HostReport};

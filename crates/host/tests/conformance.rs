@@ -35,6 +35,7 @@ fn rust_vmm_client_talks_to_the_iopf_host_device() {
         }],
         ring_entries: 64,
         device: iopf_core::DeviceConfig::default(),
+        repeat: false,
     };
     let host = Host::bind(config, &socket).unwrap();
     let fault_irq = Doorbell::new().unwrap();

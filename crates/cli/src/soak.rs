@@ -1,0 +1,740 @@
+//! `iopf run --duration D`: the soak. The host and a VMM run the scenario's workload in rounds
+//! for `D` with chaos repeating (VMM kill and restart, host-side unregister), while the resident
+//! memory and the open fds of the host (this process) and of the current VMM process are
+//! sampled at a fixed interval. The verdict: after a warm-up, neither grows.
+//!
+//! The timeline of a soak of length `D`:
+//!
+//! ```text
+//! | warm-up W | baseline window Q | soak (chaos)          | final window Q |
+//! 0           W                   W+Q                     D-Q              D  then drain
+//!   chaos        no chaos             chaos                  no chaos
+//! ```
+//!
+//! with `W = clamp(D/5, 1 s, 60 s)` and `Q = clamp(D/20, 1 s, 30 s)`. Chaos runs in the
+//! warm-up too, so every path (restart, unregister, reattach) has run at least once and every
+//! lazily grown structure has reached its size before the baseline is taken. Both windows are
+//! measured in the same conditions: no chaos, and a sample counts only while every device has
+//! an attached consumer and no VMM restart is under way ("steady"). Of a window's steady
+//! samples, each figure's minimum is kept (its floor): a transient (a connection being set up,
+//! a burst of faults after a restart) only ever adds to a figure, while a leak raises its floor
+//! for good. See [`judge`] for the rule and `docs/RELIABILITY.md` for why these numbers.
+
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use iopf_host::Host;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::run::{Throughput, check, print_report, spawn_vmm};
+use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
+
+/// Parses a duration such as `30s`, `10m`, `1h`, `1h30m` or `500ms`: one or more whole
+/// numbers, each followed by a unit (`ms`, `s`, `m`, `h`, `d`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let err = |why: &str| {
+        format!("invalid duration {text:?}: {why} (examples: 30s, 10m, 1h, 1h30m, 500ms)")
+    };
+    let mut total: u64 = 0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(err("empty"));
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(err("expected a number"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| err("number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let ms_per_unit: u64 = match rest[..unit_len].trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" | "min" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => return Err(err("missing unit")),
+            other => return Err(err(&format!("unknown unit {other:?}"))),
+        };
+        rest = &rest[unit_len..];
+        total = number
+            .checked_mul(ms_per_unit)
+            .and_then(|ms| total.checked_add(ms))
+            .ok_or_else(|| err("too long"))?;
+    }
+    if total == 0 {
+        return Err(err("must be longer than 0"));
+    }
+    Ok(Duration::from_millis(total))
+}
+
+/// The soak's options (from `iopf run`).
+#[derive(Debug, Clone, Copy)]
+pub struct SoakOptions {
+    /// How long the workload runs.
+    pub duration: Duration,
+    /// Period of the built-in chaos (when the scenario has none).
+    pub chaos_every: Option<Duration>,
+    /// Sampling interval.
+    pub sample_every: Option<Duration>,
+}
+
+/// Where in the soak a moment falls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Chaos, not measured.
+    WarmUp,
+    /// No chaos; the floors the end is compared with.
+    Baseline,
+    /// Chaos.
+    Soak,
+    /// No chaos; the floors compared with the baseline.
+    Final,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::WarmUp => "warm-up",
+            Phase::Baseline => "baseline",
+            Phase::Soak => "soak",
+            Phase::Final => "final",
+        }
+    }
+}
+
+/// The soak's timeline (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeline {
+    /// Warm-up length.
+    pub warmup: Duration,
+    /// Length of each measuring window.
+    pub window: Duration,
+    /// The whole soak.
+    pub duration: Duration,
+}
+
+impl Timeline {
+    /// The timeline of a soak of `duration` (at least 5 s).
+    pub fn new(duration: Duration) -> Self {
+        Self {
+            warmup: (duration / 5).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            window: (duration / 20).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            duration,
+        }
+    }
+
+    /// The phase at `t`.
+    pub fn phase(&self, t: Duration) -> Phase {
+        if t < self.warmup {
+            Phase::WarmUp
+        } else if t < self.warmup + self.window {
+            Phase::Baseline
+        } else if t + self.window < self.duration {
+            Phase::Soak
+        } else {
+            Phase::Final
+        }
+    }
+}
+
+/// One sample of a process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Sample {
+    /// `VmRSS`, KiB.
+    pub rss_kib: u64,
+    /// `RssAnon` (heap, stacks: where a leak of allocations lives), KiB.
+    pub rss_anon_kib: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+}
+
+impl Sample {
+    /// Reads `/proc/PID/status` and `/proc/PID/fd`.
+    pub fn of(pid: u32) -> std::io::Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        // Listing our own fds opens one more (the directory's); every sample counts it alike.
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+        Ok(Self {
+            rss_kib: field("VmRSS:"),
+            rss_anon_kib: field("RssAnon:"),
+            fds,
+        })
+    }
+
+    fn min(self, o: Self) -> Self {
+        Self {
+            rss_kib: self.rss_kib.min(o.rss_kib),
+            rss_anon_kib: self.rss_anon_kib.min(o.rss_anon_kib),
+            fds: self.fds.min(o.fds),
+        }
+    }
+
+    fn max(self, o: Self) -> Self {
+        Self {
+            rss_kib: self.rss_kib.max(o.rss_kib),
+            rss_anon_kib: self.rss_anon_kib.max(o.rss_anon_kib),
+            fds: self.fds.max(o.fds),
+        }
+    }
+}
+
+/// What is kept of one process's samples: a fixed size, however long the soak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Series {
+    /// Samples taken.
+    pub samples: u64,
+    /// The first.
+    pub first: Option<Sample>,
+    /// Each figure's floor over the baseline window's steady samples ("after warm-up").
+    pub after_warmup: Option<Sample>,
+    /// Each figure's maximum over all samples.
+    pub max: Option<Sample>,
+    /// Each figure's floor over the final window's steady samples.
+    pub end: Option<Sample>,
+    /// The last.
+    pub last: Option<Sample>,
+}
+
+impl Series {
+    /// Adds a sample taken in `phase`; `steady` when every device was attached and no restart
+    /// was under way.
+    pub fn add(&mut self, s: Sample, phase: Phase, steady: bool) {
+        self.samples += 1;
+        self.first.get_or_insert(s);
+        self.max = Some(self.max.map_or(s, |m| m.max(s)));
+        self.last = Some(s);
+        let floor = match (phase, steady) {
+            (Phase::Baseline, true) => &mut self.after_warmup,
+            (Phase::Final, true) => &mut self.end,
+            _ => return,
+        };
+        *floor = Some(floor.map_or(s, |f| f.min(s)));
+    }
+}
+
+/// Memory growth from the baseline floor to the final floor that the soak tolerates:
+/// 8 MiB, or 10 % of the baseline if that is more (KiB).
+pub fn memory_bound_kib(baseline_kib: u64) -> u64 {
+    (8 * 1024).max(baseline_kib / 10)
+}
+
+/// The flatness rule, for process `name`: both windows have a steady sample; the final fd
+/// floor is at most the baseline's (a leak of one fd per restart, per unregister or per
+/// connection raises it by at least one); and `RssAnon` and `VmRSS` grow by at most
+/// [`memory_bound_kib`] of their baseline. Returns the failures, empty when flat.
+pub fn judge(name: &str, series: &Series) -> Vec<String> {
+    let (Some(b), Some(e)) = (series.after_warmup, series.end) else {
+        return vec![format!(
+            "{name}: no steady sample in the {} window (were all devices ever attached at once?)",
+            if series.after_warmup.is_none() {
+                "baseline"
+            } else {
+                "final"
+            }
+        )];
+    };
+    let mut failures = Vec::new();
+    if e.fds > b.fds {
+        failures.push(format!(
+            "{name}: {} more open fds at the end than after warm-up ({} -> {})",
+            e.fds - b.fds,
+            b.fds,
+            e.fds
+        ));
+    }
+    for (what, before, after) in [
+        ("RssAnon", b.rss_anon_kib, e.rss_anon_kib),
+        ("VmRSS", b.rss_kib, e.rss_kib),
+    ] {
+        let bound = memory_bound_kib(before);
+        if after.saturating_sub(before) > bound {
+            failures.push(format!(
+                "{name}: {what} grew by {} KiB from warm-up to the end ({before} -> {after} KiB), more than the {bound} KiB allowed",
+                after - before
+            ));
+        }
+    }
+    failures
+}
+
+/// What the soak did and found.
+#[derive(Debug, Clone)]
+pub struct SoakSummary {
+    timeline: Timeline,
+    sample_every: Duration,
+    chaos_every: Option<Duration>,
+    restarts: u32,
+    unregisters: u32,
+    /// Chaos events between the two windows.
+    chaos_between: (u32, u32),
+    groups: u64,
+    groups_between: u64,
+    host: Series,
+    vmm: Series,
+    failures: Vec<String>,
+}
+
+impl SoakSummary {
+    /// Whether memory and fds stayed flat and the run's checks passed.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// The smallest leak per answered group the memory bound would catch.
+    fn detectable_bytes_per_group(&self) -> Option<u64> {
+        let bound = memory_bound_kib(self.host.after_warmup?.rss_anon_kib) * 1024;
+        (self.groups_between > 0).then(|| bound.div_ceil(self.groups_between))
+    }
+
+    /// The `soak` object of `--json`.
+    pub fn json(&self) -> serde_json::Value {
+        let t = &self.timeline;
+        json!({
+            "duration_s": t.duration.as_secs_f64(),
+            "warmup_s": t.warmup.as_secs_f64(),
+            "window_s": t.window.as_secs_f64(),
+            "sample_every_s": self.sample_every.as_secs_f64(),
+            "chaos_every_s": self.chaos_every.map(|d| d.as_secs_f64()),
+            "vmm_restarts": self.restarts,
+            "unregisters": self.unregisters,
+            "between_windows": {
+                "vmm_restarts": self.chaos_between.0,
+                "unregisters": self.chaos_between.1,
+                "groups": self.groups_between,
+            },
+            "groups": self.groups,
+            "host": self.host,
+            "vmm": self.vmm,
+            "criterion": {
+                "fds": "end floor <= after-warm-up floor",
+                "memory": "RssAnon and VmRSS: end floor - after-warm-up floor <= max(8 MiB, 10% of after-warm-up floor)",
+                "host_memory_bound_kib": self.host.after_warmup.map(|s| memory_bound_kib(s.rss_anon_kib)),
+                "detectable_leak_bytes_per_group": self.detectable_bytes_per_group(),
+            },
+            "verdict": if self.passed() { "pass" } else { "fail" },
+            "failures": self.failures,
+        })
+    }
+
+    /// The lines the text summary adds.
+    pub fn lines(&self) -> Vec<String> {
+        let t = &self.timeline;
+        let fmt = |s: Option<Sample>| {
+            s.map_or("-".into(), |s| {
+                format!(
+                    "{:>4} fds {:>7.1} MiB RSS {:>7.1} MiB anon",
+                    s.fds,
+                    s.rss_kib as f64 / 1024.0,
+                    s.rss_anon_kib as f64 / 1024.0
+                )
+            })
+        };
+        let mut lines = vec![format!(
+            "  soak              {:.0} s (warm-up {:.0} s, windows {:.0} s, a sample every {:.2} s): {} groups, {} VMM restarts, {} unregisters ({} and {} between the windows, {} groups)",
+            t.duration.as_secs_f64(),
+            t.warmup.as_secs_f64(),
+            t.window.as_secs_f64(),
+            self.sample_every.as_secs_f64(),
+            self.groups,
+            self.restarts,
+            self.unregisters,
+            self.chaos_between.0,
+            self.chaos_between.1,
+            self.groups_between,
+        )];
+        for (name, s) in [("host", &self.host), ("VMM", &self.vmm)] {
+            lines.push(format!("  {name:<4} first       {}", fmt(s.first)));
+            lines.push(format!("       after warm-up {}", fmt(s.after_warmup)));
+            lines.push(format!("       max         {}", fmt(s.max)));
+            lines.push(format!("       end         {}", fmt(s.end)));
+            lines.push(format!("       last        {}", fmt(s.last)));
+        }
+        if let Some(bytes) = self.detectable_bytes_per_group() {
+            lines.push(format!(
+                "  leak check        catches 1 fd per restart or unregister, and {bytes} bytes per group"
+            ));
+        }
+        lines.push(if self.passed() {
+            "  verdict           pass: memory and fds flat".to_string()
+        } else {
+            format!("  verdict           FAIL: {}", self.failures.join("; "))
+        });
+        lines
+    }
+}
+
+/// Runs the soak (`iopf run --duration`), prints the report, and fails if anything leaked.
+pub fn soak(
+    mut scenario: Scenario,
+    file: Option<&Path>,
+    options: SoakOptions,
+    as_json: bool,
+    html: Option<&Path>,
+) -> anyhow::Result<()> {
+    let d = options.duration;
+    ensure!(
+        d >= Duration::from_secs(5) && d <= Duration::from_secs(7 * 86_400),
+        "--duration must be 5s..=7d: a soak needs a warm-up, two measuring windows and chaos in between"
+    );
+    let timeline = Timeline::new(d);
+    let sample_every = options
+        .sample_every
+        .unwrap_or_else(|| (timeline.window / 5).min(Duration::from_secs(1)));
+    ensure!(
+        sample_every >= Duration::from_millis(20) && sample_every * 3 <= timeline.window,
+        "--sample-every must be at least 20ms and give 3 samples per measuring window ({:?})",
+        timeline.window
+    );
+    let chaos_every = if scenario.chaos.is_empty() {
+        let every = options.chaos_every.unwrap_or(Duration::from_secs(5));
+        ensure!(
+            every >= Duration::from_millis(200),
+            "--chaos-every must be at least 200ms"
+        );
+        scenario.chaos = scenario.soak_chaos(every);
+        Some(every)
+    } else {
+        ensure!(
+            options.chaos_every.is_none(),
+            "--chaos-every sets the built-in chaos, but the scenario has its own [[chaos]] (use every_ms there)"
+        );
+        None
+    };
+    let devices = scenario.device_count();
+    let dir = std::env::temp_dir().join(format!("iopf-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("host.sock");
+    let mut config = scenario.host_config();
+    config.repeat = true;
+    let host = Host::bind(config, &socket).context("start the host")?;
+    let mut vmm = spawn_vmm(&socket, devices, file)?;
+    let mut chaos = ChaosClock::new(&scenario.chaos);
+    let own_pid = std::process::id();
+
+    let progress = (!as_json).then(|| {
+        let p = indicatif::ProgressBar::new(d.as_secs().max(1));
+        p.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s soak {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        p
+    });
+    let answered = |host: &Host| -> u64 {
+        host.progress()
+            .iter()
+            .map(|p| p.groups_answered.load(Relaxed))
+            .sum()
+    };
+    let started = Instant::now();
+    let (mut host_series, mut vmm_series) = (Series::default(), Series::default());
+    let mut throughput = Throughput::default();
+    let (mut restarts, mut unregisters) = (0u32, 0u32);
+    let mut between = (0u32, 0u32);
+    let (mut groups_at_baseline, mut groups_at_final) = (None, None);
+    let mut restart_at: Option<u64> = None;
+    let mut next_sample = Duration::ZERO;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let t = started.elapsed();
+        if t >= d {
+            break;
+        }
+        let ms = t.as_millis() as u64;
+        let phase = timeline.phase(t);
+        let groups = answered(&host);
+        throughput.push(t.as_secs_f64(), groups);
+        if phase == Phase::Soak {
+            groups_at_baseline.get_or_insert(groups);
+        }
+        if phase == Phase::Final {
+            groups_at_final.get_or_insert(groups);
+        }
+        let quiet = matches!(phase, Phase::Baseline | Phase::Final);
+        for event in chaos.due(ms, quiet) {
+            match event {
+                ChaosEvent::VmmRestart { down_ms } => {
+                    if restart_at.is_none() {
+                        // SIGKILL: no goodbye; the host sees the VMM's sockets close.
+                        let _ = vmm.0.kill();
+                        let _ = vmm.0.wait();
+                        restart_at = Some(ms + down_ms);
+                    }
+                }
+                ChaosEvent::Unregister { device, down_ms } => {
+                    host.unregister_for(device, Duration::from_millis(down_ms));
+                    unregisters += 1;
+                    if phase == Phase::Soak {
+                        between.1 += 1;
+                    }
+                }
+            }
+        }
+        if let Some(at) = restart_at
+            && ms >= at
+        {
+            vmm = spawn_vmm(&socket, devices, file)?;
+            restart_at = None;
+            restarts += 1;
+            if phase == Phase::Soak {
+                between.0 += 1;
+            }
+        }
+        if restart_at.is_none()
+            && let Some(status) = vmm.0.try_wait()?
+        {
+            bail!("the VMM process exited during the soak: {status}");
+        }
+        if t >= next_sample {
+            next_sample += sample_every;
+            let steady = restart_at.is_none() && host.all_attached();
+            let own = Sample::of(own_pid).context("sample this process")?;
+            host_series.add(own, phase, steady);
+            if restart_at.is_none()
+                && let Ok(s) = Sample::of(vmm.0.id())
+            {
+                vmm_series.add(s, phase, steady);
+            }
+            if let Some(p) = &progress {
+                p.set_message(format!(
+                    "{}: {groups} groups, {restarts} VMM restarts, {unregisters} unregisters; host {} fds, {:.1} MiB",
+                    phase.name(),
+                    own.fds,
+                    own.rss_kib as f64 / 1024.0
+                ));
+            }
+        }
+        if let Some(p) = &progress {
+            p.set_position(t.as_secs());
+        }
+    }
+    // The end: no new accesses; the devices finish what is in flight.
+    host.drain();
+    let deadline = Instant::now()
+        + Duration::from_millis(scenario.response_timeout_ms)
+        + Duration::from_secs(30);
+    while !host.finished() {
+        ensure!(
+            Instant::now() < deadline,
+            "the devices did not finish their accesses in flight after the soak"
+        );
+        if let Some(status) = vmm.0.try_wait()? {
+            bail!("the VMM process exited while the devices drained: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(p) = &progress {
+        p.finish_and_clear();
+    }
+    let elapsed = started.elapsed();
+    let pending = host.pending_groups();
+    let report = host.finish();
+    check(&report)?;
+    ensure!(
+        pending == 0,
+        "{pending} groups still pending after the devices drained"
+    );
+    let status = vmm.0.wait()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(status.success(), "the VMM process failed: {status}");
+
+    let mut failures = judge("host", &host_series);
+    failures.extend(judge("VMM", &vmm_series));
+    if chaos_every.is_some() && between == (0, 0) {
+        failures
+            .push("no chaos event between the measuring windows: the check proves nothing".into());
+    }
+    let summary = SoakSummary {
+        timeline,
+        sample_every,
+        chaos_every,
+        restarts,
+        unregisters,
+        chaos_between: between,
+        groups: report.core.groups,
+        groups_between: groups_at_final
+            .zip(groups_at_baseline)
+            .map_or(0, |(f, b)| f - b),
+        host: host_series,
+        vmm: vmm_series,
+        failures,
+    };
+    print_report(
+        &(report, elapsed),
+        as_json,
+        restarts,
+        html,
+        throughput.samples(),
+        Some(&summary),
+    )?;
+    ensure!(
+        summary.passed(),
+        "soak failed: {}",
+        summary.failures.join("; ")
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024;
+
+    fn s(fds: u64, anon_mib: u64) -> Sample {
+        Sample {
+            rss_kib: 40 * MIB + anon_mib * MIB,
+            rss_anon_kib: anon_mib * MIB,
+            fds,
+        }
+    }
+
+    /// Feeds a soak's worth of synthetic samples, one per second for 600 s, with a restart
+    /// every 5 s: each restart adds a transient of 3 fds and 2 MiB for one sample, and
+    /// `leak(restarts so far)` adds (extra fds, extra KiB).
+    fn soak(leak: impl Fn(u64) -> (u64, u64)) -> Series {
+        let timeline = Timeline::new(Duration::from_secs(600));
+        let mut series = Series::default();
+        for t in 0..600u64 {
+            let phase = timeline.phase(Duration::from_secs(t));
+            let restarts = t / 5;
+            let transient = t % 5 == 0;
+            let (fds, kib) = leak(restarts);
+            let mut sample = s(20 + fds, 30);
+            sample.rss_anon_kib += kib;
+            sample.rss_kib += kib;
+            if transient {
+                sample.fds += 3;
+                sample.rss_anon_kib += 2 * MIB;
+            }
+            // A transient also shows in steady samples (a burst of faults after a restart).
+            series.add(sample, phase, t % 7 != 3);
+        }
+        series
+    }
+
+    #[test]
+    fn flat_samples_with_transients_pass() {
+        let series = soak(|_| (0, 0));
+        assert_eq!(judge("host", &series), Vec::<String>::new(), "{series:?}");
+        assert_eq!(series.max.unwrap().fds, 23);
+    }
+
+    #[test]
+    fn one_fd_per_restart_fails() {
+        let series = soak(|restarts| (restarts, 0));
+        let failures = judge("host", &series);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].contains("more open fds"), "{failures:?}");
+    }
+
+    #[test]
+    fn a_single_leaked_fd_fails() {
+        let series = soak(|restarts| (u64::from(restarts > 60), 0));
+        assert_eq!(judge("host", &series).len(), 1);
+    }
+
+    #[test]
+    fn a_few_hundred_bytes_per_group_fails() {
+        // 300 bytes per group at 500 groups/s (the real soak answers more), from t = 0.
+        let series = soak(|restarts| (0, restarts * 5 * 500 * 300 / 1024));
+        let failures = judge("host", &series);
+        assert!(
+            failures.iter().any(|f| f.contains("RssAnon grew")),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn growth_under_the_bound_passes_and_the_bound_scales() {
+        assert_eq!(memory_bound_kib(30 * MIB), 8 * MIB);
+        assert_eq!(memory_bound_kib(1000 * MIB), 100 * MIB);
+        // 4 MiB of allocator growth in all, reached early: tolerated.
+        let series = soak(|restarts| (0, restarts.min(8) * MIB / 2));
+        assert!(judge("host", &series).is_empty());
+    }
+
+    #[test]
+    fn no_steady_sample_in_a_window_fails() {
+        let timeline = Timeline::new(Duration::from_secs(600));
+        let mut series = Series::default();
+        for t in 0..600u64 {
+            let phase = timeline.phase(Duration::from_secs(t));
+            series.add(s(20, 30), phase, phase != Phase::Final);
+        }
+        let failures = judge("VMM", &series);
+        assert!(failures[0].contains("final window"), "{failures:?}");
+    }
+
+    #[test]
+    fn timeline_phases() {
+        let t = Timeline::new(Duration::from_secs(600));
+        assert_eq!(
+            (t.warmup, t.window),
+            (Duration::from_secs(60), Duration::from_secs(30))
+        );
+        let p = |s| t.phase(Duration::from_secs(s));
+        assert_eq!(
+            [p(0), p(59), p(60), p(89), p(90), p(569), p(570), p(599)],
+            [
+                Phase::WarmUp,
+                Phase::WarmUp,
+                Phase::Baseline,
+                Phase::Baseline,
+                Phase::Soak,
+                Phase::Soak,
+                Phase::Final,
+                Phase::Final
+            ]
+        );
+        let short = Timeline::new(Duration::from_secs(8));
+        assert_eq!(short.window, Duration::from_secs(1));
+        assert_eq!(short.warmup, Duration::from_millis(1600));
+    }
+
+    #[test]
+    fn durations_parse_like_humantime() {
+        let ok = |t: &str| parse_duration(t).unwrap();
+        assert_eq!(ok("30s"), Duration::from_secs(30));
+        assert_eq!(ok("10m"), Duration::from_secs(600));
+        assert_eq!(ok("1h"), Duration::from_secs(3600));
+        assert_eq!(ok("1h30m"), Duration::from_secs(5400));
+        assert_eq!(ok("250ms"), Duration::from_millis(250));
+        assert_eq!(ok("2d"), Duration::from_secs(172_800));
+        for (bad, why) in [
+            ("", "empty"),
+            ("10", "missing unit"),
+            ("10x", "unknown unit"),
+            ("m", "expected a number"),
+            ("0s", "longer than 0"),
+            ("99999999999999999999h", "too large"),
+            ("9999999999999999h", "too long"),
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains("examples"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_sample_reader_reads_this_process() {
+        let s = Sample::of(std::process::id()).unwrap();
+        assert!(s.fds >= 3 && s.rss_kib > 0 && s.rss_anon_kib > 0, "{s:?}");
+    }
+}
