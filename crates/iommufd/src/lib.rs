@@ -38,7 +38,7 @@ use iommufd_ioctls::IommuFd;
 
 pub use error::KernelError;
 pub use fault_file::{FAULT_RECORD_SIZE, FaultFile, KernelFault, KernelResponse, RESPONSE_SIZE};
-pub use queue::{KernelFaultQueue, KernelQueueStats, MAX_GROUP_RECORDS};
+pub use queue::{FaultFileOps, KernelFaultQueue, KernelQueueStats, MAX_GROUP_RECORDS};
 
 /// An open `/dev/iommu`.
 pub struct Iommufd {

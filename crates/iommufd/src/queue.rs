@@ -140,6 +140,12 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
         &self.file
     }
 
+    /// The file, mutably (diagnostics and models; reading or writing through it bypasses the
+    /// queue's cookie tracking).
+    pub fn file_mut(&mut self) -> &mut F {
+        &mut self.file
+    }
+
     /// Counters.
     pub fn stats(&self) -> KernelQueueStats {
         self.stats
