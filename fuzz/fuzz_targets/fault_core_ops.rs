@@ -1,7 +1,8 @@
-//! The fault core fed arbitrary sequences of report, respond, register, unregister, VMM loss and
-//! timeouts (structure-aware), with DESIGN.md §4's invariants checked after every step:
-//! every group answered exactly once, only for a group the device waits on; a guest response
-//! only with a cookie the VMM saw; nothing pending after unregister; the books balance.
+//! The fault core fed arbitrary sequences of report, respond, register, unregister, VMM loss,
+//! device reset and timeouts (structure-aware), with DESIGN.md §4's invariants checked after
+//! every step: every group answered exactly once, only for a group the device waits on; a guest
+//! response only with a cookie the VMM saw; nothing pending after unregister or reset; the books
+//! balance.
 #![no_main]
 
 use std::collections::HashSet;
@@ -63,6 +64,10 @@ enum Op {
     },
     Expire {
         millis: u16,
+    },
+    /// The VMM resets the device (`DEVICE_RESET`): the handler stays.
+    Reset {
+        dev: bool,
     },
 }
 
@@ -223,6 +228,15 @@ fuzz_target!(|ops: Vec<Op>| {
                 models[d].vmm = None;
                 models[d].open.clear(); // partial groups are discarded
                 assert_eq!(core.pending_groups(ids[d]).unwrap(), 0);
+            }
+            Op::Reset { dev } => {
+                let d = usize::from(dev);
+                let registered = core.is_registered(ids[d]).unwrap();
+                core.reset_device(ids[d]).unwrap();
+                models[d].open.clear(); // partial groups are discarded
+                assert_eq!(core.pending_groups(ids[d]).unwrap(), 0);
+                // Only a broken queue (which the VMM here cannot cause) would drop the handler.
+                assert_eq!(core.is_registered(ids[d]).unwrap(), registered);
             }
             Op::Expire { millis } => {
                 clock.advance(u64::from(millis) * 1_000_000);

@@ -406,7 +406,7 @@ pub(crate) fn print_report(
         c.responses.guest.success, c.responses.guest.invalid
     );
     println!(
-        "  host answered     {:>10} itself: {} queue full, {} not attached, {} no handler, {} VMM gone, {} unregister, {} timeout",
+        "  host answered     {:>10} itself: {} queue full, {} not attached, {} no handler, {} VMM gone, {} unregister, {} timeout, {} reset",
         c.answered()
             - c.responses.guest.success
             - c.responses.guest.invalid
@@ -416,7 +416,8 @@ pub(crate) fn print_report(
         a.no_handler,
         a.vmm_gone,
         a.unregister,
-        a.timeout
+        a.timeout,
+        a.reset
     );
     println!(
         "  refused           {:>10} (unknown or stale cookie {}, mismatch {}, malformed {})",

@@ -54,6 +54,8 @@ counters! {
         pub queue_broken: u64,
         /// Not answered within the device's response timeout.
         pub timeout: u64,
+        /// Pending when the VMM reset the device (`VFIO_USER_DEVICE_RESET`); the handler stayed.
+        pub reset: u64,
     }
 }
 
@@ -130,6 +132,7 @@ impl DeviceCounters {
             + a.vmm_gone
             + a.queue_broken
             + a.timeout
+            + a.reset
     }
 
     /// Responses refused, all reasons.

@@ -36,6 +36,10 @@ struct PartialGroup {
 /// for an unbounded time.
 const RESPONSE_BATCH: usize = 1024;
 
+/// Batches a reset reads before answering: a full ring of the largest size ABI v1 allows, so
+/// a reset takes bounded time even while the VMM keeps publishing.
+const RESET_DRAIN_BATCHES: usize = iopf_abi::MAX_ENTRIES as usize / RESPONSE_BATCH;
+
 #[derive(Debug)]
 pub(crate) struct DeviceState {
     id: DeviceId,
@@ -159,6 +163,41 @@ impl DeviceState {
         answered
     }
 
+    /// A function-level reset of the device as its VMM sees it. Responses the VMM published
+    /// before the reset are applied first (they were sent before it, so they count). Then every
+    /// group still pending is answered `Invalid` (`reset`), and partial groups are discarded
+    /// (a reset device forgets them; a `LAST_PAGE` request that comes later is handled as a
+    /// new group). The handler stays registered, with its queues and doorbells, and the cookie
+    /// counter goes on, so an answer to a group the reset answered is refused like any stale
+    /// one. Never fails, never waits on the VMM. Returns how many groups the reset answered
+    /// (if the drain found a broken queue, the handler was unregistered instead and its groups
+    /// answered `queue_broken`: 0 here).
+    pub(crate) fn reset(&mut self, now: Nanos, out: &mut Vec<DeviceResponse>) -> usize {
+        for _ in 0..RESET_DRAIN_BATCHES {
+            if self.process_responses(now, out) < RESPONSE_BATCH {
+                break;
+            }
+        }
+        let discarded: usize = self.partial.drain().map(|(_, p)| p.pages.len()).sum();
+        self.counters.partial_dropped += discarded as u64;
+        let groups = self.pending.take_all();
+        let answered = groups.len();
+        for group in groups {
+            self.count_auto(AutoReason::Reset);
+            out.push(DeviceResponse {
+                pasid: group.pasid,
+                grpid: group.grpid,
+                code: ResponseCode::Invalid,
+                cookie: Some(group.cookie),
+                source: ResponseSource::Auto(AutoReason::Reset),
+            });
+        }
+        if answered > 0 {
+            tracing::debug!(device = %self.id, answered, "device reset: pending groups answered Invalid");
+        }
+        answered
+    }
+
     fn count_auto(&mut self, reason: AutoReason) {
         let a = &mut self.counters.responses.auto;
         let counter = match reason {
@@ -171,6 +210,7 @@ impl DeviceState {
             AutoReason::VmmGone => &mut a.vmm_gone,
             AutoReason::QueueBroken => &mut a.queue_broken,
             AutoReason::Timeout => &mut a.timeout,
+            AutoReason::Reset => &mut a.reset,
         };
         *counter += 1;
     }

@@ -158,6 +158,17 @@ impl FaultCore {
         self.unregister_for(id, AutoReason::VmmGone).unwrap_or(0)
     }
 
+    /// A function-level reset of the device as its VMM sees it (`VFIO_USER_DEVICE_RESET`).
+    /// Responses already in the response queue are applied first; then every group still
+    /// pending is answered `Invalid` (`reset`) and partial groups are discarded. Unlike
+    /// [`unregister`](Self::unregister), the handler stays: its queues, their doorbells and
+    /// `LIVE` are untouched, and the cookie counter goes on, so the VMM's late answers to the
+    /// groups the reset answered are refused (`unknown_cookie`). Never waits on the VMM.
+    /// Returns how many groups the reset answered.
+    pub fn reset_device(&self, id: DeviceId) -> Result<usize, CoreError> {
+        self.with(id, |state, now, out| state.reset(now, out))
+    }
+
     fn unregister_for(&self, id: DeviceId, reason: AutoReason) -> Result<usize, CoreError> {
         self.with(id, |state, _, out| state.unregister(reason, out))
     }

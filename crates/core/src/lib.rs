@@ -5,7 +5,7 @@
 //! The guarantees, each tested in `tests/`:
 //! 1. every page request group gets exactly one response: from the guest, or from the host
 //!    (no handler, no consumer, queue full, too many pending, unregister, VMM gone, broken
-//!    queue, timeout);
+//!    queue, timeout, device reset);
 //! 2. a response reaches a device only if its cookie was issued for that device and is still
 //!    pending; cookies come from a per-device monotonic counter that survives unregister and
 //!    register, so a response from an earlier life never matches, even for a reused PRG index;

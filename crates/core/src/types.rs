@@ -82,6 +82,8 @@ pub enum AutoReason {
     QueueBroken,
     /// No response within the device's timeout.
     Timeout,
+    /// The VMM reset the device (a function-level reset); the handler stays registered.
+    Reset,
 }
 
 /// Who answered a group.

@@ -1,5 +1,5 @@
-//! Random interleavings of report, respond, unregister, register, VMM loss and timeouts, checked
-//! against invariants 1 to 4 of DESIGN.md §4 after every step.
+//! Random interleavings of report, respond, unregister, register, VMM loss, device reset and
+//! timeouts, checked against invariants 1 to 4 of DESIGN.md §4 after every step.
 
 mod common;
 
@@ -56,6 +56,10 @@ enum Op {
     VmmGone {
         dev: usize,
     },
+    /// The VMM resets the device: the handler stays, its pending groups are answered.
+    Reset {
+        dev: usize,
+    },
     Advance {
         millis: u64,
     },
@@ -73,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => dev.clone().prop_map(|dev| Op::Unregister { dev }),
         1 => (dev.clone(), 1u32..5).prop_map(|(dev, entries_log)| Op::Register { dev, entries_log }),
         1 => dev.clone().prop_map(|dev| Op::VmmGone { dev }),
+        1 => dev.clone().prop_map(|dev| Op::Reset { dev }),
         1 => (0u64..3000).prop_map(|millis| Op::Advance { millis }),
     ]
 }
@@ -252,6 +257,19 @@ impl World {
                 prop_assert!(
                     self.devices[dev].outstanding.is_empty(),
                     "groups left waiting after unregister"
+                );
+            }
+            Op::Reset { dev } => {
+                let registered = self.host.core.is_registered(self.ids[dev]).unwrap();
+                self.host.core.reset_device(self.ids[dev]).unwrap();
+                self.collect()?;
+                // Nothing is left pending, and the handler is where it was (unless the reset's
+                // read of the response queue found it broken, which the VMM here never does).
+                prop_assert_eq!(self.host.core.pending_groups(self.ids[dev]).unwrap(), 0);
+                prop_assert!(self.devices[dev].outstanding.is_empty());
+                prop_assert_eq!(
+                    self.host.core.is_registered(self.ids[dev]).unwrap(),
+                    registered
                 );
             }
             Op::Register { dev, entries_log } => {

@@ -719,6 +719,158 @@ fn vmm_gone_answers_pending_groups_and_is_counted_apart() {
     assert_eq!((c.responses.auto.vmm_gone, c.unregistrations), (1, 1));
 }
 
+/// A device reset (`VFIO_USER_DEVICE_RESET`) with groups pending. Catches: a reset that leaves
+/// a group unanswered or answers one twice, answers it under another reason, drops the handler
+/// (or its `LIVE`) like unregister does, keeps a partial group across the reset, lets the VMM's
+/// late answer complete a group the reset answered, or restarts the cookie counter.
+#[test]
+fn reset_answers_pending_groups_once_and_keeps_the_handler() {
+    let host = Host::new();
+    let dev = host.add_device(1, DeviceConfig::default());
+    let mut vmm = host.attach(dev, 16);
+    host.core
+        .report_batch(dev, &[single(1, 1), single(1, 2), single(2, 3)])
+        .unwrap();
+    // A group still being assembled: its LAST_PAGE request has not come.
+    host.core
+        .report(dev, &request(Some(1), 4, 0x400, false))
+        .unwrap();
+    let old = vmm.page_requests();
+    assert_eq!(old.len(), 3);
+    assert_eq!(host.sink.take(), vec![]);
+
+    assert_eq!(host.core.reset_device(dev).unwrap(), 3);
+    // Each pending group is answered Invalid once, in issue order, with its cookie.
+    assert_eq!(
+        host.sink.take(),
+        old.iter()
+            .map(|r| (
+                dev,
+                invalid(r.pasid, r.grpid, Some(r.cookie), AutoReason::Reset)
+            ))
+            .collect::<Vec<_>>()
+    );
+    let c = host.core.counters(dev).unwrap();
+    assert_eq!(c.responses.auto.reset, 3);
+    assert_eq!(c.answered(), 3);
+    assert_eq!(c.partial_dropped, 1, "the partial group is discarded");
+    assert_eq!((c.registrations, c.unregistrations), (1, 0));
+    assert_eq!(host.core.pending_groups(dev).unwrap(), 0);
+    // The handler lives on: registered, the VMM still attached, LIVE still set.
+    assert!(host.core.is_registered(dev).unwrap());
+    assert!(host.core.consumer_attached(dev).unwrap());
+    assert!(vmm.faults.live());
+
+    // The VMM answers the groups the reset answered: refused, nothing reaches the device.
+    for r in &old {
+        vmm.answer(r, ResponseCode::Success);
+    }
+    host.core.process_responses(dev).unwrap();
+    assert_eq!(host.sink.take(), vec![]);
+    let c = host.core.counters(dev).unwrap();
+    assert_eq!(
+        (c.refused.unknown_cookie, c.responses.guest.success),
+        (3, 0)
+    );
+    // The VMM sees the refusals in the same response queue's host page.
+    let rejected = vmm.responses.memory().host_page().snapshot().rejected.get();
+    assert_eq!(rejected, 3);
+
+    // The device reuses PRG index 1 at once: the group goes through the same queue with a
+    // newer cookie, and the VMM's answer to it completes it.
+    host.core.report(dev, &single(1, 1)).unwrap();
+    let new = vmm.page_requests();
+    assert_eq!(new.len(), 1);
+    assert!(old.iter().all(|r| new[0].cookie.get() > r.cookie.get()));
+    vmm.answer(&new[0], ResponseCode::Success);
+    host.core.process_responses(dev).unwrap();
+    assert_eq!(
+        host.sink.take(),
+        vec![(
+            dev,
+            DeviceResponse {
+                pasid: pasid(1),
+                grpid: grpid(1),
+                code: ResponseCode::Success,
+                cookie: Some(new[0].cookie),
+                source: ResponseSource::Guest,
+            }
+        )]
+    );
+    // The LAST_PAGE request of the discarded partial group comes after the reset: a group of
+    // its own, delivered whole (one page).
+    host.core
+        .report(dev, &request(Some(1), 4, 0x401, true))
+        .unwrap();
+    let late = vmm.page_requests();
+    assert_eq!(late.len(), 1);
+    assert!(late[0].last);
+    assert_eq!(host.core.pending_groups(dev).unwrap(), 1);
+}
+
+/// Answers the VMM published before it reset the device count: the reset reads the response
+/// queue before it answers. Catches a reset that answers `Invalid` a group whose guest answer
+/// was already in the queue (the device would get the wrong code, and the VMM's answer would
+/// then be refused).
+#[test]
+fn reset_applies_the_answers_published_before_it() {
+    let host = Host::new();
+    let dev = host.add_device(1, DeviceConfig::default());
+    let mut vmm = host.attach(dev, 16);
+    host.core
+        .report_batch(dev, &[single(1, 1), single(1, 2)])
+        .unwrap();
+    let requests = vmm.page_requests();
+    vmm.answer(&requests[0], ResponseCode::Success);
+    // The host has not read the response queue when the reset comes.
+    assert_eq!(host.core.reset_device(dev).unwrap(), 1);
+    assert_eq!(
+        host.sink.take(),
+        vec![
+            (
+                dev,
+                DeviceResponse {
+                    pasid: pasid(1),
+                    grpid: grpid(1),
+                    code: ResponseCode::Success,
+                    cookie: Some(requests[0].cookie),
+                    source: ResponseSource::Guest,
+                }
+            ),
+            (
+                dev,
+                invalid(
+                    pasid(1),
+                    grpid(2),
+                    Some(requests[1].cookie),
+                    AutoReason::Reset
+                )
+            ),
+        ]
+    );
+    let c = host.core.counters(dev).unwrap();
+    assert_eq!((c.responses.guest.success, c.responses.auto.reset), (1, 1));
+    assert_eq!(c.refused_total(), 0);
+}
+
+/// A reset of a device without a handler, or with nothing pending, answers nothing and
+/// registers nothing. Catches a reset that invents responses or a handler.
+#[test]
+fn reset_with_nothing_pending_answers_nothing() {
+    let host = Host::new();
+    let dev = host.add_device(1, DeviceConfig::default());
+    assert_eq!(host.core.reset_device(dev).unwrap(), 0);
+    assert!(!host.core.is_registered(dev).unwrap());
+    let _vmm = host.attach(dev, 16);
+    assert_eq!(host.core.reset_device(dev).unwrap(), 0);
+    assert_eq!(host.sink.take(), vec![]);
+    assert_eq!(host.core.counters(dev).unwrap().responses.auto.reset, 0);
+    assert!(matches!(
+        host.core.reset_device(iopf_core::DeviceId(99)),
+        Err(CoreError::UnknownDevice(_))
+    ));
+}
+
 #[test]
 fn cookies_are_never_zero_and_keep_increasing_across_lives() {
     let host = Host::new();

@@ -269,7 +269,10 @@ pub fn run_until(
         progress
             .groups_answered
             .fetch_add(responses.len() as u64, Relaxed);
-        if let (Some(iommu), Some(memory), true) = (iommu.as_mut(), guest.as_mut(), ready) {
+        // A device reset may have taken the directory away since the top of the loop, and its
+        // responses (just taken) freed credits: step only through the tables still current.
+        let current = ready && slot.attachment().generation == generation;
+        if let (Some(iommu), Some(memory), true) = (iommu.as_mut(), guest.as_mut(), current) {
             upstream.clear();
             endpoint.step(iommu, memory, &mut upstream);
             faults.clear();

@@ -152,7 +152,7 @@ fn le_u64(data: &[u8]) -> Option<u64> {
 impl VfioUserDevice for FaultPciDevice {
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
-            flags: DeviceFlags::PCI,
+            flags: DeviceFlags::PCI | DeviceFlags::RESET,
             num_regions: NUM_REGIONS,
             num_irqs: NUM_IRQS,
         }
@@ -321,6 +321,24 @@ impl VfioUserDevice for FaultPciDevice {
         let mut attachment = self.slot.attachment();
         attachment.memory = None;
         attachment.generation += 1;
+        Ok(())
+    }
+
+    /// A function-level reset as the VMM sees it (`docs/PROTOCOL.md` §4.6): the registers the
+    /// VMM wrote go back to 0, so the device issues no DMA until the VMM writes the directory
+    /// again; the fault core answers every pending group `Invalid` (`reset`). The handler, its
+    /// queues, the fault IRQ's eventfd and the DMA mapping stay.
+    fn reset(&mut self) -> Result<(), Errno> {
+        // The directory first. The engine looks at the attachment before every step, so once
+        // it has taken the responses below (which give the device its credits back), it no
+        // longer steps through the guest's tables: no new group reaches a VMM that reset the
+        // device until it writes the directory again.
+        self.directory_base = 0;
+        self.directory_entries = 0;
+        self.publish_directory();
+        self.core
+            .reset_device(self.slot.id)
+            .map_err(|_| Errno::EIO)?;
         Ok(())
     }
 }
