@@ -191,7 +191,11 @@ pub fn run_until(
     let mut sent_at: BTreeMap<u16, Instant> = BTreeMap::new();
     let mut upstream = Vec::new();
     let mut faults = Vec::new();
+    // Accesses ended (completed or failed) at the end of the previous iteration.
+    let mut ended_before = 0;
     loop {
+        // Whether the endpoint stopped for its budget with accesses it could still run.
+        let mut more = false;
         if stop.load(Relaxed) {
             break;
         }
@@ -274,7 +278,7 @@ pub fn run_until(
         let current = ready && slot.attachment().generation == generation;
         if let (Some(iommu), Some(memory), true) = (iommu.as_mut(), guest.as_mut(), current) {
             upstream.clear();
-            endpoint.step(iommu, memory, &mut upstream);
+            more = endpoint.step_some(iommu, memory, &mut upstream, STEP_BUDGET);
             faults.clear();
             for u in &upstream {
                 faults.push(match *u {
@@ -302,6 +306,13 @@ pub fn run_until(
         progress
             .accesses_done
             .store(c.accesses - outstanding(&c), Relaxed);
+        // Whether this iteration moved anything: a response taken, a fault sent, an access
+        // ended. A device behind its streams' schedule but stalled (every credit out, waiting
+        // for page responses) cannot move until a response comes: it must sleep on the
+        // response doorbell then, not spin, or it takes the CPU the VMM needs to answer.
+        let ended = c.accesses - outstanding(&c);
+        let moved = more || !responses.is_empty() || !upstream.is_empty() || ended != ended_before;
+        ended_before = ended;
         let all_issued = match drain {
             Some(drain) => drain.load(Relaxed),
             None => issued
@@ -332,9 +343,14 @@ pub fn run_until(
             .map(|(t, _)| *t)
             .min();
         let tick = Duration::from_millis(if ready { 2 } else { 10 });
-        let timeout = next.map_or(tick, |t| {
-            t.saturating_duration_since(Instant::now()).min(tick)
-        });
+        let timeout = match next {
+            // Queued accesses are runnable right now: no sleep.
+            _ if more => Duration::ZERO,
+            // Stalled: only a response (which rings the doorbell) or the tick can change that.
+            Some(_) if !moved => tick,
+            Some(t) => t.saturating_duration_since(Instant::now()).min(tick),
+            None => tick,
+        };
         if !timeout.is_zero() {
             match &wake {
                 Some(wake) if core.prepare_to_sleep(slot.id).unwrap_or(false) => {
@@ -361,6 +377,12 @@ pub fn run_until(
         elapsed_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
     }
 }
+
+/// Queued accesses the endpoint handles per turn of the engine's loop. A device with thousands
+/// of accesses queued (behind its schedule after a stall, or when its VMM attaches late) would
+/// otherwise do all their DMA, milliseconds of it, before it looks at the page responses that
+/// arrived meanwhile, and every group's measured latency would include that.
+const STEP_BUDGET: usize = 32;
 
 /// Accesses submitted and not ended yet (queued or waiting for a page response).
 fn outstanding(c: &EndpointCounters) -> u64 {

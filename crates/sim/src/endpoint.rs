@@ -274,7 +274,26 @@ impl Endpoint {
         memory: &mut GuestMemory,
         out: &mut Vec<Upstream>,
     ) {
+        self.step_some(iommu, memory, out, usize::MAX);
+    }
+
+    /// [`step`](Self::step), handling at most `budget` queued accesses (each one completed,
+    /// failed, or sent upstream as a page request group). Returns `true` if it stopped for the
+    /// budget with accesses still queued, so a caller that runs in real time can take page
+    /// responses between slices of DMA work instead of after all of it.
+    pub fn step_some(
+        &mut self,
+        iommu: &mut impl Translate,
+        memory: &mut GuestMemory,
+        out: &mut Vec<Upstream>,
+        budget: usize,
+    ) -> bool {
+        let mut handled = 0;
         while let Some(waiting) = self.queue.front().copied() {
+            if handled == budget {
+                return true;
+            }
+            handled += 1;
             let access = waiting.access;
             let perm = if access.write {
                 Perm::WRITE
@@ -324,11 +343,11 @@ impl Endpoint {
             }
             if self.outstanding + requests > self.config.allocation + self.config.credit_overrun {
                 self.counters.stalls += 1;
-                return;
+                return false;
             }
             let Some(prgi) = self.allocate_prgi() else {
                 self.counters.stalls += 1;
-                return;
+                return false;
             };
             self.queue.pop_front();
             for (i, (addr, _)) in missing.iter().enumerate() {
@@ -352,25 +371,41 @@ impl Endpoint {
             self.counters.page_requests += u64::from(requests);
             self.counters.groups += 1;
         }
+        false
     }
 
     fn dma(&mut self, access: &DmaAccess, pages: &[u64], memory: &mut GuestMemory) {
+        // Word by word, as before, but a page's run of words at once: one shadow lookup per
+        // page instead of per word.
         let first_page = access.iova / PAGE_SIZE;
-        for word in 0..u64::from(access.len / 8) {
+        let words = u64::from(access.len / 8);
+        let mut values = [0u64; (PAGE_SIZE / 8) as usize];
+        let mut word = 0;
+        while word < words {
             let iova = access.iova + word * 8;
+            let in_page = ((PAGE_SIZE - iova % PAGE_SIZE) / 8).min(words - word);
             let Some(gpa) = pages
                 .get((iova / PAGE_SIZE - first_page) as usize)
                 .map(|page| page + iova % PAGE_SIZE)
             else {
+                word += in_page;
                 continue;
             };
-            if access.write {
-                memory.dma_write(gpa, pattern_word(access.data_seed, iova / 8));
-                self.counters.bytes_written += 8;
+            let n = in_page as usize;
+            let done = if access.write {
+                for (i, v) in values[..n].iter_mut().enumerate() {
+                    *v = pattern_word(access.data_seed, iova / 8 + i as u64);
+                }
+                memory.dma_write_run(gpa, &values[..n])
             } else {
-                memory.dma_read(gpa);
-                self.counters.bytes_read += 8;
+                memory.dma_read_run(gpa, n)
+            };
+            if access.write {
+                self.counters.bytes_written += 8 * done as u64;
+            } else {
+                self.counters.bytes_read += 8 * done as u64;
             }
+            word += in_page;
         }
     }
 
