@@ -15,7 +15,7 @@ use iopf_abi::{Fault, PageAddr, PageResponse, Pasid, Perm, PrgIndex, ResponseCod
 use iopf_abi::{PageRequest, ResponseRecord, UnrecoverableFault};
 use iopf_core::{
     DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore,
-    FaultHandler, MonotonicClock, QueueHandler, ResponseSource, StageError,
+    FaultHandler, MonotonicClock, QueueHandler, ResponseSource, StageError, Wake,
 };
 use iopf_queue::{
     DEFAULT_SPIN, Doorbell, FaultQueueProducer, ProtocolError, QueueError, ResponseQueueConsumer,
@@ -98,7 +98,7 @@ impl FaultHandler for Counted {
     fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError> {
         self.inner.stage_unrecoverable(fault)
     }
-    fn publish(&mut self) -> Result<(), QueueError> {
+    fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
         let published = self.inner.publish();
         self.kicks
             .store(self.inner.faults.kicks(), Ordering::Relaxed);
@@ -116,6 +116,9 @@ impl FaultHandler for Counted {
     }
     fn set_live(&mut self, live: bool) {
         self.inner.set_live(live);
+    }
+    fn kick(&mut self) -> Option<Wake> {
+        self.inner.kick()
     }
     fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
         self.inner.prepare_to_sleep()

@@ -12,7 +12,7 @@ use iopf_queue::Staged;
 
 use crate::clock::Nanos;
 use crate::counters::DeviceCounters;
-use crate::handler::{FaultHandler, StageError};
+use crate::handler::{FaultHandler, StageError, Wake};
 use crate::pending::{PendingGroup, PendingTable};
 use crate::ratelimit::RateLimit;
 use crate::types::{
@@ -55,6 +55,8 @@ pub(crate) struct DeviceState {
     pub(crate) counters: DeviceCounters,
     log: RateLimit,
     scratch: Vec<ResponseRecord>,
+    /// Doorbells to ring once the device's lock is released ([`Wake`]).
+    pub(crate) wakes: Vec<Wake>,
 }
 
 fn auto(request: &DevicePageRequest, reason: AutoReason) -> DeviceResponse {
@@ -84,6 +86,7 @@ impl DeviceState {
             counters: DeviceCounters::default(),
             log: RateLimit::new(),
             scratch: Vec::new(),
+            wakes: Vec::new(),
         }
     }
 
@@ -137,9 +140,10 @@ impl DeviceState {
         let Some(mut handler) = self.handler.take() else {
             return 0;
         };
-        // Best effort: the consumer learns the handler is gone. Whatever it writes from now on
-        // goes to memory nobody reads.
+        // Best effort: the consumer learns the handler is gone (its doorbell rung after the
+        // lock is released). Whatever it writes from now on goes to memory nobody reads.
         handler.set_live(false);
+        self.wakes.extend(handler.kick());
         drop(handler);
         self.staged = false;
         self.counters.unregistrations += 1;
@@ -384,9 +388,12 @@ impl DeviceState {
         let Some(handler) = self.handler.as_mut() else {
             return;
         };
-        if let Err(e) = handler.publish() {
-            tracing::warn!(device = %self.id, error = %e, "cannot publish to the fault queue");
-            self.unregister(AutoReason::QueueBroken, out);
+        match handler.publish() {
+            Ok(wake) => self.wakes.extend(wake),
+            Err(e) => {
+                tracing::warn!(device = %self.id, error = %e, "cannot publish to the fault queue");
+                self.unregister(AutoReason::QueueBroken, out);
+            }
         }
     }
 

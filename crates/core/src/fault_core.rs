@@ -127,12 +127,19 @@ impl FaultCore {
     ) -> Result<R, CoreError> {
         let device = self.device(id)?;
         let mut out = Vec::new();
-        let result = {
+        let (result, wakes) = {
             let mut state = device.lock();
-            f(&mut state, self.clock.now(), &mut out)
+            let result = f(&mut state, self.clock.now(), &mut out);
+            (result, std::mem::take(&mut state.wakes))
         };
         for response in out {
             device.sink.page_response(id, response);
+        }
+        // Outside the lock: the consumer owns these eventfds (see `Wake`).
+        for wake in wakes {
+            if let Err(e) = wake.ring() {
+                tracing::warn!(device = %id, error = %e, "cannot ring the consumer's doorbell");
+            }
         }
         Ok(result)
     }

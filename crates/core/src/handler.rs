@@ -1,10 +1,11 @@
 //! Fault handlers: where the core sends a device's faults and finds its page responses.
 
 use std::fmt;
+use std::sync::Arc;
 
 use iopf_abi::{PageRequest, ResponseRecord, UnrecoverableFault};
 use iopf_queue::{
-    FaultQueueProducer, ProtocolError, PushError, QueueError, QueueMemory, QueueRegion,
+    Doorbell, FaultQueueProducer, ProtocolError, PushError, QueueError, QueueMemory, QueueRegion,
     ResponseQueueConsumer, Staged,
 };
 use thiserror::Error;
@@ -21,10 +22,20 @@ pub enum StageError {
     Broken(#[from] ProtocolError),
 }
 
+/// A doorbell of the consumer's that the core rings once the device's lock is released.
+///
+/// The consumer owns that eventfd: it can clear the `O_NONBLOCK` the host set on it and
+/// saturate its counter, and a write then blocks (`Doorbell::ring` avoids that but for a
+/// window of a few instructions). Ringing outside the lock means such a consumer can stall at
+/// most the thread that rings, never the device's lock, so unregister, reset and every other
+/// core call on the device still complete.
+pub type Wake = Arc<Doorbell>;
+
 /// A registered fault handler's view of its transport.
 ///
 /// The core calls it with the device's lock held, so it must not block on the consumer: a full
-/// queue is `StageError::Full`, never a wait.
+/// queue is `StageError::Full`, never a wait, and doorbells are handed back ([`Wake`]) for the
+/// core to ring after releasing the lock.
 pub trait FaultHandler: Send + fmt::Debug {
     /// Whether a consumer is attached and speaks ABI v1. Until then, page requests are
     /// answered `Invalid` at once and unrecoverable faults are dropped.
@@ -33,8 +44,9 @@ pub trait FaultHandler: Send + fmt::Debug {
     fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError>;
     /// Stages an unrecoverable fault, or drops and counts it when there is no room.
     fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError>;
-    /// Publishes what was staged and wakes the consumer if it sleeps.
-    fn publish(&mut self) -> Result<(), QueueError>;
+    /// Publishes what was staged; returns the consumer's doorbell if it sleeps, for the core
+    /// to ring after releasing the device's lock.
+    fn publish(&mut self) -> Result<Option<Wake>, QueueError>;
     /// Moves up to `max` response records out of the response queue into `out`.
     fn drain_responses(
         &mut self,
@@ -45,6 +57,9 @@ pub trait FaultHandler: Send + fmt::Debug {
     fn count_rejected(&mut self, n: u64);
     /// Tells the consumer whether the handler is registered (`LIVE`).
     fn set_live(&mut self, live: bool);
+    /// The consumer's doorbell, to ring whether or not it sleeps (so that it sees `LIVE`
+    /// change), after the device's lock is released.
+    fn kick(&mut self) -> Option<Wake>;
     /// Asks the VMM to ring the response doorbell for its next response (`NEED_WAKEUP`).
     /// Returns `false` if responses are already waiting (the request is withdrawn).
     fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError>;
@@ -81,8 +96,8 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
         self.faults.stage_unrecoverable(fault)
     }
 
-    fn publish(&mut self) -> Result<(), QueueError> {
-        self.faults.publish().map(|_| ())
+    fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
+        Ok(self.faults.publish_deferred()?)
     }
 
     fn drain_responses(
@@ -100,10 +115,10 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
     fn set_live(&mut self, live: bool) {
         self.faults.set_live(live);
         self.responses.set_live(live);
-        if !live {
-            // Wake a sleeping VMM so it sees the handler go (best effort: it polls anyway).
-            let _ = self.faults.kick();
-        }
+    }
+
+    fn kick(&mut self) -> Option<Wake> {
+        self.faults.kick_deferred()
     }
 
     fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {

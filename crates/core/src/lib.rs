@@ -25,7 +25,7 @@ mod types;
 pub use clock::{Clock, ManualClock, MonotonicClock, Nanos};
 pub use counters::{AutoResponses, CodeCounts, DeviceCounters, Refusals, Responses};
 pub use fault_core::{CoreError, FaultCore};
-pub use handler::{FaultHandler, QueueHandler, StageError};
+pub use handler::{FaultHandler, QueueHandler, StageError, Wake};
 pub use types::{
     AutoReason, DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink,
     Refusal, ResponseSource,

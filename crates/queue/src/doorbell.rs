@@ -58,7 +58,8 @@ impl Doorbell {
     /// wake the sleeper anyway and needs no write; a write is made only when `POLLOUT` says it
     /// cannot block. A peer that saturates the counter between our poll and our write, and
     /// has cleared `O_NONBLOCK`, can still stall this call: the window is a few instructions
-    /// wide, and closing it needs the ring moved to a thread allowed to block (`docs/ABI.md`).
+    /// wide. So never ring a peer's doorbell while holding a lock others need (the fault core
+    /// rings after releasing the device's lock; `docs/RELIABILITY.md` §4).
     pub fn ring(&self) -> io::Result<()> {
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN | PollFlags::OUT)];
         let ready = loop {

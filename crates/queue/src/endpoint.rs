@@ -2,6 +2,7 @@
 //! flow. [`Sender`] publishes and kicks; [`Receiver`] drains and sleeps.
 
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -32,7 +33,7 @@ pub const DEFAULT_SPIN: u32 = 2000;
 #[derive(Debug)]
 pub struct Sender<E, M> {
     pub(crate) ring: RingProducer<E, M>,
-    doorbell: Option<Doorbell>,
+    doorbell: Option<Arc<Doorbell>>,
     kicks: u64,
 }
 
@@ -40,14 +41,33 @@ impl<E: Entry, M: QueueMemory> Sender<E, M> {
     pub(crate) fn new(ring: RingProducer<E, M>, doorbell: Option<Doorbell>) -> Self {
         Self {
             ring,
-            doorbell,
+            doorbell: doorbell.map(Arc::new),
             kicks: 0,
         }
     }
 
     /// Replaces the consumer's doorbell (`None`: publish without kicking).
     pub fn set_doorbell(&mut self, doorbell: Option<Doorbell>) {
-        self.doorbell = doorbell;
+        self.doorbell = doorbell.map(Arc::new);
+    }
+
+    /// Publishes every staged record with one index store and returns the consumer's doorbell
+    /// if it is asleep, for the caller to ring later (after releasing its locks: a peer that
+    /// owns the eventfd can make a ring block, see [`Doorbell::ring`]).
+    pub fn publish_deferred(&mut self) -> Result<Option<Arc<Doorbell>>, ProtocolError> {
+        let published = self.ring.publish()?;
+        Ok(self.kick_deferred_if(published.kick))
+    }
+
+    /// The consumer's doorbell, for the caller to ring later whether or not it sleeps.
+    pub fn kick_deferred(&mut self) -> Option<Arc<Doorbell>> {
+        self.kick_deferred_if(true)
+    }
+
+    fn kick_deferred_if(&mut self, kick: bool) -> Option<Arc<Doorbell>> {
+        let doorbell = self.doorbell.as_ref().filter(|_| kick)?;
+        self.kicks += 1;
+        Some(Arc::clone(doorbell))
     }
 
     /// Publishes every staged record with one index store, and rings the consumer's doorbell

@@ -1,6 +1,7 @@
 //! The fault queue: the host publishes fault records, the VMM drains them.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use iopf_abi::{
@@ -115,6 +116,18 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
     /// Rings the VMM's doorbell unconditionally (after `LIVE` changes, say).
     pub fn kick(&mut self) -> Result<(), QueueError> {
         self.sender.kick()
+    }
+
+    /// Publishes like [`publish`](Self::publish) but returns the VMM's doorbell, if it sleeps,
+    /// instead of ringing it: the VMM owns that eventfd and can make a ring block (see
+    /// [`Doorbell::ring`]), so a caller holding locks rings it after releasing them.
+    pub fn publish_deferred(&mut self) -> Result<Option<Arc<Doorbell>>, ProtocolError> {
+        self.sender.publish_deferred()
+    }
+
+    /// The VMM's doorbell, to ring later whether or not the VMM sleeps (after `LIVE` changes).
+    pub fn kick_deferred(&mut self) -> Option<Arc<Doorbell>> {
+        self.sender.kick_deferred()
     }
 
     /// Records dropped because the ring was full.
