@@ -85,6 +85,11 @@ pub struct RunArgs {
     /// Soak: sample memory and fds this often (default: 1s, less for short soaks).
     #[arg(long, value_parser = parse_duration, requires = "duration")]
     sample_every: Option<Duration>,
+    /// VMM processes to start, like separate virtual machines on one host; the devices are
+    /// shared out among them (at most one VMM per device). A `vmm_restart` chaos event kills
+    /// and restarts one of them, in turn.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), conflicts_with = "duration")]
+    vmms: u32,
 }
 
 /// Options of `iopf host`.
@@ -206,38 +211,53 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let socket = dir.join("host.sock");
     let host = Host::bind(scenario.host_config(), &socket).context("start the host")?;
     let file = args.devices.scenario.as_deref();
-    let mut vmm = spawn_vmm(&socket, devices, file)?;
+    // Each VMM process attaches its share of the devices (whichever the host hands out).
+    let shares = vmm_shares(devices, args.vmms);
+    let mut vmms = shares
+        .iter()
+        .map(|&n| spawn_vmm(&socket, n, file))
+        .collect::<anyhow::Result<Vec<Reaper>>>()?;
     let mut chaos =
         ChaosClock::new(&scenario.chaos).only(|e| matches!(e, ChaosEvent::VmmRestart { .. }));
-    let mut restart_at: Option<u64> = None;
-    let mut restarts = 0;
+    // The VMM down for a restart, and when it comes back.
+    let mut restart_at: Option<(usize, u64)> = None;
+    let mut restarts: u32 = 0;
     let outcome = drive(host, &scenario, !args.devices.json, |elapsed| {
         let ms = elapsed.as_millis() as u64;
         for event in chaos.due(ms, false) {
             if let (ChaosEvent::VmmRestart { down_ms }, None) = (event, restart_at) {
                 // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets
-                // close.
-                let _ = vmm.0.kill();
-                let _ = vmm.0.wait();
-                restart_at = Some(ms + down_ms);
+                // close. With several VMMs, they take turns.
+                let victim = restarts as usize % vmms.len();
+                let _ = vmms[victim].0.kill();
+                let _ = vmms[victim].0.wait();
+                restart_at = Some((victim, ms + down_ms));
             }
         }
-        if let Some(at) = restart_at
+        if let Some((victim, at)) = restart_at
             && ms >= at
         {
-            vmm = spawn_vmm(&socket, devices, file)?;
+            vmms[victim] = spawn_vmm(&socket, shares[victim], file)?;
             restart_at = None;
             restarts += 1;
         }
-        if restart_at.is_none()
-            && let Some(status) = vmm.0.try_wait()?
-        {
-            bail!("the VMM process exited before the run finished: {status}");
+        for (i, vmm) in vmms.iter_mut().enumerate() {
+            if restart_at.is_none_or(|(victim, _)| victim != i)
+                && let Some(status) = vmm.0.try_wait()?
+            {
+                bail!("VMM process {i} exited before the run finished: {status}");
+            }
         }
         Ok(())
     });
     let (report, elapsed, samples) = outcome?;
-    let status = vmm.0.wait()?;
+    let mut status = Ok(());
+    for (i, vmm) in vmms.iter_mut().enumerate() {
+        let exit = vmm.0.wait()?;
+        if !exit.success() && status.is_ok() {
+            status = Err(anyhow::anyhow!("VMM process {i} failed: {exit}"));
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     print_report(
         &(report, elapsed),
@@ -247,8 +267,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         &samples,
         None,
     )?;
-    ensure!(status.success(), "the VMM process failed: {status}");
-    Ok(())
+    status
+}
+
+/// How many devices each of `vmms` VMM processes attaches: as even as possible, at most one
+/// VMM per device.
+fn vmm_shares(devices: u32, vmms: u32) -> Vec<u32> {
+    let vmms = vmms.clamp(1, devices.max(1));
+    (0..vmms)
+        .map(|i| devices / vmms + u32::from(i < devices % vmms))
+        .collect()
 }
 
 pub fn host(args: HostArgs) -> anyhow::Result<()> {

@@ -208,6 +208,29 @@ fn a_scenario_with_a_vmm_restart_loses_nothing_and_writes_an_html_report() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Two VMM processes share four devices; the scenario's VMM restart kills one of them. Only
+/// that VMM's two devices lose their connection (4 final closes + 2), where one VMM for all
+/// four would show 4 + 4: the VMMs are separate processes, like separate virtual machines.
+/// Catches a run that starts one VMM whatever `--vmms` says, or a restart that kills them all.
+#[test]
+fn several_vmm_processes_share_the_devices_and_a_restart_takes_down_only_one() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scenarios/vmm-restart.toml"
+    );
+    let r = run_json(iopf().args(["run", "--scenario", scenario, "--vmms", "2", "--json"]));
+    assert_clean(&r);
+    assert_eq!(r["vmm_restarts"], 1, "{r:#}");
+    let disconnects = r["disconnects"].as_array().unwrap();
+    assert_eq!(disconnects.len(), 6, "{r:#}");
+    assert!(
+        disconnects
+            .iter()
+            .all(|d| d.as_str().unwrap().ends_with(": closed")),
+        "{r:#}"
+    );
+}
+
 #[test]
 fn a_bad_scenario_file_gets_a_clear_error() {
     let dir = std::env::temp_dir().join(format!("iopf-test-scenario-{}", std::process::id()));
