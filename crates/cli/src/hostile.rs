@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::{Args, ValueEnum};
 use iopf_abi::{FLAG_NEED_WAKEUP, Fault, PageRequest, Pasid, QueueKind, ResponseRecord};
-use iopf_host::pci::{REG_DEVICE_ID, REG_DIRECTORY_BASE, REG_DIRECTORY_ENTRIES, REG_HOST_STATE};
+use iopf_host::pci::{REG_DEVICE_ID, REG_HOST_STATE};
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, PushError, QueueMemory, QueueRegion, ResponseQueueProducer,
 };
@@ -34,7 +34,7 @@ use iopf_vfio_user::device::{
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED,
 };
-use iopf_vfio_user::{Client, Command, DmaProt};
+use iopf_vfio_user::{Client, Command};
 use serde_json::json;
 
 /// How the hostile VMM misbehaves.
@@ -437,24 +437,7 @@ impl Hostile {
                 .map(Doorbell::try_clone)
                 .transpose()?,
         )?;
-        client.dma_map(
-            Some(self.memory.shared().fd()),
-            0,
-            0,
-            self.memory.shared().len(),
-            DmaProt::READ | DmaProt::WRITE,
-        )?;
-        let directory = self.tables.directory();
-        client.region_write(
-            VFIO_PCI_BAR0_REGION_INDEX,
-            REG_DIRECTORY_BASE,
-            &directory.base.to_le_bytes(),
-        )?;
-        client.region_write(
-            VFIO_PCI_BAR0_REGION_INDEX,
-            REG_DIRECTORY_ENTRIES,
-            &directory.entries.to_le_bytes(),
-        )?;
+        iopf_vmm::register_memory(&mut client, &self.memory, &self.tables)?;
         self.partial.clear();
         Ok(Link {
             client,

@@ -105,8 +105,9 @@ fn attach_queues(client: &mut Client, device: u32) -> Result<SharedMemoryChannel
     Ok(SharedMemoryChannel::new(device, faults, responses))
 }
 
-/// Registers guest memory and the guest's PASID directory with the device.
-fn register_memory(
+/// Registers guest memory (`DMA_MAP` of its memfd at guest-physical 0) and the guest's PASID
+/// directory (the BAR0 directory registers) with the device.
+pub fn register_memory(
     client: &mut Client,
     memory: &GuestMemory,
     tables: &GuestTables,

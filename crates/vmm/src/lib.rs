@@ -6,5 +6,7 @@
 mod attach;
 mod device;
 
-pub use attach::{AttachError, Attached, GuestSetup, attach, host_finished, reattach};
+pub use attach::{
+    AttachError, Attached, GuestSetup, attach, host_finished, reattach, register_memory,
+};
 pub use device::{VmmDevice, VmmError, VmmStats};
