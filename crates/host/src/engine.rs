@@ -303,14 +303,12 @@ pub fn run_until(
             }
         }
         let c = endpoint.counters();
-        progress
-            .accesses_done
-            .store(c.accesses - outstanding(&c), Relaxed);
+        let ended = c.accesses - outstanding(&c);
+        progress.accesses_done.store(ended, Relaxed);
         // Whether this iteration moved anything: a response taken, a fault sent, an access
         // ended. A device behind its streams' schedule but stalled (every credit out, waiting
         // for page responses) cannot move until a response comes: it must sleep on the
         // response doorbell then, not spin, or it takes the CPU the VMM needs to answer.
-        let ended = c.accesses - outstanding(&c);
         let moved = more || !responses.is_empty() || !upstream.is_empty() || ended != ended_before;
         ended_before = ended;
         let all_issued = match drain {

@@ -88,7 +88,7 @@ impl FaultFile {
     pub fn read_into(&self, buf: &mut [u8], out: &mut Vec<KernelFault>) -> io::Result<usize> {
         out.clear();
         let n = rustix::io::read(&self.fd, &mut *buf)?;
-        if n % FAULT_RECORD_SIZE != 0 || n > buf.len() {
+        if !n.is_multiple_of(FAULT_RECORD_SIZE) {
             return Err(io::Error::other(format!(
                 "the kernel returned {n} bytes, not whole fault records"
             )));

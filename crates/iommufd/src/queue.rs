@@ -216,7 +216,7 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
                 .read_into(&mut self.buf[..bytes], &mut self.records)
             {
                 Ok(n) => return Ok(n),
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                Err(e) if is_einval(&e) => {
                     if want >= MAX_GROUP_RECORDS {
                         return Err(KernelError::GroupTooLarge(MAX_GROUP_RECORDS));
                     }
@@ -236,7 +236,7 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
             code: RESP_INVALID,
         }]) {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            Err(e) if is_einval(&e) => {
                 self.stats.refused_by_kernel += 1;
                 Ok(())
             }
@@ -259,7 +259,7 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
                     self.stats.refused_by_kernel += 1;
                     at += 1;
                 }
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                Err(e) if is_einval(&e) => {
                     self.stats.refused_by_kernel += 1;
                     at += 1;
                 }
@@ -334,23 +334,22 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
             }
             return Ok(());
         }
-        let head = converted[0].as_ref().ok().copied();
-        if let Some(head) = head {
-            self.pending.insert(
-                cookie,
-                Pending {
-                    kernel_cookie,
-                    dev_id: first.dev_id,
-                    pasid: head.pasid,
-                    grpid: head.grpid,
-                },
-            );
-            self.by_kernel.insert(kernel_cookie, cookie);
-        }
-        for (record, result) in group.iter().zip(converted) {
+        // Every record converted, and they all name the first one's device, PASID and PRG index.
+        let requests: Vec<PageRequest> = converted.into_iter().flatten().collect();
+        self.pending.insert(
+            cookie,
+            Pending {
+                kernel_cookie,
+                dev_id: first.dev_id,
+                pasid: requests[0].pasid,
+                grpid: requests[0].grpid,
+            },
+        );
+        self.by_kernel.insert(kernel_cookie, cookie);
+        for request in requests {
             f(ChannelFault {
-                device: record.dev_id,
-                fault: result.map(Fault::PageRequest),
+                device: first.dev_id,
+                fault: Ok(Fault::PageRequest(request)),
             });
         }
         Ok(())
@@ -400,6 +399,12 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
         let s = &self.stats;
         s.refused_stale + s.refused_malformed + s.refused_mismatch + s.refused_by_kernel
     }
+}
+
+/// Whether the kernel refused with `EINVAL` (a read buffer too small for the first group, or a
+/// response whose cookie it no longer knows).
+fn is_einval(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
 }
 
 /// Records of one group (one kernel cookie) must name the same device, PASID and PRG index:

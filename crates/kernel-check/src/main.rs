@@ -8,7 +8,6 @@
 //! Output, one line each: `iopf-kernel-check: <check> ok <details>` or
 //! `iopf-kernel-check: <check> FAIL <why>`, then `iopf-kernel-check: done passed=N failed=M`.
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use iopf_abi::{Fault, PageRequest, PageResponse, Perm, ResponseCode, ResponseRecord};
@@ -383,18 +382,16 @@ fn timing(rig: &Rig, q: &mut KernelFaultQueue, n: u32) -> Check {
 }
 
 fn report(name: &str, result: Check, passed: &mut u32, failed: &mut u32) {
-    let mut line = String::new();
     match result {
         Ok(detail) => {
             *passed += 1;
-            let _ = write!(line, "{PREFIX} {name} ok {detail}");
+            println!("{PREFIX} {name} ok {detail}");
         }
         Err(why) => {
             *failed += 1;
-            let _ = write!(line, "{PREFIX} {name} FAIL {why}");
+            println!("{PREFIX} {name} FAIL {why}");
         }
     }
-    println!("{line}");
 }
 
 fn run() -> u32 {

@@ -18,7 +18,7 @@ use thiserror::Error;
 use crate::endpoint::QueueError;
 use crate::fault_queue::FaultQueueConsumer;
 use crate::response_queue::ResponseQueueProducer;
-use crate::ring::{ProtocolError, PushError};
+use crate::ring::ProtocolError;
 
 /// Why a fault channel stopped working.
 #[derive(Debug, Error)]
@@ -114,14 +114,9 @@ impl FaultChannel for SharedMemoryChannel {
     }
 
     fn respond(&mut self, responses: &[ResponseRecord]) -> Result<usize, ChannelError> {
-        let mut taken = 0;
-        for record in responses {
-            match self.responses.stage_record(record) {
-                Ok(()) => taken += 1,
-                Err(PushError::Full) => break,
-                Err(PushError::Broken(e)) => return Err(e.into()),
-            }
-        }
+        let taken = self
+            .responses
+            .stage_records_some(responses.iter().copied())?;
         if taken > 0 {
             self.responses.publish()?;
         }

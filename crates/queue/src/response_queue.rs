@@ -59,9 +59,17 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
 
     /// Stages as many of `responses` as fit; returns how many.
     pub fn stage_some(&mut self, responses: &[PageResponse]) -> Result<usize, ProtocolError> {
+        self.stage_records_some(responses.iter().map(ResponseRecord::from))
+    }
+
+    /// Stages as many raw records as fit, in order, as is; returns how many.
+    pub fn stage_records_some(
+        &mut self,
+        records: impl IntoIterator<Item = ResponseRecord>,
+    ) -> Result<usize, ProtocolError> {
         let mut staged = 0;
-        for response in responses {
-            match self.stage(response) {
+        for record in records {
+            match self.stage_record(&record) {
                 Ok(()) => staged += 1,
                 Err(PushError::Full) => break,
                 Err(PushError::Broken(e)) => return Err(e),

@@ -78,18 +78,7 @@ impl GuestMemory {
 
     /// Writes one word by DMA at guest-physical `gpa` (8-aligned, inside memory).
     pub fn dma_write(&mut self, gpa: u64, value: u64) -> bool {
-        let Some(index) = self.word_index(gpa) else {
-            return false;
-        };
-        if let Some(word) = self.memory.words().get(index) {
-            word.store(value, std::sync::atomic::Ordering::Relaxed);
-        }
-        let page = self
-            .shadow
-            .entry(gpa / PAGE_SIZE)
-            .or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
-        page[index % WORDS_PER_PAGE] = value;
-        true
+        self.dma_write_run(gpa, &[value]) == 1
     }
 
     /// Writes consecutive words by DMA from `gpa` (8-aligned) within one page: the same as
