@@ -364,6 +364,20 @@ pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
             "device {}: responses for no group in flight",
             e.device
         );
+        ensure!(
+            e.errors == 0,
+            "device {}: {} steps of the device engine failed (logged above)",
+            e.device,
+            e.errors
+        );
+        // A group answered Success whose pages stay unmapped: the guest said yes and did not
+        // map (a silent failure, not a refusal).
+        ensure!(
+            e.endpoint.failed_retries == 0,
+            "device {}: {} accesses failed although their page requests were answered Success",
+            e.device,
+            e.endpoint.failed_retries
+        );
     }
     Ok(())
 }

@@ -225,6 +225,22 @@ fn stride() -> u64 {
     12_288
 }
 
+/// PASIDs a scenario's streams may use (`0..PASIDS`); the VMM creates each one's address space.
+pub const PASIDS: u32 = 64;
+
+/// Guest memory pages a device of section `d` may need at most: the PASID directory, a
+/// top-level table for requests without PASID and for each of the `PASIDS` PASIDs, and per
+/// stream its buffer, its leaf tables and the table above them (each stream has a 1 GiB
+/// aligned window of IOVA space).
+fn guest_pages_needed(d: &DeviceSection) -> u64 {
+    let streams: u64 = d
+        .streams
+        .iter()
+        .map(|s| s.pages + s.pages.div_ceil(512) + 1)
+        .sum();
+    1 + 1 + u64::from(PASIDS) + streams
+}
+
 /// The scenario `iopf run` uses without `--scenario` (also `scenarios/default.toml`).
 pub const DEFAULT: &str = include_str!("../../../scenarios/default.toml");
 
@@ -285,7 +301,18 @@ impl Scenario {
             (1..=64).contains(&devices),
             "1 to 64 devices in all, not {devices}"
         );
-        for d in &self.devices {
+        for (i, d) in self.devices.iter().enumerate() {
+            // Each device's guest memory holds its PASID directory, one top-level table per
+            // address space, and for each stream its buffer with the tables that map it: the
+            // guest must have room for all of it, or it refuses page requests it was meant to
+            // answer and the run fails without saying why.
+            let need = guest_pages_needed(d);
+            ensure!(
+                g.pages >= need,
+                "guest.pages = {} is too small for [[device]] {i}: its streams need up to {need} \
+                 pages of guest memory (buffers, page tables and the PASID directory)",
+                g.pages
+            );
             ensure!(
                 (1..=4096).contains(&d.allocation),
                 "allocation must be 1..=4096"
@@ -296,8 +323,8 @@ impl Scenario {
             );
             for s in &d.streams {
                 ensure!(
-                    s.pasid.is_none_or(|p| p < 64),
-                    "stream pasid must be below 64"
+                    s.pasid.is_none_or(|p| p < PASIDS),
+                    "stream pasid must be below {PASIDS}"
                 );
                 ensure!(
                     (1..=65_536).contains(&s.pages),
@@ -444,7 +471,7 @@ impl Scenario {
                 ..GuestConfig::default()
             },
             pages: g.pages,
-            pasids: 64,
+            pasids: PASIDS,
             seed: self.seed,
         }
     }

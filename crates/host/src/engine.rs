@@ -123,6 +123,17 @@ pub struct EngineReport {
     pub latency: Histogram<u64>,
     /// Wall time of the run.
     pub elapsed_ns: u64,
+    /// Calls into the fault core or the doorbell that failed (each logged; must stay 0).
+    pub errors: u64,
+}
+
+/// Counts and logs a failed step of the engine's loop. The loop goes on: the fault core
+/// answers what a failed step leaves pending, and the run reports `errors` as a failure.
+fn failed<T, E: std::fmt::Display>(errors: &mut u64, step: &str, result: Result<T, E>) {
+    if let Err(e) = result {
+        *errors += 1;
+        tracing::error!(error = %e, "device engine: cannot {step}");
+    }
 }
 
 /// Progress a watcher can read while the engine runs.
@@ -186,6 +197,7 @@ pub fn run_until(
     let mut wake: Option<Doorbell> = None;
     let mut verdict = MemoryVerdict::default();
     let mut malformed = 0;
+    let mut errors = 0;
     let mut latency =
         Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
     let mut sent_at: BTreeMap<u16, Instant> = BTreeMap::new();
@@ -266,7 +278,8 @@ pub fn run_until(
             .collect();
         for response in &responses {
             if let Some(at) = sent_at.remove(&response.grpid.get()) {
-                let _ = latency.record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                latency
+                    .saturating_record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
             }
             endpoint.on_response(response.pasid, response.grpid, response.code);
         }
@@ -299,7 +312,11 @@ pub fn run_until(
                 });
             }
             if !faults.is_empty() {
-                let _ = core.report_batch(slot.id, &faults);
+                failed(
+                    &mut errors,
+                    "report faults",
+                    core.report_batch(slot.id, &faults),
+                );
             }
         }
         let c = endpoint.counters();
@@ -321,7 +338,11 @@ pub fn run_until(
         if all_issued && endpoint.idle() {
             break;
         }
-        let _ = core.process_responses(slot.id);
+        failed(
+            &mut errors,
+            "process responses",
+            core.process_responses(slot.id),
+        );
         core.expire();
         if !slot
             .inbox
@@ -352,13 +373,17 @@ pub fn run_until(
         if !timeout.is_zero() {
             match &wake {
                 Some(wake) if core.prepare_to_sleep(slot.id).unwrap_or(false) => {
-                    let _ = wake.wait(Some(timeout));
+                    failed(
+                        &mut errors,
+                        "wait on the response doorbell",
+                        wake.wait(Some(timeout)),
+                    );
                 }
                 Some(_) => {}
                 None => std::thread::sleep(timeout),
             }
         }
-        let _ = core.woke(slot.id);
+        failed(&mut errors, "leave the sleep", core.woke(slot.id));
     }
     if let Some(memory) = guest.take() {
         add_verdict(&mut verdict, &memory.verify());
@@ -373,6 +398,7 @@ pub fn run_until(
         malformed_walks: malformed,
         latency,
         elapsed_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        errors,
     }
 }
 

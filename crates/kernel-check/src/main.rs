@@ -316,7 +316,8 @@ fn vmm_device(rig: &Rig) -> Check {
             Rng::new(7),
         );
         let channel = KernelFaultQueue::new(fault_id, file);
-        let mut vmm = VmmDevice::new(rig.device.idev_id, channel, memory, tables, guest, 2);
+        let mut vmm = VmmDevice::new(rig.device.idev_id, channel, memory, tables, guest, 2)
+            .map_err(|e| format!("address spaces: {e}"))?;
         for i in 0..N {
             rig.trigger(i, 0x80_0000 + u64::from(i) * 0x1000)?;
         }

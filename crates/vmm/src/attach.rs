@@ -41,6 +41,15 @@ pub enum AttachError {
     /// An eventfd failed.
     #[error("eventfd: {0}")]
     Io(#[from] std::io::Error),
+    /// The guest's address spaces could not be set up.
+    #[error("cannot set up the guest's address spaces")]
+    Guest(#[source] crate::device::VmmError),
+}
+
+impl From<crate::device::VmmError> for AttachError {
+    fn from(e: crate::device::VmmError) -> Self {
+        Self::Guest(e)
+    }
 }
 
 /// How the VMM's guest behaves for a device.
@@ -146,11 +155,12 @@ pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError>
     let device_id = device_id(&mut client)?;
     let channel = attach_queues(&mut client, device_id)?;
     let mut memory = GuestMemory::new(setup.pages)?;
-    let tables =
-        GuestTables::new(&mut memory, 64).ok_or(AttachError::Missing("guest memory for tables"))?;
+    // Slot 0 of the PASID directory serves requests without PASID, slot p + 1 PASID p.
+    let tables = GuestTables::new(&mut memory, u64::from(setup.pasids) + 1)
+        .ok_or(AttachError::Missing("guest memory for tables"))?;
     let guest = Guest::new(setup.guest, Rng::new(setup.seed ^ u64::from(device_id)));
     // Creating the address spaces fills the directory before the device is told about it.
-    let device = VmmDevice::new(device_id, channel, memory, tables, guest, setup.pasids);
+    let device = VmmDevice::new(device_id, channel, memory, tables, guest, setup.pasids)?;
     register_memory(&mut client, device.memory(), &device.tables())?;
     Ok(Attached {
         client,

@@ -18,6 +18,19 @@ pub enum VmmError {
     /// The fault channel failed (the host broke a queue, or the kernel's file failed).
     #[error("fault channel: {0}")]
     Channel(#[from] ChannelError),
+    /// An address space could not be created in the guest's page tables (its PASID does not
+    /// fit the PASID directory, or guest memory has no page left for its table).
+    #[error("cannot create the address space of {}", match .pasid { Some(p) => format!("PASID {}", p.get()), None => "requests without PASID".to_owned() })]
+    AddressSpace {
+        /// The PASID (`None`: requests without PASID).
+        pasid: Option<Pasid>,
+        /// Why the tables refused it.
+        #[source]
+        source: iopf_sim::iommu::MapError,
+    },
+    /// A PASID to serve is beyond the 20-bit PASID space.
+    #[error("PASID {0} is beyond the 20-bit PASID space")]
+    PasidOutOfRange(u32),
 }
 
 /// What the VMM counts.
@@ -58,6 +71,11 @@ impl<C: FaultChannel> VmmDevice<C> {
     /// Serves `device` with its fault channel, guest memory (already registered with the
     /// host) and page tables in it; creates the address spaces of requests without PASID and
     /// of PASIDs `0..pasids`.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::AddressSpace`] when an address space does not fit the tables' PASID
+    /// directory (PASID `p` takes slot `p + 1`) or guest memory has no page for its table.
     pub fn new(
         device: u32,
         channel: C,
@@ -65,12 +83,23 @@ impl<C: FaultChannel> VmmDevice<C> {
         tables: GuestTables,
         guest: Guest,
         pasids: u32,
-    ) -> Self {
-        let _ = tables.add_space(&mut memory, None);
+    ) -> Result<Self, VmmError> {
+        tables
+            .add_space(&mut memory, None)
+            .map_err(|source| VmmError::AddressSpace {
+                pasid: None,
+                source,
+            })?;
         for p in 0..pasids {
-            let _ = tables.add_space(&mut memory, Pasid::new(p).ok());
+            let pasid = Pasid::new(p).map_err(|_| VmmError::PasidOutOfRange(p))?;
+            tables
+                .add_space(&mut memory, Some(pasid))
+                .map_err(|source| VmmError::AddressSpace {
+                    pasid: Some(pasid),
+                    source,
+                })?;
         }
-        Self {
+        Ok(Self {
             device,
             channel,
             memory,
@@ -81,7 +110,7 @@ impl<C: FaultChannel> VmmDevice<C> {
             due: BinaryHeap::new(),
             seq: 0,
             stats: VmmStats::default(),
-        }
+        })
     }
 
     /// Counters.

@@ -63,7 +63,8 @@ fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
         tables,
         Guest::new(GuestConfig::default(), Rng::new(9)),
         4,
-    );
+    )
+    .unwrap();
     // What DMA_MAP and the register writes would tell the host.
     {
         let mut a = slot.attachment();
