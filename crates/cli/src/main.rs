@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod hostile;
 mod inspect;
+mod logging;
 mod report;
 mod run;
 mod scenario;
@@ -54,7 +55,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    logging::init();
+    match cli.command {
         Command::Run(args) => run::run(args),
         Command::Host(args) => run::host(args),
         Command::Vmm(args) => run::vmm(args),

@@ -167,6 +167,12 @@ fn check_run(out: &Output, scenario: &str) {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(num(&report, &["unanswered_groups"]), 0, "{scenario}");
     assert_eq!(num(&report, &["dma_bytes_mismatched"]), 0, "{scenario}");
+    if num(&report, &["groups"]) > 0 {
+        assert!(
+            report["latency_us"]["p50"].as_f64().unwrap() > 0.0,
+            "round trips not measured in\n{scenario}"
+        );
+    }
     let engines = report["engines"].as_array().unwrap();
     let devices = report["devices"].as_array().unwrap();
     for (engine, device) in engines.iter().zip(devices) {

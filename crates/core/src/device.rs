@@ -126,6 +126,10 @@ impl DeviceState {
         handler.set_live(true);
         self.handler = Some(handler);
         self.counters.registrations += 1;
+        tracing::debug!(
+            life = self.counters.registrations,
+            "fault handler registered: LIVE set"
+        );
         Ok(())
     }
 
@@ -161,9 +165,13 @@ impl DeviceState {
                 source: ResponseSource::Auto(reason),
             });
         }
-        if answered > 0 {
-            tracing::debug!(device = %self.id, answered, ?reason, "pending groups answered Invalid");
-        }
+        tracing::debug!(
+            life = self.counters.registrations,
+            answered,
+            discarded,
+            ?reason,
+            "fault handler unregistered: LIVE cleared, pending groups answered Invalid"
+        );
         answered
     }
 
@@ -196,9 +204,12 @@ impl DeviceState {
                 source: ResponseSource::Auto(AutoReason::Reset),
             });
         }
-        if answered > 0 {
-            tracing::debug!(device = %self.id, answered, "device reset: pending groups answered Invalid");
-        }
+        tracing::debug!(
+            life = self.counters.registrations,
+            answered,
+            discarded,
+            "device reset: pending groups answered Invalid, handler kept"
+        );
         answered
     }
 

@@ -278,8 +278,9 @@ pub fn run_until(
             .collect();
         for response in &responses {
             if let Some(at) = sent_at.remove(&response.grpid.get()) {
-                latency
-                    .saturating_record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                // The histogram resizes itself: recording fails only if it cannot grow.
+                failed(&mut errors, "record a round trip", latency.record(ns));
             }
             endpoint.on_response(response.pasid, response.grpid, response.code);
         }

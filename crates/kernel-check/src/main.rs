@@ -449,6 +449,12 @@ fn run() -> u32 {
 }
 
 fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let init = std::process::id() == 1;
     if init {
         let _ = std::fs::create_dir_all("/dev");

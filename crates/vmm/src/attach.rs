@@ -151,8 +151,10 @@ fn device_id(client: &mut Client) -> Result<u32, AttachError> {
 
 /// Connects to the host at `socket` and attaches one device.
 pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError> {
+    let span = tracing::info_span!("attach", device = tracing::field::Empty).entered();
     let mut client = Client::connect(socket)?;
     let device_id = device_id(&mut client)?;
+    span.record("device", device_id);
     let channel = attach_queues(&mut client, device_id)?;
     let mut memory = GuestMemory::new(setup.pages)?;
     // Slot 0 of the PASID directory serves requests without PASID, slot p + 1 PASID p.
@@ -162,6 +164,7 @@ pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError>
     // Creating the address spaces fills the directory before the device is told about it.
     let device = VmmDevice::new(device_id, channel, memory, tables, guest, setup.pasids)?;
     register_memory(&mut client, device.memory(), &device.tables())?;
+    tracing::debug!(pasids = setup.pasids, pages = setup.pages, "attached");
     Ok(Attached {
         client,
         device,
@@ -173,6 +176,7 @@ pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError>
 /// life's regions, the same guest memory and page tables. Fails if the host hands over another
 /// device (or none).
 pub fn reattach(socket: &Path, device: &mut VmmDevice) -> Result<Client, AttachError> {
+    let _span = tracing::info_span!("reattach", device = device.device_id()).entered();
     let mut client = Client::connect(socket)?;
     if device_id(&mut client)? != device.device_id() {
         return Err(AttachError::Missing("the same device"));
@@ -180,6 +184,7 @@ pub fn reattach(socket: &Path, device: &mut VmmDevice) -> Result<Client, AttachE
     let channel = attach_queues(&mut client, device.device_id())?;
     device.replace_channel(channel);
     register_memory(&mut client, device.memory(), &device.tables())?;
+    tracing::debug!("attached to a new handler life");
     Ok(client)
 }
 
