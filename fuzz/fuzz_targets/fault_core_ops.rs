@@ -1,8 +1,8 @@
 //! The fault core fed arbitrary sequences of report, respond, register, unregister, VMM loss,
-//! device reset and timeouts (structure-aware), with DESIGN.md §4's invariants checked after
-//! every step: every group answered exactly once, only for a group the device waits on; a guest
-//! response only with a cookie the VMM saw; nothing pending after unregister or reset; the books
-//! balance.
+//! device reset and timeouts (structure-aware), with the guarantees of `docs/DESIGN.md` §4
+//! checked after every step: every group answered exactly once, only for a group the device
+//! waits on; a guest response only with a cookie the VMM saw; nothing pending after unregister
+//! or reset; the books balance.
 #![no_main]
 
 use std::collections::HashSet;

@@ -1,4 +1,4 @@
-//! The 64-byte fault record (DESIGN.md §3, "Fault record"): layout, round trip, canonical
+//! The 64-byte fault record (`docs/DESIGN.md` §3.3): layout, round trip, canonical
 //! encoding, and one test per input the decoder must refuse.
 
 use iopf_abi::{

@@ -1,4 +1,4 @@
-//! The queue region (DESIGN.md §3, "Queue region"): geometry, host page header checks, and the
+//! The queue region (`docs/DESIGN.md` §3.1): geometry, host page header checks, and the
 //! offset of each entry under free-running indices.
 
 use iopf_abi::{

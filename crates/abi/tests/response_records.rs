@@ -1,4 +1,4 @@
-//! The 32-byte response record (DESIGN.md §3, "Response record"): layout, round trip,
+//! The 32-byte response record (`docs/DESIGN.md` §3.4): layout, round trip,
 //! canonical encoding, and one test per input the decoder must refuse.
 
 use iopf_abi::{

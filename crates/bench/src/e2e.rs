@@ -1,9 +1,9 @@
-//! End to end between two processes, as `iopf demo` runs it (the vfio-user host and VMM do not
-//! exist yet): a device reports a page request to the real fault core, which gives its group a
-//! cookie and publishes it on the fault queue; the VMM process drains it, its guest answers
-//! `Success`, and the response comes back through the response queue; the core checks the
-//! cookie and answers the device. Both sides wait the library's way: poll a while, then sleep
-//! on the eventfd with `NEED_WAKEUP`.
+//! End to end between two processes, as `iopf demo` runs it (fds passed over a UNIX socket,
+//! not the vfio-user control plane, which is not on the fault path): a device reports a page
+//! request to the real fault core, which gives its group a cookie and publishes it on the fault
+//! queue; the VMM process drains it, its guest answers `Success`, and the response comes back
+//! through the response queue; the core checks the cookie and answers the device. Both sides
+//! wait the library's way: poll a while, then sleep on the eventfd with `NEED_WAKEUP`.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! iceoryx2 0.10 publish-subscribe as one more baseline (cargo feature `iceoryx2`, off by
 //! default), with the settings of its own `benchmarks/publish-subscribe` for a fair round
 //! trip (two services, history 0, buffer 1, safe overflow) and a stream with buffer 4096 and
-//! `RetryUntilDelivered`, as `PERF-ANCHORS.md` measured it.
+//! `RetryUntilDelivered`, as the reference figures in `docs/PERFORMANCE.md` were taken.
 
 use std::time::Instant;
 

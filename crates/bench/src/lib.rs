@@ -1,6 +1,6 @@
 //! `iopf bench`: iopf's fault path measured against the limits of the machine and against what
 //! a user would pick instead, in one run, so that the figures are ratios that hold on a noisy
-//! machine (issue 7, `docs/PERFORMANCE.md`).
+//! machine (`docs/PERFORMANCE.md`).
 //!
 //! Two processes pinned to two CPUs: this one (the host) and a peer started by re-executing the
 //! current binary with a hidden subcommand (`iopf bench-peer --socket PATH`), exactly as
@@ -668,7 +668,8 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
 
     let mut notes = vec![
         "end to end runs between two processes as `iopf demo` does (fds passed over a UNIX \
-         socket), not over the vfio-user control plane (issue 5)"
+         socket), not over the vfio-user control plane, which is not on the fault path; \
+         `iopf run` reports round trips over vfio-user"
             .to_owned(),
         "each ratio is taken against the limit measured just before the figure, and against \
          the socketpair baseline of the same round: ratios, not absolutes, are the point"

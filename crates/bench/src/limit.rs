@@ -14,7 +14,8 @@ use crate::control::{Control, Peer, PeerStats, Task, exactly};
 use crate::error::{BenchError, Result};
 use crate::spin::Waiter;
 
-/// Entries of every ring in the stream figures (as the ceiling of `PERF-ANCHORS.md`).
+/// Entries of every ring in the stream figures (as the ceiling of the reference figures in
+/// `docs/PERFORMANCE.md`).
 pub(crate) const RING_ENTRIES: u32 = 4096;
 /// Records per index publish in the stream figures.
 pub(crate) const BATCH: u32 = 64;

@@ -1,5 +1,6 @@
 //! What `iopf bench` found: the figures, their ratios to the machine's limits and to the
-//! socketpair baseline, the scaling series and the targets of issue 7; as a table or as JSON.
+//! socketpair baseline, the scaling series and the targets (same-run ratios); as a table or as
+//! JSON.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -90,7 +91,7 @@ pub struct Scaling {
     pub pending: ScalingSeries,
 }
 
-/// A target of issue 7 and whether this run met it.
+/// A target (a bound on a same-run ratio, `docs/PERFORMANCE.md`) and whether this run met it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
     /// What the target says.
@@ -135,7 +136,7 @@ pub struct Report {
     pub figures: Vec<Figure>,
     /// Cost per fault as the core's tables grow (`None` if not asked for).
     pub scaling: Option<Scaling>,
-    /// The targets of issue 7.
+    /// The targets, each a bound on a ratio of this run.
     pub targets: Vec<Target>,
     /// What the figures are and are not.
     pub notes: Vec<String>,
@@ -232,7 +233,7 @@ impl Report {
             self.scaling_table(s, &mut out);
         }
         let _ = writeln!(out);
-        let _ = writeln!(out, "targets of issue 7 (ratios from this run):");
+        let _ = writeln!(out, "targets (ratios from this run):");
         for t in &self.targets {
             let _ = writeln!(
                 out,

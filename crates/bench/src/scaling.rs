@@ -1,5 +1,5 @@
-//! Cost per fault as the fault core's tables grow (DESIGN.md §4.7: O(1) in devices, PASIDs and
-//! pending groups), in one process: the real core, in-process queues over `HeapMemory`, and an
+//! Cost per fault as the fault core's tables grow (`docs/DESIGN.md` §4.7: O(1) in devices,
+//! PASIDs and pending groups), in one process: the real core, in-process queues over `HeapMemory`, and an
 //! in-process VMM that drains each fault queue and answers through its response queue.
 //!
 //! One step reports [`GROUPS_PER_STEP`] two-page groups to one device in one `report_batch`

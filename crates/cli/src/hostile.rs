@@ -2,7 +2,7 @@
 //! `iopf vmm` does (fault regions, response doorbell, fault IRQ, guest memory, PASID directory),
 //! then misbehaves toward the host in one chosen way. `tests/hostile_vmm.rs` runs it against a
 //! real `iopf host`, next to a well-behaved VMM serving another device, and checks the host's
-//! invariants (DESIGN.md §4; the table in `docs/RELIABILITY.md`).
+//! guarantees (`docs/DESIGN.md` §4; the table in `docs/RELIABILITY.md`).
 //!
 //! It prints `attached N` once attached (N: the host's number for the device), and one JSON
 //! object when it leaves: what it did (records sent honestly and bogusly, groups held back,

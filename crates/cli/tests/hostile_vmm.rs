@@ -1,4 +1,4 @@
-//! The hostile-VMM process suite (issue 8): a real `iopf host` serving two devices, a
+//! The hostile-VMM process suite: a real `iopf host` serving two devices, a
 //! well-behaved `iopf vmm` on one, and `iopf hostile-vmm` misbehaving on the other in one way
 //! per test. Whatever the hostile VMM does, the host must
 //! - keep serving the good device to completion, undisturbed: every access completed, every

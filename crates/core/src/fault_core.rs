@@ -49,7 +49,7 @@ impl Device {
     }
 }
 
-/// The host's fault core (DESIGN.md §2 and §4).
+/// The host's fault core (`docs/DESIGN.md` §2.2 and §4).
 #[derive(Debug)]
 pub struct FaultCore {
     clock: Arc<dyn Clock>,

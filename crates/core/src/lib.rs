@@ -1,5 +1,5 @@
-//! The host's fault core of iopf (DESIGN.md §2 and §4): devices, fault handler registration,
-//! page request group assembly, cookies, the pending table, response checking,
+//! The host's fault core of iopf (`docs/DESIGN.md` §2.2 and §4): devices, fault handler
+//! registration, page request group assembly, cookies, the pending table, response checking,
 //! auto-responses and timeouts.
 //!
 //! The guarantees, each tested in `tests/`:

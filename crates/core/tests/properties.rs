@@ -1,5 +1,5 @@
 //! Random interleavings of report, respond, unregister, register, VMM loss, device reset and
-//! timeouts, checked against invariants 1 to 4 of DESIGN.md §4 after every step.
+//! timeouts, checked against the guarantees of `docs/DESIGN.md` §4.1 to §4.4 after every step.
 
 mod common;
 

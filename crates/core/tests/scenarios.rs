@@ -47,7 +47,7 @@ fn unrecoverable() -> DeviceFault {
     })
 }
 
-/// The seed review's scenario (DESIGN.md §2, invariant 2).
+/// The seed review's scenario (`docs/DESIGN.md` §1.5 and §4.2).
 #[test]
 fn late_response_from_the_previous_life_is_refused_after_reregister() {
     let host = Host::new();

@@ -1,4 +1,4 @@
-//! The Linux kernel's iommufd fault queue as an iopf fault channel (DESIGN.md §7).
+//! The Linux kernel's iommufd fault queue as an iopf fault channel (`docs/DESIGN.md` §7).
 //!
 //! On real hardware a VMM gets I/O page faults from the kernel: it allocates a fault queue
 //! (`IOMMU_FAULT_QUEUE_ALLOC`), names it when it allocates a nested page table

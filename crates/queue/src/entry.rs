@@ -10,7 +10,7 @@ use crate::sync::{AtomicU64, Ordering};
 /// Slots are written and read one 64-bit little-endian word at a time with relaxed atomic
 /// accesses; the ring's release/acquire on its indices orders them. Storing straight into the
 /// slot matters: building a record on the stack and copying it in costs store-forwarding
-/// stalls (`PERF-ANCHORS.md`).
+/// stalls that make a copy loop about 3x slower (`docs/PERFORMANCE.md`, reference figures).
 pub trait Entry: Copy + Sized {
     /// The queue kind that carries this record.
     const KIND: QueueKind;

@@ -57,7 +57,7 @@ pub struct VmmPage {
 #[cfg(not(loom))]
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    // The atomic views must lie exactly over the ABI's byte layout (DESIGN.md §3).
+    // The atomic views must lie exactly over the ABI's byte layout (`docs/DESIGN.md` §3.1).
     assert!(size_of::<HostPage>() == size_of::<HostPageHeader>());
     assert!(offset_of!(HostPage, version) == offset_of!(HostPageHeader, version));
     assert!(offset_of!(HostPage, kind) == offset_of!(HostPageHeader, kind));

@@ -1,4 +1,5 @@
-//! The single-producer single-consumer ring protocol of ABI v1 (DESIGN.md §3), with no I/O.
+//! The single-producer single-consumer ring protocol of ABI v1 (`docs/DESIGN.md` §3.2), with
+//! no I/O.
 //!
 //! Each side keeps its own index, and its copy of the peer's, in private memory; shared memory
 //! is written with stores of those private values and read only to learn the peer's progress.

@@ -1145,7 +1145,7 @@ fn peer_clearing_o_nonblock_cannot_block_the_host_in_a_doorbell_ring() {
     // The VMM holds the host's doorbell fds, and an fd passed with SCM_RIGHTS shares its open
     // file description, so O_NONBLOCK (a file status flag) is the peer's to clear. With it
     // cleared and the eventfd counter filled to its maximum, a write of 1 blocks until the
-    // peer reads: the host's kick must not wait on the VMM (DESIGN.md §4, invariant 3).
+    // peer reads: the host's kick must not wait on the VMM (`docs/DESIGN.md` §4.3).
     let mut host = FaultQueueProducer::create(8).unwrap();
     let doorbell = Doorbell::new().unwrap();
     let peer = rustix::io::dup(doorbell.as_fd()).unwrap();

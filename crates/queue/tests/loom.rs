@@ -1,4 +1,4 @@
-//! Loom model checks of the ring protocol (`crates/queue/src/ring.rs`, DESIGN.md §3).
+//! Loom model checks of the ring protocol (`crates/queue/src/ring.rs`, `docs/DESIGN.md` §3.2).
 //!
 //! Loom runs each model under every interleaving of its threads (up to a preemption bound) and,
 //! for every relaxed or acquire load, every value the C++20 memory model lets it return, so a

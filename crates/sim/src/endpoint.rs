@@ -1,6 +1,6 @@
 //! A PCIe endpoint with ATS and PRI, doing DMA.
 //!
-//! The rules it follows (DESIGN.md §5, `PRI-FACTS.md` §1 and §6):
+//! The rules it follows (`docs/DESIGN.md` §5):
 //! - Outstanding Page Request Allocation: credits count requests, not groups; a group is issued
 //!   only when all its requests fit, and its response returns every one of its credits;
 //! - a PRG index is never reused before its group's response (9 bits, sequential or lowest

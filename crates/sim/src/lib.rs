@@ -1,4 +1,4 @@
-//! What makes the faults real without hardware (DESIGN.md §5): a software IOMMU with per
+//! What makes the faults real without hardware (`docs/DESIGN.md` §5): a software IOMMU with per
 //! (device, PASID) page tables, a PCIe endpoint with ATS/PRI doing DMA into guest memory that
 //! is checked byte by byte, a guest that answers page requests, and a deterministic world that
 //! runs them with the real fault core and rings, driven by one seed.

@@ -1,4 +1,4 @@
-//! Each PRI rule of the endpoint model (DESIGN.md §5, PRI-FACTS.md §1), one test each.
+//! Each PRI rule of the endpoint model (`docs/DESIGN.md` §5), one test each.
 
 use iopf_abi::{FaultReason, Pasid, Perm, PrgIndex, ResponseCode};
 use iopf_sim::PAGE_SIZE;

@@ -1,5 +1,5 @@
 //! The iopf device as vfio-user shows it: the DMA fault region, the DMA fault response region
-//! and the DMA fault IRQ (DESIGN.md §6; every value is listed in `docs/PROTOCOL.md`).
+//! and the DMA fault IRQ (`docs/DESIGN.md` §6; every value is listed in `docs/PROTOCOL.md`).
 //!
 //! Where Eric Auger's never-merged VFIO series "SMMUv3 Nested Stage Setup" fixed a value, we
 //! use it, so that its consumers would recognise the device: region type

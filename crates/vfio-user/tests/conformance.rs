@@ -3,10 +3,10 @@
 //! fault regions with their type capability, BAR 0 with a sparse mmap capability), IRQ info,
 //! `SET_IRQS` with an eventfd, region reads and writes, DMA map/unmap and reset.
 //!
-//! Its known limits (ECOSYSTEM.md): it ignores short reads, drops `VFIO_REGION_INFO_CAP_TYPE`
-//! (so this test tells the fault regions apart by the `kind` in their mapped host page), and
-//! blocks for ever on an error reply to IRQ info or region I/O. A watchdog turns a hang into a
-//! failure instead of a stuck CI run.
+//! Its known limits (`docs/PROTOCOL.md` §5): it ignores short reads, drops
+//! `VFIO_REGION_INFO_CAP_TYPE` (so this test tells the fault regions apart by the `kind` in
+//! their mapped host page), and blocks for ever on an error reply to IRQ info or region I/O. A
+//! watchdog turns a hang into a failure instead of a stuck CI run.
 
 mod common;
 
