@@ -43,7 +43,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     config.records = args.records;
     config.quick = args.quick;
     config.only = (!args.only.is_empty()).then_some(args.only);
-    let report = iopf_bench::run(&config).context("iopf bench")?;
+    let report = iopf_bench::run(&config).context("cannot run the benchmarks")?;
     if args.json {
         println!("{}", report.to_json()?);
     } else {
@@ -53,5 +53,5 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 pub fn peer(args: PeerArgs) -> anyhow::Result<()> {
-    iopf_bench::peer(&args.socket).context("iopf bench peer")
+    iopf_bench::peer(&args.socket).context("the benchmark peer failed")
 }

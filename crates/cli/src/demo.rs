@@ -50,6 +50,9 @@ pub struct DemoArgs {
     /// Seed of the workload.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Print the summary as JSON (on stdout) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Options of the VMM side.
@@ -104,27 +107,28 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
     let device = Arc::new(DemoDevice::default());
     core.add_device(DEVICE, DeviceConfig::default(), device.clone())?;
 
-    let mut faults = FaultQueueProducer::create(args.entries).context("fault queue")?;
+    let mut faults =
+        FaultQueueProducer::create(args.entries).context("cannot create the fault queue")?;
     let response_doorbell = Doorbell::new()?;
     let response_wake = response_doorbell.try_clone()?;
-    let responses =
-        ResponseQueueConsumer::create(args.entries, response_doorbell).context("response queue")?;
+    let responses = ResponseQueueConsumer::create(args.entries, response_doorbell)
+        .context("cannot create the response queue")?;
     let fault_doorbell = Doorbell::new()?;
 
     let dir = std::env::temp_dir().join(format!("iopf-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket_path = dir.join("host.sock");
     let _ = std::fs::remove_file(&socket_path);
-    let listener = UnixListener::bind(&socket_path).context("bind the host socket")?;
+    let listener = UnixListener::bind(&socket_path).context("cannot bind the host socket")?;
     let child = Command::new(std::env::current_exe()?)
         .arg("demo-vmm")
         .arg("--socket")
         .arg(&socket_path)
         .stdin(Stdio::null())
         .spawn()
-        .context("start the VMM process")?;
+        .context("cannot start the VMM process")?;
     let mut vmm = Reaper(child);
-    let (stream, _) = listener.accept().context("accept the VMM")?;
+    let (stream, _) = listener.accept().context("cannot accept the VMM")?;
     let _ = std::fs::remove_dir_all(&dir);
     send_with_fds(
         &stream,
@@ -136,18 +140,20 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
             responses.doorbell().as_fd(),
         ],
     )
-    .context("send the regions and doorbells")?;
+    .context("cannot send the regions and doorbells")?;
     let fault_kick = fault_doorbell.try_clone()?;
     faults.set_doorbell(Some(fault_doorbell));
 
     let pid = vmm.0.id();
-    println!(
-        "iopf demo: host pid {}, VMM pid {pid}; fault queue {} x 64 B, response queue {} x 32 B, \
+    if !args.json {
+        println!(
+            "iopf demo: host pid {}, VMM pid {pid}; fault queue {} x 64 B, response queue {} x 32 B, \
          passed as memfds over a UNIX socket",
-        std::process::id(),
-        args.entries,
-        args.entries,
-    );
+            std::process::id(),
+            args.entries,
+            args.entries,
+        );
+    }
 
     // Wait for the VMM to attach (its page's `abi` becomes 1), then register the handler. (A
     // handler registered earlier would answer page requests Invalid until then.)
@@ -233,7 +239,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
-        .context("read the VMM's summary")?;
+        .context("cannot read the VMM's summary")?;
     let status = vmm.0.wait()?;
     ensure!(status.success(), "the VMM failed: {status}");
     let vmm_stats: HashMap<&str, u64> = line
@@ -247,49 +253,68 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
     let auto = &c.responses.auto;
     let secs = elapsed.as_secs_f64().max(1e-9);
     let records = c.page_requests + c.unrecoverable_delivered;
-    println!();
-    println!(
-        "device  issued   {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults",
-        c.page_requests, c.groups, c.unrecoverable
-    );
-    println!(
-        "host    published {:>8} groups to the VMM, {:>7} unrecoverable faults ({} lost: ring full)",
-        c.groups_delivered, c.unrecoverable_delivered, c.lost
-    );
-    println!(
-        "VMM     received {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults, {} malformed",
-        get("requests"),
-        get("groups"),
-        get("unrecoverable"),
-        get("malformed")
-    );
-    println!(
-        "guest   answered {:>9} success, {:>7} invalid; host refused {} responses",
-        c.responses.guest.success,
-        c.responses.guest.invalid,
-        c.refused_total()
-    );
-    println!(
-        "host    answered {:>9} groups itself: {} queue full, {} pending limit, {} timeout, {} other",
-        auto.queue_full + auto.pending_limit + auto.timeout + auto.not_attached + auto.no_handler,
-        auto.queue_full,
-        auto.pending_limit,
-        auto.timeout,
-        auto.not_attached + auto.no_handler + auto.group_too_large,
-    );
-    println!("unanswered groups: {}", c.groups - c.answered());
-    println!(
-        "doorbells: the VMM slept {} times, it kicked the host {} times ({:.4} per response)",
-        get("sleeps"),
-        get("kicks"),
-        get("kicks") as f64 / c.responses.guest.success.max(1) as f64
-    );
-    println!(
-        "{:.0} groups/s, {:.0} fault records/s in {:.2} s",
-        c.groups as f64 / secs,
-        records as f64 / secs,
-        secs,
-    );
+    if args.json {
+        let value = serde_json::json!({
+            "host_pid": std::process::id(),
+            "vmm_pid": pid,
+            "entries": args.entries,
+            "elapsed_s": secs,
+            "core": c,
+            "vmm": vmm_stats,
+            "unanswered_groups": c.groups - c.answered(),
+            "groups_per_s": c.groups as f64 / secs,
+            "records_per_s": records as f64 / secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!();
+        println!(
+            "device  issued   {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults",
+            c.page_requests, c.groups, c.unrecoverable
+        );
+        println!(
+            "host    published {:>8} groups to the VMM, {:>7} unrecoverable faults ({} lost: ring full)",
+            c.groups_delivered, c.unrecoverable_delivered, c.lost
+        );
+        println!(
+            "VMM     received {:>9} page requests in {:>8} groups, {:>7} unrecoverable faults, {} malformed",
+            get("requests"),
+            get("groups"),
+            get("unrecoverable"),
+            get("malformed")
+        );
+        println!(
+            "guest   answered {:>9} success, {:>7} invalid; host refused {} responses",
+            c.responses.guest.success,
+            c.responses.guest.invalid,
+            c.refused_total()
+        );
+        println!(
+            "host    answered {:>9} groups itself: {} queue full, {} pending limit, {} timeout, {} other",
+            auto.queue_full
+                + auto.pending_limit
+                + auto.timeout
+                + auto.not_attached
+                + auto.no_handler,
+            auto.queue_full,
+            auto.pending_limit,
+            auto.timeout,
+            auto.not_attached + auto.no_handler + auto.group_too_large,
+        );
+        println!("unanswered groups: {}", c.groups - c.answered());
+        println!(
+            "doorbells: the VMM slept {} times, it kicked the host {} times ({:.4} per response)",
+            get("sleeps"),
+            get("kicks"),
+            get("kicks") as f64 / c.responses.guest.success.max(1) as f64
+        );
+        println!(
+            "{:.0} groups/s, {:.0} fault records/s in {:.2} s",
+            c.groups as f64 / secs,
+            records as f64 / secs,
+            secs,
+        );
+    }
     ensure!(c.groups == c.answered(), "groups left unanswered");
     ensure!(
         get("groups") == c.groups_delivered,
@@ -313,9 +338,9 @@ struct VmmStats {
 }
 
 pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
-    let stream = UnixStream::connect(&args.socket).context("connect to the host")?;
+    let stream = UnixStream::connect(&args.socket).context("cannot connect to the host")?;
     let mut hello = [0u8; 64];
-    let (len, fds) = recv_with_fds(&stream, &mut hello).context("receive the regions")?;
+    let (len, fds) = recv_with_fds(&stream, &mut hello).context("cannot receive the regions")?;
     ensure!(&hello[..len] == HELLO, "unexpected greeting from the host");
     let [
         fault_region,
@@ -326,10 +351,10 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         .try_into()
         .map_err(|fds: Vec<_>| anyhow::anyhow!("expected 4 fds, got {}", fds.len()))?;
     let mut faults = FaultQueueConsumer::attach(fault_region, Doorbell::from_fd(fault_doorbell)?)
-        .context("attach the fault queue")?;
+        .context("cannot attach the fault queue")?;
     let mut responses =
         ResponseQueueProducer::attach(response_region, Some(Doorbell::from_fd(response_doorbell)?))
-            .context("attach the response queue")?;
+            .context("cannot attach the response queue")?;
 
     let mut stats = VmmStats::default();
     let mut answers: Vec<PageResponse> = Vec::with_capacity(1024);

@@ -207,7 +207,8 @@ enum Mode {
 
 pub fn main(args: HostileArgs) -> anyhow::Result<()> {
     let mut memory = GuestMemory::new(4096)?;
-    let tables = GuestTables::new(&mut memory, 64).context("guest memory for the tables")?;
+    let tables =
+        GuestTables::new(&mut memory, 64).context("no guest memory for the page tables")?;
     let _ = tables.add_space(&mut memory, None);
     for p in 0..64 {
         let _ = tables.add_space(&mut memory, Pasid::new(p).ok());
@@ -388,7 +389,7 @@ impl Hostile {
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => return Err(e).context("attach a device"),
+                Err(e) => return Err(e).context("cannot attach a device"),
             }
         }
     }

@@ -117,6 +117,37 @@ pub struct VmmArgs {
     /// Override: shortest and longest guest answer latency, in microseconds.
     #[arg(long, num_args = 2)]
     latency_us: Option<Vec<u64>>,
+    /// Print each device's account as JSON (an array on stdout) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What the VMM did for one device, printed when the host finishes.
+#[derive(Debug, serde::Serialize)]
+struct VmmDeviceAccount {
+    device: u32,
+    page_requests: u64,
+    groups: u64,
+    unrecoverable: u64,
+    responses: u64,
+    malformed: u64,
+    handler_lives: u32,
+}
+
+impl std::fmt::Display for VmmDeviceAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives",
+            self.device,
+            self.page_requests,
+            self.groups,
+            self.unrecoverable,
+            self.responses,
+            self.malformed,
+            self.handler_lives
+        )
+    }
 }
 
 /// Kills a child that is still running when dropped.
@@ -147,7 +178,7 @@ pub(crate) fn spawn_vmm(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .context("start the VMM process")?;
+        .context("cannot start the VMM process")?;
     Ok(Reaper(child))
 }
 
@@ -209,7 +240,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("host.sock");
-    let host = Host::bind(scenario.host_config(), &socket).context("start the host")?;
+    let host = Host::bind(scenario.host_config(), &socket).context("cannot start the host")?;
     let file = args.devices.scenario.as_deref();
     // Each VMM process attaches its share of the devices (whichever the host hands out).
     let shares = vmm_shares(devices, args.vmms);
@@ -281,7 +312,7 @@ fn vmm_shares(devices: u32, vmms: u32) -> Vec<u32> {
 
 pub fn host(args: HostArgs) -> anyhow::Result<()> {
     let scenario = args.devices.scenario()?;
-    let host = Host::bind(scenario.host_config(), &args.socket).context("start the host")?;
+    let host = Host::bind(scenario.host_config(), &args.socket).context("cannot start the host")?;
     let (report, elapsed, samples) = drive(host, &scenario, !args.devices.json, |_| Ok(()))?;
     let _ = std::fs::remove_file(&args.socket);
     print_report(
@@ -507,11 +538,18 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
             std::thread::spawn(move || serve(&socket, setup))
         })
         .collect();
+    let mut accounts = Vec::new();
     for t in threads {
-        let line = t
+        let account = t
             .join()
             .map_err(|_| anyhow::anyhow!("a device thread panicked"))??;
-        println!("{line}");
+        if !args.json {
+            println!("{account}");
+        }
+        accounts.push(account);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&accounts)?);
     }
     Ok(())
 }
@@ -520,14 +558,14 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
 /// device's handler (`LIVE` cleared while the host runs on), the VMM lets the connection go and
 /// attaches again to the device's next handler life, keeping its guest memory, page tables and
 /// the answers it still owes (the host refuses those that answer the earlier life).
-fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<String> {
+fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<VmmDeviceAccount> {
     // The host may keep a device closed for a while (after an unregister): retry a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
     let attached = loop {
         match attach(socket, setup) {
             Ok(attached) => break attached,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(e).context("attach a device"),
+            Err(e) => return Err(e).context("cannot attach a device"),
         }
     };
     let (mut client, mut device) = (attached.client, attached.device);
@@ -548,20 +586,19 @@ fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<String> {
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
-                Err(e) => return Err(e).context("attach again after an unregister"),
+                Err(e) => return Err(e).context("cannot attach again after an unregister"),
             }
         };
         lives += 1;
     }
     let s = device.stats();
-    Ok(format!(
-        "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives",
-        device.device_id(),
-        s.requests,
-        s.groups,
-        s.unrecoverable,
-        s.responses,
-        s.malformed,
-        lives
-    ))
+    Ok(VmmDeviceAccount {
+        device: device.device_id(),
+        page_requests: s.requests,
+        groups: s.groups,
+        unrecoverable: s.unrecoverable,
+        responses: s.responses,
+        malformed: s.malformed,
+        handler_lives: lives,
+    })
 }

@@ -247,23 +247,22 @@ pub const DEFAULT: &str = include_str!("../../../scenarios/default.toml");
 impl Scenario {
     /// Parses and checks a scenario.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let scenario: Scenario = toml::from_str(text).context("scenario")?;
+        let scenario: Scenario = toml::from_str(text).context("cannot parse the scenario")?;
         scenario.check()?;
         Ok(scenario)
     }
 
     /// Reads, parses and checks a scenario file (at most 1 MiB).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let len = std::fs::metadata(path)
-            .with_context(|| format!("{}", path.display()))?
-            .len();
+        let what = || format!("cannot read scenario file {}", path.display());
+        let len = std::fs::metadata(path).with_context(what)?.len();
         ensure!(
             len <= 1 << 20,
-            "{}: {len} bytes, a scenario is at most 1 MiB",
+            "scenario file {} is {len} bytes; a scenario is at most 1 MiB",
             path.display()
         );
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("{}", path.display()))
+        let text = std::fs::read_to_string(path).with_context(what)?;
+        Self::parse(&text).with_context(|| format!("invalid scenario file {}", path.display()))
     }
 
     /// Checks a scenario changed after parsing (command-line overrides).

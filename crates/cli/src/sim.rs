@@ -48,7 +48,7 @@ fn config(scenario: Scenario, seed: u64) -> SimConfig {
 
 pub fn main(args: SimArgs) -> anyhow::Result<()> {
     let Some(count) = args.sweep else {
-        let report = run(config(args.scenario, args.seed)).context("simulation")?;
+        let report = run(config(args.scenario, args.seed)).context("the simulation failed")?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -62,7 +62,7 @@ pub fn main(args: SimArgs) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     let started = std::time::Instant::now();
     for seed in args.seed..args.seed.saturating_add(count) {
-        let report = run(config(args.scenario, seed)).context("simulation")?;
+        let report = run(config(args.scenario, seed)).context("the simulation failed")?;
         if !report.ok() {
             eprintln!("seed {seed}: {}", report.violations.join("; "));
             failed.push(seed);

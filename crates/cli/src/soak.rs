@@ -424,7 +424,7 @@ pub fn soak(
     let socket = dir.join("host.sock");
     let mut config = scenario.host_config();
     config.repeat = true;
-    let host = Host::bind(config, &socket).context("start the host")?;
+    let host = Host::bind(config, &socket).context("cannot start the host")?;
     let mut vmm = spawn_vmm(&socket, devices, file)?;
     let mut chaos = ChaosClock::new(&scenario.chaos);
     let own_pid = std::process::id();
@@ -505,7 +505,7 @@ pub fn soak(
         if t >= next_sample {
             next_sample += sample_every;
             let steady = restart_at.is_none() && host.all_attached();
-            let own = Sample::of(own_pid).context("sample this process")?;
+            let own = Sample::of(own_pid).context("cannot sample this process")?;
             host_series.add(own, phase, steady);
             if restart_at.is_none()
                 && let Ok(s) = Sample::of(vmm.0.id())

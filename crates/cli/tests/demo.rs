@@ -58,3 +58,16 @@ fn demo_refuses_a_ring_size_that_is_not_a_power_of_two() {
         "{text}"
     );
 }
+
+#[test]
+fn demo_json_reports_what_crossed_and_what_was_answered() {
+    let out = Command::new(env!("CARGO_BIN_EXE_iopf"))
+        .args(["demo", "--groups", "2000", "--json"])
+        .output()
+        .expect("run iopf demo");
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(report["core"]["groups"], 2000);
+    assert_eq!(report["unanswered_groups"], 0);
+    assert_eq!(report["vmm"]["groups"], report["core"]["groups_delivered"]);
+}

@@ -271,3 +271,24 @@ fn late_answers_from_an_earlier_handler_life_are_refused_across_processes() {
     assert!(refused > 0 && refused <= answered_at_unregister, "{r:#}");
     assert_eq!(core["refused"]["mismatch"], 0);
 }
+
+/// `iopf vmm --json` prints one account per device it served, and its groups are the host's.
+#[test]
+fn the_vmm_reports_its_account_as_json() {
+    let socket = socket_path("vmm-json");
+    let host = host(&socket, &["--devices", "2", "--accesses", "500"]);
+    wait_for(&socket);
+    let out = iopf()
+        .args(["vmm", "--devices", "2", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let accounts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let accounts = accounts.as_array().unwrap();
+    assert_eq!(accounts.len(), 2);
+    let r = report(host);
+    let groups: u64 = accounts.iter().map(|a| a["groups"].as_u64().unwrap()).sum();
+    assert_eq!(groups, r["groups"].as_u64().unwrap(), "{accounts:?}");
+    assert!(accounts.iter().all(|a| a["handler_lives"] == 1));
+}
