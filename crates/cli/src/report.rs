@@ -164,33 +164,34 @@ fn latency_svg(latency: &Histogram<u64>) -> anyhow::Result<String> {
             let b = first + i as i64;
             Rectangle::new([(edge(b), 0.0), (edge(b + 1), c as f64)], GREEN.filled())
         })))?;
-        // Markers, each label on its own row so that close percentiles never overlap.
+        // Markers: a line each, named with its value in the legend (top left, where the bars
+        // leave room), so that close percentiles never make labels overlap.
         let marks = [
             ("p50", latency.value_at_quantile(0.5)),
             ("p90", latency.value_at_quantile(0.9)),
             ("p99", latency.value_at_quantile(0.99)),
             ("max", latency.max()),
         ];
-        let mid = (edge(first).ln() + edge(last + 1).ln()) / 2.0;
-        for (row, ((name, ns), color)) in marks.iter().zip(MARKERS).enumerate() {
+        for ((name, ns), color) in marks.iter().zip(MARKERS) {
             let x = us(*ns);
-            let y = top * (1.5 - 0.11 * row as f64);
             drawn(chart.draw_series(std::iter::once(PathElement::new(
-                vec![(x, 0.0), (x, y)],
+                vec![(x, 0.0), (x, top * 1.45)],
                 color.stroke_width(2),
-            ))))?;
-            // Right of the line in the left half of the chart, left of it in the right half.
-            let h = if x.ln() <= mid {
-                HPos::Left
-            } else {
-                HPos::Right
-            };
-            let style = TextStyle::from((FONT, 13).into_font())
-                .color(&color)
-                .pos(Pos::new(h, VPos::Center));
-            let label = format!(" {name} {} ", micros(x));
-            drawn(chart.draw_series(std::iter::once(Text::new(label, (x, y), style))))?;
+            ))))?
+            .label(format!("{name} {}", micros(x)))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         }
+        drawn(
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK.mix(0.3))
+                .label_font((FONT, 13))
+                .draw(),
+        )?;
         Ok(())
     })
 }
@@ -323,7 +324,8 @@ fn reasons_svg(c: &DeviceCounters) -> anyhow::Result<String> {
                 .margin(12)
                 .x_label_area_size(48)
                 .y_label_area_size(190)
-                .build_cartesian_2d(0.0..top * 1.12, (0..n).into_segmented()),
+                // Integer ranges include their end: `0..n - 1` holds the n rows.
+                .build_cartesian_2d(0.0..top * 1.12, (0..n - 1).into_segmented()),
         )?;
         let labels: Vec<String> = rows
             .iter()
