@@ -201,7 +201,7 @@ fn a_scenario_with_a_vmm_restart_loses_nothing_and_writes_an_html_report() {
     assert_eq!(r["vmm_restarts"], 1);
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(
-        html.contains("<svg") && html.contains("page request round trips"),
+        html.contains("<svg") && html.contains("Page request round trip"),
         "{html}"
     );
     assert!(html.contains("groups answered per second"));
