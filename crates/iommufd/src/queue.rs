@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use iommufd_bindings::iommufd::{
@@ -472,7 +473,8 @@ fn channel_error(e: KernelError) -> ChannelError {
     ChannelError::Io { what, source }
 }
 
-impl<F: FaultFileOps> FaultChannel for KernelFaultQueue<F> {
+/// The kernel fault queue as a channel; `F` gives the fd an event loop polls (the fault file).
+impl<F: FaultFileOps + AsFd> FaultChannel for KernelFaultQueue<F> {
     fn read(&mut self, max: usize, f: &mut dyn FnMut(ChannelFault)) -> Result<usize, ChannelError> {
         self.read_faults(max, f).map_err(channel_error)
     }
@@ -488,6 +490,20 @@ impl<F: FaultFileOps> FaultChannel for KernelFaultQueue<F> {
     fn live(&self) -> bool {
         // The kernel queue lives as long as its file: faults may always come.
         true
+    }
+
+    fn poll_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    fn prepare_to_sleep(&mut self) -> Result<bool, ChannelError> {
+        // Level-triggered: the file stays readable while faults are queued, so there is no
+        // wake-up to ask for and none to lose.
+        Ok(true)
+    }
+
+    fn woke(&mut self) -> Result<(), ChannelError> {
+        Ok(())
     }
 
     fn refused(&self) -> u64 {

@@ -10,13 +10,16 @@
 //! backend, not the VMM, decides what a malformed answer means.
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use iopf_abi::{DecodeError, Fault, ResponseRecord};
 use thiserror::Error;
 
+use crate::doorbell::Doorbell;
 use crate::endpoint::QueueError;
 use crate::fault_queue::FaultQueueConsumer;
+use crate::region::AttachError;
 use crate::response_queue::ResponseQueueProducer;
 use crate::ring::ProtocolError;
 
@@ -71,6 +74,26 @@ pub trait FaultChannel {
     /// queue is open).
     fn live(&self) -> bool;
 
+    /// The fd that becomes readable when faults may be ready, for an event loop's `epoll` or
+    /// `poll` set: the fault doorbell's eventfd, or the kernel fault queue's file.
+    ///
+    /// Sleep on it only after [`prepare_to_sleep`](Self::prepare_to_sleep) returned `true`,
+    /// and call [`woke`](Self::woke) after the sleep; otherwise a wake-up can be lost.
+    fn poll_fd(&self) -> BorrowedFd<'_>;
+
+    /// Asks the other side for a wake-up before sleeping on [`poll_fd`](Self::poll_fd).
+    /// Returns `true` if nothing is ready and the wake-up is requested (`NEED_WAKEUP` set):
+    /// it is safe to sleep. Returns `false` if faults are ready (the request is withdrawn
+    /// again): read them instead of sleeping.
+    ///
+    /// A level-triggered backend (the kernel's fault file) always returns `true`: its fd is
+    /// readable for as long as faults are queued.
+    fn prepare_to_sleep(&mut self) -> Result<bool, ChannelError>;
+
+    /// After a sleep on [`poll_fd`](Self::poll_fd), whether or not it fired: withdraws the
+    /// wake-up request and drains the doorbell's counter, without blocking.
+    fn woke(&mut self) -> Result<(), ChannelError>;
+
     /// Responses the channel refused, as counted on this side.
     fn refused(&self) -> u64;
 }
@@ -92,6 +115,30 @@ impl SharedMemoryChannel {
             faults,
             responses,
         }
+    }
+
+    /// The channel of device `device` from the fds a VMM received its own way: the fault and
+    /// response queue regions (memfds, checked and mapped as [`FaultQueueConsumer::attach`]
+    /// and [`ResponseQueueProducer::attach`] do), the eventfd the host rings when faults
+    /// arrive (the fault IRQ's), and the host's response doorbell, if it has one.
+    ///
+    /// Give the host the fault doorbell (`VFIO_USER_DEVICE_SET_IRQS`) before calling this, so
+    /// that a fault published from the moment the VMM attaches wakes it.
+    pub fn from_fds(
+        device: u32,
+        fault_region: OwnedFd,
+        response_region: OwnedFd,
+        fault_doorbell: Doorbell,
+        response_doorbell: Option<Doorbell>,
+    ) -> Result<Self, AttachError> {
+        let faults = FaultQueueConsumer::attach(fault_region, fault_doorbell)?;
+        let responses = ResponseQueueProducer::attach(response_region, response_doorbell)?;
+        Ok(Self::new(device, faults, responses))
+    }
+
+    /// The device's number, as the host gave it.
+    pub fn device(&self) -> u32 {
+        self.device
     }
 
     /// The fault queue.
@@ -131,8 +178,100 @@ impl FaultChannel for SharedMemoryChannel {
         self.faults.live()
     }
 
+    fn poll_fd(&self) -> BorrowedFd<'_> {
+        self.faults.doorbell().as_fd()
+    }
+
+    fn prepare_to_sleep(&mut self) -> Result<bool, ChannelError> {
+        Ok(self.faults.prepare_to_sleep()?)
+    }
+
+    fn woke(&mut self) -> Result<(), ChannelError> {
+        self.faults.woke();
+        // `Doorbell::drain` never blocks, whatever the peer did to the fd's O_NONBLOCK.
+        self.faults
+            .doorbell()
+            .drain()
+            .map_err(|source| ChannelError::Io {
+                what: "drain of the fault doorbell",
+                source,
+            })?;
+        Ok(())
+    }
+
     fn refused(&self) -> u64 {
         // The host refuses on its side and counts there; nothing is refused here.
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use iopf_abi::{Cookie, PageAddr, PageRequest, Perm, PrgIndex};
+    use rustix::event::{PollFd, PollFlags, Timespec};
+
+    use super::*;
+    use crate::fault_queue::FaultQueueProducer;
+    use crate::response_queue::ResponseQueueConsumer;
+
+    fn pair() -> (FaultQueueProducer, SharedMemoryChannel) {
+        let mut faults = FaultQueueProducer::create(8).unwrap();
+        let bell = Doorbell::new().unwrap();
+        faults.set_doorbell(Some(bell.try_clone().unwrap()));
+        faults.set_live(true);
+        let responses = ResponseQueueConsumer::create(8, Doorbell::new().unwrap()).unwrap();
+        let channel = SharedMemoryChannel::from_fds(
+            5,
+            faults.memory().fd().try_clone_to_owned().unwrap(),
+            responses.memory().fd().try_clone_to_owned().unwrap(),
+            bell,
+            None,
+        )
+        .unwrap();
+        (faults, channel)
+    }
+
+    fn readable(fd: BorrowedFd<'_>) -> bool {
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        rustix::event::poll(&mut fds, Some(&Timespec::default())).unwrap() > 0
+    }
+
+    fn request() -> PageRequest {
+        PageRequest {
+            cookie: Cookie::new(1).unwrap(),
+            pasid: None,
+            grpid: PrgIndex::new(1).unwrap(),
+            perm: Perm::READ,
+            addr: PageAddr::containing(0x1000),
+            last: true,
+            private_data: None,
+        }
+    }
+
+    #[test]
+    fn a_fault_published_after_prepare_to_sleep_makes_the_poll_fd_readable() {
+        let (mut host, mut channel) = pair();
+        assert_eq!(channel.device(), 5);
+        assert!(channel.prepare_to_sleep().unwrap());
+        assert!(!readable(channel.poll_fd()));
+        host.stage_group(&[request()]).unwrap();
+        assert!(host.publish().unwrap().kick);
+        assert!(readable(channel.poll_fd()));
+        channel.woke().unwrap();
+        // The counter is drained without blocking, and a second drain of 0 does not block.
+        assert!(!readable(channel.poll_fd()));
+        channel.woke().unwrap();
+        // Faults are ready: no sleep, and no kick asked for.
+        assert!(!channel.prepare_to_sleep().unwrap());
+        assert_eq!(channel.read(16, &mut |_| {}).unwrap(), 1);
+    }
+
+    #[test]
+    fn without_prepare_to_sleep_the_host_does_not_ring() {
+        let (mut host, channel) = pair();
+        host.stage_group(&[request()]).unwrap();
+        assert!(!host.publish().unwrap().kick);
+        assert!(!readable(channel.poll_fd()));
     }
 }

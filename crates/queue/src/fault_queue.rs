@@ -216,6 +216,23 @@ impl<M: QueueMemory> FaultQueueConsumer<M> {
         self.receiver.set_spin(spin);
     }
 
+    /// Sets `NEED_WAKEUP` for an event loop about to sleep on [`doorbell`](Self::doorbell);
+    /// `false` if faults arrived meanwhile (the flag is cleared again; see
+    /// [`Receiver::prepare_to_sleep`]).
+    pub fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+        self.receiver.prepare_to_sleep()
+    }
+
+    /// Clears `NEED_WAKEUP` after a sleep.
+    pub fn woke(&mut self) {
+        self.receiver.woke();
+    }
+
+    /// The doorbell this end sleeps on (the fault IRQ's eventfd; to add to an epoll set).
+    pub fn doorbell(&self) -> &Doorbell {
+        self.receiver.doorbell()
+    }
+
     /// Times the consumer slept on its doorbell.
     pub fn sleeps(&self) -> u64 {
         self.receiver.sleeps()
