@@ -438,7 +438,7 @@ impl Hostile {
                 .map(Doorbell::try_clone)
                 .transpose()?,
         )?;
-        iopf_vmm::register_memory(&mut client, &self.memory, &self.tables)?;
+        iopf_sim::vmm_guest::register_memory(&mut client, &self.memory, &self.tables)?;
         self.partial.clear();
         Ok(Link {
             client,

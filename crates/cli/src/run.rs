@@ -9,7 +9,8 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use hdrhistogram::Histogram;
 use iopf_host::{Host, HostReport};
-use iopf_vmm::{GuestSetup, attach, host_finished, reattach};
+use iopf_sim::vmm_guest::{GuestSetup, SimulatedGuest, attach, reattach};
+use iopf_vmm::{Device, DeviceKey, EventLoop, host_finished};
 use serde_json::json;
 
 use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
@@ -537,21 +538,11 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         ensure!(l.len() == 2 && l[0] <= l[1], "--latency-us takes MIN MAX");
         setup.guest.latency_ns = (l[0].saturating_mul(1000), l[1].saturating_mul(1000));
     }
-    let threads: Vec<_> = (0..args.devices)
-        .map(|_| {
-            let socket = args.socket.clone();
-            std::thread::spawn(move || serve(&socket, setup))
-        })
-        .collect();
-    let mut accounts = Vec::new();
-    for t in threads {
-        let account = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("a device thread panicked"))??;
-        if !args.json {
+    let accounts = serve(&args.socket, args.devices, &setup)?;
+    if !args.json {
+        for account in &accounts {
             println!("{account}");
         }
-        accounts.push(account);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&accounts)?);
@@ -559,51 +550,136 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attaches one device and serves it until the host finishes. When the host unregisters the
-/// device's handler (`LIVE` cleared while the host runs on), the VMM lets the connection go and
-/// attaches again to the device's next handler life, keeping its guest memory, page tables and
-/// the answers it still owes (the host refuses those that answer the earlier life).
-fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<VmmDeviceAccount> {
-    // The host may keep a device closed for a while (after an unregister): retry a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let attached = loop {
-        match attach(socket, setup) {
-            Ok(attached) => break attached,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(e).context("cannot attach a device"),
-        }
-    };
-    let (mut client, mut device) = (attached.client, attached.device);
-    let mut lives = 1;
-    loop {
-        while device.live() {
-            device.poll()?;
-            device.wait(Duration::from_millis(20))?;
-        }
-        if host_finished(&mut client).unwrap_or(true) {
-            break;
-        }
-        drop(client);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        client = loop {
-            match reattach(socket, &mut device) {
-                Ok(client) => break client,
+/// One device as `iopf vmm` serves it.
+struct ServedDevice {
+    device_id: u32,
+    /// The connection of the current handler life (`None` while attaching again).
+    client: Option<iopf_vfio_user::Client>,
+    /// In the loop; `None` while between handler lives (the device is in `parked`).
+    key: Option<DeviceKey>,
+    parked: Option<Device>,
+    lives: u32,
+    /// Attaching again: the next try, and when to give up.
+    next_try: Instant,
+    give_up: Instant,
+    /// Its account, once the host has finished.
+    done: Option<VmmDeviceAccount>,
+}
+
+/// Attaches `devices` devices and serves them all from this thread, with one event loop, until
+/// the host finishes. When the host unregisters a device's handler (`LIVE` cleared while the
+/// host runs on), the VMM lets its connection go and attaches again to the device's next
+/// handler life, keeping its guest memory, page tables and the answers it still owes (the
+/// host refuses those that answer the earlier life).
+fn serve(socket: &Path, devices: u32, setup: &GuestSetup) -> anyhow::Result<Vec<VmmDeviceAccount>> {
+    let mut events = EventLoop::new()?;
+    let mut guest = SimulatedGuest::new();
+    let mut served = Vec::new();
+    for _ in 0..devices {
+        // The host may keep a device closed for a while (after an unregister): retry a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let attached = loop {
+            match attach(socket, setup) {
+                Ok(attached) => break attached,
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
-                Err(e) => return Err(e).context("cannot attach again after an unregister"),
+                Err(e) => return Err(e).context("cannot attach a device"),
             }
         };
-        lives += 1;
+        guest.add_device(
+            attached.device_id,
+            attached.device.responder(),
+            attached.guest,
+        );
+        let key = events.add(attached.device)?;
+        served.push(ServedDevice {
+            device_id: attached.device_id,
+            client: Some(attached.client),
+            key: Some(key),
+            parked: None,
+            lives: 1,
+            next_try: Instant::now(),
+            give_up: Instant::now(),
+            done: None,
+        });
     }
-    let s = device.stats();
-    Ok(VmmDeviceAccount {
-        device: device.device_id(),
+    let mut failures = Vec::new();
+    while served.iter().any(|s| s.done.is_none()) {
+        let reattaching = served.iter().any(|s| s.done.is_none() && s.key.is_none());
+        let most = Duration::from_millis(if reattaching { 10 } else { 20 });
+        let timeout = guest.timeout(most);
+        let round = events.run_once(&mut guest, Some(timeout))?;
+        for failed in round.failed {
+            let s = served
+                .iter_mut()
+                .find(|s| s.key == Some(failed.key))
+                .context("a failed device the VMM does not know")?;
+            failures
+                .push(anyhow::Error::new(failed.error).context(format!("device {}", s.device_id)));
+            s.done = Some(account(s.device_id, &failed.device, s.lives));
+            s.key = None;
+        }
+        guest.send_due();
+        for s in served.iter_mut().filter(|s| s.done.is_none()) {
+            let now = Instant::now();
+            match s.key {
+                Some(key) => {
+                    if events.device(key).is_none_or(Device::live) {
+                        continue;
+                    }
+                    let device = events.remove(key).context("a device left the loop")?;
+                    s.key = None;
+                    let mut client = s.client.take().context("a device without connection")?;
+                    if host_finished(&mut client).unwrap_or(true) {
+                        s.done = Some(account(s.device_id, &device, s.lives));
+                        continue;
+                    }
+                    drop(client);
+                    guest.pause(s.device_id, true);
+                    s.parked = Some(device);
+                    (s.next_try, s.give_up) = (now, now + Duration::from_secs(60));
+                }
+                None if now >= s.next_try => {
+                    let g = guest
+                        .device(s.device_id)
+                        .context("a device without guest")?;
+                    match reattach(socket, s.device_id, g) {
+                        Ok((client, channel)) => {
+                            let mut device = s.parked.take().context("no device to attach")?;
+                            drop(device.replace_channel(channel));
+                            s.key = Some(events.add(device)?);
+                            s.client = Some(client);
+                            s.lives += 1;
+                            guest.pause(s.device_id, false);
+                        }
+                        Err(_) if now < s.give_up => {
+                            s.next_try = now + Duration::from_millis(10);
+                        }
+                        Err(e) => {
+                            return Err(e).context("cannot attach again after an unregister");
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    if let Some(e) = failures.into_iter().next() {
+        return Err(e);
+    }
+    Ok(served.into_iter().filter_map(|s| s.done).collect())
+}
+
+fn account(device: u32, served: &Device, lives: u32) -> VmmDeviceAccount {
+    let s = served.stats();
+    VmmDeviceAccount {
+        device,
         page_requests: s.requests,
         groups: s.groups,
         unrecoverable: s.unrecoverable,
         responses: s.responses,
         malformed: s.malformed,
         handler_lives: lives,
-    })
+    }
 }

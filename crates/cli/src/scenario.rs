@@ -11,8 +11,8 @@ use iopf_host::HostConfig;
 use iopf_host::engine::Workload;
 use iopf_sim::endpoint::EndpointConfig;
 use iopf_sim::guest::GuestConfig;
+use iopf_sim::vmm_guest::GuestSetup;
 use iopf_sim::workload::{Pattern, Stream};
-use iopf_vmm::GuestSetup;
 use serde::Deserialize;
 
 /// A whole scenario.

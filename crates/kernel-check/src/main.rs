@@ -18,7 +18,8 @@ use iopf_sim::guest::{Guest, GuestConfig};
 use iopf_sim::memory::GuestMemory;
 use iopf_sim::nested::GuestTables;
 use iopf_sim::rng::Rng;
-use iopf_vmm::VmmDevice;
+use iopf_sim::vmm_guest::{GuestDevice, SimulatedGuest};
+use iopf_vmm::Device;
 
 const PREFIX: &str = "iopf-kernel-check:";
 const EINVAL: i32 = 22;
@@ -292,7 +293,7 @@ fn detach_auto_answers(rig: &Rig, q: &mut KernelFaultQueue) -> Check {
     ))
 }
 
-/// The VMM library's device loop (`VmmDevice` with the guest model, the code `iopf vmm` runs
+/// The VMM library's device loop (`Device` with the simulated guest, the code `iopf vmm` runs
 /// over shared memory) serves the kernel's queue unchanged: the guest maps each page in its
 /// own page tables and answers; every group gets exactly one answer the kernel accepts.
 fn vmm_device(rig: &Rig) -> Check {
@@ -316,8 +317,11 @@ fn vmm_device(rig: &Rig) -> Check {
             Rng::new(7),
         );
         let channel = KernelFaultQueue::new(fault_id, file);
-        let mut vmm = VmmDevice::new(rig.device.idev_id, channel, memory, tables, guest, 2)
+        let guest = GuestDevice::new(memory, tables, guest, 2)
             .map_err(|e| format!("address spaces: {e}"))?;
+        let mut vmm = Device::new(channel).map_err(|e| e.to_string())?;
+        let mut sim = SimulatedGuest::new();
+        sim.add_device(rig.device.idev_id, vmm.responder(), guest);
         for i in 0..N {
             rig.trigger(i, 0x80_0000 + u64::from(i) * 0x1000)?;
         }
@@ -330,8 +334,10 @@ fn vmm_device(rig: &Rig) -> Check {
                     vmm.channel().stats()
                 ));
             }
-            vmm.poll().map_err(|e| e.to_string())?;
-            vmm.wait(Duration::from_millis(5))
+            vmm.poll(&mut sim).map_err(|e| e.to_string())?;
+            sim.send_due();
+            vmm.flush().map_err(|e| e.to_string())?;
+            vmm.wait(sim.timeout(Duration::from_millis(5)))
                 .map_err(|e| e.to_string())?;
         }
         let (v, k) = (vmm.stats(), vmm.channel().stats());
@@ -347,7 +353,8 @@ fn vmm_device(rig: &Rig) -> Check {
             v.groups,
             v.responses,
             k.written,
-            vmm.guest().counters().mapped
+            sim.device(rig.device.idev_id)
+                .map_or(0, |g| g.guest().counters().mapped)
         ))
     })();
     rig.device

@@ -10,6 +10,7 @@ pub mod iommu;
 pub mod memory;
 pub mod nested;
 pub mod rng;
+pub mod vmm_guest;
 pub mod workload;
 pub mod world;
 

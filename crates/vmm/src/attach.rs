@@ -1,23 +1,18 @@
-//! Attaching a device over vfio-user (docs/PROTOCOL.md's attach sequence): find the fault
-//! regions by type, map them from their fds, register guest memory and the guest's PASID
-//! directory, and give the fault IRQ its eventfd.
+//! Attaching a device over a vfio-user connection the VMM owns (docs/PROTOCOL.md's attach
+//! sequence): find the fault regions by type, give the fault IRQ its eventfd, map the regions
+//! from their fds; and telling the device where guest memory and the PASID directory are.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
 
-use iopf_queue::{Doorbell, FaultQueueConsumer, ResponseQueueProducer, SharedMemoryChannel};
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
+use iopf_queue::{Doorbell, SharedMemoryChannel};
 use iopf_vfio_user::device::{
-    DMA_FAULT_IRQ_INDEX, VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
-    VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED,
+    DMA_FAULT_IRQ_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE,
+    VFIO_REGION_TYPE_NESTED,
 };
 use iopf_vfio_user::{Client, ClientError, DmaProt};
 use thiserror::Error;
-
-use crate::VmmDevice;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// BAR0 register offsets of the iopf device (`docs/PROTOCOL.md`).
 const REG_DIRECTORY_BASE: u64 = 0x00;
@@ -25,55 +20,44 @@ const REG_DIRECTORY_ENTRIES: u64 = 0x08;
 const REG_DEVICE_ID: u64 = 0x10;
 const REG_HOST_STATE: u64 = 0x18;
 
-/// Why a device could not be attached.
+/// Why a device could not be attached, or told about guest memory.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum AttachError {
-    /// The vfio-user exchange failed.
-    #[error("vfio-user: {0}")]
+    /// A vfio-user exchange failed.
+    #[error("vfio-user exchange")]
     Client(#[from] ClientError),
     /// The device lacks a region or fd the protocol promises.
     #[error("the device has no {0}")]
     Missing(&'static str),
     /// A region or doorbell failed its checks.
-    #[error("queue: {0}")]
+    #[error("cannot attach a queue region")]
     Queue(#[from] iopf_queue::AttachError),
-    /// An eventfd failed.
-    #[error("eventfd: {0}")]
-    Io(#[from] std::io::Error),
-    /// The guest's address spaces could not be set up.
-    #[error("cannot set up the guest's address spaces")]
-    Guest(#[source] crate::device::VmmError),
-}
-
-impl From<crate::device::VmmError> for AttachError {
-    fn from(e: crate::device::VmmError) -> Self {
-        Self::Guest(e)
-    }
-}
-
-/// How the VMM's guest behaves for a device.
-#[derive(Debug, Clone, Copy)]
-pub struct GuestSetup {
-    /// The guest model.
-    pub guest: GuestConfig,
-    /// Guest memory, in 4 KiB pages.
-    pub pages: u64,
-    /// Address spaces to create: requests without PASID, and PASIDs `0..pasids`.
-    pub pasids: u32,
-    /// Seed of the guest's random choices.
-    pub seed: u64,
-}
-
-/// A device attached over vfio-user.
-#[derive(Debug)]
-pub struct Attached {
-    /// The connection (closing it is unregister).
-    pub client: Client,
-    /// The device's queues, memory, tables and guest.
-    pub device: VmmDevice,
-    /// The host's number for the device.
-    pub device_id: u32,
+    /// The fault doorbell's eventfd could not be created, or the response doorbell is not an
+    /// eventfd.
+    #[error("doorbell eventfd")]
+    Doorbell(#[source] std::io::Error),
+    /// A guest memory region has no file: the device maps guest memory from a shared fd.
+    #[error(
+        "guest memory at {gpa:#x} ({len} bytes) has no file; the device needs it backed by a shared fd"
+    )]
+    NoFile {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// `DMA_MAP` of a guest memory region failed.
+    #[error("DMA_MAP of guest memory at {gpa:#x} ({len} bytes)")]
+    DmaMap {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Why.
+        #[source]
+        source: ClientError,
+    },
 }
 
 fn region_fd(
@@ -87,10 +71,21 @@ fn region_fd(
         .ok_or(AttachError::Missing(what))
 }
 
-/// A device's queues, attached over `client`: regions found by type, the response doorbell
-/// from `GET_REGION_IO_FDS`, and the fault IRQ given its eventfd before the regions are
-/// attached (so the host can wake the VMM from the first fault on).
-fn attach_queues(client: &mut Client, device: u32) -> Result<SharedMemoryChannel, AttachError> {
+/// The host's number for the device on `client` (BAR0 `DEVICE_ID`).
+pub fn device_number(client: &mut Client) -> Result<u32, AttachError> {
+    client.device_info()?;
+    let mut id = [0u8; 4];
+    client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_DEVICE_ID, &mut id)?;
+    Ok(u32::from_le_bytes(id))
+}
+
+/// Attaches the device's fault channel over `client`, a connection the VMM keeps (closing it
+/// is unregistering): reads the device number from BAR0, finds the fault and response regions
+/// by type, takes the response doorbell from `GET_REGION_IO_FDS`, gives the fault IRQ a new
+/// eventfd before the regions are attached (so the host can wake the VMM from the first fault
+/// on), and maps both regions.
+pub fn attach_channel(client: &mut Client) -> Result<SharedMemoryChannel, AttachError> {
+    let device = device_number(client)?;
     let fault_fd = region_fd(
         client,
         VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
@@ -101,95 +96,82 @@ fn attach_queues(client: &mut Client, device: u32) -> Result<SharedMemoryChannel
         VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE,
         "DMA fault response region",
     )?;
-    let mut io_fds =
-        client.region_io_fds(iopf_vfio_user::device::DMA_FAULT_RESPONSE_REGION_INDEX)?;
+    let mut io_fds = client.region_io_fds(DMA_FAULT_RESPONSE_REGION_INDEX)?;
     let response_doorbell = match io_fds.fds.len() {
         0 => None,
-        _ => Some(Doorbell::from_fd(io_fds.fds.remove(0))?),
+        _ => Some(Doorbell::from_fd(io_fds.fds.remove(0)).map_err(AttachError::Doorbell)?),
     };
-    let fault_doorbell = Doorbell::new()?;
+    let fault_doorbell = Doorbell::new().map_err(AttachError::Doorbell)?;
     client.set_irqs(DMA_FAULT_IRQ_INDEX, &[fault_doorbell.as_fd()])?;
-    let faults = FaultQueueConsumer::attach(fault_fd, fault_doorbell)?;
-    let responses = ResponseQueueProducer::attach(response_fd, response_doorbell)?;
-    Ok(SharedMemoryChannel::new(device, faults, responses))
+    tracing::debug!(device, "fault channel attached");
+    Ok(SharedMemoryChannel::from_fds(
+        device,
+        fault_fd,
+        response_fd,
+        fault_doorbell,
+        response_doorbell,
+    )?)
 }
 
-/// Registers guest memory (`DMA_MAP` of its memfd at guest-physical 0) and the guest's PASID
-/// directory (the BAR0 directory registers) with the device.
-pub fn register_memory(
+/// Tells the device where the guest's PASID directory is (BAR0 `DIRECTORY_BASE` and
+/// `DIRECTORY_ENTRIES`): `entries` 8-byte entries at guest-physical `base`.
+pub fn set_pasid_directory(
     client: &mut Client,
-    memory: &GuestMemory,
-    tables: &GuestTables,
+    base: u64,
+    entries: u64,
 ) -> Result<(), AttachError> {
-    client.dma_map(
-        Some(memory.shared().fd()),
-        0,
-        0,
-        memory.shared().len(),
-        DmaProt::READ | DmaProt::WRITE,
-    )?;
-    let directory = tables.directory();
     client.region_write(
         VFIO_PCI_BAR0_REGION_INDEX,
         REG_DIRECTORY_BASE,
-        &directory.base.to_le_bytes(),
+        &base.to_le_bytes(),
     )?;
     client.region_write(
         VFIO_PCI_BAR0_REGION_INDEX,
         REG_DIRECTORY_ENTRIES,
-        &directory.entries.to_le_bytes(),
+        &entries.to_le_bytes(),
     )?;
     Ok(())
 }
 
-fn device_id(client: &mut Client) -> Result<u32, AttachError> {
-    client.device_info()?;
-    let mut id = [0u8; 4];
-    client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_DEVICE_ID, &mut id)?;
-    Ok(u32::from_le_bytes(id))
-}
-
-/// Connects to the host at `socket` and attaches one device.
-pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError> {
-    let span = tracing::info_span!("attach", device = tracing::field::Empty).entered();
-    let mut client = Client::connect(socket)?;
-    let device_id = device_id(&mut client)?;
-    span.record("device", device_id);
-    let channel = attach_queues(&mut client, device_id)?;
-    let mut memory = GuestMemory::new(setup.pages)?;
-    // Slot 0 of the PASID directory serves requests without PASID, slot p + 1 PASID p.
-    let tables = GuestTables::new(&mut memory, u64::from(setup.pasids) + 1)
-        .ok_or(AttachError::Missing("guest memory for tables"))?;
-    let guest = Guest::new(setup.guest, Rng::new(setup.seed ^ u64::from(device_id)));
-    // Creating the address spaces fills the directory before the device is told about it.
-    let device = VmmDevice::new(device_id, channel, memory, tables, guest, setup.pasids)?;
-    register_memory(&mut client, device.memory(), &device.tables())?;
-    tracing::debug!(pasids = setup.pasids, pages = setup.pages, "attached");
-    Ok(Attached {
-        client,
-        device,
-        device_id,
-    })
-}
-
-/// Attaches `device` again after the host unregistered its handler: a new connection, the new
-/// life's regions, the same guest memory and page tables. Fails if the host hands over another
-/// device (or none).
-pub fn reattach(socket: &Path, device: &mut VmmDevice) -> Result<Client, AttachError> {
-    let _span = tracing::info_span!("reattach", device = device.device_id()).entered();
-    let mut client = Client::connect(socket)?;
-    if device_id(&mut client)? != device.device_id() {
-        return Err(AttachError::Missing("the same device"));
+/// Gives the device guest memory the rust-vmm way: one `DMA_MAP` per region of `memory`, at
+/// its guest-physical address (IOVA = GPA), of its whole length, from its file at its file
+/// offset, with the access `prot` gives it. Returns how many regions were mapped.
+///
+/// Every region must be backed by a file the host can map (a memfd, say): a region without
+/// one is refused with [`AttachError::NoFile`] before anything is sent.
+pub fn map_guest_memory<M: GuestMemoryBackend>(
+    client: &mut Client,
+    memory: &M,
+    prot: impl Fn(&M::R) -> DmaProt,
+) -> Result<usize, AttachError> {
+    if let Some(region) = memory.iter().find(|r| r.file_offset().is_none()) {
+        return Err(AttachError::NoFile {
+            gpa: region.start_addr().0,
+            len: region.len(),
+        });
     }
-    let channel = attach_queues(&mut client, device.device_id())?;
-    device.replace_channel(channel);
-    register_memory(&mut client, device.memory(), &device.tables())?;
-    tracing::debug!("attached to a new handler life");
-    Ok(client)
+    let mut mapped = 0;
+    for region in memory.iter() {
+        let (gpa, len) = (region.start_addr().0, region.len());
+        let Some(file) = region.file_offset() else {
+            return Err(AttachError::NoFile { gpa, len });
+        };
+        client
+            .dma_map(
+                Some(file.file().as_fd()),
+                file.start(),
+                gpa,
+                len,
+                prot(region),
+            )
+            .map_err(|source| AttachError::DmaMap { gpa, len, source })?;
+        mapped += 1;
+    }
+    Ok(mapped)
 }
 
-/// Whether the host says it has finished (BAR0 host state bit 0): a VMM that sees `LIVE`
-/// cleared then leaves instead of attaching again.
+/// Whether the host says it has finished (BAR0 host state bit 0): a VMM whose channel is no
+/// longer [`live`](iopf_queue::FaultChannel::live) then leaves instead of attaching again.
 pub fn host_finished(client: &mut Client) -> Result<bool, AttachError> {
     let mut state = [0u8; 4];
     client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_HOST_STATE, &mut state)?;

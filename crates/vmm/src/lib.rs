@@ -1,12 +1,18 @@
-//! The VMM side of iopf, as a library a VMM author can embed: a device's fault queue and
-//! response queue, the guest memory it registered with the host, the guest's page tables in
-//! it, and the guest that answers page requests.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod attach;
 mod device;
+mod event_loop;
+mod viommu;
 
 pub use attach::{
-    AttachError, Attached, GuestSetup, attach, host_finished, reattach, register_memory,
+    AttachError, attach_channel, device_number, host_finished, map_guest_memory,
+    set_pasid_directory,
 };
-pub use device::{VmmDevice, VmmError, VmmStats};
+pub use device::{
+    BACKLOG_RETRY, Device, DeviceStats, OUTBOX_LIMIT, READ_BATCH, RespondError, Responder, VmmError,
+};
+pub use event_loop::{DeviceKey, EventLoop, EventLoopError, Failed, Round};
+pub use viommu::{Assembled, GroupAssembler, GroupToken, PageRequestGroup, Viommu};

@@ -1,5 +1,6 @@
-//! The host's device engine and the VMM's device, on real memfd regions, eventfds and guest
-//! memory, in two threads: every access ends, every group is answered, every DMA byte checks.
+//! The host's device engine and the VMM's device (served by the library's event loop, the
+//! simulated guest as its vIOMMU), on real memfd regions, eventfds and guest memory, in two
+//! threads: every access ends, every group is answered, every DMA byte checks.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -9,16 +10,16 @@ use std::time::Duration;
 use iopf_core::{DeviceConfig, DeviceId, FaultCore, MonotonicClock, QueueHandler};
 use iopf_host::engine::{DeviceSlot, Progress, SlotSink, Workload, run};
 use iopf_queue::{
-    Doorbell, FaultQueueConsumer, FaultQueueProducer, ResponseQueueConsumer, ResponseQueueProducer,
-    SharedMemory, SharedMemoryChannel,
+    Doorbell, FaultQueueProducer, ResponseQueueConsumer, SharedMemory, SharedMemoryChannel,
 };
 use iopf_sim::endpoint::EndpointConfig;
 use iopf_sim::guest::{Guest, GuestConfig};
 use iopf_sim::memory::GuestMemory;
 use iopf_sim::nested::GuestTables;
 use iopf_sim::rng::Rng;
+use iopf_sim::vmm_guest::{GuestDevice, SimulatedGuest};
 use iopf_sim::workload::{Pattern, Stream};
-use iopf_vmm::VmmDevice;
+use iopf_vmm::{Device, EventLoop};
 
 #[test]
 fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
@@ -47,24 +48,29 @@ fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
     let mut memory = GuestMemory::new(512).unwrap();
     let tables = GuestTables::new(&mut memory, 16).unwrap();
     let guest_fd = memory.shared().fd().try_clone_to_owned().unwrap();
-    let channel = SharedMemoryChannel::new(
+    let channel = SharedMemoryChannel::from_fds(
         1,
-        FaultQueueConsumer::attach(fault_fd, fault_bell).unwrap(),
-        ResponseQueueProducer::attach(
-            response_fd,
-            Some(Doorbell::from_fd(response_bell_fd).unwrap()),
+        fault_fd,
+        response_fd,
+        fault_bell,
+        Some(Doorbell::from_fd(response_bell_fd).unwrap()),
+    )
+    .unwrap();
+    let device = Device::new(channel).unwrap();
+    let mut guest = SimulatedGuest::new();
+    guest.add_device(
+        1,
+        device.responder(),
+        GuestDevice::new(
+            memory,
+            tables,
+            Guest::new(GuestConfig::default(), Rng::new(9)),
+            4,
         )
         .unwrap(),
     );
-    let vmm = VmmDevice::new(
-        1,
-        channel,
-        memory,
-        tables,
-        Guest::new(GuestConfig::default(), Rng::new(9)),
-        4,
-    )
-    .unwrap();
+    let mut events = EventLoop::new().unwrap();
+    let key = events.add(device).unwrap();
     // What DMA_MAP and the register writes would tell the host.
     {
         let mut a = slot.attachment();
@@ -74,13 +80,14 @@ fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
         a.generation += 1;
     }
     let vmm_thread = std::thread::spawn(move || {
-        let mut vmm = vmm;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while vmm.live() && std::time::Instant::now() < deadline {
-            vmm.poll().unwrap();
-            vmm.wait(Duration::from_millis(5)).unwrap();
+        while events.device(key).unwrap().live() && std::time::Instant::now() < deadline {
+            let timeout = guest.timeout(Duration::from_millis(5));
+            let round = events.run_once(&mut guest, Some(timeout)).unwrap();
+            assert!(round.failed.is_empty());
+            guest.send_due();
         }
-        vmm.stats()
+        events.device(key).unwrap().stats()
     });
     let workload = Workload {
         endpoint: EndpointConfig::default(),
