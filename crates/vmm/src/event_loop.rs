@@ -211,10 +211,11 @@ impl<C: FaultChannel> EventLoop<C> {
         self.slots.is_empty()
     }
 
-    /// One round: serves every device that is ready (reads until its channel is idle and
-    /// arms it), then sleeps until a device's fd fires or `timeout` passes (`None`: no limit;
-    /// at most [`BACKLOG_RETRY`] while answers wait for ring room), and marks the devices
-    /// that fired ready for the next round.
+    /// One round: serves the devices that are ready (new ones, and those not done last
+    /// round), sleeps until a device's fd fires or `timeout` passes (`None`: no limit; no
+    /// sleep while a device is not done; at most [`BACKLOG_RETRY`] while answers wait for ring
+    /// room), then serves the devices that fired. Serving a device reads until its channel
+    /// is idle, then arms it ([`Device::prepare_to_sleep`]) before any sleep.
     ///
     /// A device that fails is removed and returned in [`Round::failed`]; the others are
     /// served as usual.
@@ -227,42 +228,7 @@ impl<C: FaultChannel> EventLoop<C> {
             faults: 0,
             failed: Vec::new(),
         };
-        let mut busy = false;
-        let mut broken = Vec::new();
-        for (&key, slot) in &mut self.slots {
-            if slot.registered_life != slot.device.life() {
-                // The channel was replaced behind the loop's back (through `device_mut`): the
-                // old fd is gone from the set with its file; watch the new one.
-                if let Err(e) = epoll::add(
-                    &self.epoll,
-                    slot.device.poll_fd(),
-                    data(key, false),
-                    epoll::EventFlags::IN,
-                ) {
-                    broken.push((key, VmmError::Watch(e.into())));
-                    continue;
-                }
-                slot.registered_life = slot.device.life();
-                slot.ready = true;
-            }
-            if !slot.ready {
-                continue;
-            }
-            match serve(&mut slot.device, viommu) {
-                Ok((faults, done)) => {
-                    round.faults += faults;
-                    slot.ready = !done;
-                    busy |= !done;
-                }
-                Err(error) => broken.push((key, error)),
-            }
-        }
-        for (key, error) in broken {
-            if let Some(device) = self.remove(key) {
-                round.failed.push(Failed { key, device, error });
-            }
-        }
-
+        let busy = self.serve_ready(viommu, &mut round);
         let backlog = self.slots.values().any(|s| s.device.backlog() > 0);
         let timeout = if busy {
             Some(Duration::ZERO)
@@ -296,16 +262,58 @@ impl<C: FaultChannel> EventLoop<C> {
                 }
             }
         }
+        self.fail(broken, &mut round);
+        // Answers waiting for ring room are retried too.
+        for slot in self.slots.values_mut() {
+            slot.ready |= slot.device.backlog() > 0;
+        }
+        self.serve_ready(viommu, &mut round);
+        Ok(round)
+    }
+
+    /// Serves every ready device; returns whether one is not done (it stays ready).
+    fn serve_ready<V: Viommu + ?Sized>(&mut self, viommu: &mut V, round: &mut Round<C>) -> bool {
+        let mut busy = false;
+        let mut broken = Vec::new();
+        for (&key, slot) in &mut self.slots {
+            if slot.registered_life != slot.device.life() {
+                // The channel was replaced behind the loop's back (through `device_mut`): the
+                // old fd is gone from the set with its file; watch the new one.
+                if let Err(e) = epoll::add(
+                    &self.epoll,
+                    slot.device.poll_fd(),
+                    data(key, false),
+                    epoll::EventFlags::IN,
+                ) {
+                    broken.push((key, VmmError::Watch(e.into())));
+                    continue;
+                }
+                slot.registered_life = slot.device.life();
+                slot.ready = true;
+            }
+            if !slot.ready {
+                continue;
+            }
+            match serve(&mut slot.device, viommu) {
+                Ok((faults, done)) => {
+                    round.faults += faults;
+                    slot.ready = !done;
+                    busy |= !done;
+                }
+                Err(error) => broken.push((key, error)),
+            }
+        }
+        self.fail(broken, round);
+        busy
+    }
+
+    /// Removes the devices that failed and hands them back in `round`.
+    fn fail(&mut self, broken: Vec<(DeviceKey, VmmError)>, round: &mut Round<C>) {
         for (key, error) in broken {
             if let Some(device) = self.remove(key) {
                 round.failed.push(Failed { key, device, error });
             }
         }
-        // Answers waiting for ring room are retried next round.
-        for slot in self.slots.values_mut() {
-            slot.ready |= slot.device.backlog() > 0;
-        }
-        Ok(round)
     }
 }
 
