@@ -31,10 +31,13 @@ use iopf_vmm::{
 };
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// A vfio-user device that records the `DMA_MAP`s it gets: (iova, size, offset, prot, inode).
+/// A `DMA_MAP` as the device got it: (iova, size, offset, prot, inode of the fd).
+type Mapped = (u64, u64, u64, DmaProt, u64);
+
+/// A vfio-user device that records the `DMA_MAP`s it gets.
 #[derive(Default)]
 struct Recorder {
-    maps: Arc<Mutex<Vec<(u64, u64, u64, DmaProt, u64)>>>,
+    maps: Arc<Mutex<Vec<Mapped>>>,
 }
 
 impl VfioUserDevice for Recorder {
@@ -74,7 +77,7 @@ impl VfioUserDevice for Recorder {
     }
 }
 
-fn recorder() -> (Client, Arc<Mutex<Vec<(u64, u64, u64, DmaProt, u64)>>>) {
+fn recorder() -> (Client, Arc<Mutex<Vec<Mapped>>>) {
     let (a, b) = UnixStream::pair().unwrap();
     let mut device = Recorder::default();
     let maps = Arc::clone(&device.maps);
