@@ -416,3 +416,16 @@ fn a_device_served_alone_sleeps_until_a_fault_comes() {
     assert_eq!(vmm.tokens.len(), 1);
     assert_eq!(device.stats().requests, 3);
 }
+
+/// What a VMM hands to its vCPU or worker threads.
+#[test]
+fn responders_and_tokens_cross_threads_and_devices_move_to_a_loop_thread() {
+    fn clone_send_sync<T: Clone + Send + Sync>() {}
+    fn copy_send<T: Copy + Send>() {}
+    fn send<T: Send>() {}
+    clone_send_sync::<Responder>();
+    copy_send::<GroupToken>();
+    send::<Device>();
+    send::<EventLoop>();
+    send::<PageRequestGroup>();
+}
