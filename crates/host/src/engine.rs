@@ -132,6 +132,8 @@ pub struct Progress {
     pub accesses_done: std::sync::atomic::AtomicU64,
     /// Groups answered.
     pub groups_answered: std::sync::atomic::AtomicU64,
+    /// Page request round trips so far, for a watcher (`crate::metrics`).
+    pub latency: crate::metrics::LatencyBuckets,
 }
 
 /// Another mapping of guest memory (one for the IOMMU's walks, one for DMA).
@@ -266,7 +268,9 @@ pub fn run_until(
             .collect();
         for response in &responses {
             if let Some(at) = sent_at.remove(&response.grpid.get()) {
-                let _ = latency.record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let _ = latency.record(ns);
+                progress.latency.record(ns);
             }
             endpoint.on_response(response.pasid, response.grpid, response.code);
         }
