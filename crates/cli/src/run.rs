@@ -90,8 +90,8 @@ pub struct RunArgs {
     /// and restarts one of them, in turn.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), conflicts_with = "duration")]
     vmms: u32,
-    /// Serve OpenMetrics on http://ADDR/metrics while the run goes (a loopback IP:PORT; port 0
-    /// picks one, printed on stderr).
+    /// Serve Prometheus metrics over HTTP at ADDR, path /metrics, while the run goes (a
+    /// loopback IP:PORT; port 0 picks one, printed on stderr).
     #[arg(long, value_name = "ADDR", conflicts_with = "duration")]
     metrics: Option<std::net::SocketAddr>,
 }
@@ -104,8 +104,8 @@ pub struct HostArgs {
     socket: PathBuf,
     #[command(flatten)]
     devices: DeviceArgs,
-    /// Serve OpenMetrics on http://ADDR/metrics while the host runs (a loopback IP:PORT; port 0
-    /// picks one, printed on stderr).
+    /// Serve Prometheus metrics over HTTP at ADDR, path /metrics, while the host runs (a
+    /// loopback IP:PORT; port 0 picks one, printed on stderr).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
 }

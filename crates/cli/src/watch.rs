@@ -1,4 +1,4 @@
-//! Watching a running host: `--metrics ADDR` (OpenMetrics over HTTP on loopback) and the stats
+//! Watching a running host: `--metrics ADDR` (`OpenMetrics` over HTTP on loopback) and the stats
 //! socket next to the host's socket (`iopf inspect --socket`).
 
 use std::net::SocketAddr;

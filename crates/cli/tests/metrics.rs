@@ -1,5 +1,5 @@
 //! Watching a running host: `iopf host --metrics 127.0.0.1:0` with a VMM attached, scraped over
-//! HTTP while it runs (OpenMetrics and the Prometheus text format, the latter checked by
+//! HTTP while it runs (`OpenMetrics` and the Prometheus text format, the latter checked by
 //! `promtool check metrics`), and `iopf inspect --socket` against the same host.
 //!
 //! `promtool` comes from the Debian package `prometheus` (`scripts/setup` installs it). Outside
@@ -261,7 +261,7 @@ fn a_running_host_is_watched_over_http_and_its_socket() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        // promtool reads the classic format only; the OpenMetrics text must still parse (its
+        // promtool reads the classic format only; the `OpenMetrics` text must still parse (its
         // counter families are named without `_total`, which promtool lints, nothing more).
         let out = promtool_check(&text);
         let said = format!(

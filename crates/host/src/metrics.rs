@@ -6,7 +6,7 @@
 //! just long enough to copy a few words) and the engines' lock-free [`LatencyBuckets`]; it
 //! never holds anything while it formats or writes. Two ways out:
 //!
-//! - [`MetricsServer`]: `GET /metrics` in the OpenMetrics text format over HTTP, on a loopback
+//! - [`MetricsServer`]: `GET /metrics` in the `OpenMetrics` text format over HTTP, on a loopback
 //!   address only (the endpoint has no authentication), from a thread of its own;
 //! - [`StatsSocket`]: a UNIX socket next to the host's vfio-user socket ([`stats_socket_path`])
 //!   that writes one JSON [`Snapshot`] to whoever connects and closes; [`read_stats`] is its
@@ -94,7 +94,7 @@ pub enum MetricsError {
     /// Starting the serving thread failed.
     #[error("cannot start the metrics thread")]
     Spawn(#[source] std::io::Error),
-    /// Encoding the OpenMetrics text failed.
+    /// Encoding the `OpenMetrics` text failed.
     #[error("cannot encode the metrics as OpenMetrics text")]
     Encode(#[source] fmt::Error),
     /// Binding the stats socket failed.
@@ -423,7 +423,7 @@ impl Metrics {
         }
     }
 
-    /// The OpenMetrics text exposition of every device now (ends with `# EOF`).
+    /// The `OpenMetrics` text exposition of every device now (ends with `# EOF`).
     pub fn encode(&self) -> Result<String, MetricsError> {
         self.encode_as(Format::OpenMetrics)
     }
@@ -447,7 +447,7 @@ impl Metrics {
 /// An exposition format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// OpenMetrics 1.0 text: what Prometheus asks for, and what the endpoint serves when a
+    /// `OpenMetrics` 1.0 text: what Prometheus asks for, and what the endpoint serves when a
     /// request's `Accept` names `application/openmetrics-text`.
     OpenMetrics,
     /// The Prometheus text format 0.0.4: what the endpoint serves otherwise (the format
@@ -457,7 +457,7 @@ pub enum Format {
 
 impl Format {
     /// The format a request with this `Accept` header gets (as the Prometheus Go client does:
-    /// OpenMetrics only when asked for).
+    /// `OpenMetrics` only when asked for).
     pub fn negotiate(accept: Option<&str>) -> Self {
         match accept {
             Some(accept) if accept.contains("application/openmetrics-text") => Self::OpenMetrics,
@@ -496,6 +496,12 @@ fn gauge(e: &mut MetricEncoder<'_>, labels: &Labels, value: i64) -> fmt::Result 
     e.encode_family(labels)?.encode_gauge(&value)
 }
 
+/// A counter family of one value per device: name, help, the value.
+type PerDevice = (&'static str, &'static str, fn(&DeviceCounters) -> u64);
+
+/// A gauge family of one value per device: name, help, the value.
+type PerDeviceGauge = (&'static str, &'static str, fn(&DeviceSnapshot) -> i64);
+
 /// Per device, by reason: `(reason label, value)`.
 type ByReason = fn(&DeviceCounters) -> Vec<(&'static str, u64)>;
 
@@ -503,7 +509,7 @@ impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let snapshot = self.snapshot();
         let devices = &snapshot.devices;
-        let counters: [(&str, &str, fn(&DeviceCounters) -> u64); 9] = [
+        let counters: [PerDevice; 9] = [
             (
                 "iopf_page_requests",
                 "Page requests the device reported.",
@@ -622,7 +628,7 @@ impl Collector for Metrics {
                 }
             }
         }
-        let gauges: [(&str, &str, fn(&DeviceSnapshot) -> i64); 3] = [
+        let gauges: [PerDeviceGauge; 3] = [
             (
                 "iopf_pending_groups",
                 "Page request groups delivered to the VMM and not answered yet.",
@@ -696,7 +702,7 @@ pub fn check_loopback(addr: SocketAddr) -> Result<(), MetricsError> {
     }
 }
 
-/// `GET /metrics` over HTTP, from a thread of its own, until dropped: OpenMetrics text when the
+/// `GET /metrics` over HTTP, from a thread of its own, until dropped: `OpenMetrics` text when the
 /// request's `Accept` asks for it (Prometheus does), else the Prometheus text format
 /// ([`Format::negotiate`]).
 pub struct MetricsServer {
