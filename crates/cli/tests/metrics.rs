@@ -38,6 +38,16 @@ fn in_ci() -> bool {
 
 /// One HTTP/1.1 GET: (status line, headers, body).
 fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> (String, String, String) {
+    request(addr, "GET", path, accept)
+}
+
+/// One HTTP/1.1 request: (status line, headers, body).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    accept: Option<&str>,
+) -> (String, String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -47,7 +57,7 @@ fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> (String, String, S
         .unwrap_or_default();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();
@@ -252,6 +262,10 @@ fn a_running_host_is_watched_over_http_and_its_socket() {
         "{classic}"
     );
     assert_eq!(get(addr, "/other", None).0, "HTTP/1.1 404 Not Found");
+    assert_eq!(
+        request(addr, "POST", "/metrics", None).0,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
 
     if promtool_present() {
         let out = promtool_check(&classic);

@@ -803,6 +803,8 @@ pub fn stats_socket_path(socket: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct StatsSocket {
     path: PathBuf,
+    /// The listening socket, to shut down when dropped.
+    waker: UnixListener,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -823,6 +825,12 @@ impl StatsSocket {
             path: path.to_path_buf(),
             source,
         })?;
+        let waker = listener
+            .try_clone()
+            .map_err(|source| MetricsError::BindStats {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -831,6 +839,7 @@ impl StatsSocket {
             .map_err(MetricsError::Spawn)?;
         Ok(Self {
             path: path.to_path_buf(),
+            waker,
             stop,
             thread: Some(thread),
         })
@@ -845,13 +854,17 @@ impl StatsSocket {
 impl Drop for StatsSocket {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Wakes the accepting thread; if the connect fails, the socket is gone and so is the
-        // thread's reason to block, so there is nothing to wait for.
-        if UnixStream::connect(&self.path).is_ok()
-            && let Some(thread) = self.thread.take()
-        {
-            // A panic in the serving thread has nothing left to clean up.
-            let _ = thread.join();
+        // Wakes the accepting thread: on Linux, shutting a listening socket down makes a
+        // blocked `accept` return at once, and the thread sees `stop`.
+        match rustix::net::shutdown(&self.waker, rustix::net::Shutdown::Read) {
+            Ok(()) => {
+                if let Some(thread) = self.thread.take() {
+                    // A panic in the serving thread has nothing left to clean up.
+                    let _ = thread.join();
+                }
+            }
+            // The thread stays blocked in `accept` (detached) until the process ends.
+            Err(e) => tracing::debug!(error = %e, "cannot shut the stats socket down"),
         }
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::debug!(path = %self.path.display(), error = %e, "cannot remove the stats socket");
@@ -945,6 +958,75 @@ mod tests {
         for addr in ["127.0.0.1:0", "127.1.2.3:9", "[::1]:0"] {
             assert!(check_loopback(addr.parse().unwrap()).is_ok());
         }
+    }
+
+    fn temp_socket(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("iopf-metrics-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("host.sock.stats")
+    }
+
+    #[test]
+    fn the_stats_socket_serves_a_snapshot_and_goes_away_when_dropped() {
+        let core = Arc::new(FaultCore::new(Arc::new(iopf_core::MonotonicClock::new())));
+        let metrics = Metrics::new(core, vec![DeviceId(7)]);
+        let path = temp_socket("roundtrip");
+        let stats = StatsSocket::bind(&path, metrics.clone()).unwrap();
+        let read = read_stats(&path).unwrap();
+        assert_eq!(read, metrics.snapshot());
+        assert_eq!(read.devices[0].device, 7);
+        assert!(!read.devices[0].registered);
+        // Twice: one reader does not end the socket.
+        assert_eq!(read_stats(&path).unwrap(), read);
+        drop(stats);
+        assert!(!path.exists());
+        assert!(matches!(
+            read_stats(&path),
+            Err(MetricsError::ReadStats { .. })
+        ));
+        // A file that is not a socket is not replaced.
+        std::fs::write(&path, b"keep").unwrap();
+        assert!(matches!(
+            StatsSocket::bind(&path, metrics),
+            Err(MetricsError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// Serves `bytes` once on a socket at `path`, then closes.
+    fn fake_host(path: &Path, bytes: Vec<u8>) -> JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            // The reader may hang up early (too much): that is its answer.
+            let _ = stream.write_all(&bytes);
+        })
+    }
+
+    #[test]
+    fn what_a_stats_socket_sends_is_bounded_and_checked() {
+        let path = temp_socket("hostile");
+        type Expect = fn(&MetricsError) -> bool;
+        let cases: Vec<(Vec<u8>, Expect)> = vec![
+            (b"not json\n".to_vec(), |e| {
+                matches!(e, MetricsError::Decode { .. })
+            }),
+            (b"{\"version\": 2, \"devices\": []}".to_vec(), |e| {
+                matches!(e, MetricsError::Invalid { .. })
+            }),
+            (vec![b' '; MAX_SNAPSHOT_BYTES as usize + 10], |e| {
+                matches!(e, MetricsError::TooLarge(_))
+            }),
+        ];
+        for (bytes, expected) in cases {
+            let _ = std::fs::remove_file(&path);
+            let server = fake_host(&path, bytes);
+            let error = read_stats(&path).unwrap_err();
+            assert!(expected(&error), "{error:?}");
+            server.join().unwrap();
+        }
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]
