@@ -28,7 +28,7 @@ pub struct InspectArgs {
     #[arg(long, conflicts_with = "file")]
     socket: Option<PathBuf>,
     /// With --socket: print the live view as JSON.
-    #[arg(long, requires = "socket")]
+    #[arg(long)]
     json: bool,
 }
 
@@ -43,6 +43,9 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
             print!("{snapshot}");
         }
         return Ok(());
+    }
+    if args.json {
+        bail!("--json goes with --socket (a region is described as text only)");
     }
     let Some(file) = &args.file else {
         bail!("give a region file, or --socket PATH");
