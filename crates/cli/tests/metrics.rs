@@ -228,6 +228,16 @@ fn a_running_host_is_watched_over_http_and_its_socket() {
         );
         assert_eq!(value(&text, &format!("iopf_queue_live{{{dev}}}")), 1.0);
         assert_eq!(value(&text, &format!("iopf_queue_attached{{{dev}}}")), 1.0);
+        // The default scenario's rings have 256 entries.
+        assert_eq!(
+            value(&text, &format!("iopf_fault_queue_entries{{{dev}}}")),
+            256.0
+        );
+        let used = value(&text, &format!("iopf_fault_queue_used{{{dev}}}"));
+        assert!(
+            (0.0..=256.0).contains(&used),
+            "device {d}: {used} of 256 in use"
+        );
         let pending = value(&text, &format!("iopf_pending_groups{{{dev}}}"));
         assert!(
             pending >= 0.0 && pending <= groups,
@@ -316,6 +326,7 @@ fn a_running_host_is_watched_over_http_and_its_socket() {
         );
     }
     assert!(shown.contains("round trip"), "{shown}");
+    assert!(shown.contains("of 256 entries in use"), "{shown}");
     let out = iopf()
         .arg("inspect")
         .arg("--socket")
@@ -336,6 +347,8 @@ fn a_running_host_is_watched_over_http_and_its_socket() {
         assert_eq!(d["device"], i as u64 + 1);
         assert_eq!(d["registered"], true);
         assert_eq!(d["attached"], true);
+        assert_eq!(d["fault_queue"]["entries"], 256);
+        assert!(d["fault_queue"]["used"].as_u64().unwrap() <= 256);
         // Counters only grow: the socket's view is at least what the scrape saw.
         let groups = d["counters"]["groups"].as_u64().unwrap();
         let scraped = value(

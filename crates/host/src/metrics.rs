@@ -222,10 +222,22 @@ pub struct DeviceSnapshot {
     pub attached: bool,
     /// Groups delivered to the VMM and not answered yet.
     pub pending_groups: u64,
+    /// The fault ring now, when the handler's transport tells.
+    #[serde(default)]
+    pub fault_queue: Option<QueueFill>,
     /// The fault core's counters.
     pub counters: DeviceCounters,
     /// The device's engine, when there is one (the host's simulated endpoints).
     pub engine: Option<EngineSnapshot>,
+}
+
+/// How full a ring is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueFill {
+    /// Records published and not consumed yet.
+    pub used: u32,
+    /// Entries of the ring.
+    pub entries: u32,
 }
 
 /// A device engine's progress at one moment.
@@ -295,6 +307,13 @@ impl fmt::Display for Snapshot {
                 },
                 d.pending_groups
             )?;
+            if let Some(q) = &d.fault_queue {
+                writeln!(
+                    f,
+                    "  fault queue    {} of {} entries in use",
+                    q.used, q.entries
+                )?;
+            }
             writeln!(
                 f,
                 "  page requests  {} in {} groups ({} delivered, {} requests dropped); {} unrecoverable ({} lost)",
@@ -405,6 +424,12 @@ impl Metrics {
                 registered: self.core.is_registered(id).unwrap_or(false),
                 attached: self.core.consumer_attached(id).unwrap_or(false),
                 pending_groups: self.core.pending_groups(id).unwrap_or(0) as u64,
+                fault_queue: self
+                    .core
+                    .fault_queue_fill(id)
+                    .ok()
+                    .flatten()
+                    .map(|(used, entries)| QueueFill { used, entries }),
                 counters: self.core.counters(id).unwrap_or_default(),
                 engine: self
                     .progress
@@ -501,6 +526,9 @@ type PerDevice = (&'static str, &'static str, fn(&DeviceCounters) -> u64);
 
 /// A gauge family of one value per device: name, help, the value.
 type PerDeviceGauge = (&'static str, &'static str, fn(&DeviceSnapshot) -> i64);
+
+/// A gauge family of the fault ring's fill: name, help, the value.
+type PerDeviceFill = (&'static str, &'static str, fn(&QueueFill) -> u32);
 
 /// Per device, by reason: `(reason label, value)`.
 type ByReason = fn(&DeviceCounters) -> Vec<(&'static str, u64)>;
@@ -649,6 +677,28 @@ impl Collector for Metrics {
             let mut e = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for d in devices {
                 gauge(&mut e, &device_label(d), value(d))?;
+            }
+        }
+        if devices.iter().any(|d| d.fault_queue.is_some()) {
+            let fills: [PerDeviceFill; 2] = [
+                (
+                    "iopf_fault_queue_used",
+                    "Fault records published to the VMM and not consumed yet (its index now).",
+                    |q| q.used,
+                ),
+                (
+                    "iopf_fault_queue_entries",
+                    "Entries of the fault ring.",
+                    |q| q.entries,
+                ),
+            ];
+            for (name, help, value) in fills {
+                let mut e = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for d in devices {
+                    if let Some(q) = &d.fault_queue {
+                        gauge(&mut e, &device_label(d), i64::from(value(q)))?;
+                    }
+                }
             }
         }
         if devices.iter().any(|d| d.engine.is_some()) {
@@ -1038,6 +1088,7 @@ mod tests {
                 registered: true,
                 attached: false,
                 pending_groups: 0,
+                fault_queue: None,
                 counters: DeviceCounters::default(),
                 engine: Some(EngineSnapshot {
                     accesses_done: 0,
