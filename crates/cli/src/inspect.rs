@@ -17,22 +17,48 @@ use zerocopy::FromBytes;
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// The region: a saved image, or a live memfd (`/proc/PID/fd/N`).
-    file: PathBuf,
+    #[arg(required_unless_present = "socket")]
+    file: Option<PathBuf>,
     /// Print at most this many records.
     #[arg(long, default_value_t = 32)]
     records: u32,
+    /// Instead of a region: the vfio-user socket of a running `iopf host`; prints its live view
+    /// once (per device: counters, pending groups, queue state, round-trip latency), read
+    /// from the stats socket next to it (`SOCKET.stats`).
+    #[arg(long, conflicts_with = "file")]
+    socket: Option<PathBuf>,
+    /// With --socket: print the live view as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn main(args: InspectArgs) -> anyhow::Result<()> {
+    if let Some(socket) = &args.socket {
+        let path = iopf_host::metrics::stats_socket_path(socket);
+        let snapshot = iopf_host::metrics::read_stats(&path)
+            .with_context(|| format!("inspect the host serving {}", socket.display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&snapshot)?);
+        } else {
+            print!("{snapshot}");
+        }
+        return Ok(());
+    }
+    if args.json {
+        bail!("--json goes with --socket (a region is described as text only)");
+    }
+    let Some(file) = &args.file else {
+        bail!("give a region file, or --socket PATH");
+    };
     // The largest valid region is a fault queue of 65536 entries; read one byte more to tell
     // an oversized file from a valid one without reading all of it.
     let limit = QueueGeometry::new(QueueKind::Fault, MAX_ENTRIES)?.region_len();
     let mut bytes = Vec::new();
-    std::fs::File::open(&args.file)
-        .with_context(|| format!("open {}", args.file.display()))?
+    std::fs::File::open(file)
+        .with_context(|| format!("open {}", file.display()))?
         .take(limit + 1)
         .read_to_end(&mut bytes)
-        .with_context(|| format!("read {}", args.file.display()))?;
+        .with_context(|| format!("read {}", file.display()))?;
     print!("{}", describe(&bytes, args.records)?);
     Ok(())
 }

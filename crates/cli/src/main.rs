@@ -12,6 +12,7 @@ mod run;
 mod scenario;
 mod sim;
 mod soak;
+mod watch;
 
 /// Carry I/O page faults from an IOMMU to the VMM that owns the device, and the guest's page
 /// responses back.
@@ -40,7 +41,7 @@ enum Command {
     /// Measure the fault path against the machine's limits and the baselines, in one run.
     Bench(bench::BenchArgs),
     /// Decode a queue region (a saved image, or a live memfd as /proc/PID/fd/N): its pages,
-    /// indices, counters and pending records.
+    /// indices, counters and pending records; or, with --socket, a running host's live view.
     Inspect(inspect::InspectArgs),
     /// Run the deterministic simulation of the whole loop (device, IOMMU, fault core, rings,
     /// VMM, guest) for one seed, or sweep many seeds.

@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// and restarts one of them, in turn.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), conflicts_with = "duration")]
     vmms: u32,
+    /// Serve Prometheus metrics over HTTP at ADDR, path /metrics, while the run goes (a
+    /// loopback IP:PORT; port 0 picks one, printed on stderr).
+    #[arg(long, value_name = "ADDR", conflicts_with = "duration")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Options of `iopf host`.
@@ -100,6 +104,10 @@ pub struct HostArgs {
     socket: PathBuf,
     #[command(flatten)]
     devices: DeviceArgs,
+    /// Serve Prometheus metrics over HTTP at ADDR, path /metrics, while the host runs (a
+    /// loopback IP:PORT; port 0 picks one, printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Options of `iopf vmm`.
@@ -236,11 +244,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             args.report.as_deref(),
         );
     }
+    crate::watch::check(args.metrics)?;
     let devices = scenario.device_count();
     let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("host.sock");
     let host = Host::bind(scenario.host_config(), &socket).context("cannot start the host")?;
+    let _watch = crate::watch::start(&host, args.metrics, None)?;
     let file = args.devices.scenario.as_deref();
     // Each VMM process attaches its share of the devices (whichever the host hands out).
     let shares = vmm_shares(devices, args.vmms);
@@ -312,8 +322,11 @@ fn vmm_shares(devices: u32, vmms: u32) -> Vec<u32> {
 
 pub fn host(args: HostArgs) -> anyhow::Result<()> {
     let scenario = args.devices.scenario()?;
+    crate::watch::check(args.metrics)?;
     let host = Host::bind(scenario.host_config(), &args.socket).context("cannot start the host")?;
+    let watch = crate::watch::start(&host, args.metrics, Some(&args.socket))?;
     let (report, elapsed, samples) = drive(host, &scenario, !args.devices.json, |_| Ok(()))?;
+    drop(watch);
     let _ = std::fs::remove_file(&args.socket);
     print_report(
         &(report, elapsed),

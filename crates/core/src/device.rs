@@ -112,6 +112,10 @@ impl DeviceState {
         self.pending.len()
     }
 
+    pub(crate) fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+        self.handler.as_ref().and_then(|h| h.fault_queue_fill())
+    }
+
     pub(crate) fn next_deadline(&mut self) -> Option<Nanos> {
         self.pending.next_deadline()
     }

@@ -282,6 +282,12 @@ impl FaultCore {
         self.with(id, |state, _, _| state.pending_groups())
     }
 
+    /// For watching: the device's fault records published and not consumed yet, and its fault
+    /// ring's entries; `None` without a handler or when its transport cannot tell.
+    pub fn fault_queue_fill(&self, id: DeviceId) -> Result<Option<(u32, u32)>, CoreError> {
+        self.with(id, |state, _, _| state.fault_queue_fill())
+    }
+
     /// The device's counters.
     pub fn counters(&self, id: DeviceId) -> Result<DeviceCounters, CoreError> {
         self.with(id, |state, _, _| state.counters)

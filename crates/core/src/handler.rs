@@ -68,6 +68,11 @@ pub trait FaultHandler: Send + fmt::Debug {
     /// Sets the doorbell rung when faults are published and the consumer sleeps (the fault
     /// IRQ's eventfd, which the VMM may hand over after registration).
     fn set_fault_doorbell(&mut self, doorbell: Option<iopf_queue::Doorbell>);
+    /// For watching: fault records published and not consumed yet, and the fault ring's
+    /// entries; `None` when the transport cannot tell (the default).
+    fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// The handler of a VMM-attached device: its fault queue and its response queue.
@@ -131,5 +136,9 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
 
     fn set_fault_doorbell(&mut self, doorbell: Option<iopf_queue::Doorbell>) {
         self.faults.set_doorbell(doorbell);
+    }
+
+    fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+        self.faults.fill()
     }
 }

@@ -143,6 +143,8 @@ pub struct Progress {
     pub accesses_done: std::sync::atomic::AtomicU64,
     /// Groups answered.
     pub groups_answered: std::sync::atomic::AtomicU64,
+    /// Page request round trips so far, for a watcher (`crate::metrics`).
+    pub latency: crate::metrics::LatencyBuckets,
 }
 
 /// Another mapping of guest memory (one for the IOMMU's walks, one for DMA).
@@ -281,6 +283,7 @@ pub fn run_until(
                 let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 // The histogram resizes itself: recording fails only if it cannot grow.
                 failed(&mut errors, "record a round trip", latency.record(ns));
+                progress.latency.record(ns);
             }
             endpoint.on_response(response.pasid, response.grpid, response.code);
         }

@@ -259,6 +259,16 @@ impl Host {
         &self.progress
     }
 
+    /// What an operator watches on this host, every device (`crate::metrics`); it reads the
+    /// fault core and the engines' progress while they run.
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        crate::metrics::Metrics::new(
+            self.core.clone(),
+            self.slots.iter().map(|slot| slot.id).collect(),
+        )
+        .with_progress(self.progress.clone())
+    }
+
     /// The fault core.
     pub fn core(&self) -> &FaultCore {
         &self.core

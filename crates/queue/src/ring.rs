@@ -184,6 +184,19 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
         self.prod.wrapping_sub(self.published)
     }
 
+    /// Entries of the ring.
+    pub fn nb_entries(&self) -> u32 {
+        self.nb_entries
+    }
+
+    /// Records published and not consumed yet, by the consumer's index as it is now; `None`
+    /// when that index is out of range. For watching only: it reads the index and changes
+    /// nothing (a bad index breaks the ring at the next [`refresh`](Self::refresh), not here).
+    pub fn fill(&self) -> Option<u32> {
+        let found = Cells::cons(self.kind, &self.memory).load(Ordering::Acquire);
+        within(found, self.cons, self.published).then(|| self.published.wrapping_sub(found))
+    }
+
     fn check(&self) -> Result<(), ProtocolError> {
         match self.broken {
             Some(e) => Err(e),
