@@ -282,8 +282,8 @@ fn vmm_shares(devices: u32, vmms: u32) -> Vec<u32> {
 pub fn host(args: HostArgs) -> anyhow::Result<()> {
     let scenario = args.devices.scenario()?;
     let host = Host::bind(scenario.host_config(), &args.socket).context("start the host")?;
+    // The host removes its socket when it finishes (or is dropped on an error).
     let (report, elapsed, samples) = drive(host, &scenario, !args.devices.json, |_| Ok(()))?;
-    let _ = std::fs::remove_file(&args.socket);
     print_report(
         &(report, elapsed),
         args.devices.json,
