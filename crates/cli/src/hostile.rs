@@ -72,6 +72,9 @@ pub enum Behaviour {
     LyingSize,
     /// Holds groups back, then sends a message carrying more fds than the protocol allows.
     TooManyFds,
+    /// Attaches with the response region's `abi` left at 0 (ABI v1 announced in the fault
+    /// region only), then serves honestly whatever it receives, counting it.
+    ResponseAbiZero,
     /// Holds groups back, then sends a header and half its payload and hangs up.
     DisconnectMidMessage,
 }
@@ -174,6 +177,8 @@ struct Tally {
     rings: u64,
     attempts: BTreeMap<String, String>,
     unregistered: bool,
+    /// Groups received after the strike (`response-abi-zero`: after attaching).
+    after_strike: u64,
 }
 
 /// The guest side of the device, kept across handler lives.
@@ -339,6 +344,11 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
             send_with_many_fds(&link.raw, &message, &fds)?;
             hostile.tally.host_closed = Some(closed_by_peer(&mut link.raw));
         }
+        Behaviour::ResponseAbiZero => {
+            // The response region's `abi` was left at 0 at attach (`try_connect`).
+            hostile.serve(&mut link, Mode::Honest)?;
+            hostile.tally.after_strike = hostile.tally.groups;
+        }
         Behaviour::DisconnectMidMessage => {
             hostile.hold(&mut link, args.hold, false)?;
             // A REGION_WRITE header, then half its payload, then the socket closes.
@@ -369,6 +379,7 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
         "rings": t.rings,
         "attempts": t.attempts,
         "unregistered": t.unregistered,
+        "groups_after_strike": t.after_strike,
     });
     println!("{report}");
     std::io::stdout().flush()?;
@@ -438,6 +449,10 @@ impl Hostile {
                 .map(Doorbell::try_clone)
                 .transpose()?,
         )?;
+        if self.behaviour == Behaviour::ResponseAbiZero {
+            // Withdraw what attaching announced, before the device gets memory to DMA to.
+            response_region.vmm_page().abi.store(0, Ordering::Release);
+        }
         iopf_vmm::register_memory(&mut client, &self.memory, &self.tables)?;
         self.partial.clear();
         Ok(Link {

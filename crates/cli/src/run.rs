@@ -9,7 +9,8 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use hdrhistogram::Histogram;
 use iopf_host::{Host, HostReport};
-use iopf_vmm::{GuestSetup, attach, host_finished, reattach};
+use iopf_vfio_user::ClientOptions;
+use iopf_vmm::{GuestSetup, attach_with, host_finished, reattach_with};
 use serde_json::json;
 
 use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
@@ -128,6 +129,21 @@ pub struct VmmArgs {
     /// Print each device's account as JSON (an array on stdout) instead of text.
     #[arg(long)]
     json: bool,
+    /// Seconds to wait for the host's reply to the handshake and to each request before
+    /// giving up (default: 5 for the handshake, 10 for each request).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+}
+
+/// A `--timeout`: seconds, more than 0 and at most a day.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{text} s is not in (0, 86400]"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// What the VMM did for one device, printed when the host finishes.
@@ -325,9 +341,9 @@ pub fn host(args: HostArgs) -> anyhow::Result<()> {
     crate::watch::check(args.metrics)?;
     let host = Host::bind(scenario.host_config(), &args.socket).context("cannot start the host")?;
     let watch = crate::watch::start(&host, args.metrics, Some(&args.socket))?;
+    // The host removes its socket when it finishes (or is dropped on an error).
     let (report, elapsed, samples) = drive(host, &scenario, !args.devices.json, |_| Ok(()))?;
     drop(watch);
-    let _ = std::fs::remove_file(&args.socket);
     print_report(
         &(report, elapsed),
         args.devices.json,
@@ -550,10 +566,16 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         ensure!(l.len() == 2 && l[0] <= l[1], "--latency-us takes MIN MAX");
         setup.guest.latency_ns = (l[0].saturating_mul(1000), l[1].saturating_mul(1000));
     }
+    let options = match args.timeout {
+        Some(t) => ClientOptions::default()
+            .handshake_timeout(Some(t))
+            .request_timeout(Some(t)),
+        None => ClientOptions::default(),
+    };
     let threads: Vec<_> = (0..args.devices)
         .map(|_| {
             let socket = args.socket.clone();
-            std::thread::spawn(move || serve(&socket, setup))
+            std::thread::spawn(move || serve(&socket, setup, options))
         })
         .collect();
     let mut accounts = Vec::new();
@@ -576,13 +598,20 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
 /// device's handler (`LIVE` cleared while the host runs on), the VMM lets the connection go and
 /// attaches again to the device's next handler life, keeping its guest memory, page tables and
 /// the answers it still owes (the host refuses those that answer the earlier life).
-fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<VmmDeviceAccount> {
+fn serve(
+    socket: &Path,
+    setup: GuestSetup,
+    options: ClientOptions,
+) -> anyhow::Result<VmmDeviceAccount> {
     // The host may keep a device closed for a while (after an unregister): retry a moment.
+    // A host that does not answer at all is not retried: it would only wait again.
     let deadline = Instant::now() + Duration::from_secs(10);
     let attached = loop {
-        match attach(socket, setup) {
+        match attach_with(socket, setup, options) {
             Ok(attached) => break attached,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) if !e.timed_out() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
             Err(e) => return Err(e).context("cannot attach a device"),
         }
     };
@@ -599,9 +628,9 @@ fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<VmmDeviceAccount> {
         drop(client);
         let deadline = Instant::now() + Duration::from_secs(60);
         client = loop {
-            match reattach(socket, &mut device) {
+            match reattach_with(socket, &mut device, options) {
                 Ok(client) => break client,
-                Err(_) if Instant::now() < deadline => {
+                Err(e) if !e.timed_out() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => return Err(e).context("cannot attach again after an unregister"),

@@ -488,6 +488,26 @@ fn answers_replayed_after_a_restart_are_refused_and_owed_groups_answered_once() 
     assert!(auto(&o, "vmm_gone") >= held, "{:#}", o.host);
 }
 
+// Catches: a host that reads only the fault region's `abi` (docs/PROTOCOL.md §4.5: the VMM
+// writes `abi` = 1 in both regions) and so delivers page requests to, and takes answers from,
+// a VMM whose response region says it is not attached.
+#[test]
+fn a_vmm_whose_response_region_abi_is_0_gets_its_page_requests_answered_invalid() {
+    let o = run(&Case::new("response-abi-zero"), &[]);
+    let (c, h) = (hostile_core(&o), &o.hostile);
+    assert_eq!(h["groups_after_strike"], 0, "{h:#}");
+    assert_eq!(h["honest"], 0, "{h:#}");
+    assert_eq!(u(&c["groups_delivered"]), 0, "{:#}", o.host);
+    let not_attached = auto(&o, "not_attached");
+    assert!(not_attached > 0, "{:#}", o.host);
+    assert_eq!(u(&c["groups"]), not_attached, "{:#}", o.host);
+    assert_eq!(sum(&c["responses"]["guest"]), 0, "{:#}", o.host);
+    assert_eq!(sum(&c["refused"]), 0, "{:#}", o.host);
+    // Every access of the device failed: its page requests were answered `Invalid`.
+    let (_, engine) = device(&o.host, HOSTILE);
+    assert_eq!(engine["endpoint"]["completed"], 0, "{:#}", o.host);
+}
+
 /// A case where the hostile VMM breaks its own queues or connection and leaves.
 fn leaving(behaviour: &'static str) -> Case {
     Case {

@@ -86,7 +86,8 @@ pub struct QueueHandler<M: QueueMemory = QueueRegion> {
 
 impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
     fn consumer_attached(&self) -> bool {
-        self.faults.consumer_attached()
+        // Both regions: a VMM that announced ABI v1 in one and not the other is not attached.
+        self.faults.consumer_attached() && self.responses.producer_attached()
     }
 
     fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError> {

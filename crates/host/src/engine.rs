@@ -238,8 +238,11 @@ pub fn run_until(
                 }
             }
         }
+        // The device runs while a handler is registered and the VMM has given it memory and a
+        // directory. It does not look at the VMM's `abi` (a device cannot): the fault core
+        // answers its page requests `Invalid` (`not_attached`) while either region lacks it.
         let ready =
-            iommu.is_some() && guest.is_some() && core.consumer_attached(slot.id).unwrap_or(false);
+            iommu.is_some() && guest.is_some() && core.is_registered(slot.id).unwrap_or(false);
         let now = Instant::now();
         let draining = drain.is_some_and(|d| d.load(Relaxed));
         // In rounds, a device that cannot keep up with its streams' rates keeps a bounded

@@ -14,6 +14,7 @@ use iopf_vfio_user::{Disconnect, Server, ServerConfig};
 
 use crate::engine::{self, DeviceSlot, EngineReport, Progress, SlotSink, Workload};
 use crate::pci::FaultPciDevice;
+use crate::socket::{self, BindError, SocketGuard};
 
 /// How the host runs.
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct Host {
     disconnects: Arc<Mutex<Vec<String>>>,
     /// Disconnects past [`MAX_DISCONNECTS_LISTED`].
     unlisted: Arc<AtomicU64>,
+    /// The socket [`Host::bind`] bound: removed when the host finishes or is dropped.
+    socket: Option<SocketGuard>,
 }
 
 /// What a host run did.
@@ -120,15 +123,29 @@ impl Host {
             connections: Arc::new(Mutex::new(Vec::new())),
             disconnects: Arc::new(Mutex::new(Vec::new())),
             unlisted: Arc::new(AtomicU64::new(0)),
+            socket: None,
         };
         host.accept_in_background(listener, config.ring_entries);
         Ok(host)
     }
 
-    /// Binds `path` and starts.
-    pub fn bind(config: HostConfig, path: &Path) -> std::io::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        Self::start(config, UnixListener::bind(path)?)
+    /// Binds `path` and starts. Only a stale socket at `path` is replaced: anything that is
+    /// not a socket, or a socket another process answers on, is refused and left alone
+    /// ([`socket::bind`]). The socket is removed when the host finishes or is dropped, if
+    /// `path` still names it.
+    pub fn bind(config: HostConfig, path: &Path) -> Result<Self, BindError> {
+        let (listener, guard) = socket::bind(path)?;
+        let mut host = Self::start(config, listener).map_err(|source| BindError::Start {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        host.socket = Some(guard);
+        Ok(host)
+    }
+
+    /// The path of the socket [`Host::bind`] bound (`None` for a host started on a listener).
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.socket.as_ref().map(SocketGuard::path)
     }
 
     /// Accepts VMM connections until the host finishes. The accepting thread notices the end
@@ -279,14 +296,16 @@ impl Host {
         self.engines.iter().all(JoinHandle::is_finished)
     }
 
-    /// Waits for every engine, then unregisters every device (so the VMMs see `LIVE` cleared
-    /// and leave), closes the connections, and reports.
-    pub fn finish(self) -> HostReport {
+    /// Waits for every engine, then removes the socket (no new VMM can connect), unregisters
+    /// every device (so the VMMs see `LIVE` cleared and leave), closes the connections, and
+    /// reports.
+    pub fn finish(mut self) -> HostReport {
         let engines: Vec<EngineReport> = self
             .engines
-            .into_iter()
+            .drain(..)
             .filter_map(|e| e.join().ok())
             .collect();
+        drop(self.socket.take());
         for slot in &self.slots {
             slot.finished.store(true, Ordering::Relaxed);
             self.core.unregister(slot.id);

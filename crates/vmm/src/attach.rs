@@ -14,7 +14,7 @@ use iopf_vfio_user::device::{
     DMA_FAULT_IRQ_INDEX, VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED,
 };
-use iopf_vfio_user::{Client, ClientError, DmaProt};
+use iopf_vfio_user::{Client, ClientError, ClientOptions, DmaProt};
 use thiserror::Error;
 
 use crate::VmmDevice;
@@ -49,6 +49,14 @@ pub enum AttachError {
 impl From<crate::device::VmmError> for AttachError {
     fn from(e: crate::device::VmmError) -> Self {
         Self::Guest(e)
+    }
+}
+
+impl AttachError {
+    /// Whether the host did not answer (or take) a vfio-user command in time: retrying at
+    /// once would only wait again.
+    pub fn timed_out(&self) -> bool {
+        matches!(self, AttachError::Client(e) if e.is_timeout())
     }
 }
 
@@ -149,10 +157,21 @@ fn device_id(client: &mut Client) -> Result<u32, AttachError> {
     Ok(u32::from_le_bytes(id))
 }
 
-/// Connects to the host at `socket` and attaches one device.
+/// Connects to the host at `socket` and attaches one device, waiting for the host as
+/// [`ClientOptions::default`] says.
 pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError> {
+    attach_with(socket, setup, ClientOptions::default())
+}
+
+/// Connects to the host at `socket` and attaches one device, waiting for the host's replies
+/// as `options` says (a host that accepts and never answers costs at most those waits).
+pub fn attach_with(
+    socket: &Path,
+    setup: GuestSetup,
+    options: ClientOptions,
+) -> Result<Attached, AttachError> {
     let span = tracing::info_span!("attach", device = tracing::field::Empty).entered();
-    let mut client = Client::connect(socket)?;
+    let mut client = Client::connect_with(socket, options)?;
     let device_id = device_id(&mut client)?;
     span.record("device", device_id);
     let channel = attach_queues(&mut client, device_id)?;
@@ -176,8 +195,17 @@ pub fn attach(socket: &Path, setup: GuestSetup) -> Result<Attached, AttachError>
 /// life's regions, the same guest memory and page tables. Fails if the host hands over another
 /// device (or none).
 pub fn reattach(socket: &Path, device: &mut VmmDevice) -> Result<Client, AttachError> {
+    reattach_with(socket, device, ClientOptions::default())
+}
+
+/// [`reattach`], waiting for the host's replies as `options` says.
+pub fn reattach_with(
+    socket: &Path,
+    device: &mut VmmDevice,
+    options: ClientOptions,
+) -> Result<Client, AttachError> {
     let _span = tracing::info_span!("reattach", device = device.device_id()).entered();
-    let mut client = Client::connect(socket)?;
+    let mut client = Client::connect_with(socket, options)?;
     if device_id(&mut client)? != device.device_id() {
         return Err(AttachError::Missing("the same device"));
     }

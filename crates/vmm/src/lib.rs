@@ -7,6 +7,7 @@ mod attach;
 mod device;
 
 pub use attach::{
-    AttachError, Attached, GuestSetup, attach, host_finished, reattach, register_memory,
+    AttachError, Attached, GuestSetup, attach, attach_with, host_finished, reattach, reattach_with,
+    register_memory,
 };
 pub use device::{VmmDevice, VmmError, VmmStats};
