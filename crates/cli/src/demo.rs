@@ -10,7 +10,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use iopf_core::{
     MonotonicClock, QueueHandler,
 };
 use iopf_queue::fdpass::{recv_with_fds, send_with_fds};
+use crate::stop::{Invariant, Reaper};
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, ResponseQueueConsumer, ResponseQueueProducer,
 };
@@ -85,18 +85,6 @@ impl DeviceSink for DemoDevice {
     }
 }
 
-/// Kills the VMM if the host bails out early, so no process is left behind.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 const DEVICE: DeviceId = DeviceId(1);
 
 pub fn host(args: DemoArgs) -> anyhow::Result<()> {
@@ -111,21 +99,22 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         ResponseQueueConsumer::create(args.entries, response_doorbell).context("response queue")?;
     let fault_doorbell = Doorbell::new()?;
 
-    let dir = std::env::temp_dir().join(format!("iopf-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket_path = dir.join("host.sock");
-    let _ = std::fs::remove_file(&socket_path);
+    // Removed however the demo ends; only needed until the VMM connects.
+    let dir = tempfile::Builder::new()
+        .prefix("iopf-demo-")
+        .tempdir()
+        .context("create the socket directory")?;
+    let socket_path = dir.path().join("host.sock");
     let listener = UnixListener::bind(&socket_path).context("bind the host socket")?;
-    let child = Command::new(std::env::current_exe()?)
-        .arg("demo-vmm")
-        .arg("--socket")
-        .arg(&socket_path)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("start the VMM process")?;
-    let mut vmm = Reaper(child);
+    let mut vmm = Reaper::spawn(
+        crate::stop::command(std::env::current_exe()?)
+            .arg("demo-vmm")
+            .arg("--socket")
+            .arg(&socket_path),
+    )
+    .context("start the VMM process")?;
     let (stream, _) = listener.accept().context("accept the VMM")?;
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     send_with_fds(
         &stream,
         HELLO,
@@ -140,7 +129,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
     let fault_kick = fault_doorbell.try_clone()?;
     faults.set_doorbell(Some(fault_doorbell));
 
-    let pid = vmm.0.id();
+    let pid = vmm.id();
     println!(
         "iopf demo: host pid {}, VMM pid {pid}; fault queue {} x 64 B, response queue {} x 32 B, \
          passed as memfds over a UNIX socket",
@@ -157,7 +146,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
             Instant::now() < deadline,
             "the VMM did not attach within 10 s"
         );
-        if let Some(status) = vmm.0.try_wait()? {
+        if let Some(status) = vmm.try_wait()? {
             bail!("the VMM exited before attaching: {status}");
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -210,13 +199,17 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         if issued == args.groups && device.outstanding.load(Ordering::Relaxed) == 0 {
             break;
         }
+        if crate::stop::requested() {
+            // SIGINT or SIGTERM: the unregister below answers the groups still pending.
+            break;
+        }
         if core.process_responses(DEVICE)? == 0 {
             // Nothing came back: ask the VMM for a doorbell ring and sleep on it.
             if core.prepare_to_sleep(DEVICE)? {
                 response_wake.wait(Some(Duration::from_millis(100)))?;
             }
             core.woke(DEVICE)?;
-            if let Some(status) = vmm.0.try_wait()? {
+            if let Some(status) = vmm.try_wait()? {
                 bail!("the VMM exited with groups unanswered: {status}");
             }
             ensure!(
@@ -234,7 +227,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
     BufReader::new(&stream)
         .read_line(&mut line)
         .context("read the VMM's summary")?;
-    let status = vmm.0.wait()?;
+    let status = vmm.wait()?;
     ensure!(status.success(), "the VMM failed: {status}");
     let vmm_stats: HashMap<&str, u64> = line
         .split_whitespace()
@@ -290,14 +283,23 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         records as f64 / secs,
         secs,
     );
-    ensure!(c.groups == c.answered(), "groups left unanswered");
+    if let Some(signal) = crate::stop::signal() {
+        println!(
+            "INTERRUPTED by {signal}: partial, {issued} of {} groups issued",
+            args.groups
+        );
+    }
+    ensure!(
+        c.groups == c.answered(),
+        Invariant("groups left unanswered".into())
+    );
     ensure!(
         get("groups") == c.groups_delivered,
-        "the VMM saw a different number of groups"
+        Invariant("the VMM saw a different number of groups".into())
     );
     ensure!(
         c.refused_total() == 0,
-        "the host refused responses from an honest VMM"
+        Invariant("the host refused responses from an honest VMM".into())
     );
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! VMM processes attaching to them; `run` starts both and prints what happened.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
 use crate::soak::{SoakOptions, SoakSummary, parse_duration};
+use crate::stop::{Invariant, Reaper};
 
 /// Options shared by `run` and `host`: the scenario, and overrides of it.
 #[derive(Debug, Args, Clone)]
@@ -119,36 +120,19 @@ pub struct VmmArgs {
     latency_us: Option<Vec<u64>>,
 }
 
-/// Kills a child that is still running when dropped.
-pub(crate) struct Reaper(pub(crate) Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 pub(crate) fn spawn_vmm(
     socket: &Path,
     devices: u32,
     scenario: Option<&Path>,
 ) -> anyhow::Result<Reaper> {
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = crate::stop::command(std::env::current_exe()?);
     command
         .args(["vmm", "--devices", &devices.to_string(), "--socket"])
         .arg(socket);
     if let Some(path) = scenario {
         command.arg("--scenario").arg(path);
     }
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("start the VMM process")?;
-    Ok(Reaper(child))
+    Reaper::spawn(command.stdout(Stdio::null())).context("start the VMM process")
 }
 
 /// Throughput samples: (seconds since start, groups answered so far).
@@ -206,9 +190,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let devices = scenario.device_count();
-    let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("host.sock");
+    // Removed however the run ends (dropped last: after the VMMs are stopped).
+    let dir = tempfile::Builder::new()
+        .prefix("iopf-run-")
+        .tempdir()
+        .context("create the socket directory")?;
+    let socket = dir.path().join("host.sock");
     let host = Host::bind(scenario.host_config(), &socket).context("start the host")?;
     let file = args.devices.scenario.as_deref();
     // Each VMM process attaches its share of the devices (whichever the host hands out).
@@ -229,8 +216,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets
                 // close. With several VMMs, they take turns.
                 let victim = restarts as usize % vmms.len();
-                let _ = vmms[victim].0.kill();
-                let _ = vmms[victim].0.wait();
+                vmms[victim].kill().context("kill the VMM process")?;
                 restart_at = Some((victim, ms + down_ms));
             }
         }
@@ -243,7 +229,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         for (i, vmm) in vmms.iter_mut().enumerate() {
             if restart_at.is_none_or(|(victim, _)| victim != i)
-                && let Some(status) = vmm.0.try_wait()?
+                && let Some(status) = vmm.try_wait()?
+                && !crate::stop::requested()
             {
                 bail!("VMM process {i} exited before the run finished: {status}");
             }
@@ -253,12 +240,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (report, elapsed, samples) = outcome?;
     let mut status = Ok(());
     for (i, vmm) in vmms.iter_mut().enumerate() {
-        let exit = vmm.0.wait()?;
+        if crate::stop::requested() {
+            // Interrupted: the VMM was told to leave (its devices unregistered) or got the
+            // signal too; how it ended says nothing.
+            vmm.stop().context("stop the VMM process")?;
+            continue;
+        }
+        let exit = vmm.wait()?;
         if !exit.success() && status.is_ok() {
             status = Err(anyhow::anyhow!("VMM process {i} failed: {exit}"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     print_report(
         &(report, elapsed),
         args.devices.json,
@@ -318,6 +310,11 @@ fn drive(
     let mut samples = Throughput::default();
     while !host.finished() {
         std::thread::sleep(Duration::from_millis(20));
+        if crate::stop::requested() {
+            // SIGINT or SIGTERM: end now; `finish` answers what is pending.
+            host.interrupt();
+            break;
+        }
         let load = |f: fn(&iopf_host::engine::Progress) -> u64| -> u64 {
             host.progress().iter().map(f).sum()
         };
@@ -346,23 +343,27 @@ fn drive(
 
 /// The run's invariants: every group answered exactly once (none left, none answered at a
 /// device that had nothing in flight), and guest memory holds what DMA wrote.
+/// A failure is an [`Invariant`] (exit code 3).
 pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     let c = &report.core;
     ensure!(
         c.groups == c.answered(),
-        "{} groups left unanswered",
-        c.groups - c.answered()
+        Invariant(format!("{} groups left unanswered", c.groups - c.answered()))
     );
     for e in &report.engines {
         ensure!(
             e.memory.bytes_mismatched == 0 && e.memory.read_mismatches == 0,
-            "device {}: guest memory differs from what DMA wrote",
-            e.device
+            Invariant(format!(
+                "device {}: guest memory differs from what DMA wrote",
+                e.device
+            ))
         );
         ensure!(
             e.endpoint.unexpected == 0,
-            "device {}: responses for no group in flight",
-            e.device
+            Invariant(format!(
+                "device {}: responses for no group in flight",
+                e.device
+            ))
         );
     }
     Ok(())
@@ -391,6 +392,7 @@ pub(crate) fn print_report(
         mismatched += e.memory.bytes_mismatched;
     }
     let secs = elapsed.as_secs_f64().max(1e-9);
+    let interrupted = crate::stop::signal();
     let q = |x: f64| latency.value_at_quantile(x) as f64 / 1000.0;
     if let Some(dir) = html {
         std::fs::create_dir_all(dir)?;
@@ -412,6 +414,9 @@ pub(crate) fn print_report(
             // Per device: the fault core's counters and the endpoint's (crates/cli/tests/hostile_vmm.rs).
             "devices": report.devices, "engines": report.engines,
             "vmm_restarts": restarts,
+            // Stopped by SIGINT or SIGTERM: a partial run (exit code 130 or 143).
+            "interrupted": interrupted.is_some(),
+            "signal": interrupted,
         });
         if let Some(soak) = soak {
             value["soak"] = soak.json();
@@ -420,9 +425,12 @@ pub(crate) fn print_report(
         return Ok(());
     }
     println!(
-        "iopf run: {} devices over vfio-user, {:.2} s, {restarts} VMM restarts",
+        "iopf run: {} devices over vfio-user, {:.2} s, {restarts} VMM restarts{}",
         report.engines.len(),
-        secs
+        secs,
+        interrupted.map_or(String::new(), |signal| format!(
+            "; INTERRUPTED by {signal}: partial"
+        ))
     );
     println!("  DMA accesses      {accesses:>10}: {completed} completed, {failed} failed");
     println!(
@@ -512,6 +520,7 @@ fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<String> {
     let attached = loop {
         match attach(socket, setup) {
             Ok(attached) => break attached,
+            Err(_) if crate::stop::requested() => return Ok("interrupted before attaching".into()),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => return Err(e).context("attach a device"),
         }
@@ -519,11 +528,11 @@ fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<String> {
     let (mut client, mut device) = (attached.client, attached.device);
     let mut lives = 1;
     loop {
-        while device.live() {
+        while device.live() && !crate::stop::requested() {
             device.poll()?;
             device.wait(Duration::from_millis(20))?;
         }
-        if host_finished(&mut client).unwrap_or(true) {
+        if crate::stop::requested() || host_finished(&mut client).unwrap_or(true) {
             break;
         }
         drop(client);
@@ -531,6 +540,7 @@ fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<String> {
         client = loop {
             match reattach(socket, &mut device) {
                 Ok(client) => break client,
+                Err(_) if crate::stop::requested() => return Ok("interrupted".into()),
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
@@ -541,13 +551,18 @@ fn serve(socket: &Path, setup: GuestSetup) -> anyhow::Result<String> {
     }
     let s = device.stats();
     Ok(format!(
-        "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives",
+        "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives{}",
         device.device_id(),
         s.requests,
         s.groups,
         s.unrecoverable,
         s.responses,
         s.malformed,
-        lives
+        lives,
+        if crate::stop::requested() {
+            " (interrupted)"
+        } else {
+            ""
+        }
     ))
 }

@@ -1,0 +1,114 @@
+//! Stop requests and exit codes, for every subcommand.
+//!
+//! `SIGINT` and `SIGTERM` only set a flag (`signal-hook`); the main loops check [`requested`],
+//! stop their work (the host unregisters every device, so pending groups are answered), print
+//! what they have marked interrupted, and return normally, so every destructor runs: children
+//! are stopped and reaped ([`Reaper`]), temporary directories removed. A process started by
+//! another `iopf` (a VMM of `iopf run`, a bench peer) ignores `SIGINT`, which a Ctrl-C sends to
+//! the whole process group: its parent decides when it stops (with `SIGTERM`).
+//!
+//! Exit codes (README, `iopf --help`): see [`EXIT_CODES`].
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+pub(crate) use iopf_bench::child::{Reaper, command};
+
+/// The exit codes, as `iopf --help` prints them.
+pub(crate) const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    error: the command could not run (or its child process failed)
+  2    usage error
+  3    the run finished, but an invariant failed (a group left unanswered, guest memory that
+       differs from what DMA wrote, a response for no group in flight, groups still pending,
+       a soak whose memory or fds grew)
+  130  interrupted by SIGINT (Ctrl-C): stopped cleanly, partial summary printed
+  143  interrupted by SIGTERM: stopped cleanly, partial summary printed";
+
+/// The flags the handlers set.
+#[derive(Debug, Default)]
+struct Flags {
+    sigint: Arc<AtomicBool>,
+    sigterm: Arc<AtomicBool>,
+    any: Arc<AtomicBool>,
+}
+
+static FLAGS: OnceLock<Flags> = OnceLock::new();
+
+/// Installs the handlers. `checked`: this command checks [`requested`] (else `SIGTERM` keeps
+/// its default action, ending the process at once). `managed`: this process was started by
+/// another `iopf`, which stops it; `SIGINT` is then ignored.
+pub(crate) fn install(checked: bool, managed: bool) -> std::io::Result<()> {
+    let flags = FLAGS.get_or_init(Flags::default);
+    if checked {
+        signal_hook::flag::register(SIGTERM, flags.sigterm.clone())?;
+        signal_hook::flag::register(SIGTERM, flags.any.clone())?;
+    }
+    if managed {
+        // Ignored: the flag is never read.
+        signal_hook::flag::register(SIGINT, Arc::new(AtomicBool::new(false)))?;
+    } else if checked {
+        signal_hook::flag::register(SIGINT, flags.sigint.clone())?;
+        signal_hook::flag::register(SIGINT, flags.any.clone())?;
+    }
+    Ok(())
+}
+
+/// The flag set when a stop is asked for (to hand to a library).
+pub(crate) fn flag() -> Arc<AtomicBool> {
+    FLAGS.get_or_init(Flags::default).any.clone()
+}
+
+/// Whether a stop was asked for.
+pub(crate) fn requested() -> bool {
+    FLAGS
+        .get()
+        .is_some_and(|flags| flags.any.load(Ordering::Relaxed))
+}
+
+/// The signal that asked for the stop, by name (`SIGINT` first if both came).
+pub(crate) fn signal() -> Option<&'static str> {
+    let flags = FLAGS.get()?;
+    if flags.sigint.load(Ordering::Relaxed) {
+        Some("SIGINT")
+    } else if flags.sigterm.load(Ordering::Relaxed) {
+        Some("SIGTERM")
+    } else {
+        None
+    }
+}
+
+/// An invariant of the run failed (exit code 3): the run finished, its result is wrong.
+#[derive(Debug)]
+pub(crate) struct Invariant(pub(crate) String);
+
+impl std::fmt::Display for Invariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Invariant {}
+
+/// The exit code of a command that returned `result`, printing its error.
+pub(crate) fn exit(result: anyhow::Result<()>) -> ExitCode {
+    if let Err(e) = &result {
+        eprintln!("Error: {e:?}");
+    }
+    // Interrupted wins: whatever failed after the stop was asked for, the user stopped it.
+    match signal() {
+        Some("SIGINT") => return ExitCode::from(130),
+        Some(_) => return ExitCode::from(143),
+        None => {}
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Invariant>().is_some() => ExitCode::from(3),
+        Err(_) => ExitCode::FAILURE,
+    }
+}
