@@ -342,7 +342,8 @@ fn drive(
 }
 
 /// The run's invariants: every group answered exactly once (none left, none answered at a
-/// device that had nothing in flight), and guest memory holds what DMA wrote.
+/// device that had nothing in flight), guest memory holds what DMA wrote, and (unless
+/// interrupted) every access ended, none failing silently.
 /// A failure is an [`Invariant`] (exit code 3).
 pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     let c = &report.core;
@@ -363,6 +364,41 @@ pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
             Invariant(format!(
                 "device {}: responses for no group in flight",
                 e.device
+            ))
+        );
+        if crate::stop::requested() {
+            // Interrupted: accesses were still in flight when the device stopped.
+            continue;
+        }
+        // No silent failure: every access ended, and each failure has its reason.
+        let p = &e.endpoint;
+        let ended = p.completed
+            + p.failed_invalid
+            + p.failed_no_pri
+            + p.failed_retries
+            + p.failed_too_large
+            + p.failed_halted;
+        ensure!(
+            p.accesses == ended,
+            Invariant(format!(
+                "device {}: {} of {} accesses neither completed nor failed for a reason",
+                e.device,
+                p.accesses.abs_diff(ended),
+                p.accesses
+            ))
+        );
+        // An access failed by `Invalid` only if someone refused a group of this device: its
+        // guest, or the host answering for it.
+        let refused = report
+            .devices
+            .iter()
+            .find(|d| d.device == e.device)
+            .map_or(0, |d| d.core.answered() - d.core.responses.guest.success);
+        ensure!(
+            p.failed_invalid == 0 || refused > 0,
+            Invariant(format!(
+                "device {}: {} accesses failed, but no group of it was refused",
+                e.device, p.failed_invalid
             ))
         );
     }
