@@ -48,7 +48,9 @@ pub fn die_with_parent() -> io::Result<bool> {
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
     if rustix::process::getppid() != Some(parent) {
         // The parent died between our start and the request: nobody will reap or stop us.
-        return Err(io::Error::other("the parent process that started this one has exited"));
+        return Err(io::Error::other(
+            "the parent process that started this one has exited",
+        ));
     }
     Ok(true)
 }

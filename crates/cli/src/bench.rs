@@ -50,7 +50,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             // over every round: a partial run has none to give.
             let signal = crate::stop::signal();
             if args.json {
-                println!("{}", serde_json::json!({ "interrupted": true, "signal": signal }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "interrupted": true, "signal": signal })
+                );
             } else {
                 println!(
                     "iopf bench: INTERRUPTED by {}: no figures",

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::stop::{Invariant, Reaper};
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 use iopf_abi::{
@@ -25,7 +26,6 @@ use iopf_core::{
     MonotonicClock, QueueHandler,
 };
 use iopf_queue::fdpass::{recv_with_fds, send_with_fds};
-use crate::stop::{Invariant, Reaper};
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, ResponseQueueConsumer, ResponseQueueProducer,
 };

@@ -349,7 +349,10 @@ pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     let c = &report.core;
     ensure!(
         c.groups == c.answered(),
-        Invariant(format!("{} groups left unanswered", c.groups - c.answered()))
+        Invariant(format!(
+            "{} groups left unanswered",
+            c.groups - c.answered()
+        ))
     );
     for e in &report.engines {
         ensure!(

@@ -100,15 +100,41 @@ pub(crate) fn exit(result: anyhow::Result<()>) -> ExitCode {
     if let Err(e) = &result {
         eprintln!("Error: {e:?}");
     }
-    // Interrupted wins: whatever failed after the stop was asked for, the user stopped it.
-    match signal() {
-        Some("SIGINT") => return ExitCode::from(130),
-        Some(_) => return ExitCode::from(143),
-        None => {}
+    ExitCode::from(code(&result, signal()))
+}
+
+/// The exit code of `result`, after a stop by `signal` (if any). Interrupted wins: whatever
+/// failed after the stop was asked for, the user stopped the run.
+fn code(result: &anyhow::Result<()>, signal: Option<&str>) -> u8 {
+    match (signal, result) {
+        (Some("SIGINT"), _) => 130,
+        (Some(_), _) => 143,
+        (None, Ok(())) => 0,
+        (None, Err(e)) if e.downcast_ref::<Invariant>().is_some() => 3,
+        (None, Err(_)) => 1,
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<Invariant>().is_some() => ExitCode::from(3),
-        Err(_) => ExitCode::FAILURE,
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context;
+
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        let invariant = || -> anyhow::Result<()> {
+            Err(anyhow::Error::new(Invariant(
+                "3 groups left unanswered".into(),
+            )))
+            .context("the run")
+        };
+        let error = || -> anyhow::Result<()> { Err(anyhow::anyhow!("bind the socket")) };
+        assert_eq!(code(&Ok(()), None), 0);
+        assert_eq!(code(&error(), None), 1);
+        assert_eq!(code(&invariant(), None), 3);
+        assert_eq!(code(&Ok(()), Some("SIGINT")), 130);
+        assert_eq!(code(&invariant(), Some("SIGTERM")), 143);
+        assert_eq!(code(&error(), Some("SIGINT")), 130);
     }
 }

@@ -51,8 +51,8 @@ fn children(pid: Pid, n: usize, settle: Duration) -> Vec<i32> {
         let mut found = Vec::new();
         let dir = format!("/proc/{}/task", pid.as_raw_nonzero());
         for task in std::fs::read_dir(&dir).unwrap() {
-            let list = std::fs::read_to_string(task.unwrap().path().join("children"))
-                .unwrap_or_default();
+            let list =
+                std::fs::read_to_string(task.unwrap().path().join("children")).unwrap_or_default();
             found.extend(list.split_whitespace().map(|p| p.parse::<i32>().unwrap()));
         }
         if found.len() >= n && started.elapsed() >= settle {
@@ -109,7 +109,7 @@ fn interrupt(args: &[&str], signal: Signal, code: i32) -> serde_json::Value {
     } else {
         rustix::process::kill_process(parent, signal).unwrap();
     }
-    let out = exit_within(&mut group, Duration::from_secs(5));
+    let out = exit_within(&mut group, Duration::from_secs(10));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -149,14 +149,7 @@ fn sigint_ends_a_soak_as_its_end_not_as_chaos() {
     // Chaos every 10 s: none is due before the signal, so any restart would be the interrupt
     // mistaken for chaos.
     let r = interrupt(
-        &[
-            "run",
-            "--duration",
-            "60s",
-            "--chaos-every",
-            "10s",
-            "--json",
-        ],
+        &["run", "--duration", "60s", "--chaos-every", "10s", "--json"],
         Signal::INT,
         130,
     );
@@ -178,7 +171,7 @@ fn a_plain_run_interrupted_prints_a_summary_marked_interrupted() {
     let parent = pid(group.0.as_ref().unwrap());
     let vmms = children(parent, 1, Duration::from_secs(1));
     rustix::process::kill_process_group(parent, Signal::INT).unwrap();
-    let out = exit_within(&mut group, Duration::from_secs(5));
+    let out = exit_within(&mut group, Duration::from_secs(10));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(130), "{stdout}");
     assert!(stdout.contains("INTERRUPTED by SIGINT"), "{stdout}");
@@ -197,7 +190,7 @@ fn sigkill_of_the_parent_takes_its_vmms_with_it() {
     let vmms = children(parent, 2, Duration::from_millis(500));
     // The parent alone: the kernel must end its children (no destructor runs).
     rustix::process::kill_process(parent, Signal::KILL).unwrap();
-    let out = exit_within(&mut group, Duration::from_secs(5));
+    let out = exit_within(&mut group, Duration::from_secs(10));
     assert_eq!(out.status.code(), None);
     let deadline = Instant::now() + Duration::from_secs(5);
     while vmms.iter().any(|&vmm| alive(vmm)) {
@@ -229,4 +222,77 @@ fn exit_codes_are_documented_in_help() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_host_and_a_vmm_started_apart_stop_cleanly_on_their_own_signals() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let socket = tmp.path().join("host.sock");
+    let socket = socket.to_str().unwrap();
+    let mut host = start(
+        &tmp,
+        &[
+            "host",
+            "--socket",
+            socket,
+            "--accesses",
+            "10000000",
+            "--json",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::path::Path::new(socket).exists() {
+        assert!(Instant::now() < deadline, "the host never bound its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Ctrl-C in the VMM's terminal: it leaves at once; its answers owed go to the host.
+    let mut vmm = start(&tmp, &["vmm", "--socket", socket, "--devices", "2"]);
+    std::thread::sleep(Duration::from_secs(1));
+    rustix::process::kill_process_group(pid(vmm.0.as_ref().unwrap()), Signal::INT).unwrap();
+    let out = exit_within(&mut vmm, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(130));
+    // A second VMM attaches; `kill` of the host: it unregisters every device, answering what
+    // is pending, and the VMM, told the host finished, leaves on its own with success.
+    let mut vmm = start(&tmp, &["vmm", "--socket", socket, "--devices", "2"]);
+    std::thread::sleep(Duration::from_secs(1));
+    rustix::process::kill_process(pid(host.0.as_ref().unwrap()), Signal::TERM).unwrap();
+    let out = exit_within(&mut host, Duration::from_secs(10));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(143), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(r["interrupted"], true, "{r:#}");
+    assert_eq!(r["unanswered_groups"], 0, "{r:#}");
+    let out = exit_within(&mut vmm, Duration::from_secs(10));
+    assert!(out.status.success(), "{out:?}");
+    assert_nothing_left(&tmp, &[]);
+}
+
+#[test]
+fn sigint_stops_a_bench_and_its_peer_with_130() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let mut group = start(&tmp, &["bench", "--json"]);
+    let parent = pid(group.0.as_ref().unwrap());
+    let peers = children(parent, 1, Duration::from_secs(1));
+    rustix::process::kill_process_group(parent, Signal::INT).unwrap();
+    let out = exit_within(&mut group, Duration::from_secs(10));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{stdout}");
+    assert!(stdout.contains("\"interrupted\":true"), "{stdout}");
+    assert_nothing_left(&tmp, &peers);
+}
+
+#[test]
+fn sigterm_stops_a_demo_with_every_group_answered() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let mut group = start(&tmp, &["demo", "--groups", "1000000000"]);
+    let parent = pid(group.0.as_ref().unwrap());
+    let vmms = children(parent, 1, Duration::from_secs(1));
+    rustix::process::kill_process(parent, Signal::TERM).unwrap();
+    let out = exit_within(&mut group, Duration::from_secs(10));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(143), "{stdout}");
+    assert!(stdout.contains("INTERRUPTED by SIGTERM"), "{stdout}");
+    assert!(stdout.contains("unanswered groups: 0"), "{stdout}");
+    assert_nothing_left(&tmp, &vmms);
 }
