@@ -421,11 +421,21 @@ pub(crate) fn print_report(
     let mut latency = Histogram::<u64>::new(3)?;
     let (mut accesses, mut completed, mut failed, mut written, mut verified, mut mismatched) =
         (0, 0, 0, 0, 0, 0);
+    // Accesses still in flight when an interrupt stopped the devices (0 otherwise).
+    let mut not_ended = 0;
     for e in &report.engines {
         latency.add(&e.latency)?;
         accesses += e.endpoint.accesses;
         completed += e.endpoint.completed;
-        failed += e.endpoint.accesses - e.endpoint.completed;
+        let p = &e.endpoint;
+        let ended_failed = p.failed_invalid
+            + p.failed_no_pri
+            + p.failed_retries
+            + p.failed_too_large
+            + p.failed_halted;
+        let open = p.accesses.saturating_sub(p.completed + ended_failed);
+        not_ended += open;
+        failed += p.accesses - p.completed - open;
         written += e.endpoint.bytes_written;
         verified += e.memory.bytes_verified;
         mismatched += e.memory.bytes_mismatched;
@@ -442,7 +452,7 @@ pub(crate) fn print_report(
     if as_json {
         let mut value = json!({
             "elapsed_s": secs,
-            "accesses": accesses, "completed": completed, "failed": failed,
+            "accesses": accesses, "completed": completed, "failed": failed, "not_ended": not_ended,
             "page_requests": c.page_requests, "unrecoverable": c.unrecoverable, "groups": c.groups,
             "unanswered_groups": c.groups - c.answered(),
             "core": c,
@@ -471,7 +481,14 @@ pub(crate) fn print_report(
             "; INTERRUPTED by {signal}: partial"
         ))
     );
-    println!("  DMA accesses      {accesses:>10}: {completed} completed, {failed} failed");
+    println!(
+        "  DMA accesses      {accesses:>10}: {completed} completed, {failed} failed{}",
+        if not_ended > 0 {
+            format!(", {not_ended} not ended (interrupted)")
+        } else {
+            String::new()
+        }
+    );
     println!(
         "  page requests     {:>10} in {} groups; {} unrecoverable faults ({} lost)",
         c.page_requests, c.groups, c.unrecoverable, c.lost

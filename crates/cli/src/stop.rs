@@ -45,7 +45,14 @@ static FLAGS: OnceLock<Flags> = OnceLock::new();
 /// another `iopf`, which stops it; `SIGINT` is then ignored.
 pub(crate) fn install(checked: bool, managed: bool) -> std::io::Result<()> {
     let flags = FLAGS.get_or_init(Flags::default);
+    // A second signal while stopping (a stop that hangs, an impatient user) exits at once:
+    // registered first, it sees the flag the first signal set. Children still die with this
+    // process (`die_with_parent`); the temporary directory is then left behind.
     if checked {
+        signal_hook::flag::register_conditional_shutdown(SIGTERM, 143, flags.any.clone())?;
+        if !managed {
+            signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flags.any.clone())?;
+        }
         signal_hook::flag::register(SIGTERM, flags.sigterm.clone())?;
         signal_hook::flag::register(SIGTERM, flags.any.clone())?;
     }
