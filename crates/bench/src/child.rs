@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
+use thiserror::Error;
 
 /// The environment variable through which a parent names itself (its pid) to its child.
 pub const PARENT_ENV: &str = "IOPF_PARENT_PID";
@@ -37,7 +38,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 ///
 /// The kernel sends the signal when the *thread* that started the child exits: parents start
 /// their children from their main thread.
-pub fn die_with_parent() -> io::Result<bool> {
+pub fn die_with_parent() -> Result<bool, ParentError> {
     let Some(parent) = std::env::var(PARENT_ENV)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
@@ -45,14 +46,25 @@ pub fn die_with_parent() -> io::Result<bool> {
     else {
         return Ok(false);
     };
-    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+        .map_err(|e| ParentError::DeathSignal(e.into()))?;
     if rustix::process::getppid() != Some(parent) {
         // The parent died between our start and the request: nobody will reap or stop us.
-        return Err(io::Error::other(
-            "the parent process that started this one has exited",
-        ));
+        return Err(ParentError::Gone(parent.as_raw_nonzero().get()));
     }
     Ok(true)
+}
+
+/// Why [`die_with_parent`] failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ParentError {
+    /// `PR_SET_PDEATHSIG` failed.
+    #[error("ask the kernel to end this process with its parent")]
+    DeathSignal(#[source] io::Error),
+    /// The parent exited before this process could ask to die with it.
+    #[error("the parent process that started this one (pid {0}) has exited")]
+    Gone(i32),
 }
 
 /// A child process that is stopped and reaped when dropped, so none is left behind.
