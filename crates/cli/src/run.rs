@@ -76,7 +76,8 @@ pub struct RunArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Soak: run the workload in rounds for this long (30s, 10m, 1h, ...) with chaos repeating,
-    /// and fail unless the memory and fd count of the host and the VMM stay flat.
+    /// and fail unless the memory and fd count of the host and the VMM stay flat. SIGINT or
+    /// SIGTERM ends it early, reporting what it has.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Soak: period of the built-in chaos (a VMM kill and restart, an unregister of each
