@@ -4,21 +4,22 @@
 //! process left and no temporary directory left; `SIGKILL` of the parent takes its VMMs with
 //! it. Each spawned `iopf` gets its own `TMPDIR`, checked empty once it has exited.
 
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
-/// Kills the whole group if the test fails before the process ends.
-struct Group(Option<Child>);
+/// `iopf` in a process group of its own (its children join it): whatever is left of the group
+/// is killed when the test ends, failed or passed, so a failing test leaves no orphan either.
+struct Group(Option<Child>, Pid);
 
 impl Drop for Group {
     fn drop(&mut self) {
+        // ESRCH when nothing is left: the normal case.
+        let _ = rustix::process::kill_process_group(self.1, Signal::KILL);
         if let Some(child) = &mut self.0 {
-            if let Some(pid) = Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-            }
             let _ = child.wait();
         }
     }
@@ -35,7 +36,8 @@ fn start(tmp: &tempfile::TempDir, args: &[&str]) -> Group {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    Group(Some(child))
+    let pgid = pid(&child);
+    Group(Some(child), pgid)
 }
 
 fn pid(child: &Child) -> Pid {
@@ -71,7 +73,9 @@ fn alive(pid: i32) -> bool {
     })
 }
 
-/// Waits for the process to exit, within `limit`, and collects its output.
+/// Waits for the process to exit, within `limit`, and collects its output. A process left
+/// behind holding the output pipes (an orphaned VMM inherits stderr) fails the test rather
+/// than hanging it.
 fn exit_within(group: &mut Group, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     let child = group.0.as_mut().unwrap();
@@ -82,7 +86,47 @@ fn exit_within(group: &mut Group, limit: Duration) -> Output {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    group.0.take().unwrap().wait_with_output().unwrap()
+    let mut child = group.0.take().unwrap();
+    let status = child.wait().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (index, pipe) in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            let _ = tx.send((index, bytes));
+        });
+    }
+    let mut output = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    for _ in 0..2 {
+        let (index, bytes) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("iopf exited, but a process it started still holds its output open");
+        if index == 0 {
+            output.stdout = bytes;
+        } else {
+            output.stderr = bytes;
+        }
+    }
+    output
 }
 
 fn assert_nothing_left(tmp: &tempfile::TempDir, vmms: &[i32]) {
