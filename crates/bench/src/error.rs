@@ -43,6 +43,9 @@ pub enum BenchError {
     /// A loop waited too long for the other side (it died or stalled).
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// A stop was asked for ([`crate::Config::stop`]): the run ended early.
+    #[error("interrupted")]
+    Interrupted,
     /// A measurement produced nothing usable.
     #[error("{0}")]
     Invalid(String),

@@ -1,5 +1,6 @@
 //! `iopf`: the command-line front door.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
@@ -12,12 +13,13 @@ mod run;
 mod scenario;
 mod sim;
 mod soak;
+mod stop;
 mod watch;
 
 /// Carry I/O page faults from an IOMMU to the VMM that owns the device, and the guest's page
 /// responses back.
 #[derive(Debug, Parser)]
-#[command(name = "iopf", version, about)]
+#[command(name = "iopf", version, about, after_help = stop::EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,10 +57,23 @@ enum Command {
     HostileVmm(hostile::HostileArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init();
-    match cli.command {
+    stop::exit(command(cli.command))
+}
+
+fn command(command: Command) -> anyhow::Result<()> {
+    // Started by another `iopf` (a VMM of `iopf run`, the bench peer): die with it.
+    let managed = iopf_bench::child::die_with_parent().context("watch the parent process")?;
+    // The commands that stop cleanly on SIGINT and SIGTERM; the others keep the default
+    // actions (a peer process that is stopped is killed).
+    let checked = matches!(
+        command,
+        Command::Run(_) | Command::Host(_) | Command::Vmm(_) | Command::Demo(_) | Command::Bench(_)
+    );
+    stop::install(checked, managed).context("install the signal handlers")?;
+    match command {
         Command::Run(args) => run::run(args),
         Command::Host(args) => run::host(args),
         Command::Vmm(args) => run::vmm(args),

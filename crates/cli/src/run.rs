@@ -2,7 +2,7 @@
 //! VMM processes attaching to them; `run` starts both and prints what happened.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
 use crate::soak::{SoakOptions, SoakSummary, parse_duration};
+use crate::stop::{Invariant, Reaper};
 
 /// Options shared by `run` and `host`: the scenario, and overrides of it.
 #[derive(Debug, Args, Clone)]
@@ -76,7 +77,8 @@ pub struct RunArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Soak: run the workload in rounds for this long (30s, 10m, 1h, ...) with chaos repeating,
-    /// and fail unless the memory and fd count of the host and the VMM stay flat.
+    /// and fail unless the memory and fd count of the host and the VMM stay flat. SIGINT or
+    /// SIGTERM ends it early, reporting what it has.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Soak: period of the built-in chaos (a VMM kill and restart, an unregister of each
@@ -156,33 +158,28 @@ struct VmmDeviceAccount {
     responses: u64,
     malformed: u64,
     handler_lives: u32,
+    /// SIGINT or SIGTERM stopped the VMM before the host finished.
+    interrupted: bool,
 }
 
 impl std::fmt::Display for VmmDeviceAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives",
+            "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives{}",
             self.device,
             self.page_requests,
             self.groups,
             self.unrecoverable,
             self.responses,
             self.malformed,
-            self.handler_lives
+            self.handler_lives,
+            if self.interrupted {
+                " (interrupted)"
+            } else {
+                ""
+            }
         )
-    }
-}
-
-/// Kills a child that is still running when dropped.
-pub(crate) struct Reaper(pub(crate) Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 }
 
@@ -191,19 +188,14 @@ pub(crate) fn spawn_vmm(
     devices: u32,
     scenario: Option<&Path>,
 ) -> anyhow::Result<Reaper> {
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = crate::stop::command(std::env::current_exe()?);
     command
         .args(["vmm", "--devices", &devices.to_string(), "--socket"])
         .arg(socket);
     if let Some(path) = scenario {
         command.arg("--scenario").arg(path);
     }
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the VMM process")?;
-    Ok(Reaper(child))
+    Reaper::spawn(command.stdout(Stdio::null())).context("cannot start the VMM process")
 }
 
 /// Throughput samples: (seconds since start, groups answered so far).
@@ -262,9 +254,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     crate::watch::check(args.metrics)?;
     let devices = scenario.device_count();
-    let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("host.sock");
+    // Removed however the run ends (dropped last: after the VMMs are stopped).
+    let dir = tempfile::Builder::new()
+        .prefix("iopf-run-")
+        .tempdir()
+        .context("cannot create the socket directory")?;
+    let socket = dir.path().join("host.sock");
     let host = Host::bind(scenario.host_config(), &socket).context("cannot start the host")?;
     let _watch = crate::watch::start(&host, args.metrics, None)?;
     let file = args.devices.scenario.as_deref();
@@ -286,8 +281,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets
                 // close. With several VMMs, they take turns.
                 let victim = restarts as usize % vmms.len();
-                let _ = vmms[victim].0.kill();
-                let _ = vmms[victim].0.wait();
+                vmms[victim].kill().context("kill the VMM process")?;
                 restart_at = Some((victim, ms + down_ms));
             }
         }
@@ -300,7 +294,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         for (i, vmm) in vmms.iter_mut().enumerate() {
             if restart_at.is_none_or(|(victim, _)| victim != i)
-                && let Some(status) = vmm.0.try_wait()?
+                && let Some(status) = vmm.try_wait()?
+                && !crate::stop::requested()
             {
                 bail!("VMM process {i} exited before the run finished: {status}");
             }
@@ -310,12 +305,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (report, elapsed, samples) = outcome?;
     let mut status = Ok(());
     for (i, vmm) in vmms.iter_mut().enumerate() {
-        let exit = vmm.0.wait()?;
+        if crate::stop::requested() {
+            // Interrupted: the VMM was told to leave (its devices unregistered) or got the
+            // signal too; how it ended says nothing.
+            vmm.stop().context("stop the VMM process")?;
+            continue;
+        }
+        let exit = vmm.wait()?;
         if !exit.success() && status.is_ok() {
             status = Err(anyhow::anyhow!("VMM process {i} failed: {exit}"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     print_report(
         &(report, elapsed),
         args.devices.json,
@@ -383,6 +383,11 @@ fn drive(
     let mut samples = Throughput::default();
     while !host.finished() {
         std::thread::sleep(SAMPLE_EVERY);
+        if crate::stop::requested() {
+            // SIGINT or SIGTERM: end now; `finish` answers what is pending.
+            host.interrupt();
+            break;
+        }
         let load = |f: fn(&iopf_host::engine::Progress) -> u64| -> u64 {
             host.progress().iter().map(f).sum()
         };
@@ -410,24 +415,67 @@ fn drive(
 }
 
 /// The run's invariants: every group answered exactly once (none left, none answered at a
-/// device that had nothing in flight), and guest memory holds what DMA wrote.
+/// device that had nothing in flight), guest memory holds what DMA wrote, and (unless
+/// interrupted) every access ended, none failing silently.
+/// A failure is an [`Invariant`] (exit code 3).
 pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     let c = &report.core;
     ensure!(
         c.groups == c.answered(),
-        "{} groups left unanswered",
-        c.groups - c.answered()
+        Invariant(format!(
+            "{} groups left unanswered",
+            c.groups - c.answered()
+        ))
     );
     for e in &report.engines {
         ensure!(
             e.memory.bytes_mismatched == 0 && e.memory.read_mismatches == 0,
-            "device {}: guest memory differs from what DMA wrote",
-            e.device
+            Invariant(format!(
+                "device {}: guest memory differs from what DMA wrote",
+                e.device
+            ))
         );
         ensure!(
             e.endpoint.unexpected == 0,
-            "device {}: responses for no group in flight",
-            e.device
+            Invariant(format!(
+                "device {}: responses for no group in flight",
+                e.device
+            ))
+        );
+        if crate::stop::requested() {
+            // Interrupted: accesses were still in flight when the device stopped.
+            continue;
+        }
+        // No silent failure: every access ended, and each failure has its reason.
+        let p = &e.endpoint;
+        let ended = p.completed
+            + p.failed_invalid
+            + p.failed_no_pri
+            + p.failed_retries
+            + p.failed_too_large
+            + p.failed_halted;
+        ensure!(
+            p.accesses == ended,
+            Invariant(format!(
+                "device {}: {} of {} accesses neither completed nor failed for a reason",
+                e.device,
+                p.accesses.abs_diff(ended),
+                p.accesses
+            ))
+        );
+        // An access failed by `Invalid` only if someone refused a group of this device: its
+        // guest, or the host answering for it.
+        let refused = report
+            .devices
+            .iter()
+            .find(|d| d.device == e.device)
+            .map_or(0, |d| d.core.answered() - d.core.responses.guest.success);
+        ensure!(
+            p.failed_invalid == 0 || refused > 0,
+            Invariant(format!(
+                "device {}: {} accesses failed, but no group of it was refused",
+                e.device, p.failed_invalid
+            ))
         );
         ensure!(
             e.errors == 0,
@@ -460,16 +508,27 @@ pub(crate) fn print_report(
     let mut latency = Histogram::<u64>::new(3)?;
     let (mut accesses, mut completed, mut failed, mut written, mut verified, mut mismatched) =
         (0, 0, 0, 0, 0, 0);
+    // Accesses still in flight when an interrupt stopped the devices (0 otherwise).
+    let mut not_ended = 0;
     for e in &report.engines {
         latency.add(&e.latency)?;
         accesses += e.endpoint.accesses;
         completed += e.endpoint.completed;
-        failed += e.endpoint.accesses - e.endpoint.completed;
+        let p = &e.endpoint;
+        let ended_failed = p.failed_invalid
+            + p.failed_no_pri
+            + p.failed_retries
+            + p.failed_too_large
+            + p.failed_halted;
+        let open = p.accesses.saturating_sub(p.completed + ended_failed);
+        not_ended += open;
+        failed += p.accesses - p.completed - open;
         written += e.endpoint.bytes_written;
         verified += e.memory.bytes_verified;
         mismatched += e.memory.bytes_mismatched;
     }
     let secs = elapsed.as_secs_f64().max(1e-9);
+    let interrupted = crate::stop::signal();
     let q = |x: f64| latency.value_at_quantile(x) as f64 / 1000.0;
     if let Some(dir) = html {
         std::fs::create_dir_all(dir)?;
@@ -480,7 +539,7 @@ pub(crate) fn print_report(
     if as_json {
         let mut value = json!({
             "elapsed_s": secs,
-            "accesses": accesses, "completed": completed, "failed": failed,
+            "accesses": accesses, "completed": completed, "failed": failed, "not_ended": not_ended,
             "page_requests": c.page_requests, "unrecoverable": c.unrecoverable, "groups": c.groups,
             "unanswered_groups": c.groups - c.answered(),
             "core": c,
@@ -491,6 +550,9 @@ pub(crate) fn print_report(
             // Per device: the fault core's counters and the endpoint's (crates/cli/tests/hostile_vmm.rs).
             "devices": report.devices, "engines": report.engines,
             "vmm_restarts": restarts,
+            // Stopped by SIGINT or SIGTERM: a partial run (exit code 130 or 143).
+            "interrupted": interrupted.is_some(),
+            "signal": interrupted,
         });
         if let Some(soak) = soak {
             value["soak"] = soak.json();
@@ -499,11 +561,21 @@ pub(crate) fn print_report(
         return Ok(());
     }
     println!(
-        "iopf run: {} devices over vfio-user, {:.2} s, {restarts} VMM restarts",
+        "iopf run: {} devices over vfio-user, {:.2} s, {restarts} VMM restarts{}",
         report.engines.len(),
-        secs
+        secs,
+        interrupted.map_or(String::new(), |signal| format!(
+            "; INTERRUPTED by {signal}: partial"
+        ))
     );
-    println!("  DMA accesses      {accesses:>10}: {completed} completed, {failed} failed");
+    println!(
+        "  DMA accesses      {accesses:>10}: {completed} completed, {failed} failed{}",
+        if not_ended > 0 {
+            format!(", {not_ended} not ended (interrupted)")
+        } else {
+            String::new()
+        }
+    );
     println!(
         "  page requests     {:>10} in {} groups; {} unrecoverable faults ({} lost)",
         c.page_requests, c.groups, c.unrecoverable, c.lost
@@ -580,9 +652,13 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         .collect();
     let mut accounts = Vec::new();
     for t in threads {
-        let account = t
+        let Some(account) = t
             .join()
-            .map_err(|_| anyhow::anyhow!("a device thread panicked"))??;
+            .map_err(|_| anyhow::anyhow!("a device thread panicked"))??
+        else {
+            // Interrupted before it attached: nothing to account for.
+            continue;
+        };
         if !args.json {
             println!("{account}");
         }
@@ -602,13 +678,14 @@ fn serve(
     socket: &Path,
     setup: GuestSetup,
     options: ClientOptions,
-) -> anyhow::Result<VmmDeviceAccount> {
+) -> anyhow::Result<Option<VmmDeviceAccount>> {
     // The host may keep a device closed for a while (after an unregister): retry a moment.
     // A host that does not answer at all is not retried: it would only wait again.
     let deadline = Instant::now() + Duration::from_secs(10);
     let attached = loop {
         match attach_with(socket, setup, options) {
             Ok(attached) => break attached,
+            Err(_) if crate::stop::requested() => return Ok(None),
             Err(e) if !e.timed_out() && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10))
             }
@@ -617,12 +694,12 @@ fn serve(
     };
     let (mut client, mut device) = (attached.client, attached.device);
     let mut lives = 1;
-    loop {
-        while device.live() {
+    'serve: loop {
+        while device.live() && !crate::stop::requested() {
             device.poll()?;
             device.wait(Duration::from_millis(20))?;
         }
-        if host_finished(&mut client).unwrap_or(true) {
+        if crate::stop::requested() || host_finished(&mut client).unwrap_or(true) {
             break;
         }
         drop(client);
@@ -630,6 +707,7 @@ fn serve(
         client = loop {
             match reattach_with(socket, &mut device, options) {
                 Ok(client) => break client,
+                Err(_) if crate::stop::requested() => break 'serve,
                 Err(e) if !e.timed_out() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
@@ -639,7 +717,7 @@ fn serve(
         lives += 1;
     }
     let s = device.stats();
-    Ok(VmmDeviceAccount {
+    Ok(Some(VmmDeviceAccount {
         device: device.device_id(),
         page_requests: s.requests,
         groups: s.groups,
@@ -647,5 +725,6 @@ fn serve(
         responses: s.responses,
         malformed: s.malformed,
         handler_lives: lives,
-    })
+        interrupted: crate::stop::requested(),
+    }))
 }

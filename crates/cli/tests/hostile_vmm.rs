@@ -203,12 +203,12 @@ fn finish(mut child: Reaper, what: &str, limit: Duration) -> std::process::Outpu
 }
 
 fn run(case: &Case, extra: &[&str]) -> Outcome {
-    let dir = std::env::temp_dir().join(format!(
-        "iopf-hostile-{}-{}",
-        case.behaviour,
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when the case ends, passed or failed.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("iopf-hostile-{}-", case.behaviour))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let socket = dir.join("host.sock");
     let scenario = dir.join("scenario.toml");
     std::fs::write(&scenario, case.scenario()).unwrap();
@@ -291,7 +291,6 @@ fn run(case: &Case, extra: &[&str]) -> Outcome {
     );
     let last = lines.last().expect("the hostile VMM's report");
     let hostile: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
-    let _ = std::fs::remove_dir_all(&dir);
     // Shown when a test fails (the harness captures it otherwise).
     eprintln!("hostile VMM: {hostile}");
     eprintln!("host, hostile device: {}", device(&host, HOSTILE).0);

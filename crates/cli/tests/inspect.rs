@@ -67,8 +67,8 @@ fn inspect_decodes_a_live_fault_queue_through_proc() {
 
 #[test]
 fn inspect_refuses_garbage_without_panicking() {
-    let dir = std::env::temp_dir().join(format!("iopf-inspect-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::TempDir::new().unwrap();
+    let dir = tmp.path();
     let small = dir.join("small");
     std::fs::write(&small, [0u8; 100]).unwrap();
     let (ok, text) = inspect(small.to_str().unwrap());
@@ -81,5 +81,4 @@ fn inspect_refuses_garbage_without_panicking() {
     std::fs::write(&noise, bytes).unwrap();
     let (_, text) = inspect(noise.to_str().unwrap());
     assert!(!text.contains("panicked"), "{text}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -256,6 +256,13 @@ impl Host {
         self.drain.store(true, Ordering::Relaxed);
     }
 
+    /// Ends the run now (the user interrupted it): every device's engine stops at once, with
+    /// accesses still in flight, and no VMM is accepted any more; [`Host::finish`] then
+    /// unregisters every device, so the groups still pending are answered.
+    pub fn interrupt(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Whether every device has a handler with an attached consumer (a VMM serving it).
     pub fn all_attached(&self) -> bool {
         self.slots
