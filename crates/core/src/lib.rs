@@ -11,6 +11,7 @@
 //!    register, so a response from an earlier life never matches, even for a reused PRG index;
 //! 3. [`FaultCore::unregister`] never fails and never waits on the VMM;
 //! 4. page requests are never dropped silently; unrecoverable faults may be, and are counted.
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod clock;
