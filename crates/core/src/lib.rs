@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod chain;
 mod clock;
 mod counters;
 mod device;
@@ -23,6 +24,7 @@ mod pending;
 mod ratelimit;
 mod types;
 
+pub use chain::ErrorChain;
 pub use clock::{Clock, ManualClock, MonotonicClock, Nanos};
 pub use counters::{AutoResponses, CodeCounts, DeviceCounters, Refusals, Responses};
 pub use fault_core::{CoreError, FaultCore};
