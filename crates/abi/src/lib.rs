@@ -11,6 +11,7 @@
 //!
 //! The layout is specified in `docs/ABI.md`; `include/iopf_abi.h` is the same layout for C.
 #![no_std]
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod error;

@@ -46,6 +46,7 @@ pub use report::{Figure, Machine, Report, Scaling, ScalingPoint, ScalingSeries, 
 
 use control::{Control, Peer, Reply, RttMode, Task};
 use error::Result;
+use iopf_core::ErrorChain;
 use spin::Placement;
 
 /// The hidden subcommand the peer process runs (`iopf bench-peer --socket PATH`).
@@ -765,7 +766,9 @@ pub fn peer(socket: &Path) -> Result<(), BenchError> {
         match result {
             Ok(stats) => control.send(&Reply::Done(stats), &[])?,
             Err(e) => {
-                let _ = control.send(&Reply::Failed(e.to_string()), &[]);
+                // Best effort: the host may be gone already, and the error returned below is
+                // what this process reports either way.
+                let _ = control.send(&Reply::Failed(ErrorChain(&e).to_string()), &[]);
                 return Err(e);
             }
         }

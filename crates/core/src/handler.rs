@@ -8,19 +8,10 @@ use iopf_queue::{
     Doorbell, FaultQueueProducer, ProtocolError, PushError, QueueError, QueueMemory, QueueRegion,
     ResponseQueueConsumer, Staged,
 };
-use thiserror::Error;
 
-/// Why a handler could not take a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum StageError {
-    /// No room for the whole group now.
-    #[error("fault queue full")]
-    Full,
-    /// The consumer broke the queue; the handler is unusable.
-    #[error(transparent)]
-    Broken(#[from] ProtocolError),
-}
+/// Why a handler could not take a group: the ring's own [`PushError`], `Full` (no room for the
+/// whole group now) or `Broken` (the consumer broke the queue; the handler is unusable).
+pub type StageError = PushError;
 
 /// A doorbell of the consumer's that the core rings once the device's lock is released.
 ///
@@ -91,11 +82,7 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
     }
 
     fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError> {
-        match self.faults.stage_group(group) {
-            Ok(()) => Ok(()),
-            Err(PushError::Broken(e)) => Err(StageError::Broken(e)),
-            Err(_) => Err(StageError::Full),
-        }
+        self.faults.stage_group(group)
     }
 
     fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError> {

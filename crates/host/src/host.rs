@@ -202,7 +202,7 @@ impl Host {
                             let reason = match server.serve(stream, &mut device) {
                                 Ok(Disconnect::Closed) => "closed".to_string(),
                                 Ok(other) => format!("{other:?}"),
-                                Err(e) => format!("server error: {e}"),
+                                Err(e) => format!("server error: {}", iopf_core::ErrorChain(&e)),
                             };
                             device.detach();
                             reason

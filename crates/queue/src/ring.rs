@@ -58,8 +58,10 @@ pub enum ProtocolError {
 }
 
 /// Why a record could not be staged.
+///
+/// Exhaustive on purpose: a push either finds no room or finds the ring broken, and callers
+/// (the fault core's handlers among them) match both without a catch-all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[non_exhaustive]
 pub enum PushError {
     /// Not enough free slots (the consumer is behind).
     #[error("ring full")]

@@ -105,7 +105,7 @@ impl std::fmt::Display for Seconds {
 #[non_exhaustive]
 pub enum ClientError {
     /// The socket could not be connected.
-    #[error("connecting to {}: {source}", path.display())]
+    #[error("cannot connect to {}", path.display())]
     Connect {
         /// The socket's path.
         path: PathBuf,
@@ -114,7 +114,7 @@ pub enum ClientError {
         source: io::Error,
     },
     /// The connection broke (or timed out).
-    #[error("connection: {0}")]
+    #[error("connection to the server failed")]
     Connection(#[from] ConnectionError),
     /// The server closed the connection.
     #[error("the server closed the connection")]
@@ -144,7 +144,7 @@ pub enum ClientError {
         errno: Errno,
     },
     /// The server's reply is malformed or does not answer the command.
-    #[error("bad reply to {command:?}: {error}")]
+    #[error("bad reply to {command:?}")]
     BadReply {
         /// The command.
         command: Command,

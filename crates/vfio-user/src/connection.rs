@@ -75,7 +75,7 @@ pub enum ConnectionError {
     #[error("connection reset by the peer")]
     Reset,
     /// Any other socket error.
-    #[error("socket: {0}")]
+    #[error("socket failed")]
     Io(#[source] io::Error),
 }
 

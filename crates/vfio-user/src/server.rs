@@ -112,7 +112,7 @@ pub enum Disconnect {
 #[non_exhaustive]
 pub enum ServerError {
     /// The socket failed for a reason other than the client (e.g. `EBADF`, `ENOMEM`).
-    #[error("socket: {0}")]
+    #[error("socket failed")]
     Io(#[source] io::Error),
 }
 
