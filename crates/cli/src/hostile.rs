@@ -22,13 +22,13 @@ use anyhow::{Context, bail, ensure};
 use clap::{Args, ValueEnum};
 use iopf_abi::{FLAG_NEED_WAKEUP, Fault, PageRequest, Pasid, QueueKind, ResponseRecord};
 use iopf_host::pci::{REG_DEVICE_ID, REG_HOST_STATE};
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, PushError, QueueMemory, QueueRegion, ResponseQueueProducer,
 };
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
 use iopf_vfio_user::device::{
     DMA_FAULT_IRQ_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, RESPONSE_PROD_OFFSET,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,

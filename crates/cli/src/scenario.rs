@@ -9,9 +9,9 @@ use anyhow::{Context, bail, ensure};
 use iopf_core::DeviceConfig;
 use iopf_host::HostConfig;
 use iopf_host::engine::Workload;
-use iopf_sim::endpoint::EndpointConfig;
-use iopf_sim::guest::GuestConfig;
-use iopf_sim::workload::{Pattern, Stream};
+use iopf_models::endpoint::EndpointConfig;
+use iopf_models::guest::GuestConfig;
+use iopf_models::workload::{Pattern, Stream};
 use iopf_vmm::GuestSetup;
 use serde::Deserialize;
 

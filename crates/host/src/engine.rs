@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use iopf_core::{DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore};
+use iopf_models::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
+use iopf_models::memory::{GuestMemory, MemoryVerdict};
+use iopf_models::nested::{Directory, NestedIommu};
+use iopf_models::rng::Rng;
+use iopf_models::workload::Stream;
 use iopf_queue::{Doorbell, SharedMemory};
-use iopf_sim::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
-use iopf_sim::memory::{GuestMemory, MemoryVerdict};
-use iopf_sim::nested::{Directory, NestedIommu};
-use iopf_sim::rng::Rng;
-use iopf_sim::workload::Stream;
 use serde::Serialize;
 
 /// What a device runs.

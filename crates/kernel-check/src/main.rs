@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use iopf_abi::{Fault, PageRequest, PageResponse, Perm, ResponseCode, ResponseRecord};
 use iopf_iommufd::selftest::{MockDevice, TriggerIopf};
 use iopf_iommufd::{FaultFile, Iommufd, KernelFault, KernelFaultQueue, KernelResponse};
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
 use iopf_queue::FaultChannel;
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
 use iopf_vmm::VmmDevice;
 
 const PREFIX: &str = "iopf-kernel-check:";

@@ -5,11 +5,11 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
 use iopf_queue::{Doorbell, FaultQueueConsumer, ResponseQueueProducer, SharedMemoryChannel};
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
 use iopf_vfio_user::device::{
     DMA_FAULT_IRQ_INDEX, VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED,

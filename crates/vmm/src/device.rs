@@ -5,10 +5,10 @@ use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use iopf_abi::{Fault, PageRequest, Pasid, ResponseRecord};
+use iopf_models::guest::Guest;
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
 use iopf_queue::{ChannelError, ChannelFault, FaultChannel, SharedMemoryChannel};
-use iopf_sim::guest::Guest;
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
 use thiserror::Error;
 
 /// What went wrong on the VMM side.
@@ -26,7 +26,7 @@ pub enum VmmError {
         pasid: Option<Pasid>,
         /// Why the tables refused it.
         #[source]
-        source: iopf_sim::iommu::MapError,
+        source: iopf_models::iommu::MapError,
     },
     /// A PASID to serve is beyond the 20-bit PASID space.
     #[error("PASID {0} is beyond the 20-bit PASID space")]
