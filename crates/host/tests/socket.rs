@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use iopf_host::engine::Workload;
 use iopf_host::{BindError, Host, HostConfig};
-use iopf_sim::endpoint::EndpointConfig;
+use iopf_models::endpoint::EndpointConfig;
 
 fn config() -> HostConfig {
     HostConfig {
