@@ -63,6 +63,18 @@ fn inspect_decodes_a_live_fault_queue_through_proc() {
         "{text}"
     );
     assert!(text.contains("Permission"), "{text}");
+
+    // The same region as JSON.
+    let out = Command::new(env!("CARGO_BIN_EXE_iopf"))
+        .args(["inspect", "--json", &path])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["host"]["kind"], "fault");
+    assert_eq!(view["host"]["live"], true);
+    assert_eq!(view["records"]["pending"], 2);
+    assert_eq!(view["records"]["shown"].as_array().unwrap().len(), 2);
 }
 
 #[test]
