@@ -122,7 +122,8 @@ impl Iommufd {
     ///
     /// The fd must be a misc character device, as `/dev/iommu` is; anything else (a regular
     /// file, a socket, `/dev/null`) is refused with [`KernelError::NotIommufd`]. Other misc
-    /// devices cannot be told apart without an ioctl: their first iommufd ioctl fails.
+    /// devices (`/dev/kvm`, `/dev/fuse`) cannot be told apart without an ioctl and pass; the
+    /// first iommufd ioctl on them fails instead.
     ///
     /// ```
     /// use iopf_iommufd::{Iommufd, KernelError};
@@ -145,7 +146,9 @@ impl Iommufd {
         check_iommufd(fd)?;
         let dup = rustix::io::fcntl_dupfd_cloexec(fd, 0)
             .map_err(|e| KernelError::Dup(io::Error::from(e)))?;
-        Self::from_fd(dup)
+        Ok(Self {
+            ioctls: IommuFd::new_from_fd(File::from(dup)),
+        })
     }
 
     /// Takes over an `iommufd-ioctls` handle (which opened `/dev/iommu` or was given its fd).
