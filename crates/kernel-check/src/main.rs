@@ -24,14 +24,15 @@ use iopf_vmm::VmmDevice;
 
 const PREFIX: &str = "iopf-kernel-check:";
 const EINVAL: i32 = 22;
+const ENOENT: i32 = 2;
 const PERM_RW: u32 = 3;
 
 type Check = Result<String, String>;
 
 /// The kernel objects of one mock device with a fault-capable nested page table.
 struct Rig {
-    /// The VMM's IOAS, allocated on the VMM's own handle; kept because dropping it destroys it.
-    _vmm_ioas: IommufdIoas,
+    /// The VMM's IOAS, allocated on the VMM's own handle (dropping it destroys it there).
+    vmm_ioas: IommufdIoas,
     /// The backend, built on a duplicate of the VMM's iommufd fd.
     iommufd: Iommufd,
     device: MockDevice,
@@ -138,7 +139,7 @@ fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile, String), String> {
         vmm_ioas.id()
     );
     let rig = Rig {
-        _vmm_ioas: vmm_ioas,
+        vmm_ioas,
         iommufd,
         device,
         fault_hwpt,
@@ -379,7 +380,45 @@ fn vmm_device(rig: &Rig) -> Check {
     rig.device
         .replace(&rig.iommufd, rig.fault_hwpt)
         .map_err(|e| e.to_string())?;
+    rig.iommufd
+        .destroy(hwpt)
+        .map_err(|e| format!("page table {hwpt}: {e}"))?;
     result
+}
+
+/// Tears the rig down as a VMM does when the device goes: the backend destroys the device and
+/// the page tables it allocated over the VMM's IOAS; then the VMM drops its IOAS, destroyed
+/// through the VMM's own handle, and the backend no longer finds it (same context again).
+fn teardown(rig: Rig) -> Check {
+    let Rig {
+        vmm_ioas,
+        iommufd,
+        device,
+        fault_hwpt,
+        raw_hwpt,
+    } = rig;
+    let objects = [
+        ("mock device", device.stdev_id),
+        ("fault page table", fault_hwpt),
+        ("raw page table", raw_hwpt),
+        ("parent page table", device.parent_hwpt_id),
+    ];
+    for (what, id) in objects {
+        iommufd
+            .destroy(id)
+            .map_err(|e| format!("{what} {id}: {e}"))?;
+    }
+    let ioas_id = vmm_ioas.id();
+    drop(vmm_ioas);
+    match iommufd.destroy(ioas_id) {
+        Err(e) if e.errno() == Some(ENOENT) => {
+            Ok(format!("destroyed={} vmm_ioas_gone=true", objects.len()))
+        }
+        Ok(()) => Err(format!("the VMM's IOAS {ioas_id} outlived the VMM's drop")),
+        Err(e) => Err(format!(
+            "the VMM's IOAS {ioas_id} after the VMM's drop: {e}"
+        )),
+    }
 }
 
 /// N trigger/read/respond round trips (under QEMU's TCG these are emulated instructions, not
@@ -464,6 +503,7 @@ fn run() -> u32 {
     );
     report("vmm_device", vmm_device(&rig), &mut passed, &mut failed);
     report("timing", timing(&rig, &mut q, n), &mut passed, &mut failed);
+    report("teardown", teardown(rig), &mut passed, &mut failed);
     println!("{PREFIX} stats {:?}", q.stats());
     println!("{PREFIX} done passed={passed} failed={failed}");
     failed

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// How long QEMU may run (boot is about a second under TCG; the checks a few more).
 const QEMU_TIMEOUT: Duration = Duration::from_secs(300);
-const CHECKS: [&str; 7] = [
+const CHECKS: [&str; 8] = [
     "setup",
     "round_trip",
     "kernel_refusals",
@@ -22,6 +22,7 @@ const CHECKS: [&str; 7] = [
     "detach_auto_answers",
     "vmm_device",
     "timing",
+    "teardown",
 ];
 
 fn repo_root() -> PathBuf {
@@ -190,7 +191,7 @@ fn backend_passes_every_check_against_a_real_kernel() {
         );
     }
     assert!(
-        results.contains(&"done passed=7 failed=0"),
+        results.contains(&"done passed=8 failed=0"),
         "no clean summary line"
     );
 }
