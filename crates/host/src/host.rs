@@ -229,6 +229,8 @@ impl Host {
                         .partition(|(_, thread)| thread.is_finished());
                 *connections = open;
                 for (_, thread) in ended {
+                    // A connection thread that panicked has already dropped its VMM (the
+                    // device's `vmm_gone` ran in its drop): nothing is left to answer.
                     let _ = thread.join();
                 }
                 connections.push((control, thread));
@@ -330,6 +332,7 @@ impl Host {
             while !thread.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
+            // Fails only if the VMM closed the socket first, which is what is wanted.
             let _ = control.shutdown(std::net::Shutdown::Both);
             let _ = thread.join();
         }

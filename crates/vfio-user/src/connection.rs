@@ -270,6 +270,7 @@ impl Connection {
 
     /// Shuts the socket down in both directions (the peer sees end of stream).
     pub fn shutdown(&self) {
+        // Fails only if the socket is no longer connected: then it is shut down already.
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
