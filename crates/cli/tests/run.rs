@@ -300,3 +300,29 @@ fn the_vmm_reports_its_account_as_json() {
     assert_eq!(groups, r["groups"].as_u64().unwrap(), "{accounts:?}");
     assert!(accounts.iter().all(|a| a["handler_lives"] == 1));
 }
+
+/// `RUST_LOG=debug` shows the handler life on stderr, with each device's number: the host's
+/// register and unregister, and the VMM's attach.
+#[test]
+fn debug_logging_shows_the_handler_life() {
+    let out = iopf()
+        .args(["run", "--devices", "1", "--accesses", "200", "--json"])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("fault handler registered"), "{log}");
+    assert!(log.contains("fault handler unregistered"), "{log}");
+    assert!(log.contains("attached"), "{log}");
+    assert!(log.contains("register{device=1}"), "{log}");
+    assert!(log.contains("attach{device=1}"), "{log}");
+    // Without RUST_LOG: warnings only, so a clean run says nothing on stderr about handlers.
+    let out = iopf()
+        .args(["run", "--devices", "1", "--accesses", "200", "--json"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("fault handler registered"));
+}
