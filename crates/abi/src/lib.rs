@@ -11,6 +11,7 @@
 //!
 //! The layout is specified in `docs/ABI.md`; `include/iopf_abi.h` is the same layout for C.
 #![no_std]
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod error;
@@ -33,3 +34,7 @@ pub use region::{
 pub use response::{
     PageResponse, RESPONSE_PASID_VALID, RESPONSE_VERSION, ResponseCode, ResponseRecord,
 };
+
+/// Nanoseconds on a monotonic clock: the one time unit of iopf (response deadlines in the fault
+/// core, latencies in the models and the simulation).
+pub type Nanos = u64;

@@ -59,6 +59,37 @@ fn entry_count() -> impl Strategy<Value = u32> {
     ]
 }
 
+/// The header bytes of a valid region, its geometry and the region's length, with up to three
+/// header bytes overwritten: some are still accepted (and must then be exactly what the
+/// geometry encodes, plus the live fields), most are refused.
+fn mutated_header() -> impl Strategy<Value = ([u8; 48], QueueGeometry, u64)> {
+    (
+        any_geometry(),
+        proptest::collection::vec((0usize..48, any::<u8>()), 0..=3),
+        0u64..=1 << 20,
+    )
+        .prop_map(|(g, edits, extra_len)| {
+            let mut bytes = [0u8; 48];
+            bytes.copy_from_slice(g.host_header().as_bytes());
+            for (at, value) in edits {
+                bytes[at] = value;
+            }
+            (bytes, g, g.region_len() + extra_len)
+        })
+}
+
+/// What a host writes for `g`, with the fields that change while the queue lives (flags,
+/// index, counters) taken from `live`.
+fn encode_with_live_fields(g: QueueGeometry, live: &HostPageHeader) -> HostPageHeader {
+    HostPageHeader {
+        flags: live.flags,
+        index: live.index,
+        lost: live.lost,
+        rejected: live.rejected,
+        ..g.host_header()
+    }
+}
+
 // ---- constants and layout ----------------------------------------------------------------
 
 #[test]
@@ -341,7 +372,23 @@ proptest! {
         len in any::<u64>(),
     ) {
         let header = HostPageHeader::read_from_bytes(&bytes).unwrap();
-        let _ = QueueGeometry::from_host_header(&header, kind, len);
+        if let Ok(g) = QueueGeometry::from_host_header(&header, kind, len) {
+            let encoded = encode_with_live_fields(g, &header);
+            prop_assert_eq!(encoded.as_bytes(), &bytes[..]);
+        }
+    }
+
+    #[test]
+    fn near_valid_header_bytes_that_are_accepted_re_encode_to_the_same_bytes(
+        (bytes, g, len) in mutated_header(),
+    ) {
+        let header = HostPageHeader::read_from_bytes(&bytes).unwrap();
+        // A mutated entry count may still be valid and fit: then it is another geometry, which
+        // must encode to these bytes all the same.
+        if let Ok(found) = QueueGeometry::from_host_header(&header, g.kind(), len) {
+            let encoded = encode_with_live_fields(found, &header);
+            prop_assert_eq!(encoded.as_bytes(), &bytes[..]);
+        }
     }
 }
 

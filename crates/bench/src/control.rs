@@ -10,7 +10,6 @@
 use std::ffi::OsString;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iopf_queue::fdpass::{recv_with_fds, send_with_fds};
@@ -19,6 +18,7 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::child::Reaper;
 use crate::error::{BenchError, Result};
 
 /// Largest control message (JSON); tasks and replies are far smaller.
@@ -201,11 +201,12 @@ pub(crate) struct Peer {
 impl Peer {
     /// Starts `program args... --socket PATH`, waits for it to connect and pins it to `cpu`.
     pub(crate) fn spawn(program: &Path, args: &[OsString], cpu: Option<usize>) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("iopf-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(BenchError::io("create the socket directory"))?;
-        let result = Self::spawn_in(&dir, program, args, cpu);
-        let _ = std::fs::remove_dir_all(&dir);
-        result
+        // The socket is only needed until the peer connects; the directory goes either way.
+        let dir = tempfile::Builder::new()
+            .prefix("iopf-bench-")
+            .tempdir()
+            .map_err(BenchError::io("create the socket directory"))?;
+        Self::spawn_in(dir.path(), program, args, cpu)
     }
 
     fn spawn_in(dir: &Path, program: &Path, args: &[OsString], cpu: Option<usize>) -> Result<Self> {
@@ -221,14 +222,13 @@ impl Peer {
         let addr = SocketAddrUnix::new(&path).map_err(BenchError::io("socket path"))?;
         rustix::net::bind(&listener, &addr).map_err(BenchError::io("bind the control socket"))?;
         rustix::net::listen(&listener, 1).map_err(BenchError::io("listen"))?;
-        let child = Command::new(program)
-            .args(args)
-            .arg("--socket")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(BenchError::io("start the peer process"))?;
-        let mut child = Reaper(child);
+        let mut child = Reaper::spawn(
+            crate::child::command(program)
+                .args(args)
+                .arg("--socket")
+                .arg(&path),
+        )
+        .map_err(BenchError::io("start the peer process"))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         let timeout = Timespec {
             tv_sec: 0,
@@ -240,7 +240,6 @@ impl Peer {
                 break;
             }
             if let Some(status) = child
-                .0
                 .try_wait()
                 .map_err(BenchError::io("wait for the peer"))?
             {
@@ -284,7 +283,6 @@ impl Peer {
         self.control.send(&Task::Exit, &[])?;
         let status = self
             .child
-            .0
             .wait()
             .map_err(BenchError::io("wait for the peer"))?;
         if status.success() {
@@ -293,19 +291,6 @@ impl Peer {
             Err(BenchError::PeerFailed(format!(
                 "the peer exited with {status}"
             )))
-        }
-    }
-}
-
-/// Kills the peer if the host fails or returns early, so no process is left behind.
-#[derive(Debug)]
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
         }
     }
 }

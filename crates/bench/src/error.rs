@@ -11,7 +11,7 @@ use thiserror::Error;
 #[non_exhaustive]
 pub enum BenchError {
     /// A system call failed.
-    #[error("{op}: {source}")]
+    #[error("{op} failed")]
     Io {
         /// What we were doing.
         op: &'static str,
@@ -20,16 +20,16 @@ pub enum BenchError {
         source: io::Error,
     },
     /// A queue region could not be created or attached.
-    #[error("queue region: {0}")]
+    #[error("cannot create or attach a queue region")]
     Attach(#[from] AttachError),
     /// A queue operation failed.
-    #[error("queue: {0}")]
+    #[error("queue operation failed")]
     Queue(#[from] QueueError),
     /// A ring was broken (a bug here: both sides are ours).
-    #[error("ring: {0}")]
+    #[error("ring broken")]
     Protocol(#[from] ProtocolError),
     /// The fault core refused a call.
-    #[error("fault core: {0}")]
+    #[error("the fault core refused a call")]
     Core(#[from] CoreError),
     /// The control channel to the peer process carried something unexpected.
     #[error("peer protocol: {0}")]
@@ -38,11 +38,14 @@ pub enum BenchError {
     #[error("peer process failed: {0}")]
     PeerFailed(String),
     /// A message could not be encoded or decoded.
-    #[error("control message: {0}")]
+    #[error("cannot encode or decode a control message")]
     Json(#[from] serde_json::Error),
     /// A loop waited too long for the other side (it died or stalled).
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// A stop was asked for ([`crate::Config::stop`]): the run ended early.
+    #[error("interrupted")]
+    Interrupted,
     /// A measurement produced nothing usable.
     #[error("{0}")]
     Invalid(String),

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod baseline;
+pub mod child;
 mod control;
 mod e2e;
 mod error;
@@ -36,6 +37,8 @@ mod spin;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub use error::BenchError;
@@ -43,6 +46,7 @@ pub use report::{Figure, Machine, Report, Scaling, ScalingPoint, ScalingSeries, 
 
 use control::{Control, Peer, Reply, RttMode, Task};
 use error::Result;
+use iopf_core::ErrorChain;
 use spin::Placement;
 
 /// The hidden subcommand the peer process runs (`iopf bench-peer --socket PATH`).
@@ -75,6 +79,9 @@ pub struct Config {
     /// Measure only these figures (names as in the JSON, or `scaling`), with the limit each
     /// is divided by; `None`: everything. For profiling one figure.
     pub only: Option<Vec<String>>,
+    /// Set (by a signal handler) to stop: the run ends with [`BenchError::Interrupted`] before
+    /// its next figure, and stops its peer process.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl Config {
@@ -88,6 +95,7 @@ impl Config {
                 .map_err(BenchError::io("find the current executable"))?,
             peer_args: vec![PEER_SUBCOMMAND.into()],
             only: None,
+            stop: Arc::default(),
         })
     }
 }
@@ -358,13 +366,23 @@ fn wanted(config: &Config, name: &str) -> bool {
 }
 
 /// One round of the two-process figures, each just after its limit.
+/// `Err(Interrupted)` once a stop was asked for.
+fn stopped(config: &Config) -> Result<()> {
+    if config.stop.load(Ordering::Relaxed) {
+        return Err(BenchError::Interrupted);
+    }
+    Ok(())
+}
+
 fn round(peer: &Peer, config: &Config, s: &Sizes, rec: &mut Recorder) -> Result<()> {
     let want = |name: &str| wanted(config, name);
     let floor = |rec: &mut Recorder| -> Result<()> {
+        stopped(config)?;
         rec.floor(limit::pingpong(peer, s.pingpong)?);
         Ok(())
     };
     let ceiling = |rec: &mut Recorder| -> Result<()> {
+        stopped(config)?;
         rec.ceiling(limit::ceiling(peer, s.records)?);
         Ok(())
     };
@@ -539,6 +557,7 @@ fn scaling(config: &Config, s: &Sizes, rounds: u32) -> Result<Option<Scaling>> {
                     "pasids" => (1, n, 0),
                     _ => (1, 1, n as usize),
                 };
+                stopped(config)?;
                 out.push(scaling::cost(devices, pasids, pending, g)?);
             }
         }
@@ -656,7 +675,10 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     let leftovers = iox::Leftovers::before();
     let peer = Peer::spawn(&config.peer_program, &config.peer_args, placement.peer)?;
     let mut recorder = Recorder::default();
-    let measured = (0..rounds).try_for_each(|_| round(&peer, config, &sizes, &mut recorder));
+    let measured = (0..rounds).try_for_each(|_| {
+        stopped(config)?;
+        round(&peer, config, &sizes, &mut recorder)
+    });
     let exited = peer.exit();
     #[cfg(feature = "iceoryx2")]
     leftovers.clean();
@@ -744,7 +766,9 @@ pub fn peer(socket: &Path) -> Result<(), BenchError> {
         match result {
             Ok(stats) => control.send(&Reply::Done(stats), &[])?,
             Err(e) => {
-                let _ = control.send(&Reply::Failed(e.to_string()), &[]);
+                // Best effort: the host may be gone already, and the error returned below is
+                // what this process reports either way.
+                let _ = control.send(&Reply::Failed(ErrorChain(&e).to_string()), &[]);
                 return Err(e);
             }
         }

@@ -207,6 +207,8 @@ fn raise_fd_limit(needed: u64) {
             current: Some(limit.maximum.map_or(needed, |m| m.min(needed))),
             maximum: limit.maximum,
         };
+        // Best effort: if the limit cannot be raised, the figure's fd allocation fails later
+        // with its own error, which names the step.
         let _ = setrlimit(Resource::Nofile, raised);
     }
 }

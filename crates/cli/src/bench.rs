@@ -43,7 +43,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     config.records = args.records;
     config.quick = args.quick;
     config.only = (!args.only.is_empty()).then_some(args.only);
-    let report = iopf_bench::run(&config).context("cannot run the benchmarks")?;
+    config.stop = crate::stop::flag();
+    let report = match iopf_bench::run(&config) {
+        Err(iopf_bench::BenchError::Interrupted) => {
+            // Stopped between figures; the peer is stopped and reaped. Figures are medians
+            // over every round: a partial run has none to give.
+            let signal = crate::stop::signal();
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "interrupted": true, "signal": signal })
+                );
+            } else {
+                println!(
+                    "iopf bench: INTERRUPTED by {}: no figures",
+                    signal.unwrap_or("a signal")
+                );
+            }
+            return Ok(());
+        }
+        other => other.context("cannot run the benchmarks")?,
+    };
     if args.json {
         println!("{}", report.to_json()?);
     } else {

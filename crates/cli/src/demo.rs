@@ -10,11 +10,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::stop::{Invariant, Reaper};
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 use iopf_abi::{
@@ -88,18 +88,6 @@ impl DeviceSink for DemoDevice {
     }
 }
 
-/// Kills the VMM if the host bails out early, so no process is left behind.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 const DEVICE: DeviceId = DeviceId(1);
 
 pub fn host(args: DemoArgs) -> anyhow::Result<()> {
@@ -115,21 +103,22 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         .context("cannot create the response queue")?;
     let fault_doorbell = Doorbell::new()?;
 
-    let dir = std::env::temp_dir().join(format!("iopf-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket_path = dir.join("host.sock");
-    let _ = std::fs::remove_file(&socket_path);
+    // Removed however the demo ends; only needed until the VMM connects.
+    let dir = tempfile::Builder::new()
+        .prefix("iopf-demo-")
+        .tempdir()
+        .context("cannot create the socket directory")?;
+    let socket_path = dir.path().join("host.sock");
     let listener = UnixListener::bind(&socket_path).context("cannot bind the host socket")?;
-    let child = Command::new(std::env::current_exe()?)
-        .arg("demo-vmm")
-        .arg("--socket")
-        .arg(&socket_path)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("cannot start the VMM process")?;
-    let mut vmm = Reaper(child);
+    let mut vmm = Reaper::spawn(
+        crate::stop::command(std::env::current_exe()?)
+            .arg("demo-vmm")
+            .arg("--socket")
+            .arg(&socket_path),
+    )
+    .context("cannot start the VMM process")?;
     let (stream, _) = listener.accept().context("cannot accept the VMM")?;
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     send_with_fds(
         &stream,
         HELLO,
@@ -144,7 +133,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
     let fault_kick = fault_doorbell.try_clone()?;
     faults.set_doorbell(Some(fault_doorbell));
 
-    let pid = vmm.0.id();
+    let pid = vmm.id();
     if !args.json {
         println!(
             "iopf demo: host pid {}, VMM pid {pid}; fault queue {} x 64 B, response queue {} x 32 B, \
@@ -163,7 +152,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
             Instant::now() < deadline,
             "the VMM did not attach within 10 s"
         );
-        if let Some(status) = vmm.0.try_wait()? {
+        if let Some(status) = vmm.try_wait()? {
             bail!("the VMM exited before attaching: {status}");
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -216,13 +205,17 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
         if issued == args.groups && device.outstanding.load(Ordering::Relaxed) == 0 {
             break;
         }
+        if crate::stop::requested() {
+            // SIGINT or SIGTERM: the unregister below answers the groups still pending.
+            break;
+        }
         if core.process_responses(DEVICE)? == 0 {
             // Nothing came back: ask the VMM for a doorbell ring and sleep on it.
             if core.prepare_to_sleep(DEVICE)? {
                 response_wake.wait(Some(Duration::from_millis(100)))?;
             }
             core.woke(DEVICE)?;
-            if let Some(status) = vmm.0.try_wait()? {
+            if let Some(status) = vmm.try_wait()? {
                 bail!("the VMM exited with groups unanswered: {status}");
             }
             ensure!(
@@ -240,7 +233,7 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
     BufReader::new(&stream)
         .read_line(&mut line)
         .context("cannot read the VMM's summary")?;
-    let status = vmm.0.wait()?;
+    let status = vmm.wait()?;
     ensure!(status.success(), "the VMM failed: {status}");
     let vmm_stats: HashMap<&str, u64> = line
         .split_whitespace()
@@ -264,6 +257,9 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
             "unanswered_groups": c.groups - c.answered(),
             "groups_per_s": c.groups as f64 / secs,
             "records_per_s": records as f64 / secs,
+            "interrupted": crate::stop::signal().is_some(),
+            "signal": crate::stop::signal(),
+            "groups_issued": issued,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -314,15 +310,24 @@ pub fn host(args: DemoArgs) -> anyhow::Result<()> {
             records as f64 / secs,
             secs,
         );
+        if let Some(signal) = crate::stop::signal() {
+            println!(
+                "INTERRUPTED by {signal}: partial, {issued} of {} groups issued",
+                args.groups
+            );
+        }
     }
-    ensure!(c.groups == c.answered(), "groups left unanswered");
+    ensure!(
+        c.groups == c.answered(),
+        Invariant("groups left unanswered".into())
+    );
     ensure!(
         get("groups") == c.groups_delivered,
-        "the VMM saw a different number of groups"
+        Invariant("the VMM saw a different number of groups".into())
     );
     ensure!(
         c.refused_total() == 0,
-        "the host refused responses from an honest VMM"
+        Invariant("the host refused responses from an honest VMM".into())
     );
     Ok(())
 }

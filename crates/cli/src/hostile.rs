@@ -22,13 +22,13 @@ use anyhow::{Context, bail, ensure};
 use clap::{Args, ValueEnum};
 use iopf_abi::{FLAG_NEED_WAKEUP, Fault, PageRequest, Pasid, QueueKind, ResponseRecord};
 use iopf_host::pci::{REG_DEVICE_ID, REG_HOST_STATE};
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, PushError, QueueMemory, QueueRegion, ResponseQueueProducer,
 };
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
 use iopf_vfio_user::device::{
     DMA_FAULT_IRQ_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, RESPONSE_PROD_OFFSET,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
@@ -72,6 +72,9 @@ pub enum Behaviour {
     LyingSize,
     /// Holds groups back, then sends a message carrying more fds than the protocol allows.
     TooManyFds,
+    /// Attaches with the response region's `abi` left at 0 (ABI v1 announced in the fault
+    /// region only), then serves honestly whatever it receives, counting it.
+    ResponseAbiZero,
     /// Holds groups back, then sends a header and half its payload and hangs up.
     DisconnectMidMessage,
 }
@@ -174,6 +177,8 @@ struct Tally {
     rings: u64,
     attempts: BTreeMap<String, String>,
     unregistered: bool,
+    /// Groups received after the strike (`response-abi-zero`: after attaching).
+    after_strike: u64,
 }
 
 /// The guest side of the device, kept across handler lives.
@@ -339,6 +344,11 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
             send_with_many_fds(&link.raw, &message, &fds)?;
             hostile.tally.host_closed = Some(closed_by_peer(&mut link.raw));
         }
+        Behaviour::ResponseAbiZero => {
+            // The response region's `abi` was left at 0 at attach (`try_connect`).
+            hostile.serve(&mut link, Mode::Honest)?;
+            hostile.tally.after_strike = hostile.tally.groups;
+        }
         Behaviour::DisconnectMidMessage => {
             hostile.hold(&mut link, args.hold, false)?;
             // A REGION_WRITE header, then half its payload, then the socket closes.
@@ -369,6 +379,7 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
         "rings": t.rings,
         "attempts": t.attempts,
         "unregistered": t.unregistered,
+        "groups_after_strike": t.after_strike,
     });
     println!("{report}");
     std::io::stdout().flush()?;
@@ -438,6 +449,10 @@ impl Hostile {
                 .map(Doorbell::try_clone)
                 .transpose()?,
         )?;
+        if self.behaviour == Behaviour::ResponseAbiZero {
+            // Withdraw what attaching announced, before the device gets memory to DMA to.
+            response_region.vmm_page().abi.store(0, Ordering::Release);
+        }
         iopf_sim::vmm_guest::register_memory(&mut client, &self.memory, &self.tables)?;
         self.partial.clear();
         Ok(Link {

@@ -17,95 +17,160 @@ use zerocopy::FromBytes;
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// The region: a saved image, or a live memfd (`/proc/PID/fd/N`).
-    file: PathBuf,
+    #[arg(required_unless_present = "socket")]
+    file: Option<PathBuf>,
     /// Print at most this many records.
     #[arg(long, default_value_t = 32)]
     records: u32,
+    /// Instead of a region: the vfio-user socket of a running `iopf host`; prints its live view
+    /// once (per device: counters, pending groups, queue state, round-trip latency), read
+    /// from the stats socket next to it (`SOCKET.stats`).
+    #[arg(long, conflicts_with = "file")]
+    socket: Option<PathBuf>,
+    /// Print the region's fields and records (or, with --socket, the live view) as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn main(args: InspectArgs) -> anyhow::Result<()> {
+    if let Some(socket) = &args.socket {
+        let path = iopf_host::metrics::stats_socket_path(socket);
+        let snapshot = iopf_host::metrics::read_stats(&path)
+            .with_context(|| format!("inspect the host serving {}", socket.display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&snapshot)?);
+        } else {
+            print!("{snapshot}");
+        }
+        return Ok(());
+    }
+    let Some(file) = &args.file else {
+        bail!("give a region file, or --socket PATH");
+    };
     // The largest valid region is a fault queue of 65536 entries; read one byte more to tell
     // an oversized file from a valid one without reading all of it.
     let limit = QueueGeometry::new(QueueKind::Fault, MAX_ENTRIES)?.region_len();
     let mut bytes = Vec::new();
-    std::fs::File::open(&args.file)
-        .with_context(|| format!("open {}", args.file.display()))?
+    std::fs::File::open(file)
+        .with_context(|| format!("open {}", file.display()))?
         .take(limit + 1)
         .read_to_end(&mut bytes)
-        .with_context(|| format!("read {}", args.file.display()))?;
-    print!("{}", describe(&bytes, args.records)?);
+        .with_context(|| format!("read {}", file.display()))?;
+    let view = inspect(&bytes, args.records)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{view}");
+    }
     Ok(())
 }
 
-/// The human description of a region image.
-pub fn describe(bytes: &[u8], max_records: u32) -> anyhow::Result<String> {
-    use std::fmt::Write;
-    let mut out = String::new();
+/// What a region image holds, as `iopf inspect` prints it (text, or JSON with `--json`).
+#[derive(Debug, serde::Serialize)]
+pub struct RegionView {
+    /// The host page.
+    pub host: HostPageView,
+    /// The VMM page.
+    pub vmm: VmmPageView,
+    /// Why the region's geometry or indices are invalid, if they are.
+    pub invalid: Option<String>,
+    /// The consumer index, the producer index and the records between them.
+    pub records: Option<RecordsView>,
+}
+
+/// The host page's fields.
+#[derive(Debug, serde::Serialize)]
+pub struct HostPageView {
+    magic: u32,
+    version: u16,
+    kind: String,
+    entry_size: u32,
+    nb_entries: u32,
+    offset: u32,
+    flags: u32,
+    live: bool,
+    need_wakeup: bool,
+    index: u32,
+    lost: u64,
+    rejected: u64,
+}
+
+/// The VMM page's fields.
+#[derive(Debug, serde::Serialize)]
+pub struct VmmPageView {
+    abi: u32,
+    flags: u32,
+    need_wakeup: bool,
+    index: u32,
+}
+
+/// The records between the consumer and producer indices.
+#[derive(Debug, serde::Serialize)]
+pub struct RecordsView {
+    cons: u32,
+    prod: u32,
+    pending: u32,
+    /// (index, the decoded record or why it does not decode), at most the `--records` limit.
+    shown: Vec<(u32, String)>,
+}
+
+/// Decodes a region image; fails only if it is too small to hold the two pages.
+pub fn inspect(bytes: &[u8], max_records: u32) -> anyhow::Result<RegionView> {
+    let too_small = || {
+        anyhow::anyhow!(
+            "{} bytes: too small for a queue region (needs {ENTRIES_OFFSET})",
+            bytes.len()
+        )
+    };
     let (Ok((host, _)), Some(vmm_bytes)) = (
         HostPageHeader::read_from_prefix(bytes),
         bytes.get(VMM_PAGE_OFFSET as usize..),
     ) else {
-        bail!(
-            "{} bytes: too small for a queue region (needs {ENTRIES_OFFSET})",
-            bytes.len()
-        );
+        return Err(too_small());
     };
     let Ok((vmm, _)) = VmmPageHeader::read_from_prefix(vmm_bytes) else {
-        bail!(
-            "{} bytes: too small for a queue region (needs {ENTRIES_OFFSET})",
-            bytes.len()
-        );
+        return Err(too_small());
     };
     let kind = QueueKind::from_raw(host.kind.get());
-    writeln!(
-        out,
-        "host page: magic {:#010x} version {} kind {} entry_size {} nb_entries {} offset {}",
-        host.magic.get(),
-        host.version.get(),
-        kind.map_or_else(
-            |_| format!("{} (unknown)", host.kind.get()),
-            |k| k.to_string()
-        ),
-        host.entry_size.get(),
-        host.nb_entries.get(),
-        host.offset.get(),
-    )?;
-    writeln!(
-        out,
-        "           flags {:#x}{}{} index {} lost {} rejected {}",
-        host.flags.get(),
-        if host.flags.get() & iopf_abi::HOST_FLAG_LIVE != 0 {
-            " LIVE"
-        } else {
-            ""
+    let mut view = RegionView {
+        host: HostPageView {
+            magic: host.magic.get(),
+            version: host.version.get(),
+            kind: kind.map_or_else(
+                |_| format!("{} (unknown)", host.kind.get()),
+                |k| k.to_string(),
+            ),
+            entry_size: host.entry_size.get(),
+            nb_entries: host.nb_entries.get(),
+            offset: host.offset.get(),
+            flags: host.flags.get(),
+            live: host.flags.get() & iopf_abi::HOST_FLAG_LIVE != 0,
+            need_wakeup: host.flags.get() & iopf_abi::FLAG_NEED_WAKEUP != 0,
+            index: host.index.get(),
+            lost: host.lost.get(),
+            rejected: host.rejected.get(),
         },
-        if host.flags.get() & iopf_abi::FLAG_NEED_WAKEUP != 0 {
-            " NEED_WAKEUP"
-        } else {
-            ""
+        vmm: VmmPageView {
+            abi: vmm.abi.get(),
+            flags: vmm.flags.get(),
+            need_wakeup: vmm.flags.get() & iopf_abi::FLAG_NEED_WAKEUP != 0,
+            index: vmm.index.get(),
         },
-        host.index.get(),
-        host.lost.get(),
-        host.rejected.get(),
-    )?;
-    writeln!(
-        out,
-        "VMM page:  abi {} flags {:#x}{} index {}",
-        vmm.abi.get(),
-        vmm.flags.get(),
-        if vmm.flags.get() & iopf_abi::FLAG_NEED_WAKEUP != 0 {
-            " NEED_WAKEUP"
-        } else {
-            ""
-        },
-        vmm.index.get(),
-    )?;
-    let kind = kind?;
+        invalid: None,
+        records: None,
+    };
+    let kind = match kind {
+        Ok(kind) => kind,
+        Err(e) => {
+            view.invalid = Some(e.to_string());
+            return Ok(view);
+        }
+    };
     let geometry = match QueueGeometry::from_host_header(&host, kind, bytes.len() as u64) {
         Ok(g) => g,
         Err(e) => {
-            writeln!(out, "invalid region: {e}")?;
-            return Ok(out);
+            view.invalid = Some(format!("invalid region: {e}"));
+            return Ok(view);
         }
     };
     let (cons, prod) = match kind {
@@ -114,35 +179,84 @@ pub fn describe(bytes: &[u8], max_records: u32) -> anyhow::Result<String> {
     };
     let pending = prod.wrapping_sub(cons);
     if pending > geometry.nb_entries() {
-        writeln!(
-            out,
+        view.invalid = Some(format!(
             "indices inconsistent: prod {prod} - cons {cons} = {pending} > {} entries",
             geometry.nb_entries()
+        ));
+        return Ok(view);
+    }
+    let shown = (0..pending.min(max_records))
+        .map(|i| {
+            let index = cons.wrapping_add(i);
+            let offset = geometry.entry_offset(index) as usize;
+            let entry = &bytes[offset..offset + geometry.entry_size() as usize];
+            let line = match kind {
+                QueueKind::Fault => FaultRecord::read_from_bytes(entry)
+                    .map(|r| format!("{:?}", r.decode()))
+                    .unwrap_or_default(),
+                QueueKind::Response => ResponseRecord::read_from_bytes(entry)
+                    .map(|r| format!("{:?}", r.decode()))
+                    .unwrap_or_default(),
+            };
+            (index, line)
+        })
+        .collect();
+    view.records = Some(RecordsView {
+        cons,
+        prod,
+        pending,
+        shown,
+    });
+    Ok(view)
+}
+
+impl std::fmt::Display for RegionView {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = &self.host;
+        let flag = |on: bool, name: &'static str| if on { name } else { "" };
+        writeln!(
+            out,
+            "host page: magic {:#010x} version {} kind {} entry_size {} nb_entries {} offset {}",
+            h.magic, h.version, h.kind, h.entry_size, h.nb_entries, h.offset,
         )?;
-        return Ok(out);
+        writeln!(
+            out,
+            "           flags {:#x}{}{} index {} lost {} rejected {}",
+            h.flags,
+            flag(h.live, " LIVE"),
+            flag(h.need_wakeup, " NEED_WAKEUP"),
+            h.index,
+            h.lost,
+            h.rejected,
+        )?;
+        let v = &self.vmm;
+        writeln!(
+            out,
+            "VMM page:  abi {} flags {:#x}{} index {}",
+            v.abi,
+            v.flags,
+            flag(v.need_wakeup, " NEED_WAKEUP"),
+            v.index,
+        )?;
+        if let Some(invalid) = &self.invalid {
+            writeln!(out, "{invalid}")?;
+        }
+        if let Some(r) = &self.records {
+            writeln!(
+                out,
+                "{} records between cons {} and prod {}:",
+                r.pending, r.cons, r.prod
+            )?;
+            for (index, line) in &r.shown {
+                writeln!(out, "  [{index}] {line}")?;
+            }
+            let more = r.pending as usize - r.shown.len();
+            if more > 0 {
+                writeln!(out, "  ... {more} more")?;
+            }
+        }
+        Ok(())
     }
-    writeln!(
-        out,
-        "{pending} records between cons {cons} and prod {prod}:"
-    )?;
-    for i in 0..pending.min(max_records) {
-        let index = cons.wrapping_add(i);
-        let offset = geometry.entry_offset(index) as usize;
-        let entry = &bytes[offset..offset + geometry.entry_size() as usize];
-        let line = match kind {
-            QueueKind::Fault => FaultRecord::read_from_bytes(entry)
-                .map(|r| format!("{:?}", r.decode()))
-                .unwrap_or_default(),
-            QueueKind::Response => ResponseRecord::read_from_bytes(entry)
-                .map(|r| format!("{:?}", r.decode()))
-                .unwrap_or_default(),
-        };
-        writeln!(out, "  [{index}] {line}")?;
-    }
-    if pending > max_records {
-        writeln!(out, "  ... {} more", pending - max_records)?;
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -180,7 +294,7 @@ mod tests {
             if bytes.len() >= 4096 + 12 {
                 bytes[4096 + 8..4096 + 12].copy_from_slice(&vmm_index.to_le_bytes());
             }
-            let _ = describe(&bytes, 1000);
+            let _ = inspect(&bytes, 1000).map(|view| view.to_string());
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Log output: the libraries report through `tracing`; the binary writes their events to
 //! stderr, filtered by `RUST_LOG` (warnings and errors when it is unset).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the subscriber. `RUST_LOG=debug` shows the handler life (register, unregister,
@@ -17,5 +19,7 @@ pub fn init() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never in a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

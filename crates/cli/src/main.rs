@@ -1,5 +1,6 @@
 //! `iopf`: the command-line front door.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
@@ -12,11 +13,13 @@ mod run;
 mod scenario;
 mod sim;
 mod soak;
+mod stop;
+mod watch;
 
 /// Carry I/O page faults from an IOMMU to the VMM that owns the device, and the guest's page
 /// responses back.
 #[derive(Debug, Parser)]
-#[command(name = "iopf", version, about)]
+#[command(name = "iopf", version, about, after_help = stop::EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,7 +43,7 @@ enum Command {
     /// Measure the fault path against the machine's limits and the baselines, in one run.
     Bench(bench::BenchArgs),
     /// Decode a queue region (a saved image, or a live memfd as /proc/PID/fd/N): its pages,
-    /// indices, counters and pending records.
+    /// indices, counters and pending records; or, with --socket, a running host's live view.
     Inspect(inspect::InspectArgs),
     /// Run the deterministic simulation of the whole loop (device, IOMMU, fault core, rings,
     /// VMM, guest) for one seed, or sweep many seeds.
@@ -54,10 +57,23 @@ enum Command {
     HostileVmm(hostile::HostileArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init();
-    match cli.command {
+    stop::exit(command(cli.command))
+}
+
+fn command(command: Command) -> anyhow::Result<()> {
+    // Started by another `iopf` (a VMM of `iopf run`, the bench peer): die with it.
+    let managed = iopf_bench::child::die_with_parent().context("watch the parent process")?;
+    // The commands that stop cleanly on SIGINT and SIGTERM; the others keep the default
+    // actions (a peer process that is stopped is killed).
+    let checked = matches!(
+        command,
+        Command::Run(_) | Command::Host(_) | Command::Vmm(_) | Command::Demo(_) | Command::Bench(_)
+    );
+    stop::install(checked, managed).context("install the signal handlers")?;
+    match command {
         Command::Run(args) => run::run(args),
         Command::Host(args) => run::host(args),
         Command::Vmm(args) => run::vmm(args),

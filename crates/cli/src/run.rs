@@ -2,7 +2,7 @@
 //! VMM processes attaching to them; `run` starts both and prints what happened.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -10,11 +10,13 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use iopf_host::{Host, HostReport};
 use iopf_sim::vmm_guest::{GuestSetup, SimulatedGuest, attach, reattach};
+use iopf_vfio_user::ClientOptions;
 use iopf_vmm::{Device, DeviceKey, EventLoop, host_finished};
 use serde_json::json;
 
 use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
 use crate::soak::{SoakOptions, SoakSummary, parse_duration};
+use crate::stop::{Invariant, Reaper};
 
 /// Options shared by `run` and `host`: the scenario, and overrides of it.
 #[derive(Debug, Args, Clone)]
@@ -76,7 +78,8 @@ pub struct RunArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Soak: run the workload in rounds for this long (30s, 10m, 1h, ...) with chaos repeating,
-    /// and fail unless the memory and fd count of the host and the VMM stay flat.
+    /// and fail unless the memory and fd count of the host and the VMM stay flat. SIGINT or
+    /// SIGTERM ends it early, reporting what it has.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Soak: period of the built-in chaos (a VMM kill and restart, an unregister of each
@@ -91,6 +94,10 @@ pub struct RunArgs {
     /// and restarts one of them, in turn.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), conflicts_with = "duration")]
     vmms: u32,
+    /// Serve Prometheus metrics over HTTP at ADDR, path /metrics, while the run goes (a
+    /// loopback IP:PORT; port 0 picks one, printed on stderr).
+    #[arg(long, value_name = "ADDR", conflicts_with = "duration")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Options of `iopf host`.
@@ -101,6 +108,10 @@ pub struct HostArgs {
     socket: PathBuf,
     #[command(flatten)]
     devices: DeviceArgs,
+    /// Serve Prometheus metrics over HTTP at ADDR, path /metrics, while the host runs (a
+    /// loopback IP:PORT; port 0 picks one, printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Options of `iopf vmm`.
@@ -121,6 +132,21 @@ pub struct VmmArgs {
     /// Print each device's account as JSON (an array on stdout) instead of text.
     #[arg(long)]
     json: bool,
+    /// Seconds to wait for the host's reply to the handshake and to each request before
+    /// giving up (default: 5 for the handshake, 10 for each request).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+}
+
+/// A `--timeout`: seconds, more than 0 and at most a day.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{text} s is not in (0, 86400]"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// What the VMM did for one device, printed when the host finishes.
@@ -133,33 +159,28 @@ struct VmmDeviceAccount {
     responses: u64,
     malformed: u64,
     handler_lives: u32,
+    /// SIGINT or SIGTERM stopped the VMM before the host finished.
+    interrupted: bool,
 }
 
 impl std::fmt::Display for VmmDeviceAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives",
+            "device {}: {} page requests in {} groups, {} unrecoverable, {} responses, {} malformed, {} handler lives{}",
             self.device,
             self.page_requests,
             self.groups,
             self.unrecoverable,
             self.responses,
             self.malformed,
-            self.handler_lives
+            self.handler_lives,
+            if self.interrupted {
+                " (interrupted)"
+            } else {
+                ""
+            }
         )
-    }
-}
-
-/// Kills a child that is still running when dropped.
-pub(crate) struct Reaper(pub(crate) Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 }
 
@@ -168,19 +189,14 @@ pub(crate) fn spawn_vmm(
     devices: u32,
     scenario: Option<&Path>,
 ) -> anyhow::Result<Reaper> {
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = crate::stop::command(std::env::current_exe()?);
     command
         .args(["vmm", "--devices", &devices.to_string(), "--socket"])
         .arg(socket);
     if let Some(path) = scenario {
         command.arg("--scenario").arg(path);
     }
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the VMM process")?;
-    Ok(Reaper(child))
+    Reaper::spawn(command.stdout(Stdio::null())).context("cannot start the VMM process")
 }
 
 /// Throughput samples: (seconds since start, groups answered so far).
@@ -237,11 +253,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             args.report.as_deref(),
         );
     }
+    crate::watch::check(args.metrics)?;
     let devices = scenario.device_count();
-    let dir = std::env::temp_dir().join(format!("iopf-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("host.sock");
+    // Removed however the run ends (dropped last: after the VMMs are stopped).
+    let dir = tempfile::Builder::new()
+        .prefix("iopf-run-")
+        .tempdir()
+        .context("cannot create the socket directory")?;
+    let socket = dir.path().join("host.sock");
     let host = Host::bind(scenario.host_config(), &socket).context("cannot start the host")?;
+    let _watch = crate::watch::start(&host, args.metrics, None)?;
     let file = args.devices.scenario.as_deref();
     // Each VMM process attaches its share of the devices (whichever the host hands out).
     let shares = vmm_shares(devices, args.vmms);
@@ -261,8 +282,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets
                 // close. With several VMMs, they take turns.
                 let victim = restarts as usize % vmms.len();
-                let _ = vmms[victim].0.kill();
-                let _ = vmms[victim].0.wait();
+                vmms[victim].kill().context("kill the VMM process")?;
                 restart_at = Some((victim, ms + down_ms));
             }
         }
@@ -275,7 +295,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         for (i, vmm) in vmms.iter_mut().enumerate() {
             if restart_at.is_none_or(|(victim, _)| victim != i)
-                && let Some(status) = vmm.0.try_wait()?
+                && let Some(status) = vmm.try_wait()?
+                && !crate::stop::requested()
             {
                 bail!("VMM process {i} exited before the run finished: {status}");
             }
@@ -285,12 +306,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (report, elapsed, samples) = outcome?;
     let mut status = Ok(());
     for (i, vmm) in vmms.iter_mut().enumerate() {
-        let exit = vmm.0.wait()?;
+        if crate::stop::requested() {
+            // Interrupted: the VMM was told to leave (its devices unregistered) or got the
+            // signal too; how it ended says nothing.
+            vmm.stop().context("stop the VMM process")?;
+            continue;
+        }
+        let exit = vmm.wait()?;
         if !exit.success() && status.is_ok() {
             status = Err(anyhow::anyhow!("VMM process {i} failed: {exit}"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     print_report(
         &(report, elapsed),
         args.devices.json,
@@ -313,9 +339,12 @@ fn vmm_shares(devices: u32, vmms: u32) -> Vec<u32> {
 
 pub fn host(args: HostArgs) -> anyhow::Result<()> {
     let scenario = args.devices.scenario()?;
+    crate::watch::check(args.metrics)?;
     let host = Host::bind(scenario.host_config(), &args.socket).context("cannot start the host")?;
+    let watch = crate::watch::start(&host, args.metrics, Some(&args.socket))?;
+    // The host removes its socket when it finishes (or is dropped on an error).
     let (report, elapsed, samples) = drive(host, &scenario, !args.devices.json, |_| Ok(()))?;
-    let _ = std::fs::remove_file(&args.socket);
+    drop(watch);
     print_report(
         &(report, elapsed),
         args.devices.json,
@@ -355,6 +384,11 @@ fn drive(
     let mut samples = Throughput::default();
     while !host.finished() {
         std::thread::sleep(SAMPLE_EVERY);
+        if crate::stop::requested() {
+            // SIGINT or SIGTERM: end now; `finish` answers what is pending.
+            host.interrupt();
+            break;
+        }
         let load = |f: fn(&iopf_host::engine::Progress) -> u64| -> u64 {
             host.progress().iter().map(f).sum()
         };
@@ -382,24 +416,67 @@ fn drive(
 }
 
 /// The run's invariants: every group answered exactly once (none left, none answered at a
-/// device that had nothing in flight), and guest memory holds what DMA wrote.
+/// device that had nothing in flight), guest memory holds what DMA wrote, and (unless
+/// interrupted) every access ended, none failing silently.
+/// A failure is an [`Invariant`] (exit code 3).
 pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     let c = &report.core;
     ensure!(
         c.groups == c.answered(),
-        "{} groups left unanswered",
-        c.groups - c.answered()
+        Invariant(format!(
+            "{} groups left unanswered",
+            c.groups - c.answered()
+        ))
     );
     for e in &report.engines {
         ensure!(
             e.memory.bytes_mismatched == 0 && e.memory.read_mismatches == 0,
-            "device {}: guest memory differs from what DMA wrote",
-            e.device
+            Invariant(format!(
+                "device {}: guest memory differs from what DMA wrote",
+                e.device
+            ))
         );
         ensure!(
             e.endpoint.unexpected == 0,
-            "device {}: responses for no group in flight",
-            e.device
+            Invariant(format!(
+                "device {}: responses for no group in flight",
+                e.device
+            ))
+        );
+        if crate::stop::requested() {
+            // Interrupted: accesses were still in flight when the device stopped.
+            continue;
+        }
+        // No silent failure: every access ended, and each failure has its reason.
+        let p = &e.endpoint;
+        let ended = p.completed
+            + p.failed_invalid
+            + p.failed_no_pri
+            + p.failed_retries
+            + p.failed_too_large
+            + p.failed_halted;
+        ensure!(
+            p.accesses == ended,
+            Invariant(format!(
+                "device {}: {} of {} accesses neither completed nor failed for a reason",
+                e.device,
+                p.accesses.abs_diff(ended),
+                p.accesses
+            ))
+        );
+        // An access failed by `Invalid` only if someone refused a group of this device: its
+        // guest, or the host answering for it.
+        let refused = report
+            .devices
+            .iter()
+            .find(|d| d.device == e.device)
+            .map_or(0, |d| d.core.answered() - d.core.responses.guest.success);
+        ensure!(
+            p.failed_invalid == 0 || refused > 0,
+            Invariant(format!(
+                "device {}: {} accesses failed, but no group of it was refused",
+                e.device, p.failed_invalid
+            ))
         );
         ensure!(
             e.errors == 0,
@@ -432,16 +509,27 @@ pub(crate) fn print_report(
     let mut latency = Histogram::<u64>::new(3)?;
     let (mut accesses, mut completed, mut failed, mut written, mut verified, mut mismatched) =
         (0, 0, 0, 0, 0, 0);
+    // Accesses still in flight when an interrupt stopped the devices (0 otherwise).
+    let mut not_ended = 0;
     for e in &report.engines {
         latency.add(&e.latency)?;
         accesses += e.endpoint.accesses;
         completed += e.endpoint.completed;
-        failed += e.endpoint.accesses - e.endpoint.completed;
+        let p = &e.endpoint;
+        let ended_failed = p.failed_invalid
+            + p.failed_no_pri
+            + p.failed_retries
+            + p.failed_too_large
+            + p.failed_halted;
+        let open = p.accesses.saturating_sub(p.completed + ended_failed);
+        not_ended += open;
+        failed += p.accesses - p.completed - open;
         written += e.endpoint.bytes_written;
         verified += e.memory.bytes_verified;
         mismatched += e.memory.bytes_mismatched;
     }
     let secs = elapsed.as_secs_f64().max(1e-9);
+    let interrupted = crate::stop::signal();
     let q = |x: f64| latency.value_at_quantile(x) as f64 / 1000.0;
     if let Some(dir) = html {
         std::fs::create_dir_all(dir)?;
@@ -452,7 +540,7 @@ pub(crate) fn print_report(
     if as_json {
         let mut value = json!({
             "elapsed_s": secs,
-            "accesses": accesses, "completed": completed, "failed": failed,
+            "accesses": accesses, "completed": completed, "failed": failed, "not_ended": not_ended,
             "page_requests": c.page_requests, "unrecoverable": c.unrecoverable, "groups": c.groups,
             "unanswered_groups": c.groups - c.answered(),
             "core": c,
@@ -463,6 +551,9 @@ pub(crate) fn print_report(
             // Per device: the fault core's counters and the endpoint's (crates/cli/tests/hostile_vmm.rs).
             "devices": report.devices, "engines": report.engines,
             "vmm_restarts": restarts,
+            // Stopped by SIGINT or SIGTERM: a partial run (exit code 130 or 143).
+            "interrupted": interrupted.is_some(),
+            "signal": interrupted,
         });
         if let Some(soak) = soak {
             value["soak"] = soak.json();
@@ -471,11 +562,21 @@ pub(crate) fn print_report(
         return Ok(());
     }
     println!(
-        "iopf run: {} devices over vfio-user, {:.2} s, {restarts} VMM restarts",
+        "iopf run: {} devices over vfio-user, {:.2} s, {restarts} VMM restarts{}",
         report.engines.len(),
-        secs
+        secs,
+        interrupted.map_or(String::new(), |signal| format!(
+            "; INTERRUPTED by {signal}: partial"
+        ))
     );
-    println!("  DMA accesses      {accesses:>10}: {completed} completed, {failed} failed");
+    println!(
+        "  DMA accesses      {accesses:>10}: {completed} completed, {failed} failed{}",
+        if not_ended > 0 {
+            format!(", {not_ended} not ended (interrupted)")
+        } else {
+            String::new()
+        }
+    );
     println!(
         "  page requests     {:>10} in {} groups; {} unrecoverable faults ({} lost)",
         c.page_requests, c.groups, c.unrecoverable, c.lost
@@ -538,7 +639,13 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         ensure!(l.len() == 2 && l[0] <= l[1], "--latency-us takes MIN MAX");
         setup.guest.latency_ns = (l[0].saturating_mul(1000), l[1].saturating_mul(1000));
     }
-    let accounts = serve(&args.socket, args.devices, &setup)?;
+    let options = match args.timeout {
+        Some(t) => ClientOptions::default()
+            .handshake_timeout(Some(t))
+            .request_timeout(Some(t)),
+        None => ClientOptions::default(),
+    };
+    let accounts = serve(&args.socket, args.devices, &setup, options)?;
     if !args.json {
         for account in &accounts {
             println!("{account}");
@@ -571,7 +678,12 @@ struct ServedDevice {
 /// host runs on), the VMM lets its connection go and attaches again to the device's next
 /// handler life, keeping its guest memory, page tables and the answers it still owes (the
 /// host refuses those that answer the earlier life).
-fn serve(socket: &Path, devices: u32, setup: &GuestSetup) -> anyhow::Result<Vec<VmmDeviceAccount>> {
+fn serve(
+    socket: &Path,
+    devices: u32,
+    setup: &GuestSetup,
+    options: ClientOptions,
+) -> anyhow::Result<Vec<VmmDeviceAccount>> {
     let mut events = EventLoop::new()?;
     let mut guest = SimulatedGuest::new();
     let mut served = Vec::new();
@@ -579,9 +691,12 @@ fn serve(socket: &Path, devices: u32, setup: &GuestSetup) -> anyhow::Result<Vec<
         // The host may keep a device closed for a while (after an unregister): retry a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
         let attached = loop {
-            match attach(socket, setup) {
+            match attach(socket, setup, options) {
                 Ok(attached) => break attached,
-                Err(_) if Instant::now() < deadline => {
+                // Interrupted before every device attached: account for those that did.
+                Err(_) if crate::stop::requested() => return Ok(Vec::new()),
+                // A host that does not answer at all is not retried: it would only wait again.
+                Err(e) if !e.timed_out() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => return Err(e).context("cannot attach a device"),
@@ -606,6 +721,19 @@ fn serve(socket: &Path, devices: u32, setup: &GuestSetup) -> anyhow::Result<Vec<
     }
     let mut failures = Vec::new();
     while served.iter().any(|s| s.done.is_none()) {
+        if crate::stop::requested() {
+            // SIGINT or SIGTERM: account for every device as it is now, and leave.
+            for s in served.iter_mut().filter(|s| s.done.is_none()) {
+                let device = match s.key.take() {
+                    Some(key) => events.remove(key),
+                    None => s.parked.take(),
+                };
+                if let Some(device) = device {
+                    s.done = Some(account(s.device_id, &device, s.lives));
+                }
+            }
+            break;
+        }
         let reattaching = served.iter().any(|s| s.done.is_none() && s.key.is_none());
         let most = Duration::from_millis(if reattaching { 10 } else { 20 });
         let timeout = guest.timeout(most);
@@ -644,7 +772,7 @@ fn serve(socket: &Path, devices: u32, setup: &GuestSetup) -> anyhow::Result<Vec<
                     let g = guest
                         .device(s.device_id)
                         .context("a device without guest")?;
-                    match reattach(socket, s.device_id, g) {
+                    match reattach(socket, s.device_id, g, options) {
                         Ok((client, channel)) => {
                             let mut device = s.parked.take().context("no device to attach")?;
                             drop(device.replace_channel(channel));
@@ -653,7 +781,7 @@ fn serve(socket: &Path, devices: u32, setup: &GuestSetup) -> anyhow::Result<Vec<
                             s.lives += 1;
                             guest.pause(s.device_id, false);
                         }
-                        Err(_) if now < s.give_up => {
+                        Err(e) if !e.timed_out() && now < s.give_up => {
                             s.next_try = now + Duration::from_millis(10);
                         }
                         Err(e) => {
@@ -681,5 +809,6 @@ fn account(device: u32, served: &Device, lives: u32) -> VmmDeviceAccount {
         responses: s.responses,
         malformed: s.malformed,
         handler_lives: lives,
+        interrupted: crate::stop::requested(),
     }
 }

@@ -9,10 +9,10 @@ use anyhow::{Context, bail, ensure};
 use iopf_core::DeviceConfig;
 use iopf_host::HostConfig;
 use iopf_host::engine::Workload;
-use iopf_sim::endpoint::EndpointConfig;
-use iopf_sim::guest::GuestConfig;
+use iopf_models::endpoint::EndpointConfig;
+use iopf_models::guest::GuestConfig;
+use iopf_models::workload::{Pattern, Stream};
 use iopf_sim::vmm_guest::GuestSetup;
-use iopf_sim::workload::{Pattern, Stream};
 use serde::Deserialize;
 
 /// A whole scenario.

@@ -31,6 +31,7 @@ use serde_json::json;
 
 use crate::run::{Throughput, check, print_report, spawn_vmm};
 use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
+use crate::stop::Invariant;
 
 /// Parses a duration such as `30s`, `10m`, `1h`, `1h30m` or `500ms`: one or more whole
 /// numbers, each followed by a unit (`ms`, `s`, `m`, `h`, `d`).
@@ -290,6 +291,10 @@ pub struct SoakSummary {
     host: Series,
     vmm: Series,
     failures: Vec<String>,
+    /// Stopped by a signal before its end: no verdict on memory and fds.
+    interrupted: bool,
+    /// How long it ran.
+    elapsed: Duration,
 }
 
 impl SoakSummary {
@@ -329,7 +334,8 @@ impl SoakSummary {
                 "host_memory_bound_kib": self.host.after_warmup.map(|s| memory_bound_kib(s.rss_anon_kib)),
                 "detectable_leak_bytes_per_group": self.detectable_bytes_per_group(),
             },
-            "verdict": if self.passed() { "pass" } else { "fail" },
+            "verdict": if self.interrupted { "interrupted" } else if self.passed() { "pass" } else { "fail" },
+            "interrupted": self.interrupted,
             "failures": self.failures,
         })
     }
@@ -372,7 +378,12 @@ impl SoakSummary {
                 "  leak check        catches 1 fd per restart or unregister, and {bytes} bytes per group"
             ));
         }
-        lines.push(if self.passed() {
+        lines.push(if self.interrupted {
+            format!(
+                "  verdict           interrupted after {:.0} s: no verdict on memory and fds",
+                self.elapsed.as_secs_f64()
+            )
+        } else if self.passed() {
             "  verdict           pass: memory and fds flat".to_string()
         } else {
             format!("  verdict           FAIL: {}", self.failures.join("; "))
@@ -419,9 +430,12 @@ pub fn soak(
         None
     };
     let devices = scenario.device_count();
-    let dir = std::env::temp_dir().join(format!("iopf-soak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("host.sock");
+    // Removed however the soak ends (dropped last: after the VMM is stopped).
+    let dir = tempfile::Builder::new()
+        .prefix("iopf-soak-")
+        .tempdir()
+        .context("create the socket directory")?;
+    let socket = dir.path().join("host.sock");
     let mut config = scenario.host_config();
     config.repeat = true;
     let host = Host::bind(config, &socket).context("cannot start the host")?;
@@ -454,7 +468,8 @@ pub fn soak(
     loop {
         std::thread::sleep(Duration::from_millis(20));
         let t = started.elapsed();
-        if t >= d {
+        // A stop signal ends the soak like its duration does (never as chaos).
+        if t >= d || crate::stop::requested() {
             break;
         }
         let ms = t.as_millis() as u64;
@@ -473,8 +488,7 @@ pub fn soak(
                 ChaosEvent::VmmRestart { down_ms } => {
                     if restart_at.is_none() {
                         // SIGKILL: no goodbye; the host sees the VMM's sockets close.
-                        let _ = vmm.0.kill();
-                        let _ = vmm.0.wait();
+                        vmm.kill().context("kill the VMM process")?;
                         restart_at = Some(ms + down_ms);
                     }
                 }
@@ -498,7 +512,8 @@ pub fn soak(
             }
         }
         if restart_at.is_none()
-            && let Some(status) = vmm.0.try_wait()?
+            && let Some(status) = vmm.try_wait()?
+            && !crate::stop::requested()
         {
             bail!("the VMM process exited during the soak: {status}");
         }
@@ -508,7 +523,7 @@ pub fn soak(
             let own = Sample::of(own_pid).context("cannot sample this process")?;
             host_series.add(own, phase, steady);
             if restart_at.is_none()
-                && let Ok(s) = Sample::of(vmm.0.id())
+                && let Ok(s) = Sample::of(vmm.id())
             {
                 vmm_series.add(s, phase, steady);
             }
@@ -531,15 +546,21 @@ pub fn soak(
         + Duration::from_millis(scenario.response_timeout_ms)
         + Duration::from_secs(30);
     while !host.finished() {
+        if crate::stop::requested() {
+            // Interrupted: no waiting for the devices; `finish` answers what is pending.
+            host.interrupt();
+            break;
+        }
         ensure!(
             Instant::now() < deadline,
             "the devices did not finish their accesses in flight after the soak"
         );
-        if let Some(status) = vmm.0.try_wait()? {
+        if let Some(status) = vmm.try_wait()? {
             bail!("the VMM process exited while the devices drained: {status}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let interrupted = crate::stop::requested();
     if let Some(p) = &progress {
         p.finish_and_clear();
     }
@@ -547,17 +568,26 @@ pub fn soak(
     let pending = host.pending_groups();
     let report = host.finish();
     check(&report)?;
-    ensure!(
-        pending == 0,
-        "{pending} groups still pending after the devices drained"
-    );
-    let status = vmm.0.wait()?;
-    let _ = std::fs::remove_dir_all(&dir);
-    ensure!(status.success(), "the VMM process failed: {status}");
+    if interrupted {
+        // Told to leave (its devices unregistered) or signalled too: its status says nothing.
+        vmm.stop().context("stop the VMM process")?;
+    } else {
+        ensure!(
+            pending == 0,
+            Invariant(format!(
+                "{pending} groups still pending after the devices drained"
+            ))
+        );
+        let status = vmm.wait()?;
+        ensure!(status.success(), "the VMM process failed: {status}");
+    }
 
-    let mut failures = judge("host", &host_series);
-    failures.extend(judge("VMM", &vmm_series));
-    if chaos_every.is_some() && between == (0, 0) {
+    let mut failures = Vec::new();
+    if !interrupted {
+        failures.extend(judge("host", &host_series));
+        failures.extend(judge("VMM", &vmm_series));
+    }
+    if !interrupted && chaos_every.is_some() && between == (0, 0) {
         failures
             .push("no chaos event between the measuring windows: the check proves nothing".into());
     }
@@ -575,6 +605,8 @@ pub fn soak(
         host: host_series,
         vmm: vmm_series,
         failures,
+        interrupted,
+        elapsed,
     };
     print_report(
         &(report, elapsed),
@@ -586,8 +618,7 @@ pub fn soak(
     )?;
     ensure!(
         summary.passed(),
-        "soak failed: {}",
-        summary.failures.join("; ")
+        Invariant(format!("soak failed: {}", summary.failures.join("; ")))
     );
     Ok(())
 }

@@ -203,12 +203,12 @@ fn finish(mut child: Reaper, what: &str, limit: Duration) -> std::process::Outpu
 }
 
 fn run(case: &Case, extra: &[&str]) -> Outcome {
-    let dir = std::env::temp_dir().join(format!(
-        "iopf-hostile-{}-{}",
-        case.behaviour,
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when the case ends, passed or failed.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("iopf-hostile-{}-", case.behaviour))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let socket = dir.join("host.sock");
     let scenario = dir.join("scenario.toml");
     std::fs::write(&scenario, case.scenario()).unwrap();
@@ -291,7 +291,6 @@ fn run(case: &Case, extra: &[&str]) -> Outcome {
     );
     let last = lines.last().expect("the hostile VMM's report");
     let hostile: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
-    let _ = std::fs::remove_dir_all(&dir);
     // Shown when a test fails (the harness captures it otherwise).
     eprintln!("hostile VMM: {hostile}");
     eprintln!("host, hostile device: {}", device(&host, HOSTILE).0);
@@ -486,6 +485,26 @@ fn answers_replayed_after_a_restart_are_refused_and_owed_groups_answered_once() 
         o.host
     );
     assert!(auto(&o, "vmm_gone") >= held, "{:#}", o.host);
+}
+
+// Catches: a host that reads only the fault region's `abi` (docs/PROTOCOL.md §4.5: the VMM
+// writes `abi` = 1 in both regions) and so delivers page requests to, and takes answers from,
+// a VMM whose response region says it is not attached.
+#[test]
+fn a_vmm_whose_response_region_abi_is_0_gets_its_page_requests_answered_invalid() {
+    let o = run(&Case::new("response-abi-zero"), &[]);
+    let (c, h) = (hostile_core(&o), &o.hostile);
+    assert_eq!(h["groups_after_strike"], 0, "{h:#}");
+    assert_eq!(h["honest"], 0, "{h:#}");
+    assert_eq!(u(&c["groups_delivered"]), 0, "{:#}", o.host);
+    let not_attached = auto(&o, "not_attached");
+    assert!(not_attached > 0, "{:#}", o.host);
+    assert_eq!(u(&c["groups"]), not_attached, "{:#}", o.host);
+    assert_eq!(sum(&c["responses"]["guest"]), 0, "{:#}", o.host);
+    assert_eq!(sum(&c["refused"]), 0, "{:#}", o.host);
+    // Every access of the device failed: its page requests were answered `Invalid`.
+    let (_, engine) = device(&o.host, HOSTILE);
+    assert_eq!(engine["endpoint"]["completed"], 0, "{:#}", o.host);
 }
 
 /// A case where the hostile VMM breaks its own queues or connection and leaves.

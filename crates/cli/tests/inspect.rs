@@ -63,12 +63,24 @@ fn inspect_decodes_a_live_fault_queue_through_proc() {
         "{text}"
     );
     assert!(text.contains("Permission"), "{text}");
+
+    // The same region as JSON.
+    let out = Command::new(env!("CARGO_BIN_EXE_iopf"))
+        .args(["inspect", "--json", &path])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["host"]["kind"], "fault");
+    assert_eq!(view["host"]["live"], true);
+    assert_eq!(view["records"]["pending"], 2);
+    assert_eq!(view["records"]["shown"].as_array().unwrap().len(), 2);
 }
 
 #[test]
 fn inspect_refuses_garbage_without_panicking() {
-    let dir = std::env::temp_dir().join(format!("iopf-inspect-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::TempDir::new().unwrap();
+    let dir = tmp.path();
     let small = dir.join("small");
     std::fs::write(&small, [0u8; 100]).unwrap();
     let (ok, text) = inspect(small.to_str().unwrap());
@@ -81,5 +93,4 @@ fn inspect_refuses_garbage_without_panicking() {
     std::fs::write(&noise, bytes).unwrap();
     let (_, text) = inspect(noise.to_str().unwrap());
     assert!(!text.contains("panicked"), "{text}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -21,10 +21,14 @@ impl Drop for Reaper {
     }
 }
 
-fn socket_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iopf-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("host.sock")
+/// A socket path in a new temporary directory, removed when the directory is dropped.
+fn socket_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("iopf-test-{name}-"))
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("host.sock");
+    (dir, socket)
 }
 
 fn wait_for(path: &Path) {
@@ -92,15 +96,23 @@ fn report(mut host: Reaper) -> serde_json::Value {
 
 /// Runs an `iopf` command that prints a JSON report, and returns the report (failing with its
 /// output if it failed).
+/// Runs `command` (an `iopf run --json`) to success, with its own `TMPDIR`, which it must
+/// leave empty.
 fn run_json(command: &mut Command) -> serde_json::Value {
-    let out = command.output().unwrap();
+    let tmp = tempfile::TempDir::new().unwrap();
+    let out = command.env("TMPDIR", tmp.path()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    let r: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(r["interrupted"], false, "{r:#}");
+    r
 }
 
 fn assert_clean(r: &serde_json::Value) {
@@ -124,7 +136,7 @@ fn iopf_run_answers_every_group_and_verifies_every_dma_byte() {
 
 #[test]
 fn killing_the_vmm_with_groups_pending_answers_them_and_a_new_vmm_finishes() {
-    let socket = socket_path("kill");
+    let (_dir, socket) = socket_path("kill");
     let host = host(
         &socket,
         &[
@@ -158,12 +170,11 @@ fn killing_the_vmm_with_groups_pending_answers_them_and_a_new_vmm_finishes() {
     );
     assert_eq!(r["core"]["refused"]["unknown_cookie"], 0);
     assert!(r["disconnects"].as_array().unwrap().len() >= 8);
-    let _ = std::fs::remove_dir_all(socket.parent().unwrap());
 }
 
 #[test]
 fn garbage_on_the_socket_does_not_stop_the_host_serving_a_real_vmm() {
-    let socket = socket_path("garbage");
+    let (_dir, socket) = socket_path("garbage");
     let host = host(&socket, &["--devices", "1", "--accesses", "500"]);
     wait_for(&socket);
     // A client that sends garbage, then one that stops mid-message, then one that lies about
@@ -182,12 +193,12 @@ fn garbage_on_the_socket_does_not_stop_the_host_serving_a_real_vmm() {
     let r = report(host);
     assert_clean(&r);
     assert!(r["groups"].as_u64().unwrap() > 0);
-    let _ = std::fs::remove_dir_all(socket.parent().unwrap());
 }
 
 #[test]
 fn a_scenario_with_a_vmm_restart_loses_nothing_and_writes_an_html_report() {
-    let dir = std::env::temp_dir().join(format!("iopf-test-report-{}", std::process::id()));
+    let tmp = tempfile::TempDir::new().unwrap();
+    let dir = tmp.path().join("report");
     let scenario = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../scenarios/vmm-restart.toml"
@@ -205,7 +216,6 @@ fn a_scenario_with_a_vmm_restart_loses_nothing_and_writes_an_html_report() {
         "{html}"
     );
     assert!(html.contains("groups answered per second"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Two VMM processes share four devices; the scenario's VMM restart kills one of them. Only
@@ -233,9 +243,8 @@ fn several_vmm_processes_share_the_devices_and_a_restart_takes_down_only_one() {
 
 #[test]
 fn a_bad_scenario_file_gets_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("iopf-test-scenario-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bad.toml");
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("bad.toml");
     std::fs::write(&path, "ring_entries = 100\n[[device]]\n[[device.stream]]\npages = 1\naccess_len = 8\naccesses = 1\n").unwrap();
     let out = iopf()
         .args(["run", "--scenario"])
@@ -248,7 +257,6 @@ fn a_bad_scenario_file_gets_a_clear_error() {
         err.contains("bad.toml") && err.contains("power of two"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The seed review's scenario across processes and vfio-user: the host unregisters a device's
@@ -275,7 +283,7 @@ fn late_answers_from_an_earlier_handler_life_are_refused_across_processes() {
 /// `iopf vmm --json` prints one account per device it served, and its groups are the host's.
 #[test]
 fn the_vmm_reports_its_account_as_json() {
-    let socket = socket_path("vmm-json");
+    let (_dir, socket) = socket_path("vmm-json");
     let host = host(&socket, &["--devices", "2", "--accesses", "500"]);
     wait_for(&socket);
     let out = iopf()
@@ -291,4 +299,30 @@ fn the_vmm_reports_its_account_as_json() {
     let groups: u64 = accounts.iter().map(|a| a["groups"].as_u64().unwrap()).sum();
     assert_eq!(groups, r["groups"].as_u64().unwrap(), "{accounts:?}");
     assert!(accounts.iter().all(|a| a["handler_lives"] == 1));
+}
+
+/// `RUST_LOG=debug` shows the handler life on stderr, with each device's number: the host's
+/// register and unregister, and the VMM's attach.
+#[test]
+fn debug_logging_shows_the_handler_life() {
+    let out = iopf()
+        .args(["run", "--devices", "1", "--accesses", "200", "--json"])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("fault handler registered"), "{log}");
+    assert!(log.contains("fault handler unregistered"), "{log}");
+    assert!(log.contains("attached"), "{log}");
+    assert!(log.contains("register{device=1}"), "{log}");
+    assert!(log.contains("attach{device=1}"), "{log}");
+    // Without RUST_LOG: warnings only, so a clean run says nothing on stderr about handlers.
+    let out = iopf()
+        .args(["run", "--devices", "1", "--accesses", "200", "--json"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("fault handler registered"));
 }

@@ -10,10 +10,14 @@ fn iopf() -> Command {
 
 #[test]
 fn a_short_soak_with_chaos_every_second_stays_flat_and_loses_nothing() {
+    let tmp = tempfile::TempDir::new().unwrap();
     let out = iopf()
         .args(["run", "--duration", "8s", "--chaos-every", "1s", "--json"])
+        .env("TMPDIR", tmp.path())
         .output()
         .unwrap();
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "the soak left in TMPDIR: {left:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

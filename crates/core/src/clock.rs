@@ -5,8 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Nanoseconds on a monotonic clock.
-pub type Nanos = u64;
+pub use iopf_abi::Nanos;
 
 /// A monotonic source of time.
 pub trait Clock: Send + Sync + fmt::Debug {

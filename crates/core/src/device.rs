@@ -10,6 +10,7 @@ use iopf_abi::{
 };
 use iopf_queue::Staged;
 
+use crate::chain::ErrorChain;
 use crate::clock::Nanos;
 use crate::counters::DeviceCounters;
 use crate::handler::{FaultHandler, StageError, Wake};
@@ -110,6 +111,10 @@ impl DeviceState {
 
     pub(crate) fn pending_groups(&self) -> usize {
         self.pending.len()
+    }
+
+    pub(crate) fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+        self.handler.as_ref().and_then(|h| h.fault_queue_fill())
     }
 
     pub(crate) fn next_deadline(&mut self) -> Option<Nanos> {
@@ -402,7 +407,7 @@ impl DeviceState {
         match handler.publish() {
             Ok(wake) => self.wakes.extend(wake),
             Err(e) => {
-                tracing::warn!(device = %self.id, error = %e, "cannot publish to the fault queue");
+                tracing::warn!(device = %self.id, error = %ErrorChain(&e), "cannot publish to the fault queue");
                 self.unregister(AutoReason::QueueBroken, out);
             }
         }
@@ -438,7 +443,7 @@ impl DeviceState {
                     Refusal::FailureCode => r.failure_code += 1,
                 }
                 if self.log.allow(now) {
-                    tracing::warn!(device = %self.id, %refusal, "page response refused");
+                    tracing::warn!(device = %self.id, refusal = %ErrorChain(&refusal), "page response refused");
                 }
                 Err(refusal)
             }

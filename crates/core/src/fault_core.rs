@@ -147,7 +147,7 @@ impl FaultCore {
     /// Registers `handler` for the device. A second registration while one is live is an
     /// error (the new handler is dropped).
     pub fn register(&self, id: DeviceId, handler: Box<dyn FaultHandler>) -> Result<(), CoreError> {
-        let _span = tracing::info_span!("register", device = %id).entered();
+        let _span = tracing::info_span!("register", device = id.0).entered();
         self.with(id, |state, _, _| state.register(handler))?
             .map_err(|_| CoreError::AlreadyRegistered(id))
     }
@@ -174,12 +174,12 @@ impl FaultCore {
     /// groups the reset answered are refused (`unknown_cookie`). Never waits on the VMM.
     /// Returns how many groups the reset answered.
     pub fn reset_device(&self, id: DeviceId) -> Result<usize, CoreError> {
-        let _span = tracing::info_span!("reset", device = %id).entered();
+        let _span = tracing::info_span!("reset", device = id.0).entered();
         self.with(id, |state, now, out| state.reset(now, out))
     }
 
     fn unregister_for(&self, id: DeviceId, reason: AutoReason) -> Result<usize, CoreError> {
-        let _span = tracing::info_span!("unregister", device = %id, ?reason).entered();
+        let _span = tracing::info_span!("unregister", device = id.0, ?reason).entered();
         self.with(id, |state, _, out| state.unregister(reason, out))
     }
 
@@ -280,6 +280,12 @@ impl FaultCore {
     /// Groups delivered to the device's VMM and not answered yet.
     pub fn pending_groups(&self, id: DeviceId) -> Result<usize, CoreError> {
         self.with(id, |state, _, _| state.pending_groups())
+    }
+
+    /// For watching: the device's fault records published and not consumed yet, and its fault
+    /// ring's entries; `None` without a handler or when its transport cannot tell.
+    pub fn fault_queue_fill(&self, id: DeviceId) -> Result<Option<(u32, u32)>, CoreError> {
+        self.with(id, |state, _, _| state.fault_queue_fill())
     }
 
     /// The device's counters.

@@ -8,19 +8,10 @@ use iopf_queue::{
     Doorbell, FaultQueueProducer, ProtocolError, PushError, QueueError, QueueMemory, QueueRegion,
     ResponseQueueConsumer, Staged,
 };
-use thiserror::Error;
 
-/// Why a handler could not take a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum StageError {
-    /// No room for the whole group now.
-    #[error("fault queue full")]
-    Full,
-    /// The consumer broke the queue; the handler is unusable.
-    #[error(transparent)]
-    Broken(#[from] ProtocolError),
-}
+/// Why a handler could not take a group: the ring's own [`PushError`], `Full` (no room for the
+/// whole group now) or `Broken` (the consumer broke the queue; the handler is unusable).
+pub type StageError = PushError;
 
 /// A doorbell of the consumer's that the core rings once the device's lock is released.
 ///
@@ -68,6 +59,11 @@ pub trait FaultHandler: Send + fmt::Debug {
     /// Sets the doorbell rung when faults are published and the consumer sleeps (the fault
     /// IRQ's eventfd, which the VMM may hand over after registration).
     fn set_fault_doorbell(&mut self, doorbell: Option<iopf_queue::Doorbell>);
+    /// For watching: fault records published and not consumed yet, and the fault ring's
+    /// entries; `None` when the transport cannot tell (the default).
+    fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// The handler of a VMM-attached device: its fault queue and its response queue.
@@ -81,15 +77,12 @@ pub struct QueueHandler<M: QueueMemory = QueueRegion> {
 
 impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
     fn consumer_attached(&self) -> bool {
-        self.faults.consumer_attached()
+        // Both regions: a VMM that announced ABI v1 in one and not the other is not attached.
+        self.faults.consumer_attached() && self.responses.producer_attached()
     }
 
     fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError> {
-        match self.faults.stage_group(group) {
-            Ok(()) => Ok(()),
-            Err(PushError::Broken(e)) => Err(StageError::Broken(e)),
-            Err(_) => Err(StageError::Full),
-        }
+        self.faults.stage_group(group)
     }
 
     fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError> {
@@ -131,5 +124,9 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
 
     fn set_fault_doorbell(&mut self, doorbell: Option<iopf_queue::Doorbell>) {
         self.faults.set_doorbell(doorbell);
+    }
+
+    fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+        self.faults.fill()
     }
 }

@@ -11,8 +11,10 @@
 //!    register, so a response from an earlier life never matches, even for a reused PRG index;
 //! 3. [`FaultCore::unregister`] never fails and never waits on the VMM;
 //! 4. page requests are never dropped silently; unrecoverable faults may be, and are counted.
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod chain;
 mod clock;
 mod counters;
 mod device;
@@ -22,6 +24,7 @@ mod pending;
 mod ratelimit;
 mod types;
 
+pub use chain::ErrorChain;
 pub use clock::{Clock, ManualClock, MonotonicClock, Nanos};
 pub use counters::{AutoResponses, CodeCounts, DeviceCounters, Refusals, Responses};
 pub use fault_core::{CoreError, FaultCore};

@@ -123,8 +123,8 @@ pub trait DeviceSink: Send + Sync + fmt::Debug {
 #[non_exhaustive]
 pub enum Refusal {
     /// The record breaks ABI v1.
-    #[error("malformed response: {0}")]
-    Malformed(DecodeError),
+    #[error("malformed response")]
+    Malformed(#[source] DecodeError),
     /// A response version other than 1.
     #[error("unsupported response version {0}")]
     BadVersion(u32),

@@ -527,6 +527,32 @@ fn page_request_before_a_consumer_attaches_is_answered_invalid() {
     assert_eq!(host.core.counters(dev).unwrap().lost, 1);
 }
 
+// Catches: a host that reads only the fault region's `abi` and delivers page requests to a
+// VMM whose response region never announced ABI v1 (or withdrew it), then trusts its answers.
+#[test]
+fn page_request_with_the_response_region_abi_at_0_is_answered_invalid() {
+    let host = Host::new();
+    let dev = host.add_device(1, DeviceConfig::default());
+    let vmm = host.attach(dev, 16);
+    assert!(host.core.consumer_attached(dev).unwrap());
+    vmm.responses
+        .memory()
+        .vmm_page()
+        .abi
+        .store(0, std::sync::atomic::Ordering::Release);
+    assert!(!host.core.consumer_attached(dev).unwrap());
+    host.core.report(dev, &single(1, 1)).unwrap();
+    assert_eq!(
+        host.sink.take(),
+        vec![(
+            dev,
+            invalid(pasid(1), grpid(1), None, AutoReason::NotAttached)
+        )]
+    );
+    let c = host.core.counters(dev).unwrap();
+    assert_eq!((c.groups_delivered, c.responses.auto.not_attached), (0, 1));
+}
+
 #[test]
 fn page_request_without_a_handler_is_answered_invalid() {
     let host = Host::new();

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use iopf_core::{DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore};
+use iopf_models::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
+use iopf_models::memory::{GuestMemory, MemoryVerdict};
+use iopf_models::nested::{Directory, NestedIommu};
+use iopf_models::rng::Rng;
+use iopf_models::workload::Stream;
 use iopf_queue::{Doorbell, SharedMemory};
-use iopf_sim::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
-use iopf_sim::memory::{GuestMemory, MemoryVerdict};
-use iopf_sim::nested::{Directory, NestedIommu};
-use iopf_sim::rng::Rng;
-use iopf_sim::workload::Stream;
 use serde::Serialize;
 
 /// What a device runs.
@@ -143,6 +143,8 @@ pub struct Progress {
     pub accesses_done: std::sync::atomic::AtomicU64,
     /// Groups answered.
     pub groups_answered: std::sync::atomic::AtomicU64,
+    /// Page request round trips so far, for a watcher (`crate::metrics`).
+    pub latency: crate::metrics::LatencyBuckets,
 }
 
 /// Another mapping of guest memory (one for the IOMMU's walks, one for DMA).
@@ -236,8 +238,11 @@ pub fn run_until(
                 }
             }
         }
+        // The device runs while a handler is registered and the VMM has given it memory and a
+        // directory. It does not look at the VMM's `abi` (a device cannot): the fault core
+        // answers its page requests `Invalid` (`not_attached`) while either region lacks it.
         let ready =
-            iommu.is_some() && guest.is_some() && core.consumer_attached(slot.id).unwrap_or(false);
+            iommu.is_some() && guest.is_some() && core.is_registered(slot.id).unwrap_or(false);
         let now = Instant::now();
         let draining = drain.is_some_and(|d| d.load(Relaxed));
         // In rounds, a device that cannot keep up with its streams' rates keeps a bounded
@@ -281,6 +286,7 @@ pub fn run_until(
                 let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 // The histogram resizes itself: recording fails only if it cannot grow.
                 failed(&mut errors, "record a round trip", latency.record(ns));
+                progress.latency.record(ns);
             }
             endpoint.on_response(response.pasid, response.grpid, response.code);
         }

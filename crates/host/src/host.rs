@@ -14,6 +14,7 @@ use iopf_vfio_user::{Disconnect, Server, ServerConfig};
 
 use crate::engine::{self, DeviceSlot, EngineReport, Progress, SlotSink, Workload};
 use crate::pci::FaultPciDevice;
+use crate::socket::{self, BindError, SocketGuard};
 
 /// How the host runs.
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct Host {
     disconnects: Arc<Mutex<Vec<String>>>,
     /// Disconnects past [`MAX_DISCONNECTS_LISTED`].
     unlisted: Arc<AtomicU64>,
+    /// The socket [`Host::bind`] bound: removed when the host finishes or is dropped.
+    socket: Option<SocketGuard>,
 }
 
 /// What a host run did.
@@ -120,15 +123,29 @@ impl Host {
             connections: Arc::new(Mutex::new(Vec::new())),
             disconnects: Arc::new(Mutex::new(Vec::new())),
             unlisted: Arc::new(AtomicU64::new(0)),
+            socket: None,
         };
         host.accept_in_background(listener, config.ring_entries);
         Ok(host)
     }
 
-    /// Binds `path` and starts.
-    pub fn bind(config: HostConfig, path: &Path) -> std::io::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        Self::start(config, UnixListener::bind(path)?)
+    /// Binds `path` and starts. Only a stale socket at `path` is replaced: anything that is
+    /// not a socket, or a socket another process answers on, is refused and left alone
+    /// ([`socket::bind`]). The socket is removed when the host finishes or is dropped, if
+    /// `path` still names it.
+    pub fn bind(config: HostConfig, path: &Path) -> Result<Self, BindError> {
+        let (listener, guard) = socket::bind(path)?;
+        let mut host = Self::start(config, listener).map_err(|source| BindError::Start {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        host.socket = Some(guard);
+        Ok(host)
+    }
+
+    /// The path of the socket [`Host::bind`] bound (`None` for a host started on a listener).
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.socket.as_ref().map(SocketGuard::path)
     }
 
     /// Accepts VMM connections until the host finishes. The accepting thread notices the end
@@ -185,7 +202,7 @@ impl Host {
                             let reason = match server.serve(stream, &mut device) {
                                 Ok(Disconnect::Closed) => "closed".to_string(),
                                 Ok(other) => format!("{other:?}"),
-                                Err(e) => format!("server error: {e}"),
+                                Err(e) => format!("server error: {}", iopf_core::ErrorChain(&e)),
                             };
                             device.detach();
                             reason
@@ -212,6 +229,8 @@ impl Host {
                         .partition(|(_, thread)| thread.is_finished());
                 *connections = open;
                 for (_, thread) in ended {
+                    // A connection thread that panicked has already dropped its VMM (the
+                    // device's `vmm_gone` ran in its drop): nothing is left to answer.
                     let _ = thread.join();
                 }
                 connections.push((control, thread));
@@ -239,6 +258,13 @@ impl Host {
         self.drain.store(true, Ordering::Relaxed);
     }
 
+    /// Ends the run now (the user interrupted it): every device's engine stops at once, with
+    /// accesses still in flight, and no VMM is accepted any more; [`Host::finish`] then
+    /// unregisters every device, so the groups still pending are answered.
+    pub fn interrupt(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Whether every device has a handler with an attached consumer (a VMM serving it).
     pub fn all_attached(&self) -> bool {
         self.slots
@@ -259,6 +285,16 @@ impl Host {
         &self.progress
     }
 
+    /// What an operator watches on this host, every device (`crate::metrics`); it reads the
+    /// fault core and the engines' progress while they run.
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        crate::metrics::Metrics::new(
+            self.core.clone(),
+            self.slots.iter().map(|slot| slot.id).collect(),
+        )
+        .with_progress(self.progress.clone())
+    }
+
     /// The fault core.
     pub fn core(&self) -> &FaultCore {
         &self.core
@@ -269,14 +305,16 @@ impl Host {
         self.engines.iter().all(JoinHandle::is_finished)
     }
 
-    /// Waits for every engine, then unregisters every device (so the VMMs see `LIVE` cleared
-    /// and leave), closes the connections, and reports.
-    pub fn finish(self) -> HostReport {
+    /// Waits for every engine, then removes the socket (no new VMM can connect), unregisters
+    /// every device (so the VMMs see `LIVE` cleared and leave), closes the connections, and
+    /// reports.
+    pub fn finish(mut self) -> HostReport {
         let engines: Vec<EngineReport> = self
             .engines
-            .into_iter()
+            .drain(..)
             .filter_map(|e| e.join().ok())
             .collect();
+        drop(self.socket.take());
         for slot in &self.slots {
             slot.finished.store(true, Ordering::Relaxed);
             self.core.unregister(slot.id);
@@ -294,6 +332,7 @@ impl Host {
             while !thread.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
+            // Fails only if the VMM closed the socket first, which is what is wanted.
             let _ = control.shutdown(std::net::Shutdown::Both);
             let _ = thread.join();
         }

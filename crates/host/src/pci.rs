@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use iopf_abi::QueueKind;
 use iopf_core::{FaultCore, QueueHandler};
+use iopf_models::nested::Directory;
 use iopf_queue::{Doorbell, FaultQueueProducer, QueueRegion, ResponseQueueConsumer, SharedMemory};
-use iopf_sim::nested::Directory;
 use iopf_vfio_user::device::{
     self, DMA_FAULT_IRQ_INDEX, DMA_FAULT_REGION_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, NUM_IRQS,
     NUM_REGIONS, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,

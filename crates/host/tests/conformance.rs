@@ -11,8 +11,8 @@ use std::time::Duration;
 use iopf_abi::QueueKind;
 use iopf_host::engine::Workload;
 use iopf_host::{Host, HostConfig};
+use iopf_models::endpoint::EndpointConfig;
 use iopf_queue::{Doorbell, QueueRegion};
-use iopf_sim::endpoint::EndpointConfig;
 use iopf_vfio_user::device::{
     DMA_FAULT_IRQ_INDEX, DMA_FAULT_REGION_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,

@@ -12,11 +12,11 @@ use iopf_core::{DeviceConfig, DeviceCounters, DeviceId};
 use iopf_host::engine::Workload;
 use iopf_host::pci::{REG_DIRECTORY_BASE, REG_DIRECTORY_ENTRIES};
 use iopf_host::{Host, HostConfig};
+use iopf_models::endpoint::EndpointConfig;
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::workload::{Pattern, Stream};
 use iopf_queue::{Doorbell, FaultQueueConsumer, QueueMemory, ResponseQueueProducer};
-use iopf_sim::endpoint::EndpointConfig;
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::workload::{Pattern, Stream};
 use iopf_vfio_user::device::{
     DMA_FAULT_IRQ_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, VFIO_PCI_BAR0_REGION_INDEX,
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE,

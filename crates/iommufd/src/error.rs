@@ -11,6 +11,12 @@ pub enum KernelError {
     /// `/dev/iommu` could not be opened (no iommufd in this kernel, or no permission).
     #[error("open /dev/iommu: {0}")]
     Open(#[source] io::Error),
+    /// The fd given as an iommufd is not one (or could not be inspected with `fstat`).
+    #[error("check that the given fd is an iommufd: {0}")]
+    NotIommufd(#[source] io::Error),
+    /// The VMM's iommufd fd could not be duplicated.
+    #[error("duplicate the iommufd fd: {0}")]
+    Dup(#[source] io::Error),
     /// An ioctl failed.
     #[error("{what}: {source}")]
     Ioctl {
@@ -38,7 +44,12 @@ impl KernelError {
     /// The OS error number, if the kernel gave one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Self::Open(e) | Self::Read(e) | Self::Write(e) | Self::Poll(e) => e.raw_os_error(),
+            Self::Open(e)
+            | Self::NotIommufd(e)
+            | Self::Dup(e)
+            | Self::Read(e)
+            | Self::Write(e)
+            | Self::Poll(e) => e.raw_os_error(),
             Self::Ioctl { source, .. } => source.raw_os_error(),
             Self::GroupTooLarge(_) => None,
         }

@@ -5,8 +5,10 @@
 //! (`IOMMU_HWPT_FAULT_ID_VALID`), reads whole groups of `struct iommu_hwpt_pgfault` from the
 //! queue's file and writes `struct iommu_hwpt_page_response` back. This crate does that:
 //!
-//! - [`Iommufd`]: `/dev/iommu` (IOAS and page table allocation through `iommufd-ioctls`, the
-//!   fault queue ioctl through our own [`sys`](crate) module);
+//! - [`Iommufd`]: `/dev/iommu`, opened here or, usually, the VMM's own iommufd
+//!   ([`Iommufd::from_fd`], [`Iommufd::dup_from`], [`Iommufd::dup_from_ioctls`]); IOAS and
+//!   page table allocation through `iommufd-ioctls`, the fault queue
+//!   ([`Iommufd::alloc_fault_queue`]) through the crate's own ioctl;
 //! - [`FaultFile`]: the queue's file with the kernel's exact semantics (whole groups per read,
 //!   partial progress on write), for tools and for checking the kernel itself;
 //! - [`KernelFaultQueue`]: the [`FaultChannel`](iopf_queue::FaultChannel) a VMM uses, the same
@@ -15,20 +17,57 @@
 //!   answered, so a late answer could reach a new group. Here each group gets its own cookie,
 //!   never reused while pending, and a response is written to the kernel only while the group
 //!   it answers is still the one holding the kernel's cookie;
-//! - [`selftest`]: the mock device of `CONFIG_IOMMUFD_TEST`, which raises faults on demand.
+//! - `selftest` (feature `selftest`, off by default): the mock device of
+//!   `CONFIG_IOMMUFD_TEST`, which raises faults on demand.
 //!
 //! The crate `iopf-kernel-check` proves it against a real kernel under QEMU; `docs/KERNEL.md`
 //! says how to run it and what it proves.
+//!
+//! # A VMM's iommufd
+//!
+//! A VMM already holds an iommufd: it has the IOAS and the devices bound to it, and object ids
+//! are only meaningful on that file. So the backend is built on the same file, not on a new
+//! `/dev/iommu`:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use iopf_iommufd::iommufd_ioctls::{IommuFd, IommufdIoas};
+//! use iopf_iommufd::{Iommufd, KernelFaultQueue};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The VMM's own handle (Cloud Hypervisor opens it this way) and an IOAS on it.
+//! let vmm = Arc::new(IommuFd::new()?);
+//! let ioas = IommufdIoas::new(Arc::clone(&vmm))?;
+//!
+//! // The backend on the same iommufd (a duplicate of the VMM's fd: same objects).
+//! let iommufd = Iommufd::dup_from_ioctls(&vmm)?;
+//! # let dev_id = 1; // from VFIO_DEVICE_BIND_IOMMUFD
+//! # let (stage1_type, stage1): (u32, &[u8]) = (0, &[]); // the guest's stage-1 table
+//! let parent = iommufd.alloc_nest_parent_hwpt(dev_id, ioas.id())?;
+//! let (fault_id, file) = iommufd.alloc_fault_queue()?;
+//! let hwpt = iommufd.alloc_nested_hwpt_with_faults(dev_id, parent, fault_id, stage1_type, stage1)?;
+//! // ... attach the device to `hwpt` (VFIO_DEVICE_ATTACH_IOMMUFD_PT) ...
+//! let faults = KernelFaultQueue::new(fault_id, file);
+//! // `faults` is the VMM's FaultChannel: poll `faults.file()`, read, respond.
+//! # let _ = (hwpt, faults);
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 mod error;
 mod fault_file;
 mod queue;
+#[cfg(feature = "selftest")]
 pub mod selftest;
 mod sys;
+#[cfg(feature = "selftest")]
+mod test_cmd;
 
+use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use iommufd_bindings::iommufd::{
     iommu_hwpt_alloc, iommu_ioas_alloc, iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
@@ -38,9 +77,21 @@ use iommufd_ioctls::IommuFd;
 
 pub use error::KernelError;
 pub use fault_file::{FAULT_RECORD_SIZE, FaultFile, KernelFault, KernelResponse, RESPONSE_SIZE};
+/// The `iommufd-ioctls` crate this one is built on (Cloud Hypervisor's wrappers of
+/// `/dev/iommu`), so that a VMM can hand over its [`IommuFd`] handle with a matching version.
+pub use iommufd_ioctls;
 pub use queue::{FaultFileOps, KernelFaultQueue, KernelQueueStats, MAX_GROUP_RECORDS};
 
-/// An open `/dev/iommu`.
+/// The major number of misc character devices (`MISC_MAJOR`), which `/dev/iommu` is one of.
+const MISC_MAJOR: u32 = 10;
+
+/// An open `/dev/iommu`: one iommufd context, whose object ids (IOAS, devices, page tables,
+/// fault queues) are meaningful only on this file and its duplicates.
+///
+/// A VMM builds it on the iommufd it already has ([`from_fd`](Self::from_fd),
+/// [`dup_from`](Self::dup_from), [`from_ioctls`](Self::from_ioctls),
+/// [`dup_from_ioctls`](Self::dup_from_ioctls)); [`open`](Self::open) opens a new context.
+/// It lends its fd through [`AsFd`].
 pub struct Iommufd {
     ioctls: IommuFd,
 }
@@ -66,12 +117,81 @@ impl Iommufd {
         Ok(Self { ioctls })
     }
 
+    /// Takes over `fd`, an open `/dev/iommu` (the VMM's iommufd, or one received over a
+    /// socket). The fd is closed when the `Iommufd` is dropped.
+    ///
+    /// The fd must be a misc character device, as `/dev/iommu` is; anything else (a regular
+    /// file, a socket, `/dev/null`) is refused with [`KernelError::NotIommufd`]. Other misc
+    /// devices (`/dev/kvm`, `/dev/fuse`) cannot be told apart without an ioctl and pass; the
+    /// first iommufd ioctl on them fails instead.
+    ///
+    /// ```
+    /// use iopf_iommufd::{Iommufd, KernelError};
+    ///
+    /// let null = std::fs::File::open("/dev/null").unwrap();
+    /// let refused = Iommufd::from_fd(null.into()).unwrap_err();
+    /// assert!(matches!(refused, KernelError::NotIommufd(_)));
+    /// ```
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, KernelError> {
+        check_iommufd(fd.as_fd())?;
+        Ok(Self {
+            ioctls: IommuFd::new_from_fd(File::from(fd)),
+        })
+    }
+
+    /// A backend on the iommufd `fd` refers to, which the caller keeps: `fd` is duplicated
+    /// (`F_DUPFD_CLOEXEC`), so both refer to the same context and see the same objects.
+    pub fn dup_from(fd: impl AsFd) -> Result<Self, KernelError> {
+        let fd = fd.as_fd();
+        check_iommufd(fd)?;
+        let dup = rustix::io::fcntl_dupfd_cloexec(fd, 0)
+            .map_err(|e| KernelError::Dup(io::Error::from(e)))?;
+        Ok(Self {
+            ioctls: IommuFd::new_from_fd(File::from(dup)),
+        })
+    }
+
+    /// Takes over an `iommufd-ioctls` handle (which opened `/dev/iommu` or was given its fd).
+    pub fn from_ioctls(ioctls: IommuFd) -> Self {
+        Self { ioctls }
+    }
+
+    /// A backend on the iommufd of an `iommufd-ioctls` handle the VMM keeps (often as
+    /// `Arc<IommuFd>`, shared with its `IommufdIoas`): its fd is duplicated, as in
+    /// [`dup_from`](Self::dup_from).
+    pub fn dup_from_ioctls(ioctls: &IommuFd) -> Result<Self, KernelError> {
+        Self::dup_from(sys::borrow_ioctls_fd(ioctls))
+    }
+
     /// The `iommufd-ioctls` handle (IOAS, page tables, vIOMMU).
     pub fn ioctls(&self) -> &IommuFd {
         &self.ioctls
     }
 
-    /// Allocates a fault queue (`IOMMU_FAULT_QUEUE_ALLOC`): its object id and its file.
+    /// Allocates a fault queue (`IOMMU_FAULT_QUEUE_ALLOC`, Linux 6.11 and later): returns the
+    /// fault object's id and its file.
+    ///
+    /// Name the id as `fault_id` when allocating the device's nested page table
+    /// ([`alloc_nested_hwpt_with_faults`](Self::alloc_nested_hwpt_with_faults)); the page
+    /// requests of every device attached to that table then queue on the file. Read and
+    /// answer them through [`KernelFaultQueue::new`]`(fault_id, file)`, which keeps the
+    /// kernel's reusable cookies away from the VMM; the raw [`FaultFile`] is for tools and
+    /// checks.
+    ///
+    /// ```no_run
+    /// use iopf_iommufd::{Iommufd, KernelFaultQueue};
+    /// use iopf_queue::FaultChannel;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let iommufd = Iommufd::open()?;
+    /// let (fault_id, file) = iommufd.alloc_fault_queue()?;
+    /// let mut faults = KernelFaultQueue::new(fault_id, file);
+    /// // ... a nested page table with `fault_id`, a device attached to it ...
+    /// faults.wait(None)?;
+    /// faults.read(usize::MAX, &mut |fault| println!("{fault:?}"))?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn alloc_fault_queue(&self) -> Result<(u32, FaultFile), KernelError> {
         let (id, fd): (u32, OwnedFd) =
             sys::fault_queue_alloc(&self.ioctls).map_err(|source| KernelError::Ioctl {
@@ -155,6 +275,33 @@ impl Iommufd {
     }
 }
 
+impl AsFd for Iommufd {
+    /// The iommufd's fd, for the VMM's own ioctls (VFIO binding, IOAS mapping) or epoll.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        sys::borrow_ioctls_fd(&self.ioctls)
+    }
+}
+
+/// Refuses an fd that cannot be `/dev/iommu`: not a misc character device.
+fn check_iommufd(fd: BorrowedFd<'_>) -> Result<(), KernelError> {
+    let stat = rustix::fs::fstat(fd).map_err(|e| KernelError::NotIommufd(io::Error::from(e)))?;
+    let file_type = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+    if file_type != rustix::fs::FileType::CharacterDevice {
+        return Err(KernelError::NotIommufd(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a {file_type:?}, not a character device"),
+        )));
+    }
+    let major = rustix::fs::major(stat.st_rdev);
+    if major != MISC_MAJOR {
+        return Err(KernelError::NotIommufd(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("character device of major {major}, not a misc device ({MISC_MAJOR})"),
+        )));
+    }
+    Ok(())
+}
+
 /// An `IOMMU_HWPT_ALLOC` request. `data`, if any, must stay alive until the ioctl returns
 /// (the kernel reads it through `data_uptr`).
 fn hwpt_request(
@@ -203,6 +350,31 @@ fn sys_error(e: iommufd_ioctls::IommufdError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refusal(result: Result<Iommufd, KernelError>) -> String {
+        match result {
+            Err(KernelError::NotIommufd(e)) => e.to_string(),
+            other => panic!("expected NotIommufd, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_fd_that_cannot_be_dev_iommu_is_refused_with_what_it_is() {
+        let regular = File::open(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+        assert!(refusal(Iommufd::from_fd(regular.into())).contains("not a character device"));
+        let null = File::open("/dev/null").unwrap();
+        assert!(refusal(Iommufd::from_fd(null.into())).contains("major 1,"));
+        let (reader, _writer) = rustix::pipe::pipe().unwrap();
+        assert!(refusal(Iommufd::from_fd(reader)).contains("Fifo"));
+    }
+
+    #[test]
+    fn dup_from_checks_the_fd_and_leaves_the_callers_open() {
+        let null = File::open("/dev/null").unwrap();
+        assert!(refusal(Iommufd::dup_from(&null)).contains("major 1,"));
+        // The caller's file is still open and usable.
+        assert!(rustix::fs::fstat(&null).is_ok());
+    }
 
     #[test]
     fn a_nested_hwpt_request_carries_the_fault_id_and_the_stage1_data() {

@@ -464,7 +464,10 @@ fn channel_error(e: KernelError) -> ChannelError {
         KernelError::Read(_) | KernelError::GroupTooLarge(_) => "read of the kernel fault queue",
         KernelError::Write(_) => "write of page responses",
         KernelError::Poll(_) => "poll of the kernel fault queue",
-        KernelError::Open(_) | KernelError::Ioctl { .. } => "iommufd",
+        KernelError::Open(_)
+        | KernelError::NotIommufd(_)
+        | KernelError::Dup(_)
+        | KernelError::Ioctl { .. } => "iommufd",
     };
     let source = match e {
         KernelError::Read(s) | KernelError::Write(s) | KernelError::Poll(s) => s,

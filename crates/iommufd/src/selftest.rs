@@ -5,16 +5,17 @@
 //! This is what lets the backend be proven against a real kernel without a PRI-capable device:
 //! the real-kernel check (crate `iopf-kernel-check`) builds the mock's nested setup and
 //! triggers faults with [`MockDevice::trigger_iopf`].
+//!
+//! Only built with the crate's `selftest` feature (off by default), so that a VMM linking the
+//! backend carries no test ioctls. The kernel refuses them anyway (`ENOTTY`) unless it was
+//! built with `CONFIG_IOMMUFD_TEST`, which no production kernel is.
 
-use iommufd_bindings::iommufd::IOMMUFD_CMD_BASE;
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::Iommufd;
 use crate::error::KernelError;
 use crate::sys;
-
-/// `IOMMU_TEST_CMD` is `_IO(';', IOMMUFD_CMD_BASE + 32)`.
-pub(crate) const IOMMU_TEST_CMD_NR: u32 = IOMMUFD_CMD_BASE + 32;
+use crate::test_cmd::TestCmd;
 
 /// `IOMMU_TEST_OP_MOCK_DOMAIN`: a mock device attached to an IOAS.
 pub const IOMMU_TEST_OP_MOCK_DOMAIN: u32 = 2;
@@ -26,56 +27,6 @@ pub const IOMMU_TEST_OP_TRIGGER_IOPF: u32 = 15;
 pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
 /// `IOMMU_TEST_IOTLB_DEFAULT`: the mock nested page table's initial IOTLB value.
 pub const IOMMU_TEST_IOTLB_DEFAULT: u32 = 0x0bad_beef;
-
-/// `struct iommu_test_cmd` (72 bytes): a header, a 48-byte union aligned to 8, and `last`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, IntoBytes, Immutable)]
-pub(crate) struct TestCmd {
-    pub size: u32,
-    pub op: u32,
-    pub id: u32,
-    pub reserved: u32,
-    /// The union; its largest member (`dirty`) is 48 bytes.
-    pub payload: [u64; 6],
-    pub last: u32,
-    pub tail_padding: u32,
-}
-
-const _: () = assert!(size_of::<TestCmd>() == 72);
-const _: () = assert!(std::mem::offset_of!(TestCmd, payload) == 16);
-const _: () = assert!(std::mem::offset_of!(TestCmd, last) == 64);
-
-impl TestCmd {
-    fn new(op: u32, id: u32) -> Self {
-        Self {
-            size: size_of::<Self>() as u32,
-            op,
-            id,
-            ..Self::default()
-        }
-    }
-
-    /// The union's 32-bit word `i` (native endian, as the kernel sees it).
-    fn word(&self, i: usize) -> u32 {
-        let bytes = self.payload.as_bytes();
-        u32::from_ne_bytes([
-            bytes[4 * i],
-            bytes[4 * i + 1],
-            bytes[4 * i + 2],
-            bytes[4 * i + 3],
-        ])
-    }
-
-    fn set_words(&mut self, words: &[u32]) {
-        let mut bytes = [0u8; 48];
-        for (i, w) in words.iter().enumerate() {
-            bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
-            self.payload[i] = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
-        }
-    }
-}
 
 /// What `IOMMU_TEST_OP_TRIGGER_IOPF` asks the mock device to report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +62,12 @@ impl MockDevice {
     /// table over the IOAS.
     pub fn new(iommufd: &Iommufd) -> Result<Self, KernelError> {
         let ioas_id = iommufd.alloc_ioas()?;
+        Self::on_ioas(iommufd, ioas_id)
+    }
+
+    /// Attaches a new mock device to the existing IOAS `ioas_id` (one the VMM allocated on the
+    /// same iommufd, for instance), then allocates a nesting parent page table over it.
+    pub fn on_ioas(iommufd: &Iommufd, ioas_id: u32) -> Result<Self, KernelError> {
         let mut cmd = TestCmd::new(IOMMU_TEST_OP_MOCK_DOMAIN, ioas_id);
         sys::test_cmd(iommufd.ioctls(), &mut cmd).map_err(|source| KernelError::Ioctl {
             what: "IOMMU_TEST_OP_MOCK_DOMAIN",
@@ -183,21 +140,6 @@ pub(crate) struct HwptSelftest {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The layout of `struct iommu_test_cmd` in Linux 6.12's `iommufd_test.h`: header at 0..16,
-    /// the union at 16 (8-aligned, because of its `__aligned_u64` members) and 48 bytes long
-    /// (`dirty`: u32 flags, then five u64), `last` at 64, total 72.
-    #[test]
-    fn test_cmd_matches_the_kernel_layout() {
-        assert_eq!(size_of::<TestCmd>(), 72);
-        assert_eq!(std::mem::offset_of!(TestCmd, size), 0);
-        assert_eq!(std::mem::offset_of!(TestCmd, op), 4);
-        assert_eq!(std::mem::offset_of!(TestCmd, id), 8);
-        assert_eq!(std::mem::offset_of!(TestCmd, payload), 16);
-        assert_eq!(std::mem::offset_of!(TestCmd, last), 64);
-        assert_eq!(align_of::<TestCmd>(), 8);
-        assert_eq!(IOMMU_TEST_CMD_NR, 0xa0);
-    }
 
     /// `trigger_iopf` is `{u32 dev_id, pasid, grpid, perm; u64 addr}` at the union's start.
     #[test]

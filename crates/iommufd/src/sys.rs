@@ -1,25 +1,33 @@
 //! The two ioctls no crate wraps, fenced here: `IOMMU_FAULT_QUEUE_ALLOC` and the self-test
-//! `IOMMU_TEST_CMD`. This is the only module of the crate with `unsafe`.
+//! `IOMMU_TEST_CMD` (only with the `selftest` feature), and the borrow of the fd inside an
+//! `iommufd-ioctls` handle. This is the only module of the crate with `unsafe`.
 //!
-//! Both are `_IO(';', nr)` ioctls on `/dev/iommu` whose argument is a struct starting with its
+//! It depends on no other module of the crate but `test_cmd` (the self-test command's layout,
+//! with the `selftest` feature), so nothing imports back into it.
+//!
+//! Both ioctls are `_IO(';', nr)` ioctls on `/dev/iommu` whose argument is a struct starting with its
 //! own `size`, as every iommufd ioctl (the kernel's `copy_struct_from_user` accepts a larger
 //! struct if the tail is zero, a smaller one down to the field it needs last).
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
 
 use iommufd_bindings::iommufd::{IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_TYPE, iommu_fault_alloc};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
-use crate::selftest::{IOMMU_TEST_CMD_NR, TestCmd};
+use iommufd_ioctls::IommuFd;
+
+#[cfg(feature = "selftest")]
+use crate::test_cmd::{IOMMU_TEST_CMD_NR, TestCmd};
 
 ioctl_io_nr!(
     IOMMU_FAULT_QUEUE_ALLOC,
     IOMMUFD_TYPE as u32,
     IOMMUFD_CMD_FAULT_QUEUE_ALLOC
 );
+#[cfg(feature = "selftest")]
 ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, IOMMU_TEST_CMD_NR);
 
 /// `IOMMU_FAULT_QUEUE_ALLOC` on `iommufd`: a new fault object's id and its file.
@@ -56,8 +64,20 @@ pub(crate) fn fault_queue_alloc(iommufd: &impl AsRawFd) -> io::Result<(u32, Owne
     Ok((alloc.out_fault_id, fd))
 }
 
+/// The fd of an `iommufd-ioctls` handle, borrowed for as long as the handle is (that crate
+/// implements only `AsRawFd`).
+pub(crate) fn borrow_ioctls_fd(ioctls: &IommuFd) -> BorrowedFd<'_> {
+    // SAFETY:
+    // 1. `IommuFd` owns an open `File` for its whole life and never closes or replaces it
+    //    before it is dropped (it has no method that does), so the raw fd is open.
+    // 2. The returned borrow lives no longer than `&IommuFd`, so the handle (and with it the
+    //    file) cannot be dropped while the borrow is in use.
+    unsafe { BorrowedFd::borrow_raw(ioctls.as_raw_fd()) }
+}
+
 /// `IOMMU_TEST_CMD` on `iommufd` (a kernel built with `CONFIG_IOMMUFD_TEST`); the kernel writes
 /// its outputs into `cmd`.
+#[cfg(feature = "selftest")]
 pub(crate) fn test_cmd(iommufd: &impl AsRawFd, cmd: &mut TestCmd) -> io::Result<()> {
     // SAFETY:
     // 1. `iommufd` is an open `/dev/iommu` (borrowed for the call), so the fd is valid.

@@ -8,27 +8,33 @@
 //! Output, one line each: `iopf-kernel-check: <check> ok <details>` or
 //! `iopf-kernel-check: <check> FAIL <why>`, then `iopf-kernel-check: done passed=N failed=M`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iopf_abi::{Fault, PageRequest, PageResponse, Perm, ResponseCode, ResponseRecord};
+use iopf_iommufd::iommufd_ioctls::{IommuFd, IommufdIoas};
 use iopf_iommufd::selftest::{MockDevice, TriggerIopf};
 use iopf_iommufd::{FaultFile, Iommufd, KernelFault, KernelFaultQueue, KernelResponse};
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
 use iopf_queue::FaultChannel;
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
 use iopf_sim::vmm_guest::{GuestDevice, SimulatedGuest};
 use iopf_vmm::Device;
 
 const PREFIX: &str = "iopf-kernel-check:";
 const EINVAL: i32 = 22;
+const ENOENT: i32 = 2;
 const PERM_RW: u32 = 3;
 
 type Check = Result<String, String>;
 
 /// The kernel objects of one mock device with a fault-capable nested page table.
 struct Rig {
+    /// The VMM's IOAS, allocated on the VMM's own handle (dropping it destroys it there).
+    vmm_ioas: IommufdIoas,
+    /// The backend, built on a duplicate of the VMM's iommufd fd.
     iommufd: Iommufd,
     device: MockDevice,
     /// The nested page table whose faults go to the backend's queue.
@@ -97,9 +103,24 @@ fn raw_read(file: &FaultFile) -> Result<Vec<KernelFault>, String> {
     Ok(out)
 }
 
-fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile), String> {
-    let iommufd = Iommufd::open().map_err(|e| e.to_string())?;
-    let device = MockDevice::new(&iommufd).map_err(|e| e.to_string())?;
+/// Builds the rig the way a VMM would: the VMM opens `/dev/iommu` itself (as Cloud Hypervisor
+/// does, through `iommufd-ioctls`) and allocates its IOAS there; the backend is built on a
+/// duplicate of that fd and attaches the device to the VMM's IOAS, which only the same
+/// iommufd context knows. Returns the rig, the backend's queue, the raw queue's file, and
+/// what the setup line reports.
+fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile, String), String> {
+    let vmm = Arc::new(IommuFd::new().map_err(|e| format!("VMM's open of /dev/iommu: {e}"))?);
+    let vmm_ioas = IommufdIoas::new(Arc::clone(&vmm)).map_err(|e| format!("VMM's IOAS: {e}"))?;
+    let iommufd = Iommufd::dup_from_ioctls(&vmm).map_err(|e| e.to_string())?;
+    // A /dev/iommu opened separately is another context: the VMM's IOAS id means nothing there.
+    let other = Iommufd::open().map_err(|e| e.to_string())?;
+    let other_errno = match MockDevice::on_ioas(&other, vmm_ioas.id()) {
+        Ok(_) => return Err("a separately opened /dev/iommu accepted the VMM's IOAS".into()),
+        Err(e) => e.errno().unwrap_or(0),
+    };
+    drop(other);
+    let device = MockDevice::on_ioas(&iommufd, vmm_ioas.id())
+        .map_err(|e| format!("mock device on the VMM's IOAS: {e}"))?;
     let (fault_id, file) = iommufd.alloc_fault_queue().map_err(|e| e.to_string())?;
     let fault_hwpt = device
         .alloc_fault_hwpt(&iommufd, fault_id)
@@ -113,13 +134,19 @@ fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile), String> {
     let raw_hwpt = device
         .alloc_fault_hwpt(&iommufd, raw_id)
         .map_err(|e| e.to_string())?;
+    let detail = format!(
+        "backend on the VMM's fd (dup), device on the VMM's IOAS {}, \
+         separate open refused it errno={other_errno}; fault queue, nested page table",
+        vmm_ioas.id()
+    );
     let rig = Rig {
+        vmm_ioas,
         iommufd,
         device,
         fault_hwpt,
         raw_hwpt,
     };
-    Ok((rig, KernelFaultQueue::new(fault_id, file), raw_file))
+    Ok((rig, KernelFaultQueue::new(fault_id, file), raw_file, detail))
 }
 
 /// A fault read, converted and answered through the channel trait.
@@ -360,7 +387,45 @@ fn vmm_device(rig: &Rig) -> Check {
     rig.device
         .replace(&rig.iommufd, rig.fault_hwpt)
         .map_err(|e| e.to_string())?;
+    rig.iommufd
+        .destroy(hwpt)
+        .map_err(|e| format!("page table {hwpt}: {e}"))?;
     result
+}
+
+/// Tears the rig down as a VMM does when the device goes: the backend destroys the device and
+/// the page tables it allocated over the VMM's IOAS; then the VMM drops its IOAS, destroyed
+/// through the VMM's own handle, and the backend no longer finds it (same context again).
+fn teardown(rig: Rig) -> Check {
+    let Rig {
+        vmm_ioas,
+        iommufd,
+        device,
+        fault_hwpt,
+        raw_hwpt,
+    } = rig;
+    let objects = [
+        ("mock device", device.stdev_id),
+        ("fault page table", fault_hwpt),
+        ("raw page table", raw_hwpt),
+        ("parent page table", device.parent_hwpt_id),
+    ];
+    for (what, id) in objects {
+        iommufd
+            .destroy(id)
+            .map_err(|e| format!("{what} {id}: {e}"))?;
+    }
+    let ioas_id = vmm_ioas.id();
+    drop(vmm_ioas);
+    match iommufd.destroy(ioas_id) {
+        Err(e) if e.errno() == Some(ENOENT) => {
+            Ok(format!("destroyed={} vmm_ioas_gone=true", objects.len()))
+        }
+        Ok(()) => Err(format!("the VMM's IOAS {ioas_id} outlived the VMM's drop")),
+        Err(e) => Err(format!(
+            "the VMM's IOAS {ioas_id} after the VMM's drop: {e}"
+        )),
+    }
 }
 
 /// N trigger/read/respond round trips (under QEMU's TCG these are emulated instructions, not
@@ -405,14 +470,9 @@ fn report(name: &str, result: Check, passed: &mut u32, failed: &mut u32) {
 fn run() -> u32 {
     let (mut passed, mut failed) = (0, 0);
     let (rig, mut q, raw) = match setup() {
-        Ok(s) => {
-            report(
-                "setup",
-                Ok("mock device, fault queue, nested page table".into()),
-                &mut passed,
-                &mut failed,
-            );
-            s
+        Ok((rig, q, raw, detail)) => {
+            report("setup", Ok(detail), &mut passed, &mut failed);
+            (rig, q, raw)
         }
         Err(e) => {
             report("setup", Err(e), &mut passed, &mut failed);
@@ -450,6 +510,7 @@ fn run() -> u32 {
     );
     report("vmm_device", vmm_device(&rig), &mut passed, &mut failed);
     report("timing", timing(&rig, &mut q, n), &mut passed, &mut failed);
+    report("teardown", teardown(rig), &mut passed, &mut failed);
     println!("{PREFIX} stats {:?}", q.stats());
     println!("{PREFIX} done passed={passed} failed={failed}");
     failed
@@ -461,6 +522,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let init = std::process::id() == 1;
     if init {

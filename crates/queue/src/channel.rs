@@ -28,13 +28,13 @@ use crate::ring::ProtocolError;
 #[non_exhaustive]
 pub enum ChannelError {
     /// The peer broke a shared-memory queue.
-    #[error("queue: {0}")]
+    #[error("shared-memory queue failed")]
     Queue(#[from] QueueError),
     /// The peer broke a ring's indices.
-    #[error("ring: {0}")]
+    #[error("ring broken by the peer")]
     Ring(#[from] ProtocolError),
     /// The backend's file failed (a kernel fault queue's `read`, `write` or `poll`).
-    #[error("{what}: {source}")]
+    #[error("{what} failed")]
     Io {
         /// The operation that failed.
         what: &'static str,

@@ -17,10 +17,10 @@ use crate::ring::{ProtocolError, Published, RingConsumer, RingProducer};
 #[non_exhaustive]
 pub enum QueueError {
     /// The peer broke the ring protocol; the queue is unusable.
-    #[error("queue broken by its peer: {0}")]
+    #[error("queue broken by its peer")]
     Broken(#[from] ProtocolError),
     /// The doorbell's eventfd failed.
-    #[error("doorbell: {0}")]
+    #[error("doorbell eventfd failed")]
     Doorbell(#[source] io::Error),
 }
 

@@ -5,13 +5,23 @@ use zerocopy::little_endian::U64;
 
 use crate::sync::{AtomicU64, Ordering};
 
+/// Keeps [`Entry`] sealed: only the ABI's two record types live in a ring slot.
+mod sealed {
+    /// The private supertrait of [`Entry`](super::Entry); nothing outside this crate can name
+    /// it, so nothing outside can implement `Entry`.
+    pub trait Sealed {}
+}
+
 /// A record type that lives in a ring slot.
+///
+/// The trait is sealed: it is implemented for [`FaultRecord`] and [`ResponseRecord`] only, the
+/// two record types whose layout `docs/ABI.md` fixes.
 ///
 /// Slots are written and read one 64-bit little-endian word at a time with relaxed atomic
 /// accesses; the ring's release/acquire on its indices orders them. Storing straight into the
 /// slot matters: building a record on the stack and copying it in costs store-forwarding
 /// stalls that make a copy loop about 3x slower (`docs/PERFORMANCE.md`, reference figures).
-pub trait Entry: Copy + Sized {
+pub trait Entry: sealed::Sealed + Copy + Sized {
     /// The queue kind that carries this record.
     const KIND: QueueKind;
     /// Words per slot.
@@ -25,6 +35,8 @@ pub trait Entry: Copy + Sized {
 macro_rules! impl_entry {
     ($t:ty, $kind:expr, $words:literal) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $words * 8);
+
+        impl sealed::Sealed for $t {}
 
         impl Entry for $t {
             const KIND: QueueKind = $kind;

@@ -73,6 +73,13 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
         host.flags.store(self.flags, Ordering::Release);
     }
 
+    /// Records published and not consumed yet, and the ring's entries; `None` when the VMM's
+    /// index is out of range. For watching only (see [`RingProducer::fill`]).
+    pub fn fill(&self) -> Option<(u32, u32)> {
+        let ring = &self.sender.ring;
+        ring.fill().map(|used| (used, ring.nb_entries()))
+    }
+
     /// Whether a VMM that speaks ABI v1 has attached (its page's `abi` is 1). Untrusted: it
     /// only decides whether publishing is worth trying.
     pub fn consumer_attached(&self) -> bool {

@@ -19,6 +19,10 @@
 //! Each side keeps its indices in private memory and validates every index it reads from the
 //! other side: a peer that writes garbage breaks its own queue ([`ProtocolError`]), and
 //! nothing else.
+//!
+//! The only `unsafe` code is the shared mapping of a region (module `mapping`); every other
+//! module is denied it.
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 // The protocol core: pure code over atomics, also built under `--cfg loom`.
@@ -43,7 +47,9 @@ mod endpoint;
 mod fault_queue;
 #[cfg(not(loom))]
 pub mod fdpass;
+// The shared mapping of a region: `mmap`, `munmap` and the views of the mapped pages.
 #[cfg(not(loom))]
+#[allow(unsafe_code)]
 mod mapping;
 #[cfg(not(loom))]
 mod region;

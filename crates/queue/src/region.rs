@@ -25,7 +25,7 @@ pub const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK
 #[non_exhaustive]
 pub enum AttachError {
     /// A system call failed.
-    #[error("{op}: {source}")]
+    #[error("{op} failed")]
     Io {
         /// What we were doing.
         op: &'static str,
@@ -40,10 +40,10 @@ pub enum AttachError {
         found: SealFlags,
     },
     /// The region's header or size does not describe a valid ABI v1 queue.
-    #[error("invalid queue region: {0}")]
+    #[error("invalid queue region")]
     Region(#[from] RegionError),
     /// The indices in the region's pages are inconsistent.
-    #[error("inconsistent ring indices: {0}")]
+    #[error("inconsistent ring indices")]
     Ring(#[from] crate::ring::ProtocolError),
     /// The region is larger than its header says: a consistent region is exactly its length.
     #[error("region is {len} bytes but its header describes {expected}")]

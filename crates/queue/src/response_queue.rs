@@ -3,7 +3,9 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use iopf_abi::{HOST_FLAG_LIVE, PageResponse, QueueGeometry, QueueKind, ResponseRecord};
+use iopf_abi::{
+    HOST_FLAG_LIVE, PageResponse, QueueGeometry, QueueKind, ResponseRecord, VMM_ABI_V1,
+};
 
 use crate::doorbell::Doorbell;
 use crate::endpoint::{QueueError, Receiver, Sender};
@@ -14,31 +16,38 @@ use crate::sync::Ordering;
 
 /// The VMM's end of a response queue.
 #[derive(Debug)]
-pub struct ResponseQueueProducer<M = QueueRegion> {
+pub struct ResponseQueueProducer<M: QueueMemory = QueueRegion> {
     sender: Sender<ResponseRecord, M>,
 }
 
 impl ResponseQueueProducer<QueueRegion> {
     /// Attaches to a response queue region from its fd alone (see [`QueueRegion::attach`]),
-    /// resuming at the indices in its pages. `doorbell` is the host's (rung when the host
-    /// sleeps).
+    /// resuming at the indices in its pages, and announces ABI v1 (`abi` = 1 in the VMM
+    /// page). `doorbell` is the host's (rung when the host sleeps).
     pub fn attach(fd: OwnedFd, doorbell: Option<Doorbell>) -> Result<Self, AttachError> {
         let region = QueueRegion::attach(fd, QueueKind::Response)?;
         let prod = region.vmm_page().index.load(Ordering::Relaxed);
         let cons = region.host_page().index.load(Ordering::Acquire);
         let ring = RingProducer::with_indices(region, prod, cons)?;
-        Ok(Self {
-            sender: Sender::new(ring, doorbell),
-        })
+        Ok(Self::from_sender(Sender::new(ring, doorbell)))
     }
 }
 
 impl<M: QueueMemory> ResponseQueueProducer<M> {
-    /// The VMM end over fresh response queue memory.
+    /// The VMM end over fresh response queue memory, announcing ABI v1.
     pub fn new(memory: M, doorbell: Option<Doorbell>) -> Self {
-        Self {
-            sender: Sender::new(RingProducer::new(memory), doorbell),
-        }
+        Self::from_sender(Sender::new(RingProducer::new(memory), doorbell))
+    }
+
+    fn from_sender(sender: Sender<ResponseRecord, M>) -> Self {
+        // The host takes a VMM as attached only once both regions say `abi` = 1.
+        sender
+            .ring
+            .memory()
+            .vmm_page()
+            .abi
+            .store(VMM_ABI_V1, Ordering::Release);
+        Self { sender }
     }
 
     /// The region's memory.
@@ -94,6 +103,13 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
     }
 }
 
+impl<M: QueueMemory> Drop for ResponseQueueProducer<M> {
+    fn drop(&mut self) {
+        // Tell the host no producer is attached any more.
+        self.memory().vmm_page().abi.store(0, Ordering::Release);
+    }
+}
+
 /// The host's end of a response queue. Every record it yields is untrusted: decode it, then let
 /// the fault core decide whether its cookie names a pending group.
 #[derive(Debug)]
@@ -123,6 +139,14 @@ impl<M: QueueMemory> ResponseQueueConsumer<M> {
     /// The region's memory.
     pub fn memory(&self) -> &M {
         self.receiver.ring.memory()
+    }
+
+    /// Whether a VMM that speaks ABI v1 has attached this region (its page's `abi` is 1).
+    /// Untrusted, read afresh at each call: the host delivers no page request unless this and
+    /// the fault queue's [`consumer_attached`](crate::FaultQueueProducer::consumer_attached)
+    /// both hold.
+    pub fn producer_attached(&self) -> bool {
+        self.memory().vmm_page().abi.load(Ordering::Acquire) == VMM_ABI_V1
     }
 
     /// Sets or clears `LIVE` in the host page.

@@ -58,8 +58,10 @@ pub enum ProtocolError {
 }
 
 /// Why a record could not be staged.
+///
+/// Exhaustive on purpose: a push either finds no room or finds the ring broken, and callers
+/// (the fault core's handlers among them) match both without a catch-all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[non_exhaustive]
 pub enum PushError {
     /// Not enough free slots (the consumer is behind).
     #[error("ring full")]
@@ -182,6 +184,19 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     /// Records staged but not yet published.
     pub fn staged(&self) -> u32 {
         self.prod.wrapping_sub(self.published)
+    }
+
+    /// Entries of the ring.
+    pub fn nb_entries(&self) -> u32 {
+        self.nb_entries
+    }
+
+    /// Records published and not consumed yet, by the consumer's index as it is now; `None`
+    /// when that index is out of range. For watching only: it reads the index and changes
+    /// nothing (a bad index breaks the ring at the next [`refresh`](Self::refresh), not here).
+    pub fn fill(&self) -> Option<u32> {
+        let found = Cells::cons(self.kind, &self.memory).load(Ordering::Acquire);
+        within(found, self.cons, self.published).then(|| self.published.wrapping_sub(found))
     }
 
     fn check(&self) -> Result<(), ProtocolError> {

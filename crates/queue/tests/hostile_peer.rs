@@ -1373,3 +1373,25 @@ fn record_bytes_round_trip_through_the_region_file() {
     assert_eq!(record.decode(), Ok(Fault::PageRequest(request)));
     assert_eq!(pread_u32(host.memory().fd(), HOST_INDEX), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fill a watcher reads.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_fault_queue_fill_follows_the_vmm_index_and_never_breaks_the_ring() {
+    let mut host = FaultQueueProducer::create(8).unwrap();
+    assert_eq!(host.fill(), Some((0, 8)));
+    host.stage_group(&group(1, 3)).unwrap();
+    // Staged is not published: nothing for the VMM yet.
+    assert_eq!(host.fill(), Some((0, 8)));
+    host.publish().unwrap();
+    assert_eq!(host.fill(), Some((3, 8)));
+    let mut vmm = vmm_consumer(&host);
+    assert_eq!(drain_faults(&mut vmm).len(), 3);
+    assert_eq!(host.fill(), Some((0, 8)));
+    // A garbage index shows as no fill, and breaks nothing by being looked at.
+    write_vmm_index(host.memory().fd(), 0xdead_beef);
+    assert_eq!(host.fill(), None);
+    assert_eq!(host.broken(), None);
+}

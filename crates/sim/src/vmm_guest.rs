@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 
 use iopf_abi::{Pasid, ResponseRecord};
 use iopf_queue::SharedMemoryChannel;
-use iopf_vfio_user::{Client, ClientError, DmaProt};
+use iopf_vfio_user::{Client, ClientError, ClientOptions, DmaProt};
 use iopf_vmm::{
     AttachError, Device, GroupToken, PageRequestGroup, RespondError, Responder, Viommu, VmmError,
 };
 use thiserror::Error;
 
-use crate::guest::{Guest, GuestConfig};
-use crate::iommu::MapError;
-use crate::memory::GuestMemory;
-use crate::nested::GuestTables;
-use crate::rng::Rng;
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::iommu::MapError;
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
 
 /// Why a simulated guest could not be set up or attached.
 #[derive(Debug, Error)]
@@ -62,6 +62,18 @@ pub enum GuestError {
     /// The device's loop could not be set up.
     #[error("cannot set up the device")]
     Device(#[source] VmmError),
+}
+
+impl GuestError {
+    /// Whether the host did not answer (or take) a vfio-user command in time: retrying at
+    /// once would only wait again.
+    pub fn timed_out(&self) -> bool {
+        match self {
+            GuestError::Connect(e) => e.is_timeout(),
+            GuestError::Attach(iopf_vmm::AttachError::Client(e)) => e.is_timeout(),
+            _ => false,
+        }
+    }
 }
 
 /// How the VMM's guest behaves for a device.
@@ -188,13 +200,20 @@ pub struct Attached {
 
 /// Connects to the host at `socket`, attaches one device, creates its guest and registers the
 /// guest's memory and PASID directory.
-pub fn attach(socket: &Path, setup: &GuestSetup) -> Result<Attached, GuestError> {
-    let mut client = Client::connect(socket).map_err(GuestError::Connect)?;
+pub fn attach(
+    socket: &Path,
+    setup: &GuestSetup,
+    options: ClientOptions,
+) -> Result<Attached, GuestError> {
+    let span = tracing::info_span!("attach", device = tracing::field::Empty).entered();
+    let mut client = Client::connect_with(socket, options).map_err(GuestError::Connect)?;
     let channel = iopf_vmm::attach_channel(&mut client)?;
     let device_id = channel.device();
+    span.record("device", device_id);
     // Creating the address spaces fills the directory before the device is told about it.
     let guest = GuestDevice::from_setup(device_id, setup)?;
     register_memory(&mut client, guest.memory(), &guest.tables())?;
+    tracing::debug!(pasids = setup.pasids, pages = setup.pages, "attached");
     Ok(Attached {
         client,
         device: Device::new(channel).map_err(GuestError::Device)?,
@@ -212,8 +231,10 @@ pub fn reattach(
     socket: &Path,
     device_id: u32,
     guest: &GuestDevice,
+    options: ClientOptions,
 ) -> Result<(Client, SharedMemoryChannel), GuestError> {
-    let mut client = Client::connect(socket).map_err(GuestError::Connect)?;
+    let _span = tracing::info_span!("reattach", device = device_id).entered();
+    let mut client = Client::connect_with(socket, options).map_err(GuestError::Connect)?;
     let found = iopf_vmm::device_number(&mut client)?;
     if found != device_id {
         return Err(GuestError::OtherDevice {
@@ -223,6 +244,7 @@ pub fn reattach(
     }
     let channel = iopf_vmm::attach_channel(&mut client)?;
     register_memory(&mut client, guest.memory(), &guest.tables())?;
+    tracing::debug!("attached to a new handler life");
     Ok((client, channel))
 }
 

@@ -25,12 +25,12 @@ use iopf_queue::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
-use crate::guest::{Guest, GuestConfig, GuestCounters};
-use crate::iommu::Iommu;
-use crate::memory::{GuestMemory, MemoryVerdict};
-use crate::rng::Rng;
-use crate::workload::{Pattern, Stream};
+use iopf_models::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
+use iopf_models::guest::{Guest, GuestConfig, GuestCounters};
+use iopf_models::iommu::Iommu;
+use iopf_models::memory::{GuestMemory, MemoryVerdict};
+use iopf_models::rng::Rng;
+use iopf_models::workload::{Pattern, Stream};
 
 /// One simulated device: its endpoint, its workload and its host-side settings.
 #[derive(Debug, Clone)]
@@ -170,7 +170,7 @@ impl SimConfig {
     pub fn restarts(seed: u64) -> Self {
         let mut config = Self::clean(seed);
         config.guest.stale_rate = 0.2;
-        config.devices[0].endpoint.prgi_alloc = crate::endpoint::PrgiAlloc::LowestFree;
+        config.devices[0].endpoint.prgi_alloc = iopf_models::endpoint::PrgiAlloc::LowestFree;
         config.chaos = vec![
             ChaosEvent {
                 at: 300_000,
@@ -242,7 +242,7 @@ impl SimConfig {
             device.endpoint.allocation = rng.between(1, 16) as u32;
             // Lowest-free PRG indices are reused at once: the sharpest test of stale responses.
             if rng.chance(0.5) {
-                device.endpoint.prgi_alloc = crate::endpoint::PrgiAlloc::LowestFree;
+                device.endpoint.prgi_alloc = iopf_models::endpoint::PrgiAlloc::LowestFree;
             }
         }
         config.guest = if rng.chance(0.5) {

@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use zerocopy::{FromBytes, IntoBytes};
@@ -43,12 +43,69 @@ const REGION_INFO_ARGSZ: u32 = 512;
 /// `argsz` of the first `GET_REGION_IO_FDS` request: room for 8 sub-regions.
 const IO_FDS_ARGSZ: u32 = 16 + 8 * 40;
 
+/// How long [`ClientOptions::default`] waits for the reply to `VFIO_USER_VERSION`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long [`ClientOptions::default`] waits for each later reply (and for each send).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client waits for its server. `None` waits for ever.
+///
+/// ```
+/// # use std::time::Duration;
+/// let options = iopf_vfio_user::ClientOptions::default()
+///     .handshake_timeout(Some(Duration::from_secs(2)))
+///     .request_timeout(Some(Duration::from_secs(30)));
+/// assert_eq!(options.request, Some(Duration::from_secs(30)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// The wait for the reply to `VFIO_USER_VERSION`, the first message.
+    pub handshake: Option<Duration>,
+    /// The wait for the reply to each later command (the whole reply, server commands in
+    /// between included), and for each send.
+    pub request: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`] and [`DEFAULT_REQUEST_TIMEOUT`].
+    fn default() -> Self {
+        Self {
+            handshake: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            request: Some(DEFAULT_REQUEST_TIMEOUT),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Sets the wait for the reply to `VFIO_USER_VERSION`.
+    pub fn handshake_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.handshake = timeout;
+        self
+    }
+
+    /// Sets the wait for each later reply.
+    pub fn request_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.request = timeout;
+        self
+    }
+}
+
+/// A duration in seconds, for messages: `5 s`, `0.25 s`.
+struct Seconds(Duration);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} s", self.0.as_secs_f64())
+    }
+}
+
 /// Why a client call failed.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ClientError {
     /// The socket could not be connected.
-    #[error("connecting to {}: {source}", path.display())]
+    #[error("cannot connect to {}", path.display())]
     Connect {
         /// The socket's path.
         path: PathBuf,
@@ -57,11 +114,27 @@ pub enum ClientError {
         source: io::Error,
     },
     /// The connection broke (or timed out).
-    #[error("connection: {0}")]
+    #[error("connection to the server failed")]
     Connection(#[from] ConnectionError),
     /// The server closed the connection.
     #[error("the server closed the connection")]
     Closed,
+    /// The server sent no (whole) reply to a command in time.
+    #[error("no reply to {} within {}", command.name(), Seconds(*waited))]
+    NoReply {
+        /// The command.
+        command: Command,
+        /// How long the client waited.
+        waited: Duration,
+    },
+    /// The server did not take a command in time (it does not read its socket).
+    #[error("could not send {} within {}", command.name(), Seconds(*waited))]
+    SendTimeout {
+        /// The command.
+        command: Command,
+        /// How long the client waited.
+        waited: Duration,
+    },
     /// The server answered the command with an error.
     #[error("{command:?} refused by the server: {errno}")]
     Remote {
@@ -71,7 +144,7 @@ pub enum ClientError {
         errno: Errno,
     },
     /// The server's reply is malformed or does not answer the command.
-    #[error("bad reply to {command:?}: {error}")]
+    #[error("bad reply to {command:?}")]
     BadReply {
         /// The command.
         command: Command,
@@ -91,6 +164,14 @@ impl ClientError {
             ClientError::Remote { errno, .. } => Some(*errno),
             _ => None,
         }
+    }
+
+    /// Whether the server did not answer (or take) a command in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NoReply { .. } | ClientError::SendTimeout { .. }
+        )
     }
 }
 
@@ -133,35 +214,65 @@ pub struct Client {
     conn: Connection,
     next_id: u16,
     server: Version,
+    /// The wait for the reply in progress (the handshake's, then each request's).
+    timeout: Option<Duration>,
+    options: ClientOptions,
 }
 
 impl Client {
-    /// Connects to the server at `path` and negotiates the version.
+    /// Connects to the server at `path` and negotiates the version, with the default time
+    /// limits ([`ClientOptions::default`]).
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        Self::connect_with(path, ClientOptions::default())
+    }
+
+    /// Connects to the server at `path` and negotiates the version, waiting for the server
+    /// as `options` says.
+    pub fn connect_with(
+        path: impl AsRef<Path>,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_stream(stream)
+        Self::from_stream_with(stream, options)
     }
 
-    /// Negotiates the version on a connected socket.
+    /// Negotiates the version on a connected socket, with the default time limits.
     pub fn from_stream(stream: UnixStream) -> Result<Self, ClientError> {
+        Self::from_stream_with(stream, ClientOptions::default())
+    }
+
+    /// Negotiates the version on a connected socket, waiting for the server as `options`
+    /// says.
+    pub fn from_stream_with(
+        stream: UnixStream,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
         let mut client = Self {
             conn: Connection::new(stream),
             next_id: 0,
             server: Version::default(),
+            timeout: options.handshake,
+            options,
         };
         client.server = client.negotiate()?;
+        client.timeout = options.request;
         Ok(client)
     }
 
-    /// Limits the wait for each reply (`None`: wait for ever, the default).
+    /// Limits the wait for each reply (`None`: wait for ever).
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
-        self.conn
-            .set_timeouts(timeout, timeout)
-            .map_err(|error| ClientError::Connection(ConnectionError::Io(error)))
+        self.options.request = timeout;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// The time limits the client was made with (and [`set_timeout`](Self::set_timeout)).
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
     }
 
     /// The server's version reply: the negotiated version and the server's capabilities.
@@ -216,9 +327,31 @@ impl Client {
         let msg_id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let header = Header::command(msg_id, command, payload.len());
-        self.conn.send_parts(&header, payload, fds)?;
+        // One deadline for the whole exchange: the send, the reply, and any server commands
+        // answered in between.
+        let waited = self.timeout;
+        let deadline = waited.map(|t| Instant::now() + t);
+        self.limit(deadline, command)?;
+        self.conn
+            .send_parts(&header, payload, fds)
+            .map_err(|e| match (e, waited) {
+                (ConnectionError::Timeout, Some(waited)) => {
+                    ClientError::SendTimeout { command, waited }
+                }
+                (e, _) => e.into(),
+            })?;
         for _ in 0..=MAX_INTERLEAVED_COMMANDS {
-            let reply = self.conn.recv()?.ok_or(ClientError::Closed)?;
+            self.limit(deadline, command)?;
+            let reply = match self.conn.recv() {
+                Ok(reply) => reply.ok_or(ClientError::Closed)?,
+                Err(ConnectionError::Timeout) if waited.is_some() => {
+                    return Err(ClientError::NoReply {
+                        command,
+                        waited: waited.unwrap_or_default(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
             let h = reply.header;
             if h.message_type() == FLAGS_TYPE_COMMAND {
                 // A command from the server (DMA_READ/WRITE): this client offers none.
@@ -266,6 +399,26 @@ impl Client {
                 what: "the server sent commands instead of a reply",
             },
         ))
+    }
+
+    /// Sets the socket's time limits to what is left until `deadline` (none: no limit).
+    fn limit(&mut self, deadline: Option<Instant>, command: Command) -> Result<(), ClientError> {
+        let left = match deadline {
+            None => None,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ClientError::NoReply {
+                        command,
+                        waited: self.timeout.unwrap_or_default(),
+                    });
+                }
+                Some(left)
+            }
+        };
+        self.conn
+            .set_timeouts(left, left)
+            .map_err(|error| ClientError::Connection(ConnectionError::Io(error)))
     }
 
     /// `VFIO_USER_DEVICE_GET_INFO`.

@@ -75,7 +75,7 @@ pub enum ConnectionError {
     #[error("connection reset by the peer")]
     Reset,
     /// Any other socket error.
-    #[error("socket: {0}")]
+    #[error("socket failed")]
     Io(#[source] io::Error),
 }
 
@@ -270,6 +270,7 @@ impl Connection {
 
     /// Shuts the socket down in both directions (the peer sees end of stream).
     pub fn shutdown(&self) {
+        // Fails only if the socket is no longer connected: then it is shut down already.
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }

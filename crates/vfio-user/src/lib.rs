@@ -35,7 +35,10 @@ pub mod request;
 pub mod server;
 pub mod version;
 
-pub use client::{Client, ClientError, Region, RegionIoFds};
+pub use client::{
+    Client, ClientError, ClientOptions, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Region,
+    RegionIoFds,
+};
 pub use connection::{Connection, ConnectionError, Message};
 pub use info::{
     DeviceFlags, DeviceInfo, DmaProt, IoFd, IoFdKind, IrqFlags, IrqInfo, RegionCapability,

@@ -219,6 +219,29 @@ impl Command {
         Command::MigDataWrite,
     ];
 
+    /// The specification's name of the command (`VFIO_USER_VERSION`, ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Command::Version => "VFIO_USER_VERSION",
+            Command::DmaMap => "VFIO_USER_DMA_MAP",
+            Command::DmaUnmap => "VFIO_USER_DMA_UNMAP",
+            Command::DeviceGetInfo => "VFIO_USER_DEVICE_GET_INFO",
+            Command::DeviceGetRegionInfo => "VFIO_USER_DEVICE_GET_REGION_INFO",
+            Command::DeviceGetRegionIoFds => "VFIO_USER_DEVICE_GET_REGION_IO_FDS",
+            Command::DeviceGetIrqInfo => "VFIO_USER_DEVICE_GET_IRQ_INFO",
+            Command::DeviceSetIrqs => "VFIO_USER_DEVICE_SET_IRQS",
+            Command::RegionRead => "VFIO_USER_REGION_READ",
+            Command::RegionWrite => "VFIO_USER_REGION_WRITE",
+            Command::DmaRead => "VFIO_USER_DMA_READ",
+            Command::DmaWrite => "VFIO_USER_DMA_WRITE",
+            Command::DeviceReset => "VFIO_USER_DEVICE_RESET",
+            Command::RegionWriteMulti => "VFIO_USER_REGION_WRITE_MULTI",
+            Command::DeviceFeature => "VFIO_USER_DEVICE_FEATURE",
+            Command::MigDataRead => "VFIO_USER_MIG_DATA_READ",
+            Command::MigDataWrite => "VFIO_USER_MIG_DATA_WRITE",
+        }
+    }
+
     /// The command with number `raw`, if the specification defines one.
     pub const fn from_raw(raw: u16) -> Option<Self> {
         Some(match raw {

@@ -112,7 +112,7 @@ pub enum Disconnect {
 #[non_exhaustive]
 pub enum ServerError {
     /// The socket failed for a reason other than the client (e.g. `EBADF`, `ENOMEM`).
-    #[error("socket: {0}")]
+    #[error("socket failed")]
     Io(#[source] io::Error),
 }
 
@@ -223,6 +223,8 @@ impl Server {
                             _ => Errno::EINVAL,
                         };
                         if header.message_type() == FLAGS_TYPE_COMMAND && !header.no_reply() {
+                            // Best effort: a client that cannot take the error reply is
+                            // dropped by the next read or send, which reports it.
                             let _ = conn.send(Header::error_reply(header, errno).as_bytes(), &[]);
                         }
                     }
@@ -296,6 +298,8 @@ impl Server {
         error: ProtocolError,
     ) -> Result<Next, ServerError> {
         if !header.no_reply() {
+            // Best effort: the connection ends with `error` below whether or not the client
+            // could take the reply.
             let _ = conn.send(Header::error_reply(header, error.errno()).as_bytes(), &[]);
         }
         Ok(Next::Close(Disconnect::VersionRefused(error)))

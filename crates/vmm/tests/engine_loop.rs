@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use iopf_core::{DeviceConfig, DeviceId, FaultCore, MonotonicClock, QueueHandler};
 use iopf_host::engine::{DeviceSlot, Progress, SlotSink, Workload, run};
+use iopf_models::endpoint::EndpointConfig;
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
+use iopf_models::workload::{Pattern, Stream};
 use iopf_queue::{
     Doorbell, FaultQueueProducer, ResponseQueueConsumer, SharedMemory, SharedMemoryChannel,
 };
-use iopf_sim::endpoint::EndpointConfig;
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
 use iopf_sim::vmm_guest::{GuestDevice, SimulatedGuest};
-use iopf_sim::workload::{Pattern, Stream};
 use iopf_vmm::{Device, EventLoop};
 
 #[test]

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use iopf_core::DeviceConfig;
 use iopf_host::engine::Workload;
 use iopf_host::{Host, HostConfig};
+use iopf_models::endpoint::EndpointConfig;
+use iopf_models::guest::{Guest, GuestConfig};
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::GuestTables;
+use iopf_models::rng::Rng;
+use iopf_models::workload::{Pattern, Stream};
 use iopf_queue::SharedMemory;
-use iopf_sim::endpoint::EndpointConfig;
-use iopf_sim::guest::{Guest, GuestConfig};
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::GuestTables;
-use iopf_sim::rng::Rng;
 use iopf_sim::vmm_guest::{GuestDevice, SimulatedGuest};
-use iopf_sim::workload::{Pattern, Stream};
 use iopf_vfio_user::{
     Client, DeviceFlags, DeviceInfo, DmaMap, DmaProt, Errno, IrqInfo, RegionInfo, SetIrqs,
     VfioUserDevice,

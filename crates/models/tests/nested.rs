@@ -4,12 +4,12 @@
 use std::os::fd::AsFd;
 
 use iopf_abi::{Pasid, Perm, ResponseCode};
+use iopf_models::PAGE_SIZE;
+use iopf_models::endpoint::{DmaAccess, Endpoint, EndpointConfig, Upstream};
+use iopf_models::iommu::Translation;
+use iopf_models::memory::GuestMemory;
+use iopf_models::nested::{Directory, GuestTables, NestedIommu, PRESENT};
 use iopf_queue::SharedMemory;
-use iopf_sim::PAGE_SIZE;
-use iopf_sim::endpoint::{DmaAccess, Endpoint, EndpointConfig, Upstream};
-use iopf_sim::iommu::Translation;
-use iopf_sim::memory::GuestMemory;
-use iopf_sim::nested::{Directory, GuestTables, NestedIommu, PRESENT};
 use proptest::prelude::*;
 
 const DEV: u32 = 3;
@@ -103,7 +103,7 @@ fn an_endpoint_faults_and_completes_its_dma_through_guest_owned_tables() {
     // The guest maps both pages in its own tables, then answers Success.
     for r in &requests {
         let frame = memory.allocate_page().unwrap();
-        iopf_sim::iommu::PageTables::map(
+        iopf_models::iommu::PageTables::map(
             &mut tables,
             &mut memory,
             (DEV, r.pasid),

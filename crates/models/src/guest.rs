@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::iommu::PageTables;
 use crate::memory::GuestMemory;
 use crate::rng::Rng;
-use iopf_core::Nanos;
+use iopf_abi::Nanos;
 
 /// How the guest behaves.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,12 +1,12 @@
 //! Each PRI rule of the endpoint model (`docs/DESIGN.md` §5), one test each.
 
 use iopf_abi::{FaultReason, Pasid, Perm, PrgIndex, ResponseCode};
-use iopf_sim::PAGE_SIZE;
-use iopf_sim::endpoint::{
+use iopf_models::PAGE_SIZE;
+use iopf_models::endpoint::{
     DmaAccess, Endpoint, EndpointConfig, PageRequestMessage, PrgiAlloc, Upstream,
 };
-use iopf_sim::iommu::Iommu;
-use iopf_sim::memory::GuestMemory;
+use iopf_models::iommu::Iommu;
+use iopf_models::memory::GuestMemory;
 
 const DEV: u32 = 1;
 
