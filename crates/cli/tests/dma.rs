@@ -89,8 +89,8 @@ interval_us = 10
 }
 
 fn memfd(len: u64, fill: u8) -> OwnedFd {
-    let fd = rustix::fs::memfd_create("guest", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-        .unwrap();
+    let fd =
+        rustix::fs::memfd_create("guest", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
     rustix::fs::ftruncate(&fd, len).unwrap();
     if fill != 0 {
         let mut file = File::from(fd.try_clone().unwrap());
@@ -160,18 +160,17 @@ fn a_vmm_without_page_tables_gets_its_pages_one_to_one_and_read_only_memory_stay
         .set_irqs(DMA_FAULT_IRQ_INDEX, &[fault_doorbell.as_fd()])
         .unwrap();
     let mut faults = FaultQueueConsumer::attach(fault_fd, fault_doorbell).unwrap();
-    let mut responses = ResponseQueueProducer::attach(response_fd, Some(response_doorbell)).unwrap();
+    let mut responses =
+        ResponseQueueProducer::attach(response_fd, Some(response_doorbell)).unwrap();
 
     // Guest memory: three memfds, mapped at their guest-physical addresses; no directory.
     let rw1 = memfd(RW1.3, 0);
     let rw2 = memfd(RW2.3, 0);
     let ro = memfd(RO.3, RO_FILL);
     let rw = DmaProt::READ | DmaProt::WRITE;
-    for (fd, (gpa, size, offset, _), prot) in [
-        (&rw1, RW1, rw),
-        (&rw2, RW2, rw),
-        (&ro, RO, DmaProt::READ),
-    ] {
+    for (fd, (gpa, size, offset, _), prot) in
+        [(&rw1, RW1, rw), (&rw2, RW2, rw), (&ro, RO, DmaProt::READ)]
+    {
         client
             .dma_map(Some(fd.as_fd()), offset, gpa, size, prot)
             .unwrap();
@@ -229,7 +228,10 @@ fn a_vmm_without_page_tables_gets_its_pages_one_to_one_and_read_only_memory_stay
     assert_eq!(n(&e["completed"]), WRITES_1 + WRITES_2, "{e}");
     assert_eq!(n(&e["failed_stage2"]), WRITES_RO, "{e}");
     assert_eq!(n(&e["failed_invalid"]) + n(&e["failed_no_pri"]), 0, "{e}");
-    assert!(groups > 0 && unrecoverable == WRITES_RO, "{groups} {unrecoverable}");
+    assert!(
+        groups > 0 && unrecoverable == WRITES_RO,
+        "{groups} {unrecoverable}"
+    );
     assert_eq!(n(&report["unanswered_groups"]), 0);
     // The host checked guest memory against what DMA wrote: all of it, through the same
     // memfds.
@@ -246,9 +248,24 @@ fn a_vmm_without_page_tables_gets_its_pages_one_to_one_and_read_only_memory_stay
             .filter(|p| bytes(fd, offset + p * 4096, 4096).iter().any(|b| *b != 0))
             .count()
     };
-    assert_eq!(pages_written(&rw1, 0), 64, "the sequential stream covers its buffer");
+    assert_eq!(
+        pages_written(&rw1, 0),
+        64,
+        "the sequential stream covers its buffer"
+    );
     assert!(pages_written(&rw2, MIB) > 0);
-    assert!(bytes(&rw1, 64 * 4096, MIB - 64 * 4096).iter().all(|b| *b == 0));
-    assert!(bytes(&rw2, 0, MIB).iter().all(|b| *b == 0), "offset ignored");
-    assert!(bytes(&rw2, MIB + 64 * 4096, MIB - 64 * 4096).iter().all(|b| *b == 0));
+    assert!(
+        bytes(&rw1, 64 * 4096, MIB - 64 * 4096)
+            .iter()
+            .all(|b| *b == 0)
+    );
+    assert!(
+        bytes(&rw2, 0, MIB).iter().all(|b| *b == 0),
+        "offset ignored"
+    );
+    assert!(
+        bytes(&rw2, MIB + 64 * 4096, MIB - 64 * 4096)
+            .iter()
+            .all(|b| *b == 0)
+    );
 }
