@@ -307,7 +307,8 @@ pub fn run_until(
                 }
                 direct_from = None;
                 if !map.is_empty() {
-                    if attachment.nested {
+                    // A directory set by an in-process caller counts as written.
+                    if attachment.nested || attachment.directory.is_some() {
                         if let Some(directory) = attachment.directory {
                             let mut walk = NestedIommu::over(map.clone());
                             walk.set_directory(slot.id.0, directory);
