@@ -185,3 +185,157 @@ fn dma_map_holds_at_most_the_bound_of_mappings() {
     assert_eq!(errno(c.dma_unmap(page(7), 4096)), None);
     assert_eq!(errno(c.dma_map(Some(fd.as_fd()), 0, next, 4096, RW)), None);
 }
+
+/// A VMM without page tables on one device: the queues, one read-write region, no directory.
+struct DirectVmm {
+    client: Client,
+    faults: iopf_queue::FaultQueueConsumer,
+    responses: iopf_queue::ResponseQueueProducer,
+    memory: OwnedFd,
+}
+
+impl DirectVmm {
+    fn attach(client: Client) -> Self {
+        use iopf_vfio_user::device::{
+            DMA_FAULT_IRQ_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX,
+            VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE,
+            VFIO_REGION_TYPE_NESTED,
+        };
+        let mut client = client;
+        let mut fd = |subtype| {
+            client
+                .find_region_by_type(VFIO_REGION_TYPE_NESTED, subtype)
+                .unwrap()
+                .and_then(|r| r.fd)
+                .unwrap()
+        };
+        let fault_fd = fd(VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT);
+        let response_fd = fd(VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE);
+        let mut io_fds = client
+            .region_io_fds(DMA_FAULT_RESPONSE_REGION_INDEX)
+            .unwrap();
+        let response_doorbell = iopf_queue::Doorbell::from_fd(io_fds.fds.remove(0)).unwrap();
+        let fault_doorbell = iopf_queue::Doorbell::new().unwrap();
+        client
+            .set_irqs(DMA_FAULT_IRQ_INDEX, &[fault_doorbell.as_fd()])
+            .unwrap();
+        let faults = iopf_queue::FaultQueueConsumer::attach(fault_fd, fault_doorbell).unwrap();
+        let responses =
+            iopf_queue::ResponseQueueProducer::attach(response_fd, Some(response_doorbell))
+                .unwrap();
+        let memory = memfd(DIRECT_SIZE, SealFlags::SHRINK);
+        let mut vmm = Self {
+            client,
+            faults,
+            responses,
+            memory,
+        };
+        vmm.map();
+        vmm
+    }
+
+    fn map(&mut self) {
+        self.client
+            .dma_map(Some(self.memory.as_fd()), 0, DIRECT_GPA, DIRECT_SIZE, RW)
+            .unwrap();
+    }
+
+    /// Waits for the next group and answers it `Success`; returns its page.
+    fn answer_one(&mut self) -> u64 {
+        use iopf_abi::{Fault, PageResponse, ResponseCode, ResponseRecord};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no page request came");
+            self.faults
+                .wait(Some(std::time::Duration::from_millis(10)))
+                .unwrap();
+            let mut last = None;
+            self.faults
+                .drain_faults(usize::MAX, |fault| match fault.unwrap() {
+                    Fault::PageRequest(r) if r.last => last = Some(r),
+                    other => panic!("one page per group, no fault: {other:?}"),
+                })
+                .unwrap();
+            if let Some(r) = last {
+                let answer = PageResponse::answering(&r, ResponseCode::Success);
+                self.responses
+                    .stage_record(&ResponseRecord::from(&answer))
+                    .unwrap();
+                self.responses.publish().unwrap();
+                return r.addr.get();
+            }
+        }
+    }
+}
+
+const DIRECT_GPA: u64 = 0x80_0000;
+const DIRECT_SIZE: u64 = 16 * 4096;
+
+/// Catches: direct mode that does not serve a VMM without tables at all, pages that stay
+/// present across a device reset, or across a DMA_UNMAP and DMA_MAP of their region (the
+/// device would reuse a translation the VMM took away, and send fewer page requests).
+#[test]
+fn direct_mode_pages_go_away_with_a_reset_and_with_an_unmap() {
+    let path = socket("dma-direct");
+    // Two pages, five accesses of 64 bytes 700 ms apart, on pages 0, 1, 0, 1, 0.
+    let config = HostConfig {
+        workloads: vec![Workload {
+            endpoint: EndpointConfig::default(),
+            streams: vec![Stream {
+                pasid: None,
+                base: DIRECT_GPA,
+                pages: 2,
+                pattern: Pattern::Strided { stride: 4096 },
+                access_len: 64,
+                write: true,
+                accesses: 5,
+                interval_ns: 700_000_000,
+            }],
+            seed: 1,
+        }],
+        ring_entries: 16,
+        device: DeviceConfig::default(),
+        repeat: false,
+    };
+    let host = Host::bind(config, &path).unwrap();
+    let mut vmm = DirectVmm::attach(Client::connect(&path).unwrap());
+    assert_eq!(vmm.answer_one(), DIRECT_GPA);
+    assert_eq!(vmm.answer_one(), DIRECT_GPA + 4096);
+    // Both pages present. A reset takes them away: the third access asks for page 0 again.
+    vmm.client.reset().unwrap();
+    assert_eq!(vmm.answer_one(), DIRECT_GPA);
+    // Unmapping the region (and mapping it again) takes page 0 away too.
+    vmm.client.dma_unmap(DIRECT_GPA, DIRECT_SIZE).unwrap();
+    vmm.map();
+    assert_eq!(vmm.answer_one(), DIRECT_GPA + 4096);
+    assert_eq!(vmm.answer_one(), DIRECT_GPA);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !host.finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The VMM leaves (closing the connection), keeping its memory.
+    let DirectVmm { client, memory, .. } = vmm;
+    drop(client);
+    let report = host.finish();
+    let e = &report.engines[0];
+    assert_eq!(
+        (
+            e.endpoint.completed,
+            e.endpoint.groups,
+            e.endpoint.failed_stage2
+        ),
+        (5, 5, 0),
+        "{:?}",
+        e.endpoint
+    );
+    assert_eq!(e.memory.bytes_mismatched, 0);
+    assert_eq!(e.memory.bytes_verified, 2 * 4096);
+    // What DMA wrote is in the VMM's memfd.
+    let mut page = [0u8; 4096];
+    rustix::io::pread(&memory, &mut page, 0).unwrap();
+    assert!(page.iter().any(|b| *b != 0));
+}
