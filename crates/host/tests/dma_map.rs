@@ -272,7 +272,7 @@ const DIRECT_GPA: u64 = 0x80_0000;
 const DIRECT_SIZE: u64 = 16 * 4096;
 
 /// Catches: direct mode that does not serve a VMM without tables at all, pages that stay
-/// present across a device reset, or across a DMA_UNMAP and DMA_MAP of their region (the
+/// present across a device reset, or across a `DMA_UNMAP` and `DMA_MAP` of their region (the
 /// device would reuse a translation the VMM took away, and send fewer page requests).
 #[test]
 fn direct_mode_pages_go_away_with_a_reset_and_with_an_unmap() {
