@@ -454,7 +454,8 @@ pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
             + p.failed_no_pri
             + p.failed_retries
             + p.failed_too_large
-            + p.failed_halted;
+            + p.failed_halted
+            + p.failed_stage2;
         ensure!(
             p.accesses == ended,
             Invariant(format!(
@@ -520,7 +521,8 @@ pub(crate) fn print_report(
             + p.failed_no_pri
             + p.failed_retries
             + p.failed_too_large
-            + p.failed_halted;
+            + p.failed_halted
+            + p.failed_stage2;
         let open = p.accesses.saturating_sub(p.completed + ended_failed);
         not_ended += open;
         failed += p.accesses - p.completed - open;

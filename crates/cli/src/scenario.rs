@@ -100,6 +100,9 @@ pub struct StreamSection {
     /// Stride in bytes, for `strided`.
     #[serde(default = "stride")]
     pub stride: u64,
+    /// Base IOVA of the buffer (page aligned); default `(i + 1) << 30` for the stream's index
+    /// `i` in its device.
+    pub iova: Option<u64>,
     /// Buffer size in pages.
     pub pages: u64,
     /// Bytes per access.
@@ -329,6 +332,17 @@ impl Scenario {
                     (1..=65_536).contains(&s.pages),
                     "stream pages must be 1..=65536"
                 );
+                if let Some(iova) = s.iova {
+                    ensure!(
+                        iova.is_multiple_of(4096),
+                        "stream iova {iova:#x} must be page aligned (a multiple of 4096)"
+                    );
+                    ensure!(
+                        iova.checked_add(s.pages * 4096).is_some(),
+                        "stream iova {iova:#x} with its {} pages ends beyond 2^64",
+                        s.pages
+                    );
+                }
                 ensure!(
                     (8..=65_536).contains(&s.access_len),
                     "access_len must be 8..=65536"
@@ -427,8 +441,9 @@ impl Scenario {
                         .enumerate()
                         .map(|(i, s)| Stream {
                             pasid: s.pasid.and_then(|p| iopf_abi::Pasid::new(p).ok()),
-                            // Each stream its own 1 GiB window of IOVA space.
-                            base: (i as u64 + 1) << 30,
+                            // Each stream its own 1 GiB window of IOVA space, unless the
+                            // scenario places it.
+                            base: s.iova.unwrap_or((i as u64 + 1) << 30),
                             pages: s.pages,
                             pattern: match s.pattern.as_str() {
                                 "random" => Pattern::Random,
@@ -535,6 +550,24 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_iova_places_its_buffer_and_the_default_stays() {
+        let s = Scenario::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scenarios/direct.toml"
+        )))
+        .unwrap();
+        let bases: Vec<(u64, bool)> = s.host_config().workloads[0]
+            .streams
+            .iter()
+            .map(|st| (st.base, st.pasid.is_none()))
+            .collect();
+        assert_eq!(bases, [(0x100_0000, true), (0x200_0000, true)]);
+        let d = Scenario::parse(DEFAULT).unwrap().host_config();
+        let bases: Vec<u64> = d.workloads[0].streams.iter().map(|st| st.base).collect();
+        assert_eq!(bases, [1 << 30, 2 << 30]);
+    }
+
+    #[test]
     fn the_default_scenario_parses() {
         let s = Scenario::parse(DEFAULT).unwrap();
         assert!(s.device_count() >= 1 && s.total_accesses() > 0);
@@ -567,6 +600,14 @@ mod tests {
             (
                 "[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n[[chaos]]\nat_ms=1\nkind='meteor'\n",
                 "unknown chaos",
+            ),
+            (
+                "[[device]]\n[[device.stream]]\niova=0x1001\npages=1\naccess_len=8\naccesses=1\n",
+                "page aligned",
+            ),
+            (
+                "[[device]]\n[[device.stream]]\niova=0xffff_ffff_ffff_f000\npages=2\naccess_len=8\naccesses=1\n",
+                "beyond 2^64",
             ),
         ] {
             let e = format!("{:#}", Scenario::parse(text).unwrap_err());

@@ -1,6 +1,7 @@
 //! One device's life in real time: its endpoint model issues DMA, translates through the
-//! guest's own page tables (`NestedIommu`), reports faults to the fault core, sleeps on the
-//! response doorbell, and takes the core's responses back.
+//! guest's own page tables (`NestedIommu`) or, for a VMM that keeps none, one to one through
+//! its DMA mappings (`DirectIommu`), reports faults to the fault core, sleeps on the response
+//! doorbell, and takes the core's responses back.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -9,8 +10,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use iopf_core::{DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore};
 use iopf_models::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
-use iopf_models::memory::{GuestMemory, MemoryVerdict};
-use iopf_models::nested::{Directory, NestedIommu};
+use iopf_models::iommu::{SpaceId, Translate, Translation};
+use iopf_models::memory::{GuestMemory, MemoryMap, MemoryVerdict};
+use iopf_models::nested::{DirectIommu, Directory, NestedIommu};
 use iopf_models::rng::Rng;
 use iopf_models::workload::Stream;
 use iopf_queue::{Doorbell, SharedMemory};
@@ -30,10 +32,19 @@ pub struct Workload {
 /// What the VMM has told the device so far, through vfio-user (DMA map, register writes).
 #[derive(Debug, Default)]
 pub struct Attachment {
-    /// Guest memory, as the host maps it.
+    /// Guest memory given whole, read-write from guest-physical 0 (for in-process callers;
+    /// used only while `mappings` is empty).
     pub memory: Option<SharedMemory>,
+    /// The VMM's DMA mappings, at their guest-physical addresses (IOVA = GPA).
+    pub mappings: MemoryMap,
     /// The guest's PASID directory.
     pub directory: Option<Directory>,
+    /// The VMM wrote the directory register since it connected: the device translates through
+    /// the guest's tables (nested), and waits for a directory after a reset. Otherwise it
+    /// translates one to one through `mappings` (direct mode).
+    pub nested: bool,
+    /// Device resets so far (a reset takes every page of direct mode away).
+    pub resets: u64,
     /// A handle on the current handler's response doorbell, to sleep on.
     pub wake: Option<Doorbell>,
     /// Bumped whenever the above change (a new VMM, say).
@@ -147,10 +158,50 @@ pub struct Progress {
     pub latency: crate::metrics::LatencyBuckets,
 }
 
-/// Another mapping of guest memory (one for the IOMMU's walks, one for DMA).
+/// Another mapping of guest memory given whole (`Attachment::memory`).
 fn view(memory: &SharedMemory) -> Option<SharedMemory> {
     let fd = memory.fd().try_clone_to_owned().ok()?;
     SharedMemory::attach(fd, memory.len()).ok()
+}
+
+/// The regions the device may reach now: the VMM's DMA mappings, or guest memory given whole
+/// (reusing `current`'s mapping of the same file).
+fn desired_map(attachment: &Attachment, current: &MemoryMap) -> MemoryMap {
+    if !attachment.mappings.is_empty() {
+        return attachment.mappings.clone();
+    }
+    let Some(shared) = &attachment.memory else {
+        return MemoryMap::new();
+    };
+    match current.regions() {
+        [r] if r.gpa == 0 && r.memory.len() == shared.len() && r.memory.same_file(shared) => {
+            current.clone()
+        }
+        _ => view(shared).map_or_else(MemoryMap::new, MemoryMap::whole),
+    }
+}
+
+/// How long a device given DMA mappings and no PASID directory waits before it starts in
+/// direct mode: a VMM that keeps page tables writes its directory right after mapping its
+/// memory, and the device must not take its first accesses for direct ones.
+pub const DIRECT_SETTLE: Duration = Duration::from_millis(250);
+
+/// The device's IOMMU in its current mode.
+#[derive(Debug)]
+enum Mmu {
+    /// Through the guest's tables, then the mappings.
+    Nested(NestedIommu),
+    /// One to one through the mappings, pages present once a page request was answered.
+    Direct(DirectIommu),
+}
+
+impl Translate for Mmu {
+    fn translate(&mut self, space: SpaceId, iova: u64, access: iopf_abi::Perm) -> Translation {
+        match self {
+            Mmu::Nested(n) => n.translate(space, iova, access),
+            Mmu::Direct(d) => d.translate(space, iova, access),
+        }
+    }
 }
 
 /// In rounds ([`run_until`]), how far a stream may fall behind its rate before it forgets
@@ -195,6 +246,12 @@ pub fn run_until(
     // The memory outlives a VMM's connection: if the VMM comes back with the same memfd (a new
     // handler life), its shadow still holds what DMA wrote before.
     let mut iommu: Option<NestedIommu> = None;
+    // Direct mode's IOMMU lives across attachment changes: its pages stay present until their
+    // mapping goes or the device is reset. It runs once `direct_from` has passed.
+    let mut direct: Option<DirectIommu> = None;
+    let mut direct_from: Option<Instant> = None;
+    let mut resets = 0;
+    let mut map = MemoryMap::new();
     let mut guest: Option<GuestMemory> = None;
     let mut wake: Option<Doorbell> = None;
     let mut verdict = MemoryVerdict::default();
@@ -213,7 +270,7 @@ pub fn run_until(
         if stop.load(Relaxed) {
             break;
         }
-        // Pick up a new guest memory or directory (a VMM attached, or a new one did).
+        // Pick up new guest memory or a directory (a VMM attached, mapped, or a new one did).
         {
             let attachment = slot.attachment();
             if attachment.generation != generation {
@@ -222,28 +279,59 @@ pub fn run_until(
                 if let Some(old) = iommu.take() {
                     malformed += old.malformed;
                 }
-                if let Some(shared) = &attachment.memory {
-                    let same = guest.as_ref().is_some_and(|m| m.shared().same_file(shared));
-                    if !same {
-                        if let Some(old) = guest.take() {
-                            add_verdict(&mut verdict, &old.verify());
+                let next = desired_map(&attachment, &map);
+                // Direct mode forgets the pages of every mapping that went away.
+                if let Some(d) = direct.as_mut() {
+                    for r in map.regions() {
+                        let kept = next.regions().iter().any(|n| {
+                            n.gpa == r.gpa && std::sync::Arc::ptr_eq(&n.memory, &r.memory)
+                        });
+                        if !kept {
+                            d.unmap(r.gpa, r.memory.len());
                         }
-                        guest = view(shared).map(GuestMemory::from_shared);
                     }
-                    if let (Some(directory), Some(walker)) = (attachment.directory, view(shared)) {
-                        let mut walk = NestedIommu::new(walker);
-                        walk.set_directory(slot.id.0, directory);
-                        iommu = Some(walk);
+                    d.set_map(next.clone());
+                    if attachment.resets != resets {
+                        d.reset();
+                    }
+                }
+                resets = attachment.resets;
+                map = next;
+                match guest.as_mut() {
+                    Some(g) => {
+                        if let Some(v) = g.set_map(map.clone()) {
+                            add_verdict(&mut verdict, &v);
+                        }
+                    }
+                    None => guest = GuestMemory::from_map(map.clone()),
+                }
+                direct_from = None;
+                if !map.is_empty() {
+                    // A directory set by an in-process caller counts as written.
+                    if attachment.nested || attachment.directory.is_some() {
+                        if let Some(directory) = attachment.directory {
+                            let mut walk = NestedIommu::over(map.clone());
+                            walk.set_directory(slot.id.0, directory);
+                            iommu = Some(walk);
+                        }
+                    } else {
+                        direct_from = Some(Instant::now() + DIRECT_SETTLE);
+                        direct.get_or_insert_with(|| DirectIommu::new(slot.id.0, map.clone()));
                     }
                 }
             }
         }
+        let now = Instant::now();
+        let mut mmu = match (iommu.take(), direct_from) {
+            (Some(n), _) => Some(Mmu::Nested(n)),
+            (None, Some(from)) if now >= from => direct.take().map(Mmu::Direct),
+            _ => None,
+        };
         // The device runs while a handler is registered and the VMM has given it memory and a
         // directory. It does not look at the VMM's `abi` (a device cannot): the fault core
         // answers its page requests `Invalid` (`not_attached`) while either region lacks it.
         let ready =
-            iommu.is_some() && guest.is_some() && core.is_registered(slot.id).unwrap_or(false);
-        let now = Instant::now();
+            mmu.is_some() && guest.is_some() && core.is_registered(slot.id).unwrap_or(false);
         let draining = drain.is_some_and(|d| d.load(Relaxed));
         // In rounds, a device that cannot keep up with its streams' rates keeps a bounded
         // backlog: it issues nothing more while this many accesses wait or are in flight.
@@ -288,6 +376,9 @@ pub fn run_until(
                 failed(&mut errors, "record a round trip", latency.record(ns));
                 progress.latency.record(ns);
             }
+            if let Some(Mmu::Direct(d)) = mmu.as_mut() {
+                d.page_response(response.pasid, response.grpid, response.code);
+            }
             endpoint.on_response(response.pasid, response.grpid, response.code);
         }
         progress
@@ -296,13 +387,16 @@ pub fn run_until(
         // A device reset may have taken the directory away since the top of the loop, and its
         // responses (just taken) freed credits: step only through the tables still current.
         let current = ready && slot.attachment().generation == generation;
-        if let (Some(iommu), Some(memory), true) = (iommu.as_mut(), guest.as_mut(), current) {
+        if let (Some(mmu), Some(memory), true) = (mmu.as_mut(), guest.as_mut(), current) {
             upstream.clear();
-            more = endpoint.step_some(iommu, memory, &mut upstream, STEP_BUDGET);
+            more = endpoint.step_some(mmu, memory, &mut upstream, STEP_BUDGET);
             faults.clear();
             for u in &upstream {
                 faults.push(match *u {
                     Upstream::PageRequest(r) => {
+                        if let Mmu::Direct(d) = mmu {
+                            d.page_requested(r.pasid, r.prgi, r.addr.get());
+                        }
                         if r.last {
                             sent_at.insert(r.prgi.get(), Instant::now());
                         }
@@ -325,6 +419,11 @@ pub fn run_until(
                     core.report_batch(slot.id, &faults),
                 );
             }
+        }
+        match mmu {
+            Some(Mmu::Nested(n)) => iommu = Some(n),
+            Some(Mmu::Direct(d)) => direct = Some(d),
+            None => {}
         }
         let c = endpoint.counters();
         let ended = c.accesses - outstanding(&c);
@@ -421,7 +520,8 @@ fn outstanding(c: &EndpointCounters) -> u64 {
         + c.failed_no_pri
         + c.failed_retries
         + c.failed_too_large
-        + c.failed_halted;
+        + c.failed_halted
+        + c.failed_stage2;
     c.accesses.saturating_sub(c.completed + failed)
 }
 

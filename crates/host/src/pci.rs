@@ -5,8 +5,10 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use iopf_abi::Perm;
 use iopf_abi::QueueKind;
 use iopf_core::{FaultCore, QueueHandler};
+use iopf_models::memory::{MemoryMap, MemoryMapError, Region};
 use iopf_models::nested::Directory;
 use iopf_queue::{Doorbell, FaultQueueProducer, QueueRegion, ResponseQueueConsumer, SharedMemory};
 use iopf_vfio_user::device::{
@@ -14,7 +16,7 @@ use iopf_vfio_user::device::{
     NUM_REGIONS, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
 };
 use iopf_vfio_user::{
-    DeviceFlags, DeviceInfo, DmaMap, DmaUnmap, Errno, IoFd, IrqData, IrqInfo, RegionFlags,
+    DeviceFlags, DeviceInfo, DmaMap, DmaProt, DmaUnmap, Errno, IoFd, IrqData, IrqInfo, RegionFlags,
     RegionInfo, SetIrqs, VfioUserDevice,
 };
 
@@ -38,8 +40,14 @@ pub const CONFIG_SIZE: usize = 256;
 pub const VENDOR_ID: u16 = 0x1b36;
 /// PCI device id of the iopf device.
 pub const DEVICE_ID: u16 = 0x10f0;
-/// Largest guest memory the device accepts in `DMA_MAP` (1 GiB).
-pub const MAX_GUEST_MEMORY: u64 = 1 << 30;
+/// Most `DMA_MAP` mappings a device holds at once.
+pub const MAX_DMA_MAPPINGS: usize = 1024;
+/// Largest single `DMA_MAP` mapping (64 GiB).
+pub const MAX_DMA_MAPPING_SIZE: u64 = 64 << 30;
+/// Largest total of a device's `DMA_MAP` mappings (1 TiB of the host's address space).
+pub const MAX_DMA_TOTAL: u64 = 1 << 40;
+/// The page size `DMA_MAP` and `DMA_UNMAP` work in: IOVA, offset and size are multiples of it.
+pub const DMA_PAGE_SIZE: u64 = 4096;
 
 /// One connection's view of a device: the regions of this handler life and the registers.
 #[derive(Debug)]
@@ -54,7 +62,7 @@ pub struct FaultPciDevice {
     config: [u8; CONFIG_SIZE],
     directory_base: u64,
     directory_entries: u64,
-    mapped: Option<(u64, u64)>,
+    mappings: MemoryMap,
 }
 
 /// Why a device could not be set up for a connection.
@@ -108,7 +116,7 @@ impl FaultPciDevice {
             config,
             directory_base: 0,
             directory_entries: 0,
-            mapped: None,
+            mappings: MemoryMap::new(),
         })
     }
 
@@ -117,7 +125,9 @@ impl FaultPciDevice {
         self.core.vmm_gone(self.slot.id);
         let mut attachment = self.slot.attachment();
         attachment.memory = None;
+        attachment.mappings = MemoryMap::new();
         attachment.directory = None;
+        attachment.nested = false;
         attachment.wake = None;
         attachment.generation += 1;
     }
@@ -128,6 +138,12 @@ impl FaultPciDevice {
             DMA_FAULT_RESPONSE_REGION_INDEX => Some(self.response_fd.as_fd()),
             _ => None,
         }
+    }
+
+    fn publish_mappings(&self) {
+        let mut attachment = self.slot.attachment();
+        attachment.mappings = self.mappings.clone();
+        attachment.generation += 1;
     }
 
     fn publish_directory(&self) {
@@ -143,6 +159,21 @@ impl FaultPciDevice {
 fn region_len(region: &QueueRegion) -> u64 {
     use iopf_queue::QueueMemory;
     region.geometry().region_len()
+}
+
+/// The device access a `DMA_MAP` grants: `READ`, `WRITE` or both; neither is refused.
+fn dma_perm(prot: DmaProt) -> Result<Perm, Errno> {
+    let mut perm = Perm::empty();
+    if prot.contains(DmaProt::READ) {
+        perm |= Perm::READ;
+    }
+    if prot.contains(DmaProt::WRITE) {
+        perm |= Perm::WRITE;
+    }
+    if perm.is_empty() {
+        return Err(Errno::EINVAL);
+    }
+    Ok(perm)
 }
 
 fn le_u64(data: &[u8]) -> Option<u64> {
@@ -250,6 +281,7 @@ impl VfioUserDevice for FaultPciDevice {
                     REG_DIRECTORY_BASE => self.directory_base = value,
                     REG_DIRECTORY_ENTRIES => {
                         self.directory_entries = value;
+                        self.slot.attachment().nested = true;
                         self.publish_directory();
                     }
                     _ => return Err(Errno::EINVAL),
@@ -293,34 +325,80 @@ impl VfioUserDevice for FaultPciDevice {
         Ok(())
     }
 
+    /// A mapping of guest memory at its guest-physical address (`docs/PROTOCOL.md` §4.6): any
+    /// page-aligned IOVA, offset and size, the fd's range honoured, `READ`/`WRITE` honoured;
+    /// overlaps, bounds and bad fds refused with an errno.
     fn dma_map(&mut self, map: DmaMap) -> Result<(), Errno> {
-        // One mapping: guest memory from guest-physical address 0, shared as a memfd.
-        if self.mapped.is_some() {
+        let perm = dma_perm(map.prot)?;
+        let aligned = [map.iova, map.offset, map.size]
+            .iter()
+            .all(|v| v.is_multiple_of(DMA_PAGE_SIZE));
+        let end = map.iova.checked_add(map.size);
+        if !aligned || map.size == 0 || map.size > MAX_DMA_MAPPING_SIZE || end.is_none() {
+            return Err(Errno::EINVAL);
+        }
+        let overlaps = self.mappings.regions().iter().any(|r| {
+            r.gpa < map.iova.saturating_add(map.size) && map.iova < r.gpa + r.memory.len()
+        });
+        if overlaps {
             return Err(Errno::EEXIST);
         }
-        if map.iova != 0 || map.offset != 0 || map.size > MAX_GUEST_MEMORY {
-            return Err(Errno::EINVAL);
+        let total: u64 = self.mappings.regions().iter().map(|r| r.memory.len()).sum();
+        if self.mappings.regions().len() >= MAX_DMA_MAPPINGS
+            || total.saturating_add(map.size) > MAX_DMA_TOTAL
+        {
+            return Err(Errno::ENOSPC);
         }
         let fd = map.fd.ok_or(Errno::EINVAL)?;
-        let memory = SharedMemory::attach(fd, MAX_GUEST_MEMORY).map_err(|_| Errno::EINVAL)?;
-        if memory.len() < map.size {
-            return Err(Errno::EINVAL);
-        }
-        self.mapped = Some((map.iova, map.size));
-        let mut attachment = self.slot.attachment();
-        attachment.memory = Some(memory);
-        attachment.generation += 1;
+        let memory = SharedMemory::attach_range(fd, map.offset, map.size).map_err(|e| match e {
+            iopf_queue::AttachError::Io { source, .. } => {
+                Errno(source.raw_os_error().map_or(Errno::EINVAL.0, |n| n as u32))
+            }
+            _ => Errno::EINVAL,
+        })?;
+        self.mappings
+            .insert(Region {
+                gpa: map.iova,
+                memory: Arc::new(memory),
+                perm,
+            })
+            .map_err(|e| match e {
+                MemoryMapError::Overlap(_) => Errno::EEXIST,
+                _ => Errno::EINVAL,
+            })?;
+        self.publish_mappings();
         Ok(())
     }
 
+    /// Removes exactly one mapping (its IOVA and size), or every mapping with the unmap-all
+    /// flag. A range that is no mapping but overlaps one is `EINVAL` (a mapping is not split);
+    /// one that touches none is `ENOENT`.
     fn dma_unmap(&mut self, unmap: DmaUnmap) -> Result<(), Errno> {
-        let _ = unmap;
-        if self.mapped.take().is_none() {
-            return Err(Errno::ENOENT);
+        if unmap.all {
+            self.mappings = MemoryMap::new();
+        } else {
+            let exact = self
+                .mappings
+                .regions()
+                .iter()
+                .any(|r| r.gpa == unmap.iova && r.memory.len() == unmap.size);
+            if !exact {
+                let end = unmap.iova.saturating_add(unmap.size);
+                let touches = self
+                    .mappings
+                    .regions()
+                    .iter()
+                    .any(|r| r.gpa < end && unmap.iova < r.gpa + r.memory.len());
+                return Err(if touches {
+                    Errno::EINVAL
+                } else {
+                    Errno::ENOENT
+                });
+            }
+            // Present: `exact` found it.
+            self.mappings.remove(unmap.iova);
         }
-        let mut attachment = self.slot.attachment();
-        attachment.memory = None;
-        attachment.generation += 1;
+        self.publish_mappings();
         Ok(())
     }
 
@@ -335,6 +413,7 @@ impl VfioUserDevice for FaultPciDevice {
         // device until it writes the directory again.
         self.directory_base = 0;
         self.directory_entries = 0;
+        self.slot.attachment().resets += 1;
         self.publish_directory();
         self.core
             .reset_device(self.slot.id)

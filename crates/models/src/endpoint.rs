@@ -134,6 +134,10 @@ pub struct EndpointCounters {
     pub failed_too_large: u64,
     /// Accesses failed by a `Failure` response or by PRI being reset.
     pub failed_halted: u64,
+    /// Accesses failed by the IOMMU's second stage (an address no region of guest memory
+    /// holds, or a region without the permission): an unrecoverable fault was reported and
+    /// nothing was read or written.
+    pub failed_stage2: u64,
     /// Translation requests.
     pub translations: u64,
     /// Page requests sent.
@@ -316,6 +320,23 @@ impl Endpoint {
                 self.queue.pop_front();
                 self.dma(&access, &pages, memory);
                 self.counters.completed += 1;
+                continue;
+            }
+            // The second stage refused a page: no page request can fix it; the DMA faults and
+            // is aborted before any byte moves.
+            if let Some(&(addr, translation)) = missing
+                .iter()
+                .find(|(_, t)| matches!(t, Translation::Stage2Fault(_)))
+            {
+                self.queue.pop_front();
+                out.push(Upstream::Unrecoverable(UnrecoverableFault {
+                    reason: translation.fault_reason().unwrap_or(FaultReason::Unknown),
+                    pasid: access.pasid,
+                    perm,
+                    addr: Some(addr),
+                    fetch_addr: None,
+                }));
+                self.counters.failed_stage2 += 1;
                 continue;
             }
             let no_space = missing

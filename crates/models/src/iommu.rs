@@ -37,6 +37,10 @@ pub enum Translation {
     PermissionFault,
     /// The device has no address space for this PASID.
     NoAddressSpace,
+    /// The translation gave a guest-physical address the second stage refuses: no region of
+    /// guest memory holds it (`OutOfRangeAddress`), or its region does not allow the access
+    /// (`Permission`). Unrecoverable: no page request can fix it.
+    Stage2Fault(FaultReason),
 }
 
 impl Translation {
@@ -47,6 +51,7 @@ impl Translation {
             Self::Miss => Some(FaultReason::PteFetch),
             Self::PermissionFault => Some(FaultReason::Permission),
             Self::NoAddressSpace => Some(FaultReason::PasidInvalid),
+            Self::Stage2Fault(reason) => Some(reason),
         }
     }
 }

@@ -16,13 +16,24 @@
 //!   PRESENT`, with perm bits read, write, exec, priv as in `Perm`.
 //!
 //! Any other bit set in an entry is malformed, and the walk reports it as a fault.
+//!
+//! Guest memory is a set of regions ([`MemoryMap`], what the VMM gave with `DMA_MAP`): the
+//! walker reads a table only from a region that allows reads, and the guest-physical address
+//! a walk gives must lie in a region that allows the access (the second stage), else the
+//! translation is a [`Translation::Stage2Fault`].
+//!
+//! [`DirectIommu`] is the other mode, for a VMM that keeps no tables: requests without PASID
+//! translate one to one (IOVA = guest-physical address) through the regions, a page being
+//! present once the VMM answered `Success` to a page request for it.
 
-use iopf_abi::{Pasid, Perm};
+use std::collections::{BTreeMap, BTreeSet};
+
+use iopf_abi::{FaultReason, Pasid, Perm, PrgIndex, ResponseCode};
 use iopf_queue::SharedMemory;
 
 use crate::PAGE_SIZE;
 use crate::iommu::{MapError, PageTables, Pte, SpaceId, Translate, Translation};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, MemoryMap};
 
 /// Bit 0 of every entry: present.
 pub const PRESENT: u64 = 1;
@@ -48,22 +59,38 @@ pub struct Directory {
     pub entries: u64,
 }
 
+/// The second stage: the region holding `gpa` must allow `access`.
+fn stage2(map: &MemoryMap, gpa: u64, access: Perm) -> Translation {
+    match map.find(gpa) {
+        None => Translation::Stage2Fault(FaultReason::OutOfRangeAddress),
+        Some(r) if !r.perm.contains(access & (Perm::READ | Perm::WRITE)) => {
+            Translation::Stage2Fault(FaultReason::Permission)
+        }
+        Some(_) => Translation::Hit(gpa),
+    }
+}
+
 /// The host's IOMMU over guest-owned tables: reads only, through its own mapping of guest
 /// memory.
 #[derive(Debug)]
 pub struct NestedIommu {
-    memory: SharedMemory,
-    directories: std::collections::BTreeMap<u32, Directory>,
-    /// Walks that met a malformed entry or an address outside guest memory.
+    memory: MemoryMap,
+    directories: BTreeMap<u32, Directory>,
+    /// Walks that met a malformed entry or an address outside readable guest memory.
     pub malformed: u64,
 }
 
 impl NestedIommu {
-    /// An IOMMU reading guest memory through `memory`.
+    /// An IOMMU reading guest memory through `memory`, read-write from guest-physical 0.
     pub fn new(memory: SharedMemory) -> Self {
+        Self::over(MemoryMap::whole(memory))
+    }
+
+    /// An IOMMU over the regions of `memory`.
+    pub fn over(memory: MemoryMap) -> Self {
         Self {
             memory,
-            directories: std::collections::BTreeMap::new(),
+            directories: BTreeMap::new(),
             malformed: 0,
         }
     }
@@ -75,17 +102,12 @@ impl NestedIommu {
     }
 
     fn read(&mut self, gpa: u64) -> Option<u64> {
-        let index = usize::try_from(gpa / 8).ok()?;
-        if !gpa.is_multiple_of(8) {
+        // A table read is a read by the IOMMU: its region must allow reads.
+        let [word] = self.memory.words(gpa, 1, Perm::READ)? else {
             return None;
-        }
+        };
         // Acquire: pairs with the guest's release store of the entry (see `cpu_write`).
-        Some(
-            self.memory
-                .words()
-                .get(index)?
-                .load(std::sync::atomic::Ordering::Acquire),
-        )
+        Some(word.load(std::sync::atomic::Ordering::Acquire))
     }
 
     fn walk(&mut self, space: SpaceId, iova: u64) -> Walk {
@@ -139,7 +161,7 @@ impl NestedIommu {
     pub fn translate(&mut self, space: SpaceId, iova: u64, access: Perm) -> Translation {
         match self.walk(space, iova) {
             Walk::Pte(pte) if !pte.perm.contains(access) => Translation::PermissionFault,
-            Walk::Pte(pte) => Translation::Hit(pte.gpa + iova % PAGE_SIZE),
+            Walk::Pte(pte) => stage2(&self.memory, pte.gpa + iova % PAGE_SIZE, access),
             Walk::NoSpace => Translation::NoAddressSpace,
             Walk::Miss => Translation::Miss,
             Walk::Malformed => {
@@ -156,6 +178,96 @@ enum Walk {
     Miss,
     NoSpace,
     Malformed,
+}
+
+/// The IOMMU of a device whose VMM keeps no page tables (no PASID directory): requests
+/// without PASID translate one to one, IOVA = guest-physical address, through the regions of
+/// guest memory, as stage-2-only translation with I/O page faults. A page is not present until
+/// the device asked for it with a page request and the answer was `Success`; then it is
+/// present, with the permission of its region, until [`unmap`](Self::unmap) of its range or
+/// [`reset`](Self::reset). Requests with a PASID have no address space.
+#[derive(Debug)]
+pub struct DirectIommu {
+    device: u32,
+    memory: MemoryMap,
+    /// Pages (by number) answered `Success`.
+    present: BTreeSet<u64>,
+    /// Pages asked for by each group in flight (by PRG index).
+    asked: BTreeMap<u16, Vec<u64>>,
+}
+
+impl DirectIommu {
+    /// The IOMMU of `device`, over `memory`, with no page present.
+    pub fn new(device: u32, memory: MemoryMap) -> Self {
+        Self {
+            device,
+            memory,
+            present: BTreeSet::new(),
+            asked: BTreeMap::new(),
+        }
+    }
+
+    /// Replaces the regions (a mapping came or went), keeping the pages present. The caller
+    /// [`unmap`](Self::unmap)s the ranges that went away.
+    pub fn set_map(&mut self, memory: MemoryMap) {
+        self.memory = memory;
+    }
+
+    /// The device sent a page request for the page at `addr` in group `prgi` (without PASID:
+    /// requests with one are not this IOMMU's).
+    pub fn page_requested(&mut self, pasid: Option<Pasid>, prgi: PrgIndex, addr: u64) {
+        if pasid.is_none() {
+            self.asked
+                .entry(prgi.get())
+                .or_default()
+                .push(addr / PAGE_SIZE);
+        }
+    }
+
+    /// The answer to group `prgi` reached the device: with `Success`, its pages are present.
+    pub fn page_response(&mut self, pasid: Option<Pasid>, prgi: PrgIndex, code: ResponseCode) {
+        if pasid.is_some() {
+            return;
+        }
+        if let Some(pages) = self.asked.remove(&prgi.get())
+            && code == ResponseCode::Success
+        {
+            self.present.extend(pages);
+        }
+    }
+
+    /// Forgets the pages present in `gpa .. gpa + len` (their mapping went away).
+    pub fn unmap(&mut self, gpa: u64, len: u64) {
+        let first = gpa / PAGE_SIZE;
+        let end = gpa.saturating_add(len).div_ceil(PAGE_SIZE);
+        let gone: Vec<u64> = self.present.range(first..end).copied().collect();
+        for page in gone {
+            self.present.remove(&page);
+        }
+    }
+
+    /// A device reset: no page is present, no group in flight.
+    pub fn reset(&mut self) {
+        self.present.clear();
+        self.asked.clear();
+    }
+
+    /// Pages present now.
+    pub fn present(&self) -> usize {
+        self.present.len()
+    }
+}
+
+impl Translate for DirectIommu {
+    fn translate(&mut self, space: SpaceId, iova: u64, access: Perm) -> Translation {
+        if space.0 != self.device || space.1.is_some() {
+            return Translation::NoAddressSpace;
+        }
+        if !self.present.contains(&(iova / PAGE_SIZE)) {
+            return Translation::Miss;
+        }
+        stage2(&self.memory, iova, access)
+    }
 }
 
 /// The guest's side: writes its page tables into its memory.

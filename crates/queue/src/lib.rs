@@ -71,4 +71,4 @@ pub use region::{AttachError, QueueRegion, REQUIRED_SEALS};
 #[cfg(not(loom))]
 pub use response_queue::{ResponseQueueConsumer, ResponseQueueProducer};
 #[cfg(not(loom))]
-pub use shared_memory::SharedMemory;
+pub use shared_memory::{GUEST_MEMORY_SEALS, SharedMemory};

@@ -109,6 +109,80 @@ impl Mapping {
     }
 }
 
+/// A `MAP_SHARED` read-write mapping of `len` bytes of a sealed memfd from a page-aligned file
+/// offset, seen only as 64-bit words (guest memory: no header pages, any whole number of pages).
+///
+/// Invariants, established by [`WordMapping::new`] and relied on by [`WordMapping::words`]:
+/// 1. `ptr..ptr + len` is mapped for as long as `self` lives (unmapped only in `Drop`);
+/// 2. `ptr` is page-aligned and `len` a non-zero multiple of 8;
+/// 3. the file under it cannot shrink below `offset + len` (the caller checked `F_SEAL_SHRINK`
+///    and the file's size), so no access inside `len` can raise `SIGBUS`.
+#[derive(Debug)]
+pub(crate) struct WordMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: as for `Mapping`: the only view is a slice of atomics.
+unsafe impl Send for WordMapping {}
+// SAFETY: as above.
+unsafe impl Sync for WordMapping {}
+
+impl WordMapping {
+    /// Maps `len` bytes of `fd` from file offset `offset`.
+    ///
+    /// The caller must have checked that `fd` is a memfd sealed with `F_SEAL_SHRINK` and at
+    /// least `offset + len` bytes long (invariant 3); a zero `len`, one not a multiple of 8 or
+    /// an offset not page-aligned is refused here.
+    pub(crate) fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
+        if len == 0 || !len.is_multiple_of(8) || !offset.is_multiple_of(4096) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty or unaligned guest memory mapping",
+            ));
+        }
+        // SAFETY:
+        // 1. A null hint lets the kernel choose the address, so no existing mapping is replaced.
+        // 2. `MAP_SHARED` of a file we hold an fd for; `len` is non-zero and `offset` is
+        //    page-aligned (checked above), as `mmap` requires.
+        // 3. The returned pointer is used only through `WordMapping`, which unmaps it once.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                core::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                offset,
+            )
+        }?;
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The whole mapping as 64-bit words.
+    #[inline]
+    pub(crate) fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `ptr` is page-aligned and `len` a multiple of 8 (invariant 2), so the
+        // `len / 8` words are in bounds and aligned; `AtomicU64` is valid for every bit pattern
+        // and for concurrent access; the memory outlives `&self` (invariants 1 and 3).
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU64>(), self.len / 8) }
+    }
+}
+
+impl Drop for WordMapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is the mapping `new` created and nothing else unmaps it; no
+        // view outlives `&self`, so no reference into it survives this call.
+        let result = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        debug_assert!(
+            result.is_ok(),
+            "munmap of our own mapping failed: {result:?}"
+        );
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr..ptr + len` is the mapping `new` created and nothing else unmaps it; no

@@ -39,6 +39,24 @@ pub enum AttachError {
         /// The seals it has (empty if it is not a memfd at all).
         found: SealFlags,
     },
+    /// Guest memory's fd is not a memfd sealed against shrinking.
+    #[error("guest memory fd is not a memfd sealed with F_SEAL_SHRINK (seals {found:?})")]
+    NotShrinkSealed {
+        /// The seals it has (empty if it is not a memfd at all).
+        found: SealFlags,
+    },
+    /// A range of guest memory is empty, not whole pages, or not inside its file.
+    #[error(
+        "range of {len} bytes at offset {offset} is not whole pages inside the {file_len}-byte file"
+    )]
+    RangeOutside {
+        /// Where the range starts in the file.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The file's size.
+        file_len: u64,
+    },
     /// The region's header or size does not describe a valid ABI v1 queue.
     #[error("invalid queue region")]
     Region(#[from] RegionError),

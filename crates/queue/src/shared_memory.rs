@@ -1,19 +1,30 @@
-//! Plain shared memory: a sealed memfd of any size, mapped, seen as 64-bit atomic words. Used
-//! for guest memory that a device model writes by DMA and another process may check.
+//! Plain shared memory: a sealed memfd of any size (or a page-aligned range of one), mapped,
+//! seen as 64-bit atomic words. Used for guest memory that a device model writes by DMA and
+//! another process may check.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{MemfdFlags, SealFlags};
 
-use crate::mapping::Mapping;
+use crate::mapping::WordMapping;
 use crate::region::{AttachError, REQUIRED_SEALS};
 use crate::sync::AtomicU64;
 
-/// A sealed memfd mapping of `len` bytes (a multiple of 4096, at least 8192).
+/// The one seal guest memory from another process needs: `F_SEAL_SHRINK`. A file that can
+/// shrink under a mapping makes every access past its new end raise `SIGBUS` in the process
+/// that maps it; with the seal the file never ends before `offset + len`, which is checked
+/// when it is mapped. Growing the file, or adding seals later, cannot hurt the mapping
+/// (`F_SEAL_WRITE` cannot be added while a shared writable mapping exists), so neither
+/// `F_SEAL_GROW` nor `F_SEAL_SEAL` is required.
+pub const GUEST_MEMORY_SEALS: SealFlags = SealFlags::SHRINK;
+
+/// A sealed memfd mapping of `len` bytes (a multiple of 4096), from a page-aligned offset of
+/// the file.
 #[derive(Debug)]
 pub struct SharedMemory {
     fd: OwnedFd,
-    mapping: Mapping,
+    mapping: WordMapping,
+    offset: u64,
     words: usize,
 }
 
@@ -33,7 +44,7 @@ impl SharedMemory {
             .map_err(io_err("memfd_create"))?;
         rustix::fs::ftruncate(&fd, len).map_err(io_err("ftruncate"))?;
         rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS).map_err(io_err("F_ADD_SEALS"))?;
-        Self::map(fd, len)
+        Self::map(fd, 0, len)
     }
 
     /// Maps shared memory received from elsewhere, refusing an fd that is not a sealed memfd
@@ -51,21 +62,53 @@ impl SharedMemory {
                 expected: max_len,
             });
         }
-        Self::map(fd, len)
+        Self::map(fd, 0, len)
     }
 
-    fn map(fd: OwnedFd, len: u64) -> Result<Self, AttachError> {
+    /// Maps `len` bytes of a memfd received from elsewhere, from byte `offset` of the file
+    /// (guest memory a VMM shares with `DMA_MAP`). Refuses an fd that is not a memfd sealed
+    /// with [`GUEST_MEMORY_SEALS`], an offset or length that is not a whole number of pages,
+    /// a zero length, and a range the file does not cover.
+    pub fn attach_range(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, AttachError> {
+        let found = rustix::fs::fcntl_get_seals(&fd).unwrap_or(SealFlags::empty());
+        if !found.contains(GUEST_MEMORY_SEALS) {
+            return Err(AttachError::NotShrinkSealed { found });
+        }
+        let file_len = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
+        let file_len = u64::try_from(file_len).unwrap_or(0);
+        let end = offset.checked_add(len);
+        if len == 0
+            || !len.is_multiple_of(4096)
+            || !offset.is_multiple_of(4096)
+            || end.is_none_or(|end| end > file_len)
+        {
+            return Err(AttachError::RangeOutside {
+                offset,
+                len,
+                file_len,
+            });
+        }
+        Self::map(fd, offset, len)
+    }
+
+    fn map(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, AttachError> {
         let len = usize::try_from(len).map_err(|_| AttachError::SizeMismatch {
             len,
             expected: usize::MAX as u64,
         })?;
-        let mapping = Mapping::new(fd.as_fd(), len)
+        let mapping = WordMapping::new(fd.as_fd(), offset, len)
             .map_err(|source| AttachError::Io { op: "mmap", source })?;
         Ok(Self {
             fd,
             mapping,
+            offset,
             words: len / 8,
         })
+    }
+
+    /// Where the mapping starts in the file, in bytes.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// The memory's length in bytes.
@@ -80,7 +123,7 @@ impl SharedMemory {
 
     /// The whole memory as little-endian 64-bit words.
     pub fn words(&self) -> &[AtomicU64] {
-        self.mapping.words_at(0, self.words).unwrap_or(&[])
+        self.mapping.words()
     }
 
     /// Whether `other` maps the same file (the same memfd, through any fd).
@@ -109,6 +152,37 @@ mod tests {
         let b = SharedMemory::attach(a.fd().try_clone_to_owned().unwrap(), 1 << 20).unwrap();
         a.words()[1000].store(0xdead_beef, Ordering::Relaxed);
         assert_eq!(b.words()[1000].load(Ordering::Relaxed), 0xdead_beef);
+    }
+
+    #[test]
+    fn a_range_maps_those_bytes_of_the_file_and_needs_only_the_shrink_seal() {
+        let fd =
+            rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&fd, 4 * 4096).unwrap();
+        let clone = || fd.try_clone().unwrap();
+        assert!(matches!(
+            SharedMemory::attach_range(clone(), 0, 4096),
+            Err(AttachError::NotShrinkSealed { .. })
+        ));
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).unwrap();
+        let m = SharedMemory::attach_range(clone(), 2 * 4096, 4096).unwrap();
+        assert_eq!((m.offset(), m.len()), (8192, 4096));
+        m.words()[1].store(0x55, Ordering::Relaxed);
+        let mut byte = [0u8; 1];
+        rustix::io::pread(&fd, &mut byte, 2 * 4096 + 8).unwrap();
+        assert_eq!(byte[0], 0x55);
+        for (offset, len) in [(3 * 4096, 2 * 4096), (100, 4096), (0, 100), (0, 0)] {
+            assert!(
+                matches!(
+                    SharedMemory::attach_range(clone(), offset, len),
+                    Err(AttachError::RangeOutside { .. })
+                ),
+                "{offset} {len}"
+            );
+        }
+        // Growing the file later does not matter; shrinking is refused by the kernel.
+        rustix::fs::ftruncate(&fd, 8 * 4096).unwrap();
+        assert!(rustix::fs::ftruncate(&fd, 4096).is_err());
     }
 
     #[test]

@@ -1042,6 +1042,7 @@ sum_fields!(
     failed_retries,
     failed_too_large,
     failed_halted,
+    failed_stage2,
     translations,
     page_requests,
     groups,
