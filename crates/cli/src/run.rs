@@ -318,11 +318,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     print_report(
         &(report, elapsed),
-        args.devices.json,
-        restarts,
-        args.report.as_deref(),
         &samples,
-        None,
+        ReportOptions {
+            json: args.devices.json,
+            restarts,
+            html: args.report.as_deref(),
+            soak: None,
+        },
     )?;
     status
 }
@@ -346,11 +348,11 @@ pub fn host(args: HostArgs) -> anyhow::Result<()> {
     drop(watch);
     print_report(
         &(report, elapsed),
-        args.devices.json,
-        0,
-        None,
         &samples,
-        None,
+        ReportOptions {
+            json: args.devices.json,
+            ..ReportOptions::default()
+        },
     )
 }
 
@@ -495,14 +497,31 @@ pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How [`print_report`] prints a run's report, and what it adds to it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ReportOptions<'a> {
+    /// JSON on stdout instead of text.
+    pub(crate) json: bool,
+    /// VMM restarts the run's chaos made.
+    pub(crate) restarts: u32,
+    /// Also write `report.html` into this directory.
+    pub(crate) html: Option<&'a Path>,
+    /// The soak's findings, for `iopf run --duration`.
+    pub(crate) soak: Option<&'a SoakSummary>,
+}
+
+/// Prints the report of a run (text or JSON), and writes its HTML report if asked.
 pub(crate) fn print_report(
     (report, elapsed): &(HostReport, Duration),
-    as_json: bool,
-    restarts: u32,
-    html: Option<&Path>,
     samples: &Samples,
-    soak: Option<&SoakSummary>,
+    options: ReportOptions<'_>,
 ) -> anyhow::Result<()> {
+    let ReportOptions {
+        json: as_json,
+        restarts,
+        html,
+        soak,
+    } = options;
     let c = &report.core;
     let a = &c.responses.auto;
     let mut latency = Histogram::<u64>::new(3)?;
