@@ -25,6 +25,7 @@ use iopf_core::{
     DeviceConfig, DeviceCounters, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse,
     DeviceSink, FaultCore, MonotonicClock, QueueHandler,
 };
+use iopf_models::rng::Rng;
 use iopf_queue::fdpass::{recv_with_fds, send_with_fds};
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, ResponseQueueConsumer, ResponseQueueProducer,
@@ -61,19 +62,6 @@ pub struct VmmArgs {
     /// The host's socket.
     #[arg(long)]
     socket: PathBuf,
-}
-
-/// splitmix64: a tiny, good enough generator so that a seed names one workload.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// The demo's device: counts what it is answered and how many groups it still waits on.
@@ -200,7 +188,8 @@ impl DemoHost {
     /// the responses, until every group is answered or a stop signal comes. Returns the groups
     /// issued and how long it took.
     fn drive(&mut self, args: &DemoArgs) -> anyhow::Result<(u32, Duration)> {
-        let mut rng = Rng(args.seed);
+        // splitmix64: a seed names one workload.
+        let mut rng = Rng::new(args.seed);
         let mut issued = 0u32;
         let mut batch: Vec<DeviceFault> = Vec::with_capacity(4 * args.credits as usize);
         let start = Instant::now();
@@ -286,15 +275,15 @@ fn push_group(
     issued: u32,
     batch: &mut Vec<DeviceFault>,
 ) -> anyhow::Result<(Pasid, u64)> {
-    let pages = 1 + rng.next() % 4;
-    let pasid = Pasid::new(1 + (rng.next() % 8) as u32)?;
+    let pages = 1 + rng.next_u64() % 4;
+    let pasid = Pasid::new(1 + (rng.next_u64() % 8) as u32)?;
     let grpid = PrgIndex::new(issued % 512)?;
-    let base = (rng.next() % (1 << 36)) & !0xfff;
+    let base = (rng.next_u64() % (1 << 36)) & !0xfff;
     for page in 0..pages {
         batch.push(DeviceFault::PageRequest(DevicePageRequest {
             pasid: Some(pasid),
             grpid,
-            perm: if rng.next().is_multiple_of(2) {
+            perm: if rng.next_u64().is_multiple_of(2) {
                 Perm::READ
             } else {
                 Perm::READ | Perm::WRITE
