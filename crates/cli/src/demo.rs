@@ -56,9 +56,9 @@ pub struct DemoArgs {
     json: bool,
 }
 
-/// Options of the VMM side.
+/// Options of the demo's VMM side (`iopf demo-vmm`; `iopf vmm` has its own).
 #[derive(Debug, Args)]
-pub struct VmmArgs {
+pub struct DemoVmmArgs {
     /// The host's socket.
     #[arg(long)]
     socket: PathBuf,
@@ -398,8 +398,9 @@ fn check(c: &DeviceCounters, vmm: &HashMap<String, u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the demo's VMM received and answered: its summary line to the host.
 #[derive(Default)]
-struct VmmStats {
+struct DemoVmmCounts {
     requests: u64,
     groups: u64,
     unrecoverable: u64,
@@ -408,7 +409,7 @@ struct VmmStats {
     invalid: u64,
 }
 
-pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
+pub fn vmm(args: DemoVmmArgs) -> anyhow::Result<()> {
     let stream = UnixStream::connect(&args.socket).context("cannot connect to the host")?;
     let mut hello = [0u8; 64];
     let (len, fds) = recv_with_fds(&stream, &mut hello).context("cannot receive the regions")?;
@@ -427,7 +428,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         ResponseQueueProducer::attach(response_region, Some(Doorbell::from_fd(response_doorbell)?))
             .context("cannot attach the response queue")?;
 
-    let mut stats = VmmStats::default();
+    let mut stats = DemoVmmCounts::default();
     let mut answers: Vec<PageResponse> = Vec::with_capacity(1024);
     loop {
         let ready = faults.wait(Some(Duration::from_millis(100)))?;

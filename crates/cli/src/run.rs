@@ -13,7 +13,7 @@ use iopf_vfio_user::ClientOptions;
 use iopf_vmm::{GuestSetup, attach_with, host_finished, reattach_with};
 use serde_json::json;
 
-use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
+use crate::scenario::{ChaosClock, RunChaos, Scenario};
 use crate::soak::{SoakOptions, SoakSummary, parse_duration};
 use crate::stop::{Invariant, Reaper};
 
@@ -270,14 +270,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|&n| spawn_vmm(&socket, n, file))
         .collect::<anyhow::Result<Vec<Reaper>>>()?;
     let mut chaos =
-        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, ChaosEvent::VmmRestart { .. }));
+        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, RunChaos::VmmRestart { .. }));
     // The VMM down for a restart, and when it comes back.
     let mut restart_at: Option<(usize, u64)> = None;
     let mut restarts: u32 = 0;
     let outcome = drive(host, &scenario, !args.devices.json, |elapsed| {
         let ms = elapsed.as_millis() as u64;
         for event in chaos.due(ms, false) {
-            if let (ChaosEvent::VmmRestart { down_ms }, None) = (event, restart_at) {
+            if let (RunChaos::VmmRestart { down_ms }, None) = (event, restart_at) {
                 // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets
                 // close. With several VMMs, they take turns.
                 let victim = restarts as usize % vmms.len();
@@ -373,7 +373,7 @@ fn drive(
     let total = scenario.total_accesses();
     // The host's own chaos: unregister a device's handler, let its VMM attach again later.
     let mut unregister =
-        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, ChaosEvent::Unregister { .. }));
+        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, RunChaos::Unregister { .. }));
     let progress = bar.then(|| {
         let p = indicatif::ProgressBar::new(total);
         p.set_style(
@@ -401,7 +401,7 @@ fn drive(
         }
         let ms = started.elapsed().as_millis() as u64;
         for event in unregister.due(ms, false) {
-            if let ChaosEvent::Unregister { device, down_ms } = event {
+            if let RunChaos::Unregister { device, down_ms } = event {
                 host.unregister_for(device, Duration::from_millis(down_ms));
             }
         }

@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::run::{ReportOptions, Throughput, check, print_report, spawn_vmm};
-use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
+use crate::scenario::{ChaosClock, RunChaos, Scenario};
 use crate::stop::{Invariant, Reaper};
 
 /// Parses a duration such as `30s`, `10m`, `1h`, `1h30m` or `500ms`: one or more whole
@@ -593,14 +593,14 @@ impl<'a> SoakRun<'a> {
         let quiet = matches!(phase, Phase::Baseline | Phase::Final);
         for event in self.chaos.due(ms, quiet) {
             match event {
-                ChaosEvent::VmmRestart { down_ms } => {
+                RunChaos::VmmRestart { down_ms } => {
                     if self.restart_at.is_none() {
                         // SIGKILL: no goodbye; the host sees the VMM's sockets close.
                         self.vmm.kill().context("kill the VMM process")?;
                         self.restart_at = Some(ms + down_ms);
                     }
                 }
-                ChaosEvent::Unregister { device, down_ms } => {
+                RunChaos::Unregister { device, down_ms } => {
                     self.host
                         .unregister_for(device, Duration::from_millis(down_ms));
                     self.unregisters += 1;
