@@ -118,22 +118,7 @@ impl DemoHost {
             .context("cannot create the response queue")?;
         let fault_doorbell = Doorbell::new()?;
 
-        // Removed however the demo ends; only needed until the VMM connects.
-        let dir = tempfile::Builder::new()
-            .prefix("iopf-demo-")
-            .tempdir()
-            .context("cannot create the socket directory")?;
-        let socket_path = dir.path().join("host.sock");
-        let listener = UnixListener::bind(&socket_path).context("cannot bind the host socket")?;
-        let mut vmm = Reaper::spawn(
-            crate::stop::command(std::env::current_exe()?)
-                .arg("demo-vmm")
-                .arg("--socket")
-                .arg(&socket_path),
-        )
-        .context("cannot start the VMM process")?;
-        let (stream, _) = listener.accept().context("cannot accept the VMM")?;
-        drop(dir);
+        let (mut vmm, stream) = spawn_vmm()?;
         send_with_fds(
             &stream,
             HELLO,
@@ -159,19 +144,9 @@ impl DemoHost {
             );
         }
 
-        // Wait for the VMM to attach (its page's `abi` becomes 1), then register the handler.
-        // (A handler registered earlier would answer page requests Invalid until then.)
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !faults.consumer_attached() {
-            ensure!(
-                Instant::now() < deadline,
-                "the VMM did not attach within 10 s"
-            );
-            if let Some(status) = vmm.try_wait()? {
-                bail!("the VMM exited before attaching: {status}");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // Wait for the VMM to attach, then register the handler. (A handler registered
+        // earlier would answer page requests Invalid until then.)
+        wait_for_attach(&faults, &mut vmm)?;
         core.register(DEVICE, Box::new(QueueHandler { faults, responses }))?;
         Ok(Self {
             fault_kick,
@@ -266,6 +241,42 @@ impl DemoHost {
             .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
             .collect())
     }
+}
+
+/// Starts the VMM process and accepts its connection on a socket that exists only until then.
+fn spawn_vmm() -> anyhow::Result<(Reaper, UnixStream)> {
+    // Removed however the demo ends; only needed until the VMM connects.
+    let dir = tempfile::Builder::new()
+        .prefix("iopf-demo-")
+        .tempdir()
+        .context("cannot create the socket directory")?;
+    let socket_path = dir.path().join("host.sock");
+    let listener = UnixListener::bind(&socket_path).context("cannot bind the host socket")?;
+    let vmm = Reaper::spawn(
+        crate::stop::command(std::env::current_exe()?)
+            .arg("demo-vmm")
+            .arg("--socket")
+            .arg(&socket_path),
+    )
+    .context("cannot start the VMM process")?;
+    let (stream, _) = listener.accept().context("cannot accept the VMM")?;
+    Ok((vmm, stream))
+}
+
+/// Waits (10 s at most) for the VMM to attach to the fault queue (its page's `abi` becomes 1).
+fn wait_for_attach(faults: &FaultQueueProducer, vmm: &mut Reaper) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !faults.consumer_attached() {
+        ensure!(
+            Instant::now() < deadline,
+            "the VMM did not attach within 10 s"
+        );
+        if let Some(status) = vmm.try_wait()? {
+            bail!("the VMM exited before attaching: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// Adds one page request group of 1 to 4 pages to `batch`, the `issued`th; returns its PASID
