@@ -39,7 +39,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// The VMM side of `iopf demo` (started by it).
     #[command(hide = true)]
-    DemoVmm(demo::VmmArgs),
+    DemoVmm(demo::DemoVmmArgs),
     /// Measure the fault path against the machine's limits and the baselines, in one run.
     Bench(bench::BenchArgs),
     /// Decode a queue region (a saved image, or a live memfd as /proc/PID/fd/N): its pages,

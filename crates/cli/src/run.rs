@@ -14,7 +14,7 @@ use iopf_vfio_user::ClientOptions;
 use iopf_vmm::{Device, DeviceKey, EventLoop, host_finished};
 use serde_json::json;
 
-use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
+use crate::scenario::{ChaosClock, RunChaos, Scenario};
 use crate::soak::{SoakOptions, SoakSummary, parse_duration};
 use crate::stop::{Invariant, Reaper};
 
@@ -271,14 +271,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|&n| spawn_vmm(&socket, n, file))
         .collect::<anyhow::Result<Vec<Reaper>>>()?;
     let mut chaos =
-        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, ChaosEvent::VmmRestart { .. }));
+        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, RunChaos::VmmRestart { .. }));
     // The VMM down for a restart, and when it comes back.
     let mut restart_at: Option<(usize, u64)> = None;
     let mut restarts: u32 = 0;
     let outcome = drive(host, &scenario, !args.devices.json, |elapsed| {
         let ms = elapsed.as_millis() as u64;
         for event in chaos.due(ms, false) {
-            if let (ChaosEvent::VmmRestart { down_ms }, None) = (event, restart_at) {
+            if let (RunChaos::VmmRestart { down_ms }, None) = (event, restart_at) {
                 // SIGKILL: the VMM gets no chance to say goodbye; the host sees its sockets
                 // close. With several VMMs, they take turns.
                 let victim = restarts as usize % vmms.len();
@@ -319,11 +319,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     print_report(
         &(report, elapsed),
-        args.devices.json,
-        restarts,
-        args.report.as_deref(),
         &samples,
-        None,
+        ReportOptions {
+            json: args.devices.json,
+            restarts,
+            html: args.report.as_deref(),
+            soak: None,
+        },
     )?;
     status
 }
@@ -347,11 +349,11 @@ pub fn host(args: HostArgs) -> anyhow::Result<()> {
     drop(watch);
     print_report(
         &(report, elapsed),
-        args.devices.json,
-        0,
-        None,
         &samples,
-        None,
+        ReportOptions {
+            json: args.devices.json,
+            ..ReportOptions::default()
+        },
     )
 }
 
@@ -372,7 +374,7 @@ fn drive(
     let total = scenario.total_accesses();
     // The host's own chaos: unregister a device's handler, let its VMM attach again later.
     let mut unregister =
-        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, ChaosEvent::Unregister { .. }));
+        ChaosClock::new(&scenario.chaos).only(|e| matches!(e, RunChaos::Unregister { .. }));
     let progress = bar.then(|| {
         let p = indicatif::ProgressBar::new(total);
         p.set_style(
@@ -400,7 +402,7 @@ fn drive(
         }
         let ms = started.elapsed().as_millis() as u64;
         for event in unregister.due(ms, false) {
-            if let ChaosEvent::Unregister { device, down_ms } = event {
+            if let RunChaos::Unregister { device, down_ms } = event {
                 host.unregister_for(device, Duration::from_millis(down_ms));
             }
         }
@@ -497,14 +499,31 @@ pub(crate) fn check(report: &HostReport) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How [`print_report`] prints a run's report, and what it adds to it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ReportOptions<'a> {
+    /// JSON on stdout instead of text.
+    pub(crate) json: bool,
+    /// VMM restarts the run's chaos made.
+    pub(crate) restarts: u32,
+    /// Also write `report.html` into this directory.
+    pub(crate) html: Option<&'a Path>,
+    /// The soak's findings, for `iopf run --duration`.
+    pub(crate) soak: Option<&'a SoakSummary>,
+}
+
+/// Prints the report of a run (text or JSON), and writes its HTML report if asked.
 pub(crate) fn print_report(
     (report, elapsed): &(HostReport, Duration),
-    as_json: bool,
-    restarts: u32,
-    html: Option<&Path>,
     samples: &Samples,
-    soak: Option<&SoakSummary>,
+    options: ReportOptions<'_>,
 ) -> anyhow::Result<()> {
+    let ReportOptions {
+        json: as_json,
+        restarts,
+        html,
+        soak,
+    } = options;
     let c = &report.core;
     let a = &c.responses.auto;
     let mut latency = Histogram::<u64>::new(3)?;

@@ -138,9 +138,10 @@ pub struct ChaosSection {
     pub every_ms: u64,
 }
 
-/// A chaos event that is due.
+/// A chaos event of an `iopf run` scenario that is due (the simulation has its own,
+/// `iopf_sim::ChaosEvent`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChaosEvent {
+pub enum RunChaos {
     /// Kill the VMM; start a new one after this long.
     VmmRestart { down_ms: u64 },
     /// Unregister this device's handler; let its VMM attach again after this long.
@@ -151,7 +152,7 @@ pub enum ChaosEvent {
 #[derive(Debug, Clone)]
 pub struct ChaosClock {
     /// (next time, period or 0, event).
-    events: Vec<(u64, u64, ChaosEvent)>,
+    events: Vec<(u64, u64, RunChaos)>,
 }
 
 impl ChaosClock {
@@ -161,8 +162,8 @@ impl ChaosClock {
             .iter()
             .filter_map(|c| {
                 let event = match c.kind.as_str() {
-                    "vmm_restart" => ChaosEvent::VmmRestart { down_ms: c.down_ms },
-                    "unregister" => ChaosEvent::Unregister {
+                    "vmm_restart" => RunChaos::VmmRestart { down_ms: c.down_ms },
+                    "unregister" => RunChaos::Unregister {
                         device: c.device as usize,
                         down_ms: c.down_ms,
                     },
@@ -175,14 +176,14 @@ impl ChaosClock {
     }
 
     /// Keeps only the events `keep` accepts.
-    pub fn only(mut self, keep: impl Fn(&ChaosEvent) -> bool) -> Self {
+    pub fn only(mut self, keep: impl Fn(&RunChaos) -> bool) -> Self {
         self.events.retain(|(_, _, e)| keep(e));
         self
     }
 
     /// The events due at `ms`, in time order. While `paused`, nothing fires: a repeating
     /// event skips the occurrences that fall in the pause, a one-off waits for its end.
-    pub fn due(&mut self, ms: u64, paused: bool) -> Vec<ChaosEvent> {
+    pub fn due(&mut self, ms: u64, paused: bool) -> Vec<RunChaos> {
         let mut fired = Vec::new();
         for (next, every, event) in &mut self.events {
             if *next > ms {
@@ -507,8 +508,8 @@ mod tests {
 
     #[test]
     fn chaos_repeats_skips_pauses_and_keeps_one_offs_for_after_them() {
-        let restart = ChaosEvent::VmmRestart { down_ms: 10 };
-        let unregister = ChaosEvent::Unregister {
+        let restart = RunChaos::VmmRestart { down_ms: 10 };
+        let unregister = RunChaos::Unregister {
             device: 1,
             down_ms: 10,
         };
@@ -528,7 +529,7 @@ mod tests {
         assert_eq!(clock.due(7000, false), [restart]);
         assert!(clock.due(7999, false).is_empty());
         let only = ChaosClock::new(&[event(0, 0, "vmm_restart", 0), event(0, 0, "unregister", 0)])
-            .only(|e| matches!(e, ChaosEvent::Unregister { .. }));
+            .only(|e| matches!(e, RunChaos::Unregister { .. }));
         assert_eq!(only.clone().due(0, false).len(), 1);
     }
 

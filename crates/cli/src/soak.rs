@@ -20,18 +20,18 @@
 //! a burst of faults after a restart) only ever adds to a figure, while a leak raises its floor
 //! for good. See [`judge`] for the rule and `docs/RELIABILITY.md` for why these numbers.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use iopf_host::Host;
+use iopf_host::{Host, HostReport};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::run::{Throughput, check, print_report, spawn_vmm};
-use crate::scenario::{ChaosClock, ChaosEvent, Scenario};
-use crate::stop::Invariant;
+use crate::run::{ReportOptions, Throughput, check, print_report, spawn_vmm};
+use crate::scenario::{ChaosClock, RunChaos, Scenario};
+use crate::stop::{Invariant, Reaper};
 
 /// Parses a duration such as `30s`, `10m`, `1h`, `1h30m` or `500ms`: one or more whole
 /// numbers, each followed by a unit (`ms`, `s`, `m`, `h`, `d`).
@@ -400,227 +400,350 @@ pub fn soak(
     as_json: bool,
     html: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let d = options.duration;
-    ensure!(
-        d >= Duration::from_secs(5) && d <= Duration::from_secs(7 * 86_400),
-        "--duration must be 5s..=7d: a soak needs a warm-up, two measuring windows and chaos in between"
-    );
-    let timeline = Timeline::new(d);
-    let sample_every = options
-        .sample_every
-        .unwrap_or_else(|| (timeline.window / 5).min(Duration::from_secs(1)));
-    ensure!(
-        sample_every >= Duration::from_millis(20) && sample_every * 3 <= timeline.window,
-        "--sample-every must be at least 20ms and give 3 samples per measuring window ({:?})",
-        timeline.window
-    );
-    let chaos_every = if scenario.chaos.is_empty() {
-        let every = options.chaos_every.unwrap_or(Duration::from_secs(5));
-        ensure!(
-            every >= Duration::from_millis(200),
-            "--chaos-every must be at least 200ms"
-        );
-        scenario.chaos = scenario.soak_chaos(every);
-        Some(every)
-    } else {
-        ensure!(
-            options.chaos_every.is_none(),
-            "--chaos-every sets the built-in chaos, but the scenario has its own [[chaos]] (use every_ms there)"
-        );
-        None
-    };
-    let devices = scenario.device_count();
+    let plan = Plan::new(&mut scenario, options)?;
     // Removed however the soak ends (dropped last: after the VMM is stopped).
     let dir = tempfile::Builder::new()
         .prefix("iopf-soak-")
         .tempdir()
         .context("create the socket directory")?;
     let socket = dir.path().join("host.sock");
-    let mut config = scenario.host_config();
-    config.repeat = true;
-    let host = Host::bind(config, &socket).context("cannot start the host")?;
-    let mut vmm = spawn_vmm(&socket, devices, file)?;
-    let mut chaos = ChaosClock::new(&scenario.chaos);
-    let own_pid = std::process::id();
-
-    let progress = (!as_json).then(|| {
-        let p = indicatif::ProgressBar::new(d.as_secs().max(1));
-        p.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s soak {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        p
-    });
-    let answered = |host: &Host| -> u64 {
-        host.progress()
-            .iter()
-            .map(|p| p.groups_answered.load(Relaxed))
-            .sum()
-    };
-    let started = Instant::now();
-    let (mut host_series, mut vmm_series) = (Series::default(), Series::default());
-    let mut throughput = Throughput::default();
-    let (mut restarts, mut unregisters) = (0u32, 0u32);
-    let mut between = (0u32, 0u32);
-    let (mut groups_at_baseline, mut groups_at_final) = (None, None);
-    let mut restart_at: Option<u64> = None;
-    let mut next_sample = Duration::ZERO;
-    loop {
-        std::thread::sleep(Duration::from_millis(20));
-        let t = started.elapsed();
-        // A stop signal ends the soak like its duration does (never as chaos).
-        if t >= d || crate::stop::requested() {
-            break;
-        }
-        let ms = t.as_millis() as u64;
-        let phase = timeline.phase(t);
-        let groups = answered(&host);
-        throughput.push(t.as_secs_f64(), groups);
-        if phase == Phase::Soak {
-            groups_at_baseline.get_or_insert(groups);
-        }
-        if phase == Phase::Final {
-            groups_at_final.get_or_insert(groups);
-        }
-        let quiet = matches!(phase, Phase::Baseline | Phase::Final);
-        for event in chaos.due(ms, quiet) {
-            match event {
-                ChaosEvent::VmmRestart { down_ms } => {
-                    if restart_at.is_none() {
-                        // SIGKILL: no goodbye; the host sees the VMM's sockets close.
-                        vmm.kill().context("kill the VMM process")?;
-                        restart_at = Some(ms + down_ms);
-                    }
-                }
-                ChaosEvent::Unregister { device, down_ms } => {
-                    host.unregister_for(device, Duration::from_millis(down_ms));
-                    unregisters += 1;
-                    if phase == Phase::Soak {
-                        between.1 += 1;
-                    }
-                }
-            }
-        }
-        if let Some(at) = restart_at
-            && ms >= at
-        {
-            vmm = spawn_vmm(&socket, devices, file)?;
-            restart_at = None;
-            restarts += 1;
-            if phase == Phase::Soak {
-                between.0 += 1;
-            }
-        }
-        if restart_at.is_none()
-            && let Some(status) = vmm.try_wait()?
-            && !crate::stop::requested()
-        {
-            bail!("the VMM process exited during the soak: {status}");
-        }
-        if t >= next_sample {
-            next_sample += sample_every;
-            let steady = restart_at.is_none() && host.all_attached();
-            let own = Sample::of(own_pid).context("cannot sample this process")?;
-            host_series.add(own, phase, steady);
-            if restart_at.is_none()
-                && let Ok(s) = Sample::of(vmm.id())
-            {
-                vmm_series.add(s, phase, steady);
-            }
-            if let Some(p) = &progress {
-                p.set_message(format!(
-                    "{}: {groups} groups, {restarts} VMM restarts, {unregisters} unregisters; host {} fds, {:.1} MiB",
-                    phase.name(),
-                    own.fds,
-                    own.rss_kib as f64 / 1024.0
-                ));
-            }
-        }
-        if let Some(p) = &progress {
-            p.set_position(t.as_secs());
-        }
-    }
-    // The end: no new accesses; the devices finish what is in flight.
-    host.drain();
-    let deadline = Instant::now()
-        + Duration::from_millis(scenario.response_timeout_ms)
-        + Duration::from_secs(30);
-    while !host.finished() {
-        if crate::stop::requested() {
-            // Interrupted: no waiting for the devices; `finish` answers what is pending.
-            host.interrupt();
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the devices did not finish their accesses in flight after the soak"
-        );
-        if let Some(status) = vmm.try_wait()? {
-            bail!("the VMM process exited while the devices drained: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let interrupted = crate::stop::requested();
-    if let Some(p) = &progress {
-        p.finish_and_clear();
-    }
-    let elapsed = started.elapsed();
-    let pending = host.pending_groups();
-    let report = host.finish();
-    check(&report)?;
-    if interrupted {
-        // Told to leave (its devices unregistered) or signalled too: its status says nothing.
-        vmm.stop().context("stop the VMM process")?;
-    } else {
-        ensure!(
-            pending == 0,
-            Invariant(format!(
-                "{pending} groups still pending after the devices drained"
-            ))
-        );
-        let status = vmm.wait()?;
-        ensure!(status.success(), "the VMM process failed: {status}");
-    }
-
-    let mut failures = Vec::new();
-    if !interrupted {
-        failures.extend(judge("host", &host_series));
-        failures.extend(judge("VMM", &vmm_series));
-    }
-    if !interrupted && chaos_every.is_some() && between == (0, 0) {
-        failures
-            .push("no chaos event between the measuring windows: the check proves nothing".into());
-    }
-    let summary = SoakSummary {
-        timeline,
-        sample_every,
-        chaos_every,
-        restarts,
-        unregisters,
-        chaos_between: between,
-        groups: report.core.groups,
-        groups_between: groups_at_final
-            .zip(groups_at_baseline)
-            .map_or(0, |(f, b)| f - b),
-        host: host_series,
-        vmm: vmm_series,
-        failures,
-        interrupted,
-        elapsed,
-    };
+    let mut run = SoakRun::start(&scenario, &plan, socket, file, !as_json)?;
+    run.drive(&plan)?;
+    run.drain(scenario.response_timeout_ms)?;
+    let (report, throughput, summary) = run.collect(plan)?;
     print_report(
-        &(report, elapsed),
-        as_json,
-        restarts,
-        html,
+        &(report, summary.elapsed),
         throughput.samples(),
-        Some(&summary),
+        ReportOptions {
+            json: as_json,
+            restarts: summary.restarts,
+            html,
+            soak: Some(&summary),
+        },
     )?;
     ensure!(
         summary.passed(),
         Invariant(format!("soak failed: {}", summary.failures.join("; ")))
     );
     Ok(())
+}
+
+/// The soak's timeline, sampling interval and built-in chaos, checked.
+struct Plan {
+    timeline: Timeline,
+    sample_every: Duration,
+    /// Period of the built-in chaos (`None`: the scenario's own).
+    chaos_every: Option<Duration>,
+}
+
+impl Plan {
+    /// Checks the options against the timeline of a soak of their duration, and gives the
+    /// scenario the built-in chaos when it has none of its own.
+    fn new(scenario: &mut Scenario, options: SoakOptions) -> anyhow::Result<Self> {
+        let d = options.duration;
+        ensure!(
+            d >= Duration::from_secs(5) && d <= Duration::from_secs(7 * 86_400),
+            "--duration must be 5s..=7d: a soak needs a warm-up, two measuring windows and chaos in between"
+        );
+        let timeline = Timeline::new(d);
+        let sample_every = options
+            .sample_every
+            .unwrap_or_else(|| (timeline.window / 5).min(Duration::from_secs(1)));
+        ensure!(
+            sample_every >= Duration::from_millis(20) && sample_every * 3 <= timeline.window,
+            "--sample-every must be at least 20ms and give 3 samples per measuring window ({:?})",
+            timeline.window
+        );
+        let chaos_every = if scenario.chaos.is_empty() {
+            let every = options.chaos_every.unwrap_or(Duration::from_secs(5));
+            ensure!(
+                every >= Duration::from_millis(200),
+                "--chaos-every must be at least 200ms"
+            );
+            scenario.chaos = scenario.soak_chaos(every);
+            Some(every)
+        } else {
+            ensure!(
+                options.chaos_every.is_none(),
+                "--chaos-every sets the built-in chaos, but the scenario has its own [[chaos]] (use every_ms there)"
+            );
+            None
+        };
+        Ok(Self {
+            timeline,
+            sample_every,
+            chaos_every,
+        })
+    }
+}
+
+/// A soak under way: the host, the current VMM process, and what the soak has counted.
+struct SoakRun<'a> {
+    /// The current VMM process (declared first: dropped, so stopped, before the host).
+    vmm: Reaper,
+    host: Host,
+    socket: PathBuf,
+    devices: u32,
+    /// The scenario file, passed on to each VMM process.
+    file: Option<&'a Path>,
+    chaos: ChaosClock,
+    progress: Option<indicatif::ProgressBar>,
+    started: Instant,
+    /// When the VMM killed by chaos comes back (ms since the start).
+    restart_at: Option<u64>,
+    host_series: Series,
+    vmm_series: Series,
+    throughput: Throughput,
+    restarts: u32,
+    unregisters: u32,
+    /// Chaos events (restarts, unregisters) between the two windows.
+    between: (u32, u32),
+    groups_at_baseline: Option<u64>,
+    groups_at_final: Option<u64>,
+}
+
+impl<'a> SoakRun<'a> {
+    /// Starts the host on `socket` and the first VMM process; `bar`: show a progress bar.
+    fn start(
+        scenario: &Scenario,
+        plan: &Plan,
+        socket: PathBuf,
+        file: Option<&'a Path>,
+        bar: bool,
+    ) -> anyhow::Result<Self> {
+        let devices = scenario.device_count();
+        let mut config = scenario.host_config();
+        config.repeat = true;
+        let host = Host::bind(config, &socket).context("cannot start the host")?;
+        let vmm = spawn_vmm(&socket, devices, file)?;
+        let chaos = ChaosClock::new(&scenario.chaos);
+        let progress = bar.then(|| {
+            let p = indicatif::ProgressBar::new(plan.timeline.duration.as_secs().max(1));
+            p.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s soak {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            p
+        });
+        Ok(Self {
+            vmm,
+            host,
+            socket,
+            devices,
+            file,
+            chaos,
+            progress,
+            started: Instant::now(),
+            restart_at: None,
+            host_series: Series::default(),
+            vmm_series: Series::default(),
+            throughput: Throughput::default(),
+            restarts: 0,
+            unregisters: 0,
+            between: (0, 0),
+            groups_at_baseline: None,
+            groups_at_final: None,
+        })
+    }
+    /// Groups answered so far, over all devices.
+    fn answered(&self) -> u64 {
+        self.host
+            .progress()
+            .iter()
+            .map(|p| p.groups_answered.load(Relaxed))
+            .sum()
+    }
+
+    /// The soak proper, every 20 ms until its duration is over or a stop signal comes:
+    /// throughput, chaos, and a sample every `plan.sample_every`.
+    fn drive(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        let own_pid = std::process::id();
+        let mut next_sample = Duration::ZERO;
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let t = self.started.elapsed();
+            // A stop signal ends the soak like its duration does (never as chaos).
+            if t >= plan.timeline.duration || crate::stop::requested() {
+                return Ok(());
+            }
+            let ms = t.as_millis() as u64;
+            let phase = plan.timeline.phase(t);
+            let groups = self.answered();
+            self.throughput.push(t.as_secs_f64(), groups);
+            if phase == Phase::Soak {
+                self.groups_at_baseline.get_or_insert(groups);
+            }
+            if phase == Phase::Final {
+                self.groups_at_final.get_or_insert(groups);
+            }
+            self.run_chaos(ms, phase)?;
+            if t >= next_sample {
+                next_sample += plan.sample_every;
+                self.sample(own_pid, phase, groups)?;
+            }
+            if let Some(p) = &self.progress {
+                p.set_position(t.as_secs());
+            }
+        }
+    }
+
+    /// Runs the chaos due at `ms` (none in the measuring windows), brings the killed VMM back
+    /// when its down time is over, and fails if the VMM exited on its own.
+    fn run_chaos(&mut self, ms: u64, phase: Phase) -> anyhow::Result<()> {
+        let quiet = matches!(phase, Phase::Baseline | Phase::Final);
+        for event in self.chaos.due(ms, quiet) {
+            match event {
+                RunChaos::VmmRestart { down_ms } => {
+                    if self.restart_at.is_none() {
+                        // SIGKILL: no goodbye; the host sees the VMM's sockets close.
+                        self.vmm.kill().context("kill the VMM process")?;
+                        self.restart_at = Some(ms + down_ms);
+                    }
+                }
+                RunChaos::Unregister { device, down_ms } => {
+                    self.host
+                        .unregister_for(device, Duration::from_millis(down_ms));
+                    self.unregisters += 1;
+                    if phase == Phase::Soak {
+                        self.between.1 += 1;
+                    }
+                }
+            }
+        }
+        if let Some(at) = self.restart_at
+            && ms >= at
+        {
+            self.vmm = spawn_vmm(&self.socket, self.devices, self.file)?;
+            self.restart_at = None;
+            self.restarts += 1;
+            if phase == Phase::Soak {
+                self.between.0 += 1;
+            }
+        }
+        if self.restart_at.is_none()
+            && let Some(status) = self.vmm.try_wait()?
+            && !crate::stop::requested()
+        {
+            bail!("the VMM process exited during the soak: {status}");
+        }
+        Ok(())
+    }
+
+    /// Samples the host and (unless it is down) the VMM, and shows the figures on the bar.
+    fn sample(&mut self, own_pid: u32, phase: Phase, groups: u64) -> anyhow::Result<()> {
+        let steady = self.restart_at.is_none() && self.host.all_attached();
+        let own = Sample::of(own_pid).context("cannot sample this process")?;
+        self.host_series.add(own, phase, steady);
+        if self.restart_at.is_none()
+            && let Ok(s) = Sample::of(self.vmm.id())
+        {
+            self.vmm_series.add(s, phase, steady);
+        }
+        if let Some(p) = &self.progress {
+            p.set_message(format!(
+                "{}: {groups} groups, {} VMM restarts, {} unregisters; host {} fds, {:.1} MiB",
+                phase.name(),
+                self.restarts,
+                self.unregisters,
+                own.fds,
+                own.rss_kib as f64 / 1024.0
+            ));
+        }
+        Ok(())
+    }
+
+    /// The end: no new accesses; the devices finish what is in flight (interrupted, the host
+    /// answers what is pending instead).
+    fn drain(&mut self, response_timeout_ms: u64) -> anyhow::Result<()> {
+        self.host.drain();
+        let deadline =
+            Instant::now() + Duration::from_millis(response_timeout_ms) + Duration::from_secs(30);
+        while !self.host.finished() {
+            if crate::stop::requested() {
+                // Interrupted: no waiting for the devices; `finish` answers what is pending.
+                self.host.interrupt();
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the devices did not finish their accesses in flight after the soak"
+            );
+            if let Some(status) = self.vmm.try_wait()? {
+                bail!("the VMM process exited while the devices drained: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Finishes the host and the VMM, checks the run's invariants and judges the samples.
+    fn collect(self, plan: Plan) -> anyhow::Result<(HostReport, Throughput, SoakSummary)> {
+        let Self {
+            mut vmm,
+            host,
+            progress,
+            started,
+            host_series,
+            vmm_series,
+            throughput,
+            restarts,
+            unregisters,
+            between,
+            groups_at_baseline,
+            groups_at_final,
+            ..
+        } = self;
+        let interrupted = crate::stop::requested();
+        if let Some(p) = &progress {
+            p.finish_and_clear();
+        }
+        let elapsed = started.elapsed();
+        let pending = host.pending_groups();
+        let report = host.finish();
+        check(&report)?;
+        if interrupted {
+            // Told to leave (its devices unregistered) or signalled too: its status says nothing.
+            vmm.stop().context("stop the VMM process")?;
+        } else {
+            ensure!(
+                pending == 0,
+                Invariant(format!(
+                    "{pending} groups still pending after the devices drained"
+                ))
+            );
+            let status = vmm.wait()?;
+            ensure!(status.success(), "the VMM process failed: {status}");
+        }
+
+        let mut failures = Vec::new();
+        if !interrupted {
+            failures.extend(judge("host", &host_series));
+            failures.extend(judge("VMM", &vmm_series));
+        }
+        if !interrupted && plan.chaos_every.is_some() && between == (0, 0) {
+            failures.push(
+                "no chaos event between the measuring windows: the check proves nothing".into(),
+            );
+        }
+        let summary = SoakSummary {
+            timeline: plan.timeline,
+            sample_every: plan.sample_every,
+            chaos_every: plan.chaos_every,
+            restarts,
+            unregisters,
+            chaos_between: between,
+            groups: report.core.groups,
+            groups_between: groups_at_final
+                .zip(groups_at_baseline)
+                .map_or(0, |(f, b)| f - b),
+            host: host_series,
+            vmm: vmm_series,
+            failures,
+            interrupted,
+            elapsed,
+        };
+        Ok((report, throughput, summary))
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,16 @@ mod tests {
     }
 
     #[test]
+    fn the_sequence_is_splitmix64() {
+        // The reference implementation's first outputs for seed 0: `iopf demo --seed` and the
+        // simulation's seeds name the same workloads as long as these hold.
+        let mut r = Rng::new(0);
+        assert_eq!(r.next_u64(), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(r.next_u64(), 0x6e78_9e6a_a1b9_65f4);
+        assert_eq!(r.next_u64(), 0x06c4_5d18_8009_454f);
+    }
+
+    #[test]
     fn below_stays_in_range() {
         let mut r = Rng::new(1);
         assert!((0..10_000).all(|_| r.below(7) < 7));

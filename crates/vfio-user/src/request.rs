@@ -232,167 +232,46 @@ fn transfer(command: Command, offset: u64, count: u32) -> Result<(), ProtocolErr
 pub fn decode_request(
     command: Command,
     payload: &[u8],
-    mut fds: Vec<OwnedFd>,
+    fds: Vec<OwnedFd>,
 ) -> Result<Request<'_>, ProtocolError> {
     match command {
         Command::Version => {
             no_fds(command, &fds)?;
             Ok(Request::Version(Version::decode(payload)?))
         }
-        Command::DmaMap => {
-            let raw: RawDmaMap = read_exact(command, payload)?;
-            if raw.argsz as usize != size_of::<RawDmaMap>() {
-                return Err(ProtocolError::Argsz {
-                    command,
-                    argsz: raw.argsz,
-                    why: "DMA_MAP's argsz is its payload size, 32",
-                });
-            }
-            let prot = DmaProt::from_bits(raw.flags).ok_or(ProtocolError::Flags {
-                command,
-                flags: raw.flags,
-            })?;
-            if raw.size == 0 {
-                return Err(ProtocolError::Field {
-                    command,
-                    what: "size is 0",
-                });
-            }
-            if raw.address.checked_add(raw.size).is_none()
-                || raw.offset.checked_add(raw.size).is_none()
-            {
-                return Err(ProtocolError::Field {
-                    command,
-                    what: "address or offset + size overflows",
-                });
-            }
-            if fds.len() > 1 {
-                return Err(ProtocolError::FdCount {
-                    command,
-                    expected: "0 or 1 allowed",
-                    actual: fds.len(),
-                });
-            }
-            Ok(Request::DmaMap(DmaMap {
-                prot,
-                offset: raw.offset,
-                iova: raw.address,
-                size: raw.size,
-                fd: fds.pop(),
-            }))
-        }
+        Command::DmaMap => decode_dma_map(payload, fds).map(Request::DmaMap),
         Command::DmaUnmap => {
             no_fds(command, &fds)?;
-            let raw: RawDmaUnmap = read_exact(command, payload)?;
-            argsz_at_least(command, raw.argsz, size_of::<RawDmaUnmap>())?;
-            let all = match raw.flags {
-                0 => false,
-                DMA_UNMAP_FLAG_ALL => true,
-                flags => return Err(ProtocolError::Flags { command, flags }),
-            };
-            if all && (raw.address != 0 || raw.size != 0) {
-                return Err(ProtocolError::Field {
-                    command,
-                    what: "unmap all with a non-zero address or size",
-                });
-            }
-            if !all && (raw.size == 0 || raw.address.checked_add(raw.size).is_none()) {
-                return Err(ProtocolError::Field {
-                    command,
-                    what: "size is 0 or address + size overflows",
-                });
-            }
-            Ok(Request::DmaUnmap {
-                unmap: DmaUnmap {
-                    iova: raw.address,
-                    size: raw.size,
-                    all,
-                },
-                raw,
-            })
+            decode_dma_unmap(payload)
         }
         Command::DeviceGetInfo => {
             no_fds(command, &fds)?;
-            // The request is a `struct vfio_device_info` whose fields other than argsz are
-            // outputs; they are ignored, as the kernel ignores them.
-            let info: crate::protocol::RawDeviceInfo = read_exact(command, payload)?;
-            argsz_at_least(command, info.argsz, 16)?;
-            Ok(Request::DeviceGetInfo)
+            decode_device_get_info(payload)
         }
         Command::DeviceGetRegionInfo => {
             no_fds(command, &fds)?;
-            let raw: RawRegionInfo = read_exact(command, payload)?;
-            argsz_at_least(command, raw.argsz, size_of::<RawRegionInfo>())?;
-            Ok(Request::GetRegionInfo {
-                argsz: raw.argsz,
-                index: raw.index,
-            })
+            decode_get_region_info(payload)
         }
         Command::DeviceGetRegionIoFds => {
             no_fds(command, &fds)?;
-            let raw: RawRegionIoFds = read_exact(command, payload)?;
-            argsz_at_least(command, raw.argsz, size_of::<RawRegionIoFds>())?;
-            if raw.flags != 0 {
-                return Err(ProtocolError::Flags {
-                    command,
-                    flags: raw.flags,
-                });
-            }
-            if raw.count != 0 {
-                return Err(ProtocolError::Field {
-                    command,
-                    what: "count must be 0 in a request",
-                });
-            }
-            Ok(Request::GetRegionIoFds {
-                argsz: raw.argsz,
-                index: raw.index,
-            })
+            decode_get_region_io_fds(payload)
         }
         Command::DeviceGetIrqInfo => {
             no_fds(command, &fds)?;
-            let raw: RawIrqInfo = read_exact(command, payload)?;
-            argsz_at_least(command, raw.argsz, size_of::<RawIrqInfo>())?;
-            Ok(Request::GetIrqInfo { index: raw.index })
+            decode_get_irq_info(payload)
         }
         Command::DeviceSetIrqs => decode_set_irqs(payload, fds).map(Request::SetIrqs),
         Command::RegionRead => {
             no_fds(command, &fds)?;
-            let raw: RawRegionAccess = read_exact(command, payload)?;
-            transfer(command, raw.offset, raw.count)?;
-            Ok(Request::RegionRead {
-                region: raw.region,
-                offset: raw.offset,
-                count: raw.count,
-            })
+            decode_region_read(payload)
         }
         Command::RegionWrite => {
             no_fds(command, &fds)?;
-            let (raw, data) = read_prefix::<RawRegionAccess>(command, payload)?;
-            transfer(command, raw.offset, raw.count)?;
-            if data.len() != raw.count as usize {
-                return Err(ProtocolError::PayloadSize {
-                    command,
-                    expected: size_of::<RawRegionAccess>() + raw.count as usize,
-                    actual: payload.len(),
-                });
-            }
-            Ok(Request::RegionWrite {
-                region: raw.region,
-                offset: raw.offset,
-                data,
-            })
+            decode_region_write(payload)
         }
         Command::DeviceReset => {
             no_fds(command, &fds)?;
-            if !payload.is_empty() {
-                return Err(ProtocolError::PayloadSize {
-                    command,
-                    expected: 0,
-                    actual: payload.len(),
-                });
-            }
-            Ok(Request::DeviceReset)
+            decode_device_reset(payload)
         }
         Command::DmaRead
         | Command::DmaWrite
@@ -401,6 +280,168 @@ pub fn decode_request(
         | Command::MigDataRead
         | Command::MigDataWrite => Err(ProtocolError::Unimplemented(command)),
     }
+}
+
+fn decode_dma_map(payload: &[u8], mut fds: Vec<OwnedFd>) -> Result<DmaMap, ProtocolError> {
+    let command = Command::DmaMap;
+    let raw: RawDmaMap = read_exact(command, payload)?;
+    if raw.argsz as usize != size_of::<RawDmaMap>() {
+        return Err(ProtocolError::Argsz {
+            command,
+            argsz: raw.argsz,
+            why: "DMA_MAP's argsz is its payload size, 32",
+        });
+    }
+    let prot = DmaProt::from_bits(raw.flags).ok_or(ProtocolError::Flags {
+        command,
+        flags: raw.flags,
+    })?;
+    if raw.size == 0 {
+        return Err(ProtocolError::Field {
+            command,
+            what: "size is 0",
+        });
+    }
+    if raw.address.checked_add(raw.size).is_none() || raw.offset.checked_add(raw.size).is_none() {
+        return Err(ProtocolError::Field {
+            command,
+            what: "address or offset + size overflows",
+        });
+    }
+    if fds.len() > 1 {
+        return Err(ProtocolError::FdCount {
+            command,
+            expected: "0 or 1 allowed",
+            actual: fds.len(),
+        });
+    }
+    Ok(DmaMap {
+        prot,
+        offset: raw.offset,
+        iova: raw.address,
+        size: raw.size,
+        fd: fds.pop(),
+    })
+}
+
+fn decode_dma_unmap(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::DmaUnmap;
+    let raw: RawDmaUnmap = read_exact(command, payload)?;
+    argsz_at_least(command, raw.argsz, size_of::<RawDmaUnmap>())?;
+    let all = match raw.flags {
+        0 => false,
+        DMA_UNMAP_FLAG_ALL => true,
+        flags => return Err(ProtocolError::Flags { command, flags }),
+    };
+    if all && (raw.address != 0 || raw.size != 0) {
+        return Err(ProtocolError::Field {
+            command,
+            what: "unmap all with a non-zero address or size",
+        });
+    }
+    if !all && (raw.size == 0 || raw.address.checked_add(raw.size).is_none()) {
+        return Err(ProtocolError::Field {
+            command,
+            what: "size is 0 or address + size overflows",
+        });
+    }
+    Ok(Request::DmaUnmap {
+        unmap: DmaUnmap {
+            iova: raw.address,
+            size: raw.size,
+            all,
+        },
+        raw,
+    })
+}
+
+fn decode_device_get_info(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::DeviceGetInfo;
+    // The request is a `struct vfio_device_info` whose fields other than argsz are
+    // outputs; they are ignored, as the kernel ignores them.
+    let info: crate::protocol::RawDeviceInfo = read_exact(command, payload)?;
+    argsz_at_least(command, info.argsz, 16)?;
+    Ok(Request::DeviceGetInfo)
+}
+
+fn decode_get_region_info(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::DeviceGetRegionInfo;
+    let raw: RawRegionInfo = read_exact(command, payload)?;
+    argsz_at_least(command, raw.argsz, size_of::<RawRegionInfo>())?;
+    Ok(Request::GetRegionInfo {
+        argsz: raw.argsz,
+        index: raw.index,
+    })
+}
+
+fn decode_get_region_io_fds(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::DeviceGetRegionIoFds;
+    let raw: RawRegionIoFds = read_exact(command, payload)?;
+    argsz_at_least(command, raw.argsz, size_of::<RawRegionIoFds>())?;
+    if raw.flags != 0 {
+        return Err(ProtocolError::Flags {
+            command,
+            flags: raw.flags,
+        });
+    }
+    if raw.count != 0 {
+        return Err(ProtocolError::Field {
+            command,
+            what: "count must be 0 in a request",
+        });
+    }
+    Ok(Request::GetRegionIoFds {
+        argsz: raw.argsz,
+        index: raw.index,
+    })
+}
+
+fn decode_get_irq_info(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::DeviceGetIrqInfo;
+    let raw: RawIrqInfo = read_exact(command, payload)?;
+    argsz_at_least(command, raw.argsz, size_of::<RawIrqInfo>())?;
+    Ok(Request::GetIrqInfo { index: raw.index })
+}
+
+fn decode_region_read(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::RegionRead;
+    let raw: RawRegionAccess = read_exact(command, payload)?;
+    transfer(command, raw.offset, raw.count)?;
+    Ok(Request::RegionRead {
+        region: raw.region,
+        offset: raw.offset,
+        count: raw.count,
+    })
+}
+
+fn decode_region_write(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::RegionWrite;
+    let (raw, data) = read_prefix::<RawRegionAccess>(command, payload)?;
+    transfer(command, raw.offset, raw.count)?;
+    if data.len() != raw.count as usize {
+        return Err(ProtocolError::PayloadSize {
+            command,
+            expected: size_of::<RawRegionAccess>() + raw.count as usize,
+            actual: payload.len(),
+        });
+    }
+    Ok(Request::RegionWrite {
+        region: raw.region,
+        offset: raw.offset,
+        data,
+    })
+}
+
+fn decode_device_reset(payload: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let command = Command::DeviceReset;
+    if !payload.is_empty() {
+        return Err(ProtocolError::PayloadSize {
+            command,
+            expected: 0,
+            actual: payload.len(),
+        });
+    }
+    Ok(Request::DeviceReset)
 }
 
 fn decode_set_irqs(payload: &[u8], fds: Vec<OwnedFd>) -> Result<SetIrqs, ProtocolError> {
