@@ -395,14 +395,14 @@ pub fn run_until(
                 faults.push(match *u {
                     Upstream::PageRequest(r) => {
                         if let Mmu::Direct(d) = mmu {
-                            d.page_requested(r.pasid, r.prgi, r.addr.get());
+                            d.page_requested(r.pasid, r.grpid, r.addr.get());
                         }
                         if r.last {
-                            sent_at.insert(r.prgi.get(), Instant::now());
+                            sent_at.insert(r.grpid.get(), Instant::now());
                         }
                         DeviceFault::PageRequest(DevicePageRequest {
                             pasid: r.pasid,
-                            grpid: r.prgi,
+                            grpid: r.grpid,
                             perm: r.perm,
                             addr: r.addr,
                             last: r.last,

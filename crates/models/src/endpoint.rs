@@ -99,7 +99,7 @@ pub struct PageRequestMessage {
     /// PASID prefix, if any.
     pub pasid: Option<Pasid>,
     /// PRG index.
-    pub prgi: PrgIndex,
+    pub grpid: PrgIndex,
     /// Page asked for.
     pub addr: PageAddr,
     /// Access wanted.
@@ -263,11 +263,11 @@ impl Endpoint {
             PrgiAlloc::Sequential => self.next_prgi,
             PrgiAlloc::LowestFree => 0,
         };
-        let prgi = (0..PRGI_COUNT)
+        let grpid = (0..PRGI_COUNT)
             .map(|i| (start + i) % PRGI_COUNT)
             .find(|p| !self.in_flight.contains_key(p))?;
-        self.next_prgi = (prgi + 1) % PRGI_COUNT;
-        PrgIndex::new(u32::from(prgi)).ok()
+        self.next_prgi = (grpid + 1) % PRGI_COUNT;
+        PrgIndex::new(u32::from(grpid)).ok()
     }
 
     /// Runs queued accesses until one must wait (credits, PRG indices) or none are left.
@@ -366,7 +366,7 @@ impl Endpoint {
                 self.counters.stalls += 1;
                 return false;
             }
-            let Some(prgi) = self.allocate_prgi() else {
+            let Some(grpid) = self.allocate_prgi() else {
                 self.counters.stalls += 1;
                 return false;
             };
@@ -374,14 +374,14 @@ impl Endpoint {
             for (i, (addr, _)) in missing.iter().enumerate() {
                 out.push(Upstream::PageRequest(PageRequestMessage {
                     pasid: access.pasid,
-                    prgi,
+                    grpid,
                     addr: PageAddr::containing(*addr),
                     perm,
                     last: i + 1 == missing.len(),
                 }));
             }
             self.in_flight.insert(
-                prgi.get(),
+                grpid.get(),
                 InFlight {
                     pasid: access.pasid,
                     requests,
@@ -431,20 +431,20 @@ impl Endpoint {
     }
 
     /// A PRG Response arrives.
-    pub fn on_response(&mut self, pasid: Option<Pasid>, prgi: PrgIndex, code: ResponseCode) {
+    pub fn on_response(&mut self, pasid: Option<Pasid>, grpid: PrgIndex, code: ResponseCode) {
         if !self.status.enabled || self.status.response_failure {
             self.counters.ignored += 1;
             return;
         }
         let matches = self
             .in_flight
-            .get(&prgi.get())
+            .get(&grpid.get())
             .is_some_and(|group| group.pasid == pasid);
-        let group = match self.in_flight.remove(&prgi.get()) {
+        let group = match self.in_flight.remove(&grpid.get()) {
             Some(group) if matches => group,
             other => {
                 if let Some(group) = other {
-                    self.in_flight.insert(prgi.get(), group);
+                    self.in_flight.insert(grpid.get(), group);
                 }
                 self.status.unexpected_prgi = true;
                 self.counters.unexpected += 1;

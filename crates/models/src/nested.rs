@@ -213,23 +213,23 @@ impl DirectIommu {
         self.memory = memory;
     }
 
-    /// The device sent a page request for the page at `addr` in group `prgi` (without PASID:
+    /// The device sent a page request for the page at `addr` in group `grpid` (without PASID:
     /// requests with one are not this IOMMU's).
-    pub fn page_requested(&mut self, pasid: Option<Pasid>, prgi: PrgIndex, addr: u64) {
+    pub fn page_requested(&mut self, pasid: Option<Pasid>, grpid: PrgIndex, addr: u64) {
         if pasid.is_none() {
             self.asked
-                .entry(prgi.get())
+                .entry(grpid.get())
                 .or_default()
                 .push(addr / PAGE_SIZE);
         }
     }
 
-    /// The answer to group `prgi` reached the device: with `Success`, its pages are present.
-    pub fn page_response(&mut self, pasid: Option<Pasid>, prgi: PrgIndex, code: ResponseCode) {
+    /// The answer to group `grpid` reached the device: with `Success`, its pages are present.
+    pub fn page_response(&mut self, pasid: Option<Pasid>, grpid: PrgIndex, code: ResponseCode) {
         if pasid.is_some() {
             return;
         }
-        if let Some(pages) = self.asked.remove(&prgi.get())
+        if let Some(pages) = self.asked.remove(&grpid.get())
             && code == ResponseCode::Success
         {
             self.present.extend(pages);

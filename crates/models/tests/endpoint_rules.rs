@@ -76,8 +76,8 @@ impl Bench {
             .unwrap();
     }
 
-    fn respond(&mut self, prgi: PrgIndex, code: ResponseCode) {
-        self.endpoint.on_response(pasid(), prgi, code);
+    fn respond(&mut self, grpid: PrgIndex, code: ResponseCode) {
+        self.endpoint.on_response(pasid(), grpid, code);
     }
 }
 
@@ -90,7 +90,7 @@ fn a_miss_becomes_a_multi_page_group_with_last_on_its_final_request() {
     assert!(
         requests
             .iter()
-            .all(|r| r.prgi == requests[0].prgi && r.pasid == pasid() && r.perm == Perm::WRITE)
+            .all(|r| r.grpid == requests[0].grpid && r.pasid == pasid() && r.perm == Perm::WRITE)
     );
     assert_eq!(
         requests.iter().map(|r| r.last).collect::<Vec<_>>(),
@@ -124,9 +124,9 @@ fn requests_never_exceed_the_allocation() {
         "the second group needs 2 credits, only 1 is left"
     );
     assert_eq!(b.endpoint.counters().stalls, 1);
-    let prgi = PrgIndex::new(0).unwrap();
+    let grpid = PrgIndex::new(0).unwrap();
     (0..3).for_each(|p| b.map(p));
-    b.respond(prgi, ResponseCode::Success);
+    b.respond(grpid, ResponseCode::Success);
     assert_eq!(
         b.endpoint.outstanding(),
         0,
@@ -177,22 +177,23 @@ fn prg_index_is_never_reused_before_its_response() {
         512,
         "all 512 PRG indices in flight: the 513th access waits"
     );
-    let distinct: std::collections::BTreeSet<u16> = requests.iter().map(|r| r.prgi.get()).collect();
+    let distinct: std::collections::BTreeSet<u16> =
+        requests.iter().map(|r| r.grpid.get()).collect();
     assert_eq!(distinct.len(), 512);
     // Answering index 7 frees exactly that one, which LowestFree takes at once.
     b.respond(PrgIndex::new(7).unwrap(), ResponseCode::Invalid);
     let next = b.requests();
     assert_eq!(next.len(), 1);
-    assert_eq!(next[0].prgi.get(), 7);
+    assert_eq!(next[0].grpid.get(), 7);
 }
 
 #[test]
 fn success_retries_the_translation_and_completes_the_dma() {
     let mut b = Bench::new(EndpointConfig::default());
     b.write(3, 1);
-    let prgi = b.requests()[0].prgi;
+    let grpid = b.requests()[0].grpid;
     b.map(3);
-    b.respond(prgi, ResponseCode::Success);
+    b.respond(grpid, ResponseCode::Success);
     assert!(b.step().is_empty());
     let c = b.endpoint.counters();
     assert_eq!((c.completed, c.retries, c.bytes_written), (1, 1, PAGE_SIZE));
@@ -205,7 +206,7 @@ fn success_without_the_page_mapped_requests_it_again() {
     let mut b = Bench::new(EndpointConfig::default());
     b.write(3, 1);
     let first = b.requests()[0];
-    b.respond(first.prgi, ResponseCode::Success);
+    b.respond(first.grpid, ResponseCode::Success);
     let again = b.requests();
     assert_eq!(again.len(), 1, "the page is still missing: a new request");
     assert_eq!(again[0].addr, first.addr);
@@ -218,10 +219,10 @@ fn retry_policy_gives_up_after_its_rounds() {
         ..EndpointConfig::default()
     });
     b.write(3, 1);
-    let prgi = b.requests()[0].prgi;
-    b.respond(prgi, ResponseCode::Success);
-    let prgi = b.requests()[0].prgi;
-    b.respond(prgi, ResponseCode::Success);
+    let grpid = b.requests()[0].grpid;
+    b.respond(grpid, ResponseCode::Success);
+    let grpid = b.requests()[0].grpid;
+    b.respond(grpid, ResponseCode::Success);
     assert!(b.step().is_empty());
     assert_eq!(b.endpoint.counters().failed_retries, 1);
 }
@@ -230,8 +231,8 @@ fn retry_policy_gives_up_after_its_rounds() {
 fn invalid_fails_the_access_without_dma() {
     let mut b = Bench::new(EndpointConfig::default());
     b.write(3, 1);
-    let prgi = b.requests()[0].prgi;
-    b.respond(prgi, ResponseCode::Invalid);
+    let grpid = b.requests()[0].grpid;
+    b.respond(grpid, ResponseCode::Invalid);
     assert!(b.step().is_empty());
     let c = b.endpoint.counters();
     assert_eq!((c.failed_invalid, c.bytes_written, c.completed), (1, 0, 0));
@@ -244,10 +245,10 @@ fn failure_halts_pri_until_it_is_disabled_and_enabled() {
     b.write(1, 1);
     b.write(2, 1);
     let requests = b.requests();
-    b.respond(requests[0].prgi, ResponseCode::Failure);
+    b.respond(requests[0].grpid, ResponseCode::Failure);
     assert!(b.endpoint.status().response_failure);
     // Every later response is ignored, and no page request goes out: misses fault instead.
-    b.respond(requests[1].prgi, ResponseCode::Success);
+    b.respond(requests[1].grpid, ResponseCode::Success);
     assert_eq!(b.endpoint.counters().ignored, 1);
     b.write(9, 1);
     let out = b.step();
@@ -269,9 +270,9 @@ fn failure_halts_pri_until_it_is_disabled_and_enabled() {
 fn response_for_an_unknown_prg_index_sets_uprgi_and_is_ignored() {
     let mut b = Bench::new(EndpointConfig::default());
     b.write(1, 1);
-    let prgi = b.requests()[0].prgi;
+    let grpid = b.requests()[0].grpid;
     b.respond(
-        PrgIndex::new(prgi.get() as u32 + 1).unwrap(),
+        PrgIndex::new(grpid.get() as u32 + 1).unwrap(),
         ResponseCode::Success,
     );
     assert!(b.endpoint.status().unexpected_prgi);
@@ -287,9 +288,9 @@ fn response_for_an_unknown_prg_index_sets_uprgi_and_is_ignored() {
 fn response_with_another_pasid_is_unexpected() {
     let mut b = Bench::new(EndpointConfig::default());
     b.write(1, 1);
-    let prgi = b.requests()[0].prgi;
+    let grpid = b.requests()[0].grpid;
     b.endpoint
-        .on_response(Some(Pasid::new(6).unwrap()), prgi, ResponseCode::Success);
+        .on_response(Some(Pasid::new(6).unwrap()), grpid, ResponseCode::Success);
     assert!(b.endpoint.status().unexpected_prgi);
     assert_eq!(b.endpoint.groups_in_flight(), 1);
 }

@@ -113,7 +113,7 @@ fn an_endpoint_faults_and_completes_its_dma_through_guest_owned_tables() {
         )
         .unwrap();
     }
-    endpoint.on_response(pasid(1), requests[0].prgi, ResponseCode::Success);
+    endpoint.on_response(pasid(1), requests[0].grpid, ResponseCode::Success);
     out.clear();
     endpoint.step(&mut iommu, &mut memory, &mut out);
     assert!(out.is_empty());

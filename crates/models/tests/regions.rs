@@ -200,7 +200,7 @@ fn the_nested_walker_reads_only_readable_regions_and_stage_two_checks_the_result
     assert_eq!(blind.malformed, 1);
 }
 
-fn prgi(n: u32) -> PrgIndex {
+fn grpid(n: u32) -> PrgIndex {
     PrgIndex::new(n).unwrap()
 }
 
@@ -215,13 +215,13 @@ fn direct_mode_translates_one_to_one_once_a_request_was_answered_success() {
         iommu.translate(space, 0x10_1008, Perm::WRITE),
         Translation::Miss
     );
-    iommu.page_requested(None, prgi(1), 0x10_1000);
-    iommu.page_requested(None, prgi(1), 0x20_0000);
-    iommu.page_requested(None, prgi(2), 0x10_2000);
-    iommu.page_requested(None, prgi(3), 0x90_0000);
-    iommu.page_response(None, prgi(1), ResponseCode::Success);
-    iommu.page_response(None, prgi(2), ResponseCode::Invalid);
-    iommu.page_response(None, prgi(3), ResponseCode::Success);
+    iommu.page_requested(None, grpid(1), 0x10_1000);
+    iommu.page_requested(None, grpid(1), 0x20_0000);
+    iommu.page_requested(None, grpid(2), 0x10_2000);
+    iommu.page_requested(None, grpid(3), 0x90_0000);
+    iommu.page_response(None, grpid(1), ResponseCode::Success);
+    iommu.page_response(None, grpid(2), ResponseCode::Invalid);
+    iommu.page_response(None, grpid(3), ResponseCode::Success);
     assert_eq!(
         iommu.translate(space, 0x10_1008, Perm::WRITE),
         Translation::Hit(0x10_1008)
@@ -282,9 +282,9 @@ fn the_endpoint_fails_a_second_stage_fault_unrecoverably_and_moves_nothing() {
     let Some(Upstream::PageRequest(r)) = out.first().copied() else {
         panic!("a page request first: {out:?}");
     };
-    iommu.page_requested(r.pasid, r.prgi, r.addr.get());
-    iommu.page_response(r.pasid, r.prgi, ResponseCode::Success);
-    endpoint.on_response(r.pasid, r.prgi, ResponseCode::Success);
+    iommu.page_requested(r.pasid, r.grpid, r.addr.get());
+    iommu.page_response(r.pasid, r.grpid, ResponseCode::Success);
+    endpoint.on_response(r.pasid, r.grpid, ResponseCode::Success);
     out.clear();
     endpoint.step(&mut iommu, &mut memory, &mut out);
     let [Upstream::Unrecoverable(fault)] = out.as_slice() else {

@@ -792,7 +792,7 @@ impl World {
             .map(|u| match u {
                 Upstream::PageRequest(r) => DeviceFault::PageRequest(DevicePageRequest {
                     pasid: r.pasid,
-                    grpid: r.prgi,
+                    grpid: r.grpid,
                     perm: r.perm,
                     addr: r.addr,
                     last: r.last,
