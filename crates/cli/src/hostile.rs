@@ -156,7 +156,7 @@ impl Link {
             .client
             .region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_HOST_STATE, &mut state)
         {
-            Ok(()) => u32::from_le_bytes(state) & 1 != 0,
+            Ok(()) => u32::from_le_bytes(state) & iopf_vfio_user::device::HOST_STATE_FINISHED != 0,
             Err(_) => true,
         }
     }

@@ -22,16 +22,9 @@ use iopf_vfio_user::{
 
 use crate::engine::DeviceSlot;
 
-/// BAR0 register: guest-physical address of the PASID directory (u64, read-write).
-pub const REG_DIRECTORY_BASE: u64 = 0x00;
-/// BAR0 register: slots in the PASID directory (u64, read-write). Writing it makes the
-/// directory effective.
-pub const REG_DIRECTORY_ENTRIES: u64 = 0x08;
-/// BAR0 register: the host's number for this device (u32, read-only).
-pub const REG_DEVICE_ID: u64 = 0x10;
-/// BAR0 register: host state (u32, read-only): bit 0 set once the host has finished, so a
-/// VMM that sees `LIVE` cleared knows to leave rather than attach again.
-pub const REG_HOST_STATE: u64 = 0x18;
+pub use iopf_vfio_user::device::{
+    HOST_STATE_FINISHED, REG_DEVICE_ID, REG_DIRECTORY_BASE, REG_DIRECTORY_ENTRIES, REG_HOST_STATE,
+};
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 4096;
 /// Config space size.
@@ -248,11 +241,13 @@ impl VfioUserDevice for FaultPciDevice {
                     (REG_DIRECTORY_BASE, 8) => self.directory_base,
                     (REG_DIRECTORY_ENTRIES, 8) => self.directory_entries,
                     (REG_DEVICE_ID, 4) => u64::from(self.slot.id.0),
-                    (REG_HOST_STATE, 4) => u64::from(
-                        self.slot
+                    (REG_HOST_STATE, 4) => {
+                        let finished = self
+                            .slot
                             .finished
-                            .load(std::sync::atomic::Ordering::Relaxed),
-                    ),
+                            .load(std::sync::atomic::Ordering::Relaxed);
+                        u64::from(if finished { HOST_STATE_FINISHED } else { 0 })
+                    }
                     _ => return Err(Errno::EINVAL),
                 };
                 data.copy_from_slice(&value.to_le_bytes()[..data.len()]);

@@ -50,6 +50,22 @@ pub const VFIO_PCI_VGA_REGION_INDEX: u32 = 8;
 /// Number of standard PCI regions; device-specific regions follow.
 pub const VFIO_PCI_NUM_REGIONS: u32 = 9;
 
+// The registers of an iopf device's BAR0 (`docs/PROTOCOL.md` §4.6), the same for the host
+// that serves them and the VMM that uses them.
+
+/// BAR0 register: guest-physical address of the PASID directory (u64, read-write).
+pub const REG_DIRECTORY_BASE: u64 = 0x00;
+/// BAR0 register: slots in the PASID directory (u64, read-write). Writing it makes the
+/// directory effective.
+pub const REG_DIRECTORY_ENTRIES: u64 = 0x08;
+/// BAR0 register: the host's number for this device (u32, read-only).
+pub const REG_DEVICE_ID: u64 = 0x10;
+/// BAR0 register: host state (u32, read-only): bit 0 set once the host has finished, so a
+/// VMM that sees `LIVE` cleared knows to leave rather than attach again.
+pub const REG_HOST_STATE: u64 = 0x18;
+/// `REG_HOST_STATE` bit: the host has finished.
+pub const HOST_STATE_FINISHED: u32 = 1 << 0;
+
 /// Region index of the DMA fault region (the fault queue).
 pub const DMA_FAULT_REGION_INDEX: u32 = VFIO_PCI_NUM_REGIONS;
 /// Region index of the DMA fault response region (the response queue).

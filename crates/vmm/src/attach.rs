@@ -14,11 +14,9 @@ use iopf_vfio_user::{Client, ClientError, DmaProt};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// BAR0 register offsets of the iopf device (`docs/PROTOCOL.md`).
-const REG_DIRECTORY_BASE: u64 = 0x00;
-const REG_DIRECTORY_ENTRIES: u64 = 0x08;
-const REG_DEVICE_ID: u64 = 0x10;
-const REG_HOST_STATE: u64 = 0x18;
+use iopf_vfio_user::device::{
+    HOST_STATE_FINISHED, REG_DEVICE_ID, REG_DIRECTORY_BASE, REG_DIRECTORY_ENTRIES, REG_HOST_STATE,
+};
 
 /// Why a device could not be attached, or told about guest memory.
 #[derive(Debug, Error)]
@@ -175,5 +173,5 @@ pub fn map_guest_memory<M: GuestMemoryBackend>(
 pub fn host_finished(client: &mut Client) -> Result<bool, AttachError> {
     let mut state = [0u8; 4];
     client.region_read(VFIO_PCI_BAR0_REGION_INDEX, REG_HOST_STATE, &mut state)?;
-    Ok(u32::from_le_bytes(state) & 1 != 0)
+    Ok(u32::from_le_bytes(state) & HOST_STATE_FINISHED != 0)
 }
