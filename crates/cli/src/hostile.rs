@@ -35,6 +35,7 @@ use iopf_vfio_user::device::{
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED,
 };
 use iopf_vfio_user::{Client, Command};
+use iopf_vmm::{Assembled, GroupAssembler};
 use serde_json::json;
 
 /// How the hostile VMM misbehaves.
@@ -189,7 +190,7 @@ struct Hostile {
     tables: GuestTables,
     guest: Guest,
     rng: Rng,
-    partial: Vec<PageRequest>,
+    partial: GroupAssembler,
     tally: Tally,
     /// Every answer sent or owed in the first life (`replay-after-restart`).
     history: Vec<ResponseRecord>,
@@ -233,7 +234,7 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
         tables,
         guest,
         rng: Rng::new(args.seed ^ 0x5eed),
-        partial: Vec::new(),
+        partial: GroupAssembler::new(),
         tally: Tally::default(),
         history: Vec::new(),
         carry: Vec::new(),
@@ -476,10 +477,15 @@ impl Hostile {
         let mut groups = Vec::new();
         for fault in faults {
             if let Ok(Fault::PageRequest(request)) = fault {
-                self.partial.push(request);
-                if request.last {
-                    self.tally.groups += 1;
-                    groups.push(std::mem::take(&mut self.partial));
+                match self.partial.push(link.device, request) {
+                    Assembled::Partial => {}
+                    Assembled::Group(group) => {
+                        self.tally.groups += 1;
+                        groups.push(group);
+                    }
+                    // The host delivers groups whole: a dropped one is the host's fault, and
+                    // the host's own timeout answers it.
+                    Assembled::DroppedLast(_) => {}
                 }
             }
         }

@@ -13,7 +13,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use iopf_abi::{Fault, PageRequest, Pasid, QueueGeometry, QueueKind, ResponseRecord};
+use iopf_abi::{Fault, Pasid, QueueGeometry, QueueKind, ResponseRecord};
 use iopf_core::{
     Clock, DeviceConfig, DeviceCounters, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse,
     DeviceSink, FaultCore, ManualClock, Nanos, QueueHandler, ResponseSource,
@@ -22,6 +22,7 @@ use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, QueueMemory,
     ResponseQueueConsumer, ResponseQueueProducer,
 };
+use iopf_vmm::{Assembled, GroupAssembler};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -351,7 +352,7 @@ struct Vmm {
     faults: FaultQueueConsumer<Memory>,
     responses: ResponseQueueProducer<Memory>,
     /// Records of a group read so far (a group may straddle two polls).
-    partial: Vec<PageRequest>,
+    partial: GroupAssembler,
 }
 
 impl Vmm {
@@ -613,7 +614,7 @@ impl World {
         d.vmm = Some(Vmm {
             faults: FaultQueueConsumer::new(fault_memory, vmm_bell),
             responses: ResponseQueueProducer::new(response_memory, None),
-            partial: Vec::new(),
+            partial: GroupAssembler::new(),
         });
         d.life += 1;
         if let Err(e) = self.core.register(d.id, Box::new(handler)) {
@@ -826,9 +827,13 @@ impl World {
         for fault in faults {
             match fault {
                 Ok(Fault::PageRequest(request)) => {
-                    vmm.partial.push(request);
-                    if request.last {
-                        groups.push(std::mem::take(&mut vmm.partial));
+                    match vmm.partial.push(0, request) {
+                        Assembled::Partial => {}
+                        Assembled::Group(group) => groups.push(group),
+                        // The fault core delivers groups whole and bounded: never.
+                        Assembled::DroppedLast(_) => self.violations.push(
+                            "the fault core delivered an interrupted or oversized group".into(),
+                        ),
                     }
                 }
                 Ok(Fault::Unrecoverable(_)) => {}
