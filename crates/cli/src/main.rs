@@ -5,7 +5,6 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
-mod hostile;
 mod inspect;
 mod logging;
 mod report;
@@ -51,10 +50,6 @@ enum Command {
     /// The peer process of `iopf bench` (started by it).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
-    /// A VMM that attaches one device and then misbehaves in one chosen way (the hostile-VMM
-    /// process suite, `tests/hostile_vmm.rs`).
-    #[command(hide = true)]
-    HostileVmm(hostile::HostileArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -83,6 +78,5 @@ fn command(command: Command) -> anyhow::Result<()> {
         Command::Sim(args) => sim::main(args),
         Command::Inspect(args) => inspect::main(args),
         Command::BenchPeer(args) => bench::peer(args),
-        Command::HostileVmm(args) => hostile::main(args),
     }
 }

@@ -1,5 +1,5 @@
 //! The hostile-VMM process suite: a real `iopf host` serving two devices, a
-//! well-behaved `iopf vmm` on one, and `iopf hostile-vmm` misbehaving on the other in one way
+//! well-behaved `iopf vmm` on one, and `iopf-hostile-vmm` (crates/hostile-vmm) misbehaving on the other in one way
 //! per test. Whatever the hostile VMM does, the host must
 //! - keep serving the good device to completion, undisturbed: every access completed, every
 //!   group answered by its guest, nothing refused or answered by the host itself;
@@ -28,6 +28,19 @@ use serde_json::Value;
 
 fn iopf() -> Command {
     Command::new(env!("CARGO_BIN_EXE_iopf"))
+}
+
+/// The hostile VMM: a test-support binary of its own crate (`crates/hostile-vmm`), never part
+/// of `iopf`. `cargo test --workspace` builds it next to `iopf`.
+fn hostile_vmm() -> Command {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_iopf")).with_file_name("iopf-hostile-vmm");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p iopf-hostile-vmm` (or run the whole \
+         suite with `cargo test --workspace`)",
+        path.display()
+    );
+    Command::new(path)
 }
 
 /// Kills the child if the test fails before it ends.
@@ -231,8 +244,8 @@ fn run(case: &Case, extra: &[&str]) -> Outcome {
     let good = good_vmm(&socket, &scenario);
     wait_attached(&good);
     let mut hostile = Reaper(
-        iopf()
-            .args(["hostile-vmm", "--behaviour", case.behaviour, "--socket"])
+        hostile_vmm()
+            .args(["--behaviour", case.behaviour, "--socket"])
             .arg(&socket)
             .args(extra)
             .stdout(Stdio::piped())
