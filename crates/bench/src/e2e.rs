@@ -18,7 +18,7 @@ use iopf_core::{
     FaultHandler, MonotonicClock, QueueHandler, ResponseSource, StageError, Wake,
 };
 use iopf_queue::{
-    DEFAULT_SPIN, Doorbell, FaultQueueProducer, ProtocolError, QueueError, ResponseQueueConsumer,
+    DEFAULT_SPIN, Doorbell, FaultQueueProducer, QueueError, ResponseQueueConsumer, RingError,
     Staged,
 };
 
@@ -95,7 +95,7 @@ impl FaultHandler for Counted {
     fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError> {
         self.inner.stage_group(group)
     }
-    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError> {
+    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, RingError> {
         self.inner.stage_unrecoverable(fault)
     }
     fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
@@ -108,7 +108,7 @@ impl FaultHandler for Counted {
         &mut self,
         max: usize,
         out: &mut Vec<ResponseRecord>,
-    ) -> Result<usize, ProtocolError> {
+    ) -> Result<usize, RingError> {
         self.inner.drain_responses(max, out)
     }
     fn count_rejected(&mut self, n: u64) {
@@ -120,7 +120,7 @@ impl FaultHandler for Counted {
     fn kick(&mut self) -> Option<Wake> {
         self.inner.kick()
     }
-    fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+    fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
         self.inner.prepare_to_sleep()
     }
     fn woke(&mut self) {

@@ -3,7 +3,7 @@
 use std::io;
 
 use iopf_core::CoreError;
-use iopf_queue::{AttachError, ProtocolError, PushError, QueueError};
+use iopf_queue::{AttachError, PushError, QueueError, RingError};
 use thiserror::Error;
 
 /// Why `iopf bench` (or its peer process) failed.
@@ -27,7 +27,7 @@ pub enum BenchError {
     Queue(#[from] QueueError),
     /// A ring was broken (a bug here: both sides are ours).
     #[error("ring broken")]
-    Protocol(#[from] ProtocolError),
+    Protocol(#[from] RingError),
     /// The fault core refused a call.
     #[error("the fault core refused a call")]
     Core(#[from] CoreError),

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use iopf_abi::{PageRequest, ResponseRecord, UnrecoverableFault};
 use iopf_queue::{
-    Doorbell, FaultQueueProducer, ProtocolError, PushError, QueueError, QueueMemory, QueueRegion,
-    ResponseQueueConsumer, Staged,
+    Doorbell, FaultQueueProducer, PushError, QueueError, QueueMemory, QueueRegion,
+    ResponseQueueConsumer, RingError, Staged,
 };
 
 /// Why a handler could not take a group: the ring's own [`PushError`], `Full` (no room for the
@@ -34,7 +34,7 @@ pub trait FaultHandler: Send + fmt::Debug {
     /// Stages a whole group (records in order, `LAST_PAGE` last), or none of it.
     fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError>;
     /// Stages an unrecoverable fault, or drops and counts it when there is no room.
-    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError>;
+    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, RingError>;
     /// Publishes what was staged; returns the consumer's doorbell if it sleeps, for the core
     /// to ring after releasing the device's lock.
     fn publish(&mut self) -> Result<Option<Wake>, QueueError>;
@@ -43,7 +43,7 @@ pub trait FaultHandler: Send + fmt::Debug {
         &mut self,
         max: usize,
         out: &mut Vec<ResponseRecord>,
-    ) -> Result<usize, ProtocolError>;
+    ) -> Result<usize, RingError>;
     /// Counts `n` refused responses where the consumer can see them.
     fn count_rejected(&mut self, n: u64);
     /// Tells the consumer whether the handler is registered (`LIVE`).
@@ -53,7 +53,7 @@ pub trait FaultHandler: Send + fmt::Debug {
     fn kick(&mut self) -> Option<Wake>;
     /// Asks the VMM to ring the response doorbell for its next response (`NEED_WAKEUP`).
     /// Returns `false` if responses are already waiting (the request is withdrawn).
-    fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError>;
+    fn prepare_to_sleep(&mut self) -> Result<bool, RingError>;
     /// Withdraws the request of [`prepare_to_sleep`](Self::prepare_to_sleep).
     fn woke(&mut self);
     /// Sets the doorbell rung when faults are published and the consumer sleeps (the fault
@@ -85,7 +85,7 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
         self.faults.stage_group(group)
     }
 
-    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, ProtocolError> {
+    fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, RingError> {
         self.faults.stage_unrecoverable(fault)
     }
 
@@ -97,7 +97,7 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
         &mut self,
         max: usize,
         out: &mut Vec<ResponseRecord>,
-    ) -> Result<usize, ProtocolError> {
+    ) -> Result<usize, RingError> {
         self.responses.drain(max, |record| out.push(record))
     }
 
@@ -114,7 +114,7 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
         self.faults.kick_deferred()
     }
 
-    fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+    fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
         self.responses.prepare_to_sleep()
     }
 

@@ -21,7 +21,7 @@ use crate::endpoint::QueueError;
 use crate::fault_queue::FaultQueueConsumer;
 use crate::region::AttachError;
 use crate::response_queue::ResponseQueueProducer;
-use crate::ring::ProtocolError;
+use crate::ring::RingError;
 
 /// Why a fault channel stopped working.
 #[derive(Debug, Error)]
@@ -32,7 +32,7 @@ pub enum ChannelError {
     Queue(#[from] QueueError),
     /// The peer broke a ring's indices.
     #[error("ring broken by the peer")]
-    Ring(#[from] ProtocolError),
+    Ring(#[from] RingError),
     /// The backend's file failed (a kernel fault queue's `read`, `write` or `poll`).
     #[error("{what} failed")]
     Io {

@@ -10,7 +10,7 @@ use thiserror::Error;
 use crate::doorbell::Doorbell;
 use crate::entry::Entry;
 use crate::memory::QueueMemory;
-use crate::ring::{ProtocolError, Published, RingConsumer, RingProducer};
+use crate::ring::{Published, RingConsumer, RingError, RingProducer};
 
 /// Why a queue operation failed.
 #[derive(Debug, Error)]
@@ -18,7 +18,7 @@ use crate::ring::{ProtocolError, Published, RingConsumer, RingProducer};
 pub enum QueueError {
     /// The peer broke the ring protocol; the queue is unusable.
     #[error("queue broken by its peer")]
-    Broken(#[from] ProtocolError),
+    Broken(#[from] RingError),
     /// The doorbell's eventfd failed.
     #[error("doorbell eventfd failed")]
     Doorbell(#[source] io::Error),
@@ -54,7 +54,7 @@ impl<E: Entry, M: QueueMemory> Sender<E, M> {
     /// Publishes every staged record with one index store and returns the consumer's doorbell
     /// if it is asleep, for the caller to ring later (after releasing its locks: a peer that
     /// owns the eventfd can make a ring block, see [`Doorbell::ring`]).
-    pub fn publish_deferred(&mut self) -> Result<Option<Arc<Doorbell>>, ProtocolError> {
+    pub fn publish_deferred(&mut self) -> Result<Option<Arc<Doorbell>>, RingError> {
         let published = self.ring.publish()?;
         Ok(self.kick_deferred_if(published.kick))
     }
@@ -97,7 +97,7 @@ impl<E: Entry, M: QueueMemory> Sender<E, M> {
     }
 
     /// The ring's error, if the peer broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.ring.broken()
     }
 }
@@ -128,12 +128,12 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
 
     /// Reads up to `max` records, in order, handing each to `f`; returns their slots with one
     /// index store. Returns how many were read (0 if none are ready).
-    pub fn drain(&mut self, max: usize, f: impl FnMut(E)) -> Result<usize, ProtocolError> {
+    pub fn drain(&mut self, max: usize, f: impl FnMut(E)) -> Result<usize, RingError> {
         self.ring.drain(max, f)
     }
 
     /// Records published and not yet drained.
-    pub fn ready(&mut self) -> Result<u32, ProtocolError> {
+    pub fn ready(&mut self) -> Result<u32, RingError> {
         self.ring.refresh()
     }
 
@@ -168,7 +168,7 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
     /// and returns `true` if the ring is still empty, so the caller may sleep on
     /// [`doorbell`](Self::doorbell); `false` if records arrived (the flag is cleared again).
     /// Call [`woke`](Self::woke) after sleeping.
-    pub fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+    pub fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
         self.ring.prepare_to_sleep()
     }
 
@@ -188,7 +188,7 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
     }
 
     /// The ring's error, if the peer broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.ring.broken()
     }
 }

@@ -13,7 +13,7 @@ use crate::doorbell::Doorbell;
 use crate::endpoint::{QueueError, Receiver, Sender};
 use crate::memory::QueueMemory;
 use crate::region::{AttachError, QueueRegion};
-use crate::ring::{ProtocolError, Published, PushError, RingConsumer, RingProducer};
+use crate::ring::{Published, PushError, RingConsumer, RingError, RingProducer};
 use crate::sync::Ordering;
 
 /// What became of an unrecoverable fault offered to the queue.
@@ -94,10 +94,7 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
     }
 
     /// Stages an unrecoverable fault, or drops and counts it if the ring is full.
-    pub fn stage_unrecoverable(
-        &mut self,
-        fault: &UnrecoverableFault,
-    ) -> Result<Staged, ProtocolError> {
+    pub fn stage_unrecoverable(&mut self, fault: &UnrecoverableFault) -> Result<Staged, RingError> {
         match self.sender.ring.stage(&FaultRecord::from(fault)) {
             Ok(()) => Ok(Staged::Queued),
             Err(PushError::Full) => {
@@ -128,7 +125,7 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
     /// Publishes like [`publish`](Self::publish) but returns the VMM's doorbell, if it sleeps,
     /// instead of ringing it: the VMM owns that eventfd and can make a ring block (see
     /// [`Doorbell::ring`]), so a caller holding locks rings it after releasing them.
-    pub fn publish_deferred(&mut self) -> Result<Option<Arc<Doorbell>>, ProtocolError> {
+    pub fn publish_deferred(&mut self) -> Result<Option<Arc<Doorbell>>, RingError> {
         self.sender.publish_deferred()
     }
 
@@ -148,7 +145,7 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
     }
 
     /// The ring's error, if the VMM broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.sender.broken()
     }
 }
@@ -194,11 +191,7 @@ impl<M: QueueMemory> FaultQueueConsumer<M> {
     }
 
     /// Reads up to `max` raw records, in order, and returns their slots.
-    pub fn drain(
-        &mut self,
-        max: usize,
-        f: impl FnMut(FaultRecord),
-    ) -> Result<usize, ProtocolError> {
+    pub fn drain(&mut self, max: usize, f: impl FnMut(FaultRecord)) -> Result<usize, RingError> {
         self.receiver.drain(max, f)
     }
 
@@ -208,7 +201,7 @@ impl<M: QueueMemory> FaultQueueConsumer<M> {
         &mut self,
         max: usize,
         mut f: impl FnMut(Result<Fault, DecodeError>),
-    ) -> Result<usize, ProtocolError> {
+    ) -> Result<usize, RingError> {
         self.receiver.drain(max, |record| f(record.decode()))
     }
 
@@ -226,7 +219,7 @@ impl<M: QueueMemory> FaultQueueConsumer<M> {
     /// Sets `NEED_WAKEUP` for an event loop about to sleep on [`doorbell`](Self::doorbell);
     /// `false` if faults arrived meanwhile (the flag is cleared again; see
     /// [`Receiver::prepare_to_sleep`]).
-    pub fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+    pub fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
         self.receiver.prepare_to_sleep()
     }
 
@@ -256,7 +249,7 @@ impl<M: QueueMemory> FaultQueueConsumer<M> {
     }
 
     /// The ring's error, if the host broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.receiver.broken()
     }
 }

@@ -17,7 +17,7 @@
 //! (crate `iopf-iommufd`).
 //!
 //! Each side keeps its indices in private memory and validates every index it reads from the
-//! other side: a peer that writes garbage breaks its own queue ([`ProtocolError`]), and
+//! other side: a peer that writes garbage breaks its own queue ([`RingError`]), and
 //! nothing else.
 //!
 //! The only `unsafe` code is the shared mapping of a region (module `mapping`); every other
@@ -33,7 +33,7 @@ mod sync;
 
 pub use entry::Entry;
 pub use memory::{HeapMemory, HostPage, QueueMemory, VmmPage};
-pub use ring::{ProtocolError, Published, PushError, RingConsumer, RingProducer};
+pub use ring::{Published, PushError, RingConsumer, RingError, RingProducer};
 
 // The OS side (memfd, mmap, eventfd, SCM_RIGHTS) and the queues built on it: real memory and
 // real syscalls, which the loom model has no use for.

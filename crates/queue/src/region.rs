@@ -62,7 +62,7 @@ pub enum AttachError {
     Region(#[from] RegionError),
     /// The indices in the region's pages are inconsistent.
     #[error("inconsistent ring indices")]
-    Ring(#[from] crate::ring::ProtocolError),
+    Ring(#[from] crate::ring::RingError),
     /// The region is larger than its header says: a consistent region is exactly its length.
     #[error("region is {len} bytes but its header describes {expected}")]
     SizeMismatch {

@@ -11,7 +11,7 @@ use crate::doorbell::Doorbell;
 use crate::endpoint::{QueueError, Receiver, Sender};
 use crate::memory::QueueMemory;
 use crate::region::{AttachError, QueueRegion};
-use crate::ring::{ProtocolError, Published, PushError, RingConsumer, RingProducer};
+use crate::ring::{Published, PushError, RingConsumer, RingError, RingProducer};
 use crate::sync::Ordering;
 
 /// The VMM's end of a response queue.
@@ -67,7 +67,7 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
     }
 
     /// Stages as many of `responses` as fit; returns how many.
-    pub fn stage_some(&mut self, responses: &[PageResponse]) -> Result<usize, ProtocolError> {
+    pub fn stage_some(&mut self, responses: &[PageResponse]) -> Result<usize, RingError> {
         self.stage_records_some(responses.iter().map(ResponseRecord::from))
     }
 
@@ -75,7 +75,7 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
     pub fn stage_records_some(
         &mut self,
         records: impl IntoIterator<Item = ResponseRecord>,
-    ) -> Result<usize, ProtocolError> {
+    ) -> Result<usize, RingError> {
         let mut staged = 0;
         for record in records {
             match self.stage_record(&record) {
@@ -98,7 +98,7 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
     }
 
     /// The ring's error, if the host broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.sender.broken()
     }
 }
@@ -158,11 +158,7 @@ impl<M: QueueMemory> ResponseQueueConsumer<M> {
 
     /// Reads up to `max` raw records, in order, and returns their slots. Each record is copied
     /// out of shared memory once, so the VMM cannot change it between check and use.
-    pub fn drain(
-        &mut self,
-        max: usize,
-        f: impl FnMut(ResponseRecord),
-    ) -> Result<usize, ProtocolError> {
+    pub fn drain(&mut self, max: usize, f: impl FnMut(ResponseRecord)) -> Result<usize, RingError> {
         self.receiver.drain(max, f)
     }
 
@@ -179,7 +175,7 @@ impl<M: QueueMemory> ResponseQueueConsumer<M> {
 
     /// Sets `NEED_WAKEUP` for an event loop about to sleep on [`doorbell`](Self::doorbell);
     /// `false` if responses arrived meanwhile (see [`Receiver::prepare_to_sleep`]).
-    pub fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+    pub fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
         self.receiver.prepare_to_sleep()
     }
 
@@ -206,7 +202,7 @@ impl<M: QueueMemory> ResponseQueueConsumer<M> {
     }
 
     /// The ring's error, if the VMM broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.receiver.broken()
     }
 }

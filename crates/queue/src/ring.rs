@@ -4,7 +4,7 @@
 //! Each side keeps its own index, and its copy of the peer's, in private memory; shared memory
 //! is written with stores of those private values and read only to learn the peer's progress.
 //! Every index read from the peer is checked before use, so a peer that writes garbage can make
-//! the ring [`ProtocolError`] (broken, sticky), never make this side touch a slot it does not
+//! the ring [`RingError`] (broken, sticky), never make this side touch a slot it does not
 //! own. Slot positions are always `index & (nb_entries - 1)`, in bounds whatever the index.
 //!
 //! Sync points (each Release store pairs with the Acquire load of the same cell on the other
@@ -34,7 +34,7 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering, fence};
 /// The peer broke the ring protocol. The ring stops; the region is to be torn down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[non_exhaustive]
-pub enum ProtocolError {
+pub enum RingError {
     /// The consumer's index moved backwards or past the producer's.
     #[error("consumer index {found} is outside [{low}, {high}]")]
     ConsumerIndex {
@@ -68,7 +68,7 @@ pub enum PushError {
     Full,
     /// The ring is broken.
     #[error(transparent)]
-    Broken(#[from] ProtocolError),
+    Broken(#[from] RingError),
 }
 
 /// `lo <= x <= hi` on the circle of free-running `u32` indices, given `lo <= hi` there.
@@ -130,7 +130,7 @@ pub struct RingProducer<E, M> {
     published: u32,
     /// Last validated consumer index.
     cons: u32,
-    broken: Option<ProtocolError>,
+    broken: Option<RingError>,
     _entry: PhantomData<E>,
 }
 
@@ -153,10 +153,10 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     }
 
     /// A producer resuming a ring whose producer index is `prod` and consumer index `cons`.
-    pub fn with_indices(memory: M, prod: u32, cons: u32) -> Result<Self, ProtocolError> {
+    pub fn with_indices(memory: M, prod: u32, cons: u32) -> Result<Self, RingError> {
         let mut ring = Self::new(memory);
         if prod.wrapping_sub(cons) > ring.nb_entries {
-            return Err(ProtocolError::ConsumerIndex {
+            return Err(RingError::ConsumerIndex {
                 found: cons,
                 low: prod.wrapping_sub(ring.nb_entries),
                 high: prod,
@@ -172,7 +172,7 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     }
 
     /// The ring's error, if the peer broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.broken
     }
 
@@ -199,7 +199,7 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
         within(found, self.cons, self.published).then(|| self.published.wrapping_sub(found))
     }
 
-    fn check(&self) -> Result<(), ProtocolError> {
+    fn check(&self) -> Result<(), RingError> {
         match self.broken {
             Some(e) => Err(e),
             None => Ok(()),
@@ -207,13 +207,13 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     }
 
     /// Re-reads the consumer's index and returns the free slots.
-    pub fn refresh(&mut self) -> Result<u32, ProtocolError> {
+    pub fn refresh(&mut self) -> Result<u32, RingError> {
         self.check()?;
         // SYNC C1 (acquire): the consumer's slot reads happen before we reuse the slots.
         let found = Cells::cons(self.kind, &self.memory).load(Ordering::Acquire);
         // The consumer can only have read what we published, and never moves backwards.
         if !within(found, self.cons, self.published) {
-            let e = ProtocolError::ConsumerIndex {
+            let e = RingError::ConsumerIndex {
                 found,
                 low: self.cons,
                 high: self.published,
@@ -276,7 +276,7 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     }
 
     /// Writes as many of `entries` as fit, returns how many.
-    pub fn stage_some(&mut self, entries: &[E]) -> Result<usize, ProtocolError> {
+    pub fn stage_some(&mut self, entries: &[E]) -> Result<usize, RingError> {
         self.check()?;
         let mut free = self.free();
         if (free as usize) < entries.len() {
@@ -291,7 +291,7 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
 
     /// Makes every staged record visible to the consumer with one index store, and says
     /// whether the consumer must be woken.
-    pub fn publish(&mut self) -> Result<Published, ProtocolError> {
+    pub fn publish(&mut self) -> Result<Published, RingError> {
         self.check()?;
         let records = self.staged();
         if records == 0 {
@@ -326,7 +326,7 @@ pub struct RingConsumer<E, M> {
     flags: u32,
     /// Between `prepare_to_sleep` (returning true) and `woke`.
     sleeping: bool,
-    broken: Option<ProtocolError>,
+    broken: Option<RingError>,
     _entry: PhantomData<E>,
 }
 
@@ -350,10 +350,10 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
     }
 
     /// A consumer resuming a ring whose consumer index is `cons` and producer index `prod`.
-    pub fn with_indices(memory: M, cons: u32, prod: u32) -> Result<Self, ProtocolError> {
+    pub fn with_indices(memory: M, cons: u32, prod: u32) -> Result<Self, RingError> {
         let mut ring = Self::new(memory);
         if prod.wrapping_sub(cons) > ring.nb_entries {
-            return Err(ProtocolError::ProducerIndex {
+            return Err(RingError::ProducerIndex {
                 found: prod,
                 low: cons,
                 high: cons.wrapping_add(ring.nb_entries),
@@ -369,7 +369,7 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
     }
 
     /// The ring's error, if the peer broke it.
-    pub fn broken(&self) -> Option<ProtocolError> {
+    pub fn broken(&self) -> Option<RingError> {
         self.broken
     }
 
@@ -388,7 +388,7 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
             .store(self.flags | wakeup, Ordering::Relaxed);
     }
 
-    fn check(&self) -> Result<(), ProtocolError> {
+    fn check(&self) -> Result<(), RingError> {
         match self.broken {
             Some(e) => Err(e),
             None => Ok(()),
@@ -396,14 +396,14 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
     }
 
     /// Re-reads the producer's index and returns the records ready to read.
-    pub fn refresh(&mut self) -> Result<u32, ProtocolError> {
+    pub fn refresh(&mut self) -> Result<u32, RingError> {
         self.check()?;
         // SYNC P1 (acquire): the producer's slot writes before `prod` are visible below.
         let found = Cells::prod(self.kind, &self.memory).load(Ordering::Acquire);
         // The producer never moves backwards and never runs more than a ring ahead of us.
         let high = self.cons.wrapping_add(self.nb_entries);
         if !within(found, self.prod, high) {
-            let e = ProtocolError::ProducerIndex {
+            let e = RingError::ProducerIndex {
                 found,
                 low: self.prod,
                 high,
@@ -421,7 +421,7 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
 
     /// Reads up to `max` records (refreshing the producer's index once), hands each to `f` in
     /// order, then returns their slots with one index store. Returns how many were read.
-    pub fn drain(&mut self, max: usize, mut f: impl FnMut(E)) -> Result<usize, ProtocolError> {
+    pub fn drain(&mut self, max: usize, mut f: impl FnMut(E)) -> Result<usize, RingError> {
         let available = self.refresh()?;
         let n = (available as usize).min(max);
         if n == 0 {
@@ -440,7 +440,7 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
     /// Announces that this consumer is about to sleep on its doorbell. Returns `true` if it
     /// must sleep (the ring is still empty after the announcement), `false` if records arrived
     /// meanwhile (the flag is cleared again). After sleeping, call [`woke`](Self::woke).
-    pub fn prepare_to_sleep(&mut self) -> Result<bool, ProtocolError> {
+    pub fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
         self.check()?;
         Cells::consumer_flags(self.kind, &self.memory)
             .store(self.flags | FLAG_NEED_WAKEUP, Ordering::Relaxed);
@@ -562,7 +562,7 @@ mod tests {
         p.stage(&record(1)).unwrap();
         p.publish().unwrap();
         p.memory().host_page().index.store(2, Ordering::Relaxed);
-        let expected = ProtocolError::ConsumerIndex {
+        let expected = RingError::ConsumerIndex {
             found: 2,
             low: 0,
             high: 1,
@@ -584,7 +584,7 @@ mod tests {
         p.memory().host_page().index.store(1, Ordering::Relaxed);
         assert!(matches!(
             p.refresh(),
-            Err(ProtocolError::ConsumerIndex { found: 1, .. })
+            Err(RingError::ConsumerIndex { found: 1, .. })
         ));
     }
 
@@ -594,7 +594,7 @@ mod tests {
         p.memory().vmm_page().index.store(5, Ordering::Relaxed);
         assert_eq!(
             c.refresh(),
-            Err(ProtocolError::ProducerIndex {
+            Err(RingError::ProducerIndex {
                 found: 5,
                 low: 0,
                 high: 4
@@ -613,7 +613,7 @@ mod tests {
         p.memory().vmm_page().index.store(2, Ordering::Relaxed);
         assert!(matches!(
             c.refresh(),
-            Err(ProtocolError::ProducerIndex { found: 2, .. })
+            Err(RingError::ProducerIndex { found: 2, .. })
         ));
     }
 

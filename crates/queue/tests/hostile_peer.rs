@@ -23,9 +23,9 @@ use iopf_abi::{
 };
 use iopf_queue::fdpass::{MAX_FDS, recv_with_fds, send_with_fds};
 use iopf_queue::{
-    AttachError, Doorbell, FaultQueueConsumer, FaultQueueProducer, ProtocolError, PushError,
-    QueueError, QueueMemory, QueueRegion, REQUIRED_SEALS, ResponseQueueConsumer,
-    ResponseQueueProducer, Staged,
+    AttachError, Doorbell, FaultQueueConsumer, FaultQueueProducer, PushError, QueueError,
+    QueueMemory, QueueRegion, REQUIRED_SEALS, ResponseQueueConsumer, ResponseQueueProducer,
+    RingError, Staged,
 };
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 use rustix::io::Errno;
@@ -170,7 +170,7 @@ fn garbage_vmm_consumer_index_breaks_the_host_fault_producer_for_good() {
 
     // The ring is full, so the next stage must read the VMM's index: garbage.
     write_vmm_index(host.memory().fd(), 0xdead_beef);
-    let expected = ProtocolError::ConsumerIndex {
+    let expected = RingError::ConsumerIndex {
         found: 0xdead_beef,
         low: 0,
         high: 8,
@@ -205,7 +205,7 @@ fn vmm_consumer_index_past_the_published_records_breaks_the_host_fault_producer(
     for cookie in 2..=7 {
         host.stage_group(&group(cookie, 1)).unwrap(); // Fits the ring as the host knows it.
     }
-    let expected = ProtocolError::ConsumerIndex {
+    let expected = RingError::ConsumerIndex {
         found: 5,
         low: 0,
         high: 2,
@@ -227,7 +227,7 @@ fn vmm_consumer_index_moving_backwards_breaks_the_host_fault_producer() {
     host.stage_group(&group(2, 4)).unwrap(); // Reads cons = 4.
     host.publish().unwrap();
     write_vmm_index(host.memory().fd(), 2); // "Un-reads" two records.
-    let expected = ProtocolError::ConsumerIndex {
+    let expected = RingError::ConsumerIndex {
         found: 2,
         low: 4,
         high: 8,
@@ -247,7 +247,7 @@ fn random_vmm_page_garbage_never_panics_the_host_and_what_breaks_stays_broken() 
         let fd = host.memory().fd().try_clone_to_owned().unwrap();
         let mut published = 0u32;
         let mut cookie = 1u32;
-        let mut first_error: Option<ProtocolError> = None;
+        let mut first_error: Option<RingError> = None;
         for _ in 0..200 {
             match rng.below(6) {
                 0 => {
@@ -276,7 +276,7 @@ fn random_vmm_page_garbage_never_panics_the_host_and_what_breaks_stays_broken() 
             }
             match (first_error, host.broken()) {
                 (None, Some(e)) => {
-                    assert!(matches!(e, ProtocolError::ConsumerIndex { .. }), "{e:?}");
+                    assert!(matches!(e, RingError::ConsumerIndex { .. }), "{e:?}");
                     first_error = Some(e);
                 }
                 (Some(first), now) => assert_eq!(now, Some(first), "a broken ring revived"),
@@ -294,7 +294,7 @@ fn garbage_vmm_producer_index_breaks_the_host_response_consumer_without_yielding
     let mut host = ResponseQueueConsumer::create(8, Doorbell::new().unwrap()).unwrap();
     // More than a ring ahead of the host's consumer index.
     write_vmm_index(host.memory().fd(), 9);
-    let expected = ProtocolError::ProducerIndex {
+    let expected = RingError::ProducerIndex {
         found: 9,
         low: 0,
         high: 8,
@@ -325,7 +325,7 @@ fn vmm_producer_index_moving_backwards_breaks_the_host_response_consumer() {
     assert_eq!(host.drain(usize::MAX, |r| got.push(r.decode())), Ok(3));
     assert_eq!(got, (1..=3).map(|c| Ok(response(c))).collect::<Vec<_>>());
     write_vmm_index(host.memory().fd(), 1);
-    let expected = ProtocolError::ProducerIndex {
+    let expected = RingError::ProducerIndex {
         found: 1,
         low: 3,
         high: 11,
@@ -470,7 +470,7 @@ fn punching_a_hole_in_the_region_zeroes_it_and_the_host_reports_the_rewound_inde
     }
     assert_eq!(host.publish().unwrap().records, 3);
     // ...then the VMM's index reads 0: it went backwards.
-    let expected = ProtocolError::ConsumerIndex {
+    let expected = RingError::ConsumerIndex {
         found: 0,
         low: 4,
         high: 8,
@@ -1061,7 +1061,7 @@ fn attach_refuses_inconsistent_ring_indices() {
     assert!(
         matches!(
             err,
-            AttachError::Ring(ProtocolError::ProducerIndex {
+            AttachError::Ring(RingError::ProducerIndex {
                 found: 100,
                 low: 0,
                 high: 8
@@ -1077,7 +1077,7 @@ fn attach_refuses_inconsistent_ring_indices() {
     assert!(
         matches!(
             err,
-            AttachError::Ring(ProtocolError::ConsumerIndex { found: 100, .. })
+            AttachError::Ring(RingError::ConsumerIndex { found: 100, .. })
         ),
         "{err:?}"
     );
