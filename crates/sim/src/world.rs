@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use iopf_abi::{Fault, PageRequest, Pasid, QueueGeometry, QueueKind, ResponseRecord};
 use iopf_core::{
-    Clock, DeviceConfig, DeviceCounters, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse,
-    DeviceSink, FaultCore, ManualClock, Nanos, QueueHandler, ResponseSource,
+    Clock, DeviceConfig, DeviceCounters, DeviceFault, DeviceId, DeviceResponse, DeviceSink,
+    FaultCore, ManualClock, Nanos, QueueHandler, ResponseSource,
 };
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, QueueMemory,
@@ -790,14 +790,9 @@ impl World {
         let faults: Vec<DeviceFault> = upstream
             .into_iter()
             .map(|u| match u {
-                Upstream::PageRequest(r) => DeviceFault::PageRequest(DevicePageRequest {
-                    pasid: r.pasid,
-                    grpid: r.prgi,
-                    perm: r.perm,
-                    addr: r.addr,
-                    last: r.last,
-                    private_data: None,
-                }),
+                Upstream::PageRequest(r) => {
+                    DeviceFault::page_request(r.pasid, r.prgi, r.perm, r.addr, r.last)
+                }
                 Upstream::Unrecoverable(f) => DeviceFault::Unrecoverable(f),
             })
             .collect();
