@@ -60,6 +60,26 @@ pub enum DeviceFault {
     Unrecoverable(UnrecoverableFault),
 }
 
+impl DeviceFault {
+    /// A page request as a device model sends it upstream: no device-specific data.
+    pub fn page_request(
+        pasid: Option<Pasid>,
+        grpid: PrgIndex,
+        perm: Perm,
+        addr: PageAddr,
+        last: bool,
+    ) -> Self {
+        Self::PageRequest(DevicePageRequest {
+            pasid,
+            grpid,
+            perm,
+            addr,
+            last,
+            private_data: None,
+        })
+    }
+}
+
 /// Why the host answered a group itself (always `Invalid`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize)]
 #[serde(rename_all = "snake_case")]

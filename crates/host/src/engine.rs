@@ -4,11 +4,12 @@
 //! doorbell, and takes the core's responses back.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use iopf_core::{DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore};
+use iopf_core::{DeviceFault, DeviceId, DeviceResponse, DeviceSink, FaultCore};
 use iopf_models::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
 use iopf_models::iommu::{SpaceId, Translate, Translation};
 use iopf_models::memory::{GuestMemory, MemoryMap, MemoryVerdict};
@@ -234,253 +235,386 @@ pub fn run_until(
     stop: &std::sync::atomic::AtomicBool,
     drain: Option<&std::sync::atomic::AtomicBool>,
 ) -> EngineReport {
-    use std::sync::atomic::Ordering::Relaxed;
-    let started = Instant::now();
-    let mut endpoint = Endpoint::new(slot.id.0, workload.endpoint);
-    let mut rng = Rng::new(workload.seed);
-    let mut issued = vec![0u32; workload.streams.len()];
-    let mut next_issue = vec![started; workload.streams.len()];
-    let mut next_id = 0u64;
-    let mut generation = u64::MAX;
-    // The walker of the current attachment, and the guest memory DMA writes with its shadow.
-    // The memory outlives a VMM's connection: if the VMM comes back with the same memfd (a new
-    // handler life), its shadow still holds what DMA wrote before.
-    let mut iommu: Option<NestedIommu> = None;
-    // Direct mode's IOMMU lives across attachment changes: its pages stay present until their
-    // mapping goes or the device is reset. It runs once `direct_from` has passed.
-    let mut direct: Option<DirectIommu> = None;
-    let mut direct_from: Option<Instant> = None;
-    let mut resets = 0;
-    let mut map = MemoryMap::new();
-    let mut guest: Option<GuestMemory> = None;
-    let mut wake: Option<Doorbell> = None;
-    let mut verdict = MemoryVerdict::default();
-    let mut malformed = 0;
-    let mut errors = 0;
-    let mut latency =
-        Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"));
-    let mut sent_at: BTreeMap<u16, Instant> = BTreeMap::new();
-    let mut upstream = Vec::new();
-    let mut faults = Vec::new();
-    // Accesses ended (completed or failed) at the end of the previous iteration.
-    let mut ended_before = 0;
-    loop {
-        // Whether the endpoint stopped for its budget with accesses it could still run.
-        let mut more = false;
-        if stop.load(Relaxed) {
+    let mut engine = Engine::new(core, slot, workload, progress, drain);
+    while !stop.load(Relaxed) {
+        engine.attach();
+        let mut turn = engine.begin();
+        if turn.ready && !turn.draining {
+            engine.issue(turn.now);
+        }
+        // Responses first: they free credits and PRG indices.
+        engine.take_responses(&mut turn);
+        engine.step(&mut turn);
+        engine.put_back(turn.mmu.take());
+        let moved = engine.moved(&turn);
+        if engine.done() {
             break;
         }
-        // Pick up new guest memory or a directory (a VMM attached, mapped, or a new one did).
-        {
-            let attachment = slot.attachment();
-            if attachment.generation != generation {
-                generation = attachment.generation;
-                wake = attachment.wake.as_ref().and_then(|d| d.try_clone().ok());
-                if let Some(old) = iommu.take() {
-                    malformed += old.malformed;
-                }
-                let next = desired_map(&attachment, &map);
-                // Direct mode forgets the pages of every mapping that went away.
-                if let Some(d) = direct.as_mut() {
-                    for r in map.regions() {
-                        let kept = next.regions().iter().any(|n| {
-                            n.gpa == r.gpa && std::sync::Arc::ptr_eq(&n.memory, &r.memory)
-                        });
-                        if !kept {
-                            d.unmap(r.gpa, r.memory.len());
-                        }
-                    }
-                    d.set_map(next.clone());
-                    if attachment.resets != resets {
-                        d.reset();
-                    }
-                }
-                resets = attachment.resets;
-                map = next;
-                match guest.as_mut() {
-                    Some(g) => {
-                        if let Some(v) = g.set_map(map.clone()) {
-                            add_verdict(&mut verdict, &v);
-                        }
-                    }
-                    None => guest = GuestMemory::from_map(map.clone()),
-                }
-                direct_from = None;
-                if !map.is_empty() {
-                    // A directory set by an in-process caller counts as written.
-                    if attachment.nested || attachment.directory.is_some() {
-                        if let Some(directory) = attachment.directory {
-                            let mut walk = NestedIommu::over(map.clone());
-                            walk.set_directory(slot.id.0, directory);
-                            iommu = Some(walk);
-                        }
-                    } else {
-                        direct_from = Some(Instant::now() + DIRECT_SETTLE);
-                        direct.get_or_insert_with(|| DirectIommu::new(slot.id.0, map.clone()));
-                    }
+        if engine.serve_core() {
+            // More responses came meanwhile: take them at once.
+            continue;
+        }
+        engine.sleep(&turn, moved);
+    }
+    engine.report()
+}
+
+/// A device's engine between two turns of its loop ([`run_until`]).
+struct Engine<'a> {
+    core: &'a FaultCore,
+    slot: &'a DeviceSlot,
+    workload: &'a Workload,
+    progress: &'a Progress,
+    drain: Option<&'a std::sync::atomic::AtomicBool>,
+    started: Instant,
+    endpoint: Endpoint,
+    rng: Rng,
+    /// Per stream: accesses issued (in its current round).
+    issued: Vec<u32>,
+    /// Per stream: when its next access is due.
+    next_issue: Vec<Instant>,
+    next_id: u64,
+    /// The attachment's generation this engine last picked up.
+    generation: u64,
+    /// The walker of the current attachment (nested mode).
+    iommu: Option<NestedIommu>,
+    /// Direct mode's IOMMU lives across attachment changes: its pages stay present until their
+    /// mapping goes or the device is reset. It runs once `direct_from` has passed.
+    direct: Option<DirectIommu>,
+    direct_from: Option<Instant>,
+    resets: u64,
+    map: MemoryMap,
+    /// The guest memory DMA writes, with its shadow. It outlives a VMM's connection: if the
+    /// VMM comes back with the same memfd (a new handler life), its shadow still holds what DMA
+    /// wrote before.
+    guest: Option<GuestMemory>,
+    wake: Option<Doorbell>,
+    verdict: MemoryVerdict,
+    malformed: u64,
+    errors: u64,
+    latency: Histogram<u64>,
+    /// When each group in flight was sent, by PRG index.
+    sent_at: BTreeMap<u16, Instant>,
+    /// What the endpoint sent upstream the last time it stepped.
+    upstream: Vec<Upstream>,
+    faults: Vec<DeviceFault>,
+    /// Accesses ended (completed or failed) at the end of the previous turn.
+    ended_before: u64,
+}
+
+/// One turn of the engine's loop.
+struct Turn {
+    /// When the turn started.
+    now: Instant,
+    /// The device's IOMMU for the turn, if it may translate now.
+    mmu: Option<Mmu>,
+    /// A handler is registered and the VMM has given the device memory and a way to translate.
+    ready: bool,
+    /// `drain` was set when the turn started.
+    draining: bool,
+    /// The endpoint stopped for its budget with accesses it could still run.
+    more: bool,
+    /// Responses taken this turn.
+    answered: usize,
+}
+
+impl<'a> Engine<'a> {
+    fn new(
+        core: &'a FaultCore,
+        slot: &'a DeviceSlot,
+        workload: &'a Workload,
+        progress: &'a Progress,
+        drain: Option<&'a std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        let started = Instant::now();
+        Self {
+            core,
+            slot,
+            workload,
+            progress,
+            drain,
+            started,
+            endpoint: Endpoint::new(slot.id.0, workload.endpoint),
+            rng: Rng::new(workload.seed),
+            issued: vec![0; workload.streams.len()],
+            next_issue: vec![started; workload.streams.len()],
+            next_id: 0,
+            generation: u64::MAX,
+            iommu: None,
+            direct: None,
+            direct_from: None,
+            resets: 0,
+            map: MemoryMap::new(),
+            guest: None,
+            wake: None,
+            verdict: MemoryVerdict::default(),
+            malformed: 0,
+            errors: 0,
+            latency: Histogram::new(3)
+                .unwrap_or_else(|_| unreachable!("3 significant digits is valid")),
+            sent_at: BTreeMap::new(),
+            upstream: Vec::new(),
+            faults: Vec::new(),
+            ended_before: 0,
+        }
+    }
+
+    /// Picks up new guest memory or a directory (a VMM attached, mapped, or a new one did).
+    fn attach(&mut self) {
+        let slot = self.slot;
+        let attachment = slot.attachment();
+        if attachment.generation == self.generation {
+            return;
+        }
+        self.generation = attachment.generation;
+        self.wake = attachment.wake.as_ref().and_then(|d| d.try_clone().ok());
+        if let Some(old) = self.iommu.take() {
+            self.malformed += old.malformed;
+        }
+        let next = desired_map(&attachment, &self.map);
+        self.remap(next, &attachment);
+        self.direct_from = None;
+        if !self.map.is_empty() {
+            self.choose_mode(&attachment);
+        }
+    }
+
+    /// Moves to the regions `next`: direct mode forgets the pages of every mapping that went
+    /// away (and all of them on a reset), and guest memory follows.
+    fn remap(&mut self, next: MemoryMap, attachment: &Attachment) {
+        if let Some(d) = self.direct.as_mut() {
+            for r in self.map.regions() {
+                let kept = next
+                    .regions()
+                    .iter()
+                    .any(|n| n.gpa == r.gpa && Arc::ptr_eq(&n.memory, &r.memory));
+                if !kept {
+                    d.unmap(r.gpa, r.memory.len());
                 }
             }
+            d.set_map(next.clone());
+            if attachment.resets != self.resets {
+                d.reset();
+            }
         }
+        self.resets = attachment.resets;
+        self.map = next;
+        match self.guest.as_mut() {
+            Some(g) => {
+                if let Some(v) = g.set_map(self.map.clone()) {
+                    add_verdict(&mut self.verdict, &v);
+                }
+            }
+            None => self.guest = GuestMemory::from_map(self.map.clone()),
+        }
+    }
+
+    /// Translates through the guest's tables if the VMM keeps them, else (after
+    /// [`DIRECT_SETTLE`]) one to one through the mappings.
+    fn choose_mode(&mut self, attachment: &Attachment) {
+        // A directory set by an in-process caller counts as written.
+        if attachment.nested || attachment.directory.is_some() {
+            if let Some(directory) = attachment.directory {
+                let mut walk = NestedIommu::over(self.map.clone());
+                walk.set_directory(self.slot.id.0, directory);
+                self.iommu = Some(walk);
+            }
+        } else {
+            self.direct_from = Some(Instant::now() + DIRECT_SETTLE);
+            let (id, map) = (self.slot.id.0, &self.map);
+            self.direct
+                .get_or_insert_with(|| DirectIommu::new(id, map.clone()));
+        }
+    }
+
+    /// Starts a turn: takes the IOMMU of the current mode, and sees whether the device runs.
+    fn begin(&mut self) -> Turn {
         let now = Instant::now();
-        let mut mmu = match (iommu.take(), direct_from) {
+        let mmu = match (self.iommu.take(), self.direct_from) {
             (Some(n), _) => Some(Mmu::Nested(n)),
-            (None, Some(from)) if now >= from => direct.take().map(Mmu::Direct),
+            (None, Some(from)) if now >= from => self.direct.take().map(Mmu::Direct),
             _ => None,
         };
         // The device runs while a handler is registered and the VMM has given it memory and a
         // directory. It does not look at the VMM's `abi` (a device cannot): the fault core
         // answers its page requests `Invalid` (`not_attached`) while either region lacks it.
-        let ready =
-            mmu.is_some() && guest.is_some() && core.is_registered(slot.id).unwrap_or(false);
-        let draining = drain.is_some_and(|d| d.load(Relaxed));
+        let ready = mmu.is_some()
+            && self.guest.is_some()
+            && self.core.is_registered(self.slot.id).unwrap_or(false);
+        Turn {
+            now,
+            mmu,
+            ready,
+            draining: self.drain.is_some_and(|d| d.load(Relaxed)),
+            more: false,
+            answered: 0,
+        }
+    }
+
+    /// Submits the accesses the streams' schedule owes by `now`.
+    fn issue(&mut self, now: Instant) {
         // In rounds, a device that cannot keep up with its streams' rates keeps a bounded
         // backlog: it issues nothing more while this many accesses wait or are in flight.
-        let mut room = match drain {
-            Some(_) => ROUND_BACKLOG.saturating_sub(outstanding(&endpoint.counters())),
+        let mut room = match self.drain {
+            Some(_) => ROUND_BACKLOG.saturating_sub(outstanding(&self.endpoint.counters())),
             None => u64::MAX,
         };
-        if ready && !draining {
-            for (i, stream) in workload.streams.iter().enumerate() {
-                if drain.is_some() {
-                    if issued[i] >= stream.accesses {
-                        // Rounds: this stream starts over.
-                        issued[i] = 0;
-                    }
-                    // A device that runs for hours and cannot keep up with its stream's rate
-                    // (or waited for a VMM) forgets what it owes beyond a short slack, so
-                    // the queue of accesses stays bounded.
-                    if let Some(floor) = now.checked_sub(ROUND_SLACK) {
-                        next_issue[i] = next_issue[i].max(floor);
-                    }
-                }
-                while issued[i] < stream.accesses && next_issue[i] <= now && room > 0 {
-                    room -= 1;
-                    next_id += 1;
-                    endpoint.submit(stream.access(issued[i], next_id, &mut rng));
-                    issued[i] += 1;
-                    next_issue[i] += Duration::from_nanos(stream.interval_ns);
-                }
+        let workload = self.workload;
+        for (i, stream) in workload.streams.iter().enumerate() {
+            if self.drain.is_some() {
+                self.next_round(i, stream, now);
+            }
+            while self.issued[i] < stream.accesses && self.next_issue[i] <= now && room > 0 {
+                room -= 1;
+                self.next_id += 1;
+                let access = stream.access(self.issued[i], self.next_id, &mut self.rng);
+                self.endpoint.submit(access);
+                self.issued[i] += 1;
+                self.next_issue[i] += Duration::from_nanos(stream.interval_ns);
             }
         }
-        // Responses first: they free credits and PRG indices.
-        let responses: Vec<DeviceResponse> = slot
+    }
+
+    /// In rounds: starts stream `i` over once it has issued its accesses, and forgets what it
+    /// owes beyond a short slack.
+    fn next_round(&mut self, i: usize, stream: &Stream, now: Instant) {
+        if self.issued[i] >= stream.accesses {
+            self.issued[i] = 0;
+        }
+        // A device that runs for hours and cannot keep up with its stream's rate (or waited
+        // for a VMM) forgets what it owes beyond a short slack, so the queue of accesses stays
+        // bounded.
+        if let Some(floor) = now.checked_sub(ROUND_SLACK) {
+            self.next_issue[i] = self.next_issue[i].max(floor);
+        }
+    }
+
+    /// Takes the responses the core delivered, and records their round trips.
+    fn take_responses(&mut self, turn: &mut Turn) {
+        let responses: Vec<DeviceResponse> = self
+            .slot
             .inbox
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .drain(..)
             .collect();
         for response in &responses {
-            if let Some(at) = sent_at.remove(&response.grpid.get()) {
+            if let Some(at) = self.sent_at.remove(&response.grpid.get()) {
                 let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 // The histogram resizes itself: recording fails only if it cannot grow.
-                failed(&mut errors, "record a round trip", latency.record(ns));
-                progress.latency.record(ns);
+                failed(
+                    &mut self.errors,
+                    "record a round trip",
+                    self.latency.record(ns),
+                );
+                self.progress.latency.record(ns);
             }
-            if let Some(Mmu::Direct(d)) = mmu.as_mut() {
+            if let Some(Mmu::Direct(d)) = turn.mmu.as_mut() {
                 d.page_response(response.pasid, response.grpid, response.code);
             }
-            endpoint.on_response(response.pasid, response.grpid, response.code);
+            self.endpoint
+                .on_response(response.pasid, response.grpid, response.code);
         }
-        progress
+        self.progress
             .groups_answered
             .fetch_add(responses.len() as u64, Relaxed);
+        turn.answered = responses.len();
+    }
+
+    /// Steps the endpoint (DMA, translations) and reports its faults to the fault core.
+    fn step(&mut self, turn: &mut Turn) {
         // A device reset may have taken the directory away since the top of the loop, and its
         // responses (just taken) freed credits: step only through the tables still current.
-        let current = ready && slot.attachment().generation == generation;
-        if let (Some(mmu), Some(memory), true) = (mmu.as_mut(), guest.as_mut(), current) {
-            upstream.clear();
-            more = endpoint.step_some(mmu, memory, &mut upstream, STEP_BUDGET);
-            faults.clear();
-            for u in &upstream {
-                faults.push(match *u {
-                    Upstream::PageRequest(r) => {
-                        if let Mmu::Direct(d) = mmu {
-                            d.page_requested(r.pasid, r.grpid, r.addr.get());
-                        }
-                        if r.last {
-                            sent_at.insert(r.grpid.get(), Instant::now());
-                        }
-                        DeviceFault::PageRequest(DevicePageRequest {
-                            pasid: r.pasid,
-                            grpid: r.grpid,
-                            perm: r.perm,
-                            addr: r.addr,
-                            last: r.last,
-                            private_data: None,
-                        })
-                    }
-                    Upstream::Unrecoverable(f) => DeviceFault::Unrecoverable(f),
-                });
+        let current = turn.ready && self.slot.attachment().generation == self.generation;
+        let (Some(mmu), Some(memory), true) = (turn.mmu.as_mut(), self.guest.as_mut(), current)
+        else {
+            return;
+        };
+        self.upstream.clear();
+        turn.more = self
+            .endpoint
+            .step_some(mmu, memory, &mut self.upstream, STEP_BUDGET);
+        self.faults.clear();
+        for u in &self.upstream {
+            if let Upstream::PageRequest(r) = u {
+                if let Mmu::Direct(d) = mmu {
+                    d.page_requested(r.pasid, r.grpid, r.addr.get());
+                }
+                if r.last {
+                    self.sent_at.insert(r.grpid.get(), Instant::now());
+                }
             }
-            if !faults.is_empty() {
-                failed(
-                    &mut errors,
-                    "report faults",
-                    core.report_batch(slot.id, &faults),
-                );
-            }
+            self.faults.push(match *u {
+                Upstream::PageRequest(r) => {
+                    DeviceFault::page_request(r.pasid, r.grpid, r.perm, r.addr, r.last)
+                }
+                Upstream::Unrecoverable(f) => DeviceFault::Unrecoverable(f),
+            });
         }
+        if !self.faults.is_empty() {
+            let result = self.core.report_batch(self.slot.id, &self.faults);
+            failed(&mut self.errors, "report faults", result);
+        }
+    }
+
+    /// Keeps the turn's IOMMU for the next turn.
+    fn put_back(&mut self, mmu: Option<Mmu>) {
         match mmu {
-            Some(Mmu::Nested(n)) => iommu = Some(n),
-            Some(Mmu::Direct(d)) => direct = Some(d),
+            Some(Mmu::Nested(n)) => self.iommu = Some(n),
+            Some(Mmu::Direct(d)) => self.direct = Some(d),
             None => {}
         }
-        let c = endpoint.counters();
+    }
+
+    /// Publishes the accesses ended, and says whether the turn moved anything: a response
+    /// taken, a fault sent, an access ended.
+    fn moved(&mut self, turn: &Turn) -> bool {
+        let c = self.endpoint.counters();
         let ended = c.accesses - outstanding(&c);
-        progress.accesses_done.store(ended, Relaxed);
-        // Whether this iteration moved anything: a response taken, a fault sent, an access
-        // ended. A device behind its streams' schedule but stalled (every credit out, waiting
-        // for page responses) cannot move until a response comes: it must sleep on the
-        // response doorbell then, not spin, or it takes the CPU the VMM needs to answer.
-        let moved = more || !responses.is_empty() || !upstream.is_empty() || ended != ended_before;
-        ended_before = ended;
-        let all_issued = match drain {
+        self.progress.accesses_done.store(ended, Relaxed);
+        let moved = turn.more
+            || turn.answered > 0
+            || !self.upstream.is_empty()
+            || ended != self.ended_before;
+        self.ended_before = ended;
+        moved
+    }
+
+    /// Every access issued (or, in rounds, `drain` set), and nothing in flight.
+    fn done(&self) -> bool {
+        let all_issued = match self.drain {
             Some(drain) => drain.load(Relaxed),
-            None => issued
+            None => self
+                .issued
                 .iter()
-                .zip(&workload.streams)
+                .zip(&self.workload.streams)
                 .all(|(n, s)| *n >= s.accesses),
         };
-        if all_issued && endpoint.idle() {
-            break;
-        }
-        failed(
-            &mut errors,
-            "process responses",
-            core.process_responses(slot.id),
-        );
-        core.expire();
-        if !slot
+        all_issued && self.endpoint.idle()
+    }
+
+    /// Lets the fault core take the VMM's responses and expire groups; says whether responses
+    /// wait in the inbox.
+    fn serve_core(&mut self) -> bool {
+        let result = self.core.process_responses(self.slot.id);
+        failed(&mut self.errors, "process responses", result);
+        self.core.expire();
+        !self
+            .slot
             .inbox
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty()
-        {
-            continue;
-        }
-        // Nothing to do right now: sleep until a response, the next access, or a short tick.
-        let next = next_issue
-            .iter()
-            .zip(issued.iter().zip(&workload.streams))
-            .filter(|(_, (n, s))| {
-                !draining && s.accesses > 0 && (drain.is_some() || **n < s.accesses)
-            })
-            .map(|(t, _)| *t)
-            .min();
-        let tick = Duration::from_millis(if ready { 2 } else { 10 });
-        let timeout = match next {
-            // Queued accesses are runnable right now: no sleep.
-            _ if more => Duration::ZERO,
-            // Stalled: only a response (which rings the doorbell) or the tick can change that.
-            Some(_) if !moved => tick,
-            Some(t) => t.saturating_duration_since(Instant::now()).min(tick),
-            None => tick,
-        };
+    }
+
+    /// Nothing to do right now: sleeps until a response, the next access, or a short tick.
+    fn sleep(&mut self, turn: &Turn, moved: bool) {
+        let timeout = self.timeout(turn, moved);
         if !timeout.is_zero() {
-            match &wake {
-                Some(wake) if core.prepare_to_sleep(slot.id).unwrap_or(false) => {
+            match &self.wake {
+                Some(wake) if self.core.prepare_to_sleep(self.slot.id).unwrap_or(false) => {
                     failed(
-                        &mut errors,
+                        &mut self.errors,
                         "wait on the response doorbell",
                         wake.wait(Some(timeout)),
                     );
@@ -489,22 +623,50 @@ pub fn run_until(
                 None => std::thread::sleep(timeout),
             }
         }
-        failed(&mut errors, "leave the sleep", core.woke(slot.id));
+        let result = self.core.woke(self.slot.id);
+        failed(&mut self.errors, "leave the sleep", result);
     }
-    if let Some(memory) = guest.take() {
-        add_verdict(&mut verdict, &memory.verify());
+
+    /// How long to sleep. A device behind its streams' schedule but stalled (every credit out,
+    /// waiting for page responses) cannot move until a response comes: it must sleep on the
+    /// response doorbell then, not spin, or it takes the CPU the VMM needs to answer.
+    fn timeout(&self, turn: &Turn, moved: bool) -> Duration {
+        let drain = self.drain.is_some();
+        let next = self
+            .next_issue
+            .iter()
+            .zip(self.issued.iter().zip(&self.workload.streams))
+            .filter(|(_, (n, s))| !turn.draining && s.accesses > 0 && (drain || **n < s.accesses))
+            .map(|(t, _)| *t)
+            .min();
+        let tick = Duration::from_millis(if turn.ready { 2 } else { 10 });
+        match next {
+            // Queued accesses are runnable right now: no sleep.
+            _ if turn.more => Duration::ZERO,
+            // Stalled: only a response (which rings the doorbell) or the tick can change that.
+            Some(_) if !moved => tick,
+            Some(t) => t.saturating_duration_since(Instant::now()).min(tick),
+            None => tick,
+        }
     }
-    if let Some(walk) = iommu.take() {
-        malformed += walk.malformed;
-    }
-    EngineReport {
-        device: slot.id.0,
-        endpoint: endpoint.counters(),
-        memory: verdict,
-        malformed_walks: malformed,
-        latency,
-        elapsed_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
-        errors,
+
+    /// The run's report, once the loop has ended.
+    fn report(mut self) -> EngineReport {
+        if let Some(memory) = self.guest.take() {
+            add_verdict(&mut self.verdict, &memory.verify());
+        }
+        if let Some(walk) = self.iommu.take() {
+            self.malformed += walk.malformed;
+        }
+        EngineReport {
+            device: self.slot.id.0,
+            endpoint: self.endpoint.counters(),
+            memory: self.verdict,
+            malformed_walks: self.malformed,
+            latency: self.latency,
+            elapsed_ns: u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            errors: self.errors,
+        }
     }
 }
 

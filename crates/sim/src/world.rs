@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use iopf_abi::{Fault, Pasid, QueueGeometry, QueueKind, ResponseRecord};
 use iopf_core::{
-    Clock, DeviceConfig, DeviceCounters, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse,
-    DeviceSink, FaultCore, ManualClock, Nanos, QueueHandler, ResponseSource,
+    Clock, DeviceConfig, DeviceCounters, DeviceFault, DeviceId, DeviceResponse, DeviceSink,
+    FaultCore, ManualClock, Nanos, QueueHandler, ResponseSource,
 };
 use iopf_queue::{
     Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, QueueMemory,
@@ -791,14 +791,9 @@ impl World {
         let faults: Vec<DeviceFault> = upstream
             .into_iter()
             .map(|u| match u {
-                Upstream::PageRequest(r) => DeviceFault::PageRequest(DevicePageRequest {
-                    pasid: r.pasid,
-                    grpid: r.grpid,
-                    perm: r.perm,
-                    addr: r.addr,
-                    last: r.last,
-                    private_data: None,
-                }),
+                Upstream::PageRequest(r) => {
+                    DeviceFault::page_request(r.pasid, r.grpid, r.perm, r.addr, r.last)
+                }
                 Upstream::Unrecoverable(f) => DeviceFault::Unrecoverable(f),
             })
             .collect();
