@@ -621,6 +621,7 @@ fn vmm_loop(
                 vs_one_device: median(&ratios),
                 wall_ns_per_group: median(&of(|r| r.wall_ns_per_group)),
                 loop_rounds_per_group: median(&of(|r| r.loop_rounds_per_group)),
+                kicks_per_group: median(&of(|r| r.kicks_per_group)),
                 rounds: costs,
             }
         })

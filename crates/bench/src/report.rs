@@ -106,6 +106,9 @@ pub struct VmmLoopPoint {
     /// Median over the rounds of `EventLoop::run_once` calls per group (each is one
     /// `epoll_wait`; below 1.0, rounds served more than one group).
     pub loop_rounds_per_group: f64,
+    /// Median over the rounds of fault doorbell rings per group (the VMM's loop was asleep
+    /// on that device: one wake-up of the loop, one eventfd read).
+    pub kicks_per_group: f64,
     /// Every round's `ns_per_group`.
     pub rounds: Vec<f64>,
 }
@@ -306,13 +309,14 @@ impl Report {
         for p in &v.points {
             let _ = writeln!(
                 out,
-                "  {:>5} devices {:>8.0} ns   x{:<6.2} vs 1 device   wall {:.0} ns, \
-                 {:.3} loop rounds per group",
+                "  {:>5} devices {:>8.0} ns   x{:<6.2} vs 1 device   per group: wall {:.0} ns, \
+                 {:.3} loop rounds, {:.3} kicks",
                 p.devices,
                 p.ns_per_group,
                 p.vs_one_device,
                 p.wall_ns_per_group,
-                p.loop_rounds_per_group
+                p.loop_rounds_per_group,
+                p.kicks_per_group
             );
         }
     }

@@ -47,6 +47,8 @@ pub(crate) struct Point {
     pub(crate) wall_ns_per_group: f64,
     /// `EventLoop::run_once` calls per group.
     pub(crate) loop_rounds_per_group: f64,
+    /// Fault doorbell rings per group (the VMM was asleep on that device's queue).
+    pub(crate) kicks_per_group: f64,
 }
 
 fn invalid(e: impl std::fmt::Display) -> BenchError {
@@ -185,9 +187,19 @@ fn rig(devices: usize) -> Result<(Vec<HostEnd>, EventLoop, AlwaysMapped)> {
     Ok((hosts, events, viommu))
 }
 
+/// What the host side measured over the timed groups.
+struct Published {
+    wall: Duration,
+    kicks: u64,
+}
+
+fn kicks(hosts: &[HostEnd]) -> u64 {
+    hosts.iter().map(|h| h.faults.kicks()).sum()
+}
+
 /// The host side: `warm` groups, then `timed` groups, round robin over the devices with
-/// [`WINDOW`] in flight; returns the wall time of the timed groups.
-fn host(hosts: &mut [HostEnd], phase: &AtomicU8, warm: u64, timed: u64) -> Result<Duration> {
+/// [`WINDOW`] in flight.
+fn host(hosts: &mut [HostEnd], phase: &AtomicU8, warm: u64, timed: u64) -> Result<Published> {
     let n = hosts.len() as u64;
     let mut bad = 0u64;
     let mut start = None;
@@ -215,7 +227,7 @@ fn host(hosts: &mut [HostEnd], phase: &AtomicU8, warm: u64, timed: u64) -> Resul
     for g in 0..total {
         if g == warm {
             phase.store(TIMED, Ordering::Release);
-            start = Some(Instant::now());
+            start = Some((Instant::now(), kicks(hosts)));
         }
         if g >= WINDOW {
             // The oldest group in flight, and its device's count once it is answered.
@@ -239,11 +251,15 @@ fn host(hosts: &mut [HostEnd], phase: &AtomicU8, warm: u64, timed: u64) -> Resul
         let sent = total / n + u64::from((d as u64) < total % n);
         wait_for(host, sent, &mut bad)?;
     }
-    let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
+    let (started, kicks0) = start.ok_or_else(|| invalid("no timed groups"))?;
+    let wall = started.elapsed();
     if bad > 0 {
         return Err(invalid(format!("{bad} answers were not Success")));
     }
-    Ok(elapsed)
+    Ok(Published {
+        wall,
+        kicks: kicks(hosts) - kicks0,
+    })
 }
 
 /// The VMM's cost per group with `devices` devices served by one thread (pinned to
@@ -255,7 +271,7 @@ pub(crate) fn cost(devices: usize, groups: u64, vmm_cpu: Option<usize>) -> Resul
     let warm = (timed / 10).max(devices as u64);
     let (mut hosts, events, viommu) = rig(devices)?;
     let phase = AtomicU8::new(WARM);
-    let (served, wall) = thread::scope(|s| {
+    let (served, published) = thread::scope(|s| {
         let vmm = thread::Builder::new()
             .name("iopf-bench-vmm".into())
             .spawn_scoped(s, || {
@@ -266,13 +282,13 @@ pub(crate) fn cost(devices: usize, groups: u64, vmm_cpu: Option<usize>) -> Resul
                 served
             })
             .map_err(BenchError::io("spawn the VMM thread"))?;
-        let wall = host(&mut hosts, &phase, warm, timed);
+        let published = host(&mut hosts, &phase, warm, timed);
         if phase.load(Ordering::Acquire) != FAILED {
             phase.store(DONE, Ordering::Release);
         }
         let served = vmm.join().map_err(|_| invalid("the VMM thread panicked"))?;
         // The VMM's failure explains the host side's, so it comes first.
-        Ok::<_, BenchError>((served?, wall?))
+        Ok::<_, BenchError>((served?, published?))
     })?;
     if served.refused > 0 {
         return Err(invalid(format!(
@@ -283,7 +299,8 @@ pub(crate) fn cost(devices: usize, groups: u64, vmm_cpu: Option<usize>) -> Resul
     let g = timed as f64;
     Ok(Point {
         cpu_ns_per_group: served.cpu_ns as f64 / g,
-        wall_ns_per_group: wall.as_nanos() as f64 / g,
+        wall_ns_per_group: published.wall.as_nanos() as f64 / g,
         loop_rounds_per_group: served.loop_rounds as f64 / g,
+        kicks_per_group: published.kicks as f64 / g,
     })
 }
