@@ -31,6 +31,12 @@ pub enum BenchError {
     /// The fault core refused a call.
     #[error("the fault core refused a call")]
     Core(#[from] CoreError),
+    /// The VMM library's event loop failed.
+    #[error("the VMM's event loop failed")]
+    EventLoop(#[from] iopf_vmm::EventLoopError),
+    /// The VMM library could not set up a device.
+    #[error("the VMM library could not set up a device")]
+    Vmm(#[from] iopf_vmm::VmmError),
     /// The control channel to the peer process carried something unexpected.
     #[error("peer protocol: {0}")]
     Peer(String),

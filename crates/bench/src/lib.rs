@@ -17,7 +17,9 @@
 //!   every wait sleeping, blocking with the library's default spin);
 //! - **end to end**: device, fault core, fault queue, VMM process, guest, response queue, fault
 //!   core, device: latency percentiles and sustained groups per second;
-//! - **scaling** (one process): cost per fault as devices, PASIDs and pending groups grow.
+//! - **scaling** (one process): cost per fault as devices, PASIDs and pending groups grow;
+//! - **VMM event loop** (one process, two threads): the `iopf-vmm` library's cost per group
+//!   with 1, 64 and 1,024 devices served by one thread, as ratios to the 1-device point.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -33,6 +35,7 @@ mod queue;
 mod report;
 mod scaling;
 mod spin;
+mod vmm_loop;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -42,7 +45,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub use error::BenchError;
-pub use report::{Figure, Machine, Report, Scaling, ScalingPoint, ScalingSeries, Target, Unit};
+pub use report::{
+    Figure, Machine, Report, Scaling, ScalingPoint, ScalingSeries, Target, Unit, VmmLoop,
+    VmmLoopPoint,
+};
 
 use control::{Control, Peer, Reply, RttMode, Task};
 use error::Result;
@@ -67,7 +73,8 @@ pub struct Config {
     /// Records per shared-memory stream (ceiling and queue streams). The other counts follow:
     /// pipe stream 1/4 of it, socketpair stream and end-to-end sustained groups 1/20,
     /// ping-pong and busy round trips 1/40, end-to-end latency samples 1/200, blocking and
-    /// socketpair round trips 1/400, scaling groups per point 1/20.
+    /// socketpair round trips 1/400, scaling groups per point 1/20, VMM event loop groups per
+    /// point 1/40.
     pub records: u64,
     /// Smoke-test sizes (overrides `records` with [`QUICK_RECORDS`]).
     pub quick: bool,
@@ -76,7 +83,8 @@ pub struct Config {
     /// The arguments that make it the peer (normally `[PEER_SUBCOMMAND]`); `--socket PATH` is
     /// appended.
     pub peer_args: Vec<OsString>,
-    /// Measure only these figures (names as in the JSON, or `scaling`), with the limit each
+    /// Measure only these figures (names as in the JSON, `scaling` or `vmm_loop`), with the
+    /// limit each
     /// is divided by; `None`: everything. For profiling one figure.
     pub only: Option<Vec<String>>,
     /// Set (by a signal handler) to stop: the run ends with [`BenchError::Interrupted`] before
@@ -112,6 +120,8 @@ struct Sizes {
     e2e_samples: u64,
     e2e_groups: u64,
     scaling_groups: u64,
+    vmm_groups: u64,
+    vmm_devices: Vec<u64>,
     devices: Vec<u64>,
     pasids: Vec<u64>,
     pending: Vec<u64>,
@@ -135,6 +145,8 @@ impl Sizes {
             e2e_samples: part(200, 50),
             e2e_groups: part(20, 100),
             scaling_groups: part(20, 256),
+            vmm_groups: part(40, 256),
+            vmm_devices: vec![1, 64, 1024],
             devices: vec![1, 16, 256, 1024],
             pasids: vec![1, 16, 256, 4096, 65536],
             pending: vec![1, 10, 100, 1000, 10_000, 100_000],
@@ -573,6 +585,54 @@ fn scaling(config: &Config, s: &Sizes, rounds: u32) -> Result<Option<Scaling>> {
     }))
 }
 
+/// The VMM event loop figure, rounds outermost; each point's ratio is taken against the
+/// 1-device point of the same round.
+fn vmm_loop(
+    config: &Config,
+    s: &Sizes,
+    rounds: u32,
+    placement: &Placement,
+) -> Result<Option<VmmLoop>> {
+    if !wanted(config, "vmm_loop") {
+        return Ok(None);
+    }
+    let mut points: Vec<Vec<vmm_loop::Point>> = vec![Vec::new(); s.vmm_devices.len()];
+    for _ in 0..rounds {
+        for (&n, out) in s.vmm_devices.iter().zip(&mut points) {
+            stopped(config)?;
+            out.push(vmm_loop::cost(n as usize, s.vmm_groups, placement.peer)?);
+        }
+    }
+    let one: Vec<f64> = points
+        .first()
+        .map(|p| p.iter().map(|r| r.cpu_ns_per_group).collect())
+        .unwrap_or_default();
+    let points = s
+        .vmm_devices
+        .iter()
+        .zip(points)
+        .map(|(&devices, rounds)| {
+            let of = |f: fn(&vmm_loop::Point) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+            let costs = of(|r| r.cpu_ns_per_group);
+            let ratios: Vec<f64> = costs.iter().zip(&one).map(|(c, o)| c / o).collect();
+            VmmLoopPoint {
+                devices,
+                ns_per_group: median(&costs),
+                vs_one_device: median(&ratios),
+                wall_ns_per_group: median(&of(|r| r.wall_ns_per_group)),
+                loop_rounds_per_group: median(&of(|r| r.loop_rounds_per_group)),
+                kicks_per_group: median(&of(|r| r.kicks_per_group)),
+                rounds: costs,
+            }
+        })
+        .collect();
+    Ok(Some(VmmLoop {
+        groups_per_point: s.vmm_groups,
+        window: vmm_loop::WINDOW,
+        points,
+    }))
+}
+
 fn targets(figures: &[Figure], scaling: Option<&Scaling>) -> Vec<Target> {
     let ratio = |f: fn(&Scaling) -> &ScalingSeries| scaling.map_or(f64::NAN, |s| f(s).max_over_min);
     let get = |name: &str, f: fn(&Figure) -> f64| {
@@ -663,6 +723,13 @@ pub fn scaling_cost(
     scaling::cost(devices, pasids, pending, groups)
 }
 
+/// One point of the VMM event loop figure, alone (for profiling): the VMM thread's CPU
+/// nanoseconds per group with `devices` devices served by one `iopf-vmm` `EventLoop`, over
+/// about `groups` timed groups. See `docs/PERFORMANCE.md`.
+pub fn vmm_loop_cost(devices: usize, groups: u64) -> Result<f64, BenchError> {
+    Ok(vmm_loop::cost(devices, groups, None)?.cpu_ns_per_group)
+}
+
 /// Runs every figure `config.rounds` times and reports the medians and ratios.
 pub fn run(config: &Config) -> Result<Report, BenchError> {
     let started = Instant::now();
@@ -686,6 +753,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     exited?;
     let figures = recorder.finish();
     let scaling = scaling(config, &sizes, rounds)?;
+    let vmm_loop = vmm_loop(config, &sizes, rounds, &placement)?;
     let targets = targets(&figures, scaling.as_ref());
 
     let mut notes = vec![
@@ -727,6 +795,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         seconds: started.elapsed().as_secs_f64(),
         figures,
         scaling,
+        vmm_loop,
         targets,
         notes,
     })

@@ -91,6 +91,40 @@ pub struct Scaling {
     pub pending: ScalingSeries,
 }
 
+/// One point of the VMM event loop figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmmLoopPoint {
+    /// Devices served by the one VMM thread.
+    pub devices: u64,
+    /// Median over the rounds of the VMM thread's CPU time per group, in nanoseconds.
+    pub ns_per_group: f64,
+    /// Median over the rounds of this point's cost divided by the 1-device point's cost of the
+    /// same round (1.0: serving more devices costs nothing more per group).
+    pub vs_one_device: f64,
+    /// Median over the rounds of the wall time per group the host side saw, in nanoseconds.
+    pub wall_ns_per_group: f64,
+    /// Median over the rounds of `EventLoop::run_once` calls per group (each is one
+    /// `epoll_wait`; below 1.0, rounds served more than one group).
+    pub loop_rounds_per_group: f64,
+    /// Median over the rounds of fault doorbell rings per group (the VMM's loop was asleep
+    /// on that device: one wake-up of the loop, one eventfd read).
+    pub kicks_per_group: f64,
+    /// Every round's `ns_per_group`.
+    pub rounds: Vec<f64>,
+}
+
+/// The VMM's cost per page request group as one thread serves more devices (the `iopf-vmm`
+/// library's `EventLoop`, one process, real shared-memory queues and eventfds).
+#[derive(Debug, Clone, Serialize)]
+pub struct VmmLoop {
+    /// Timed groups per point and round (one page each).
+    pub groups_per_point: u64,
+    /// Groups in flight over all devices, whatever their number.
+    pub window: u64,
+    /// The points, in growing number of devices; the first is the 1-device point.
+    pub points: Vec<VmmLoopPoint>,
+}
+
 /// A target (a bound on a same-run ratio, `docs/PERFORMANCE.md`) and whether this run met it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -136,6 +170,8 @@ pub struct Report {
     pub figures: Vec<Figure>,
     /// Cost per fault as the core's tables grow (`None` if not asked for).
     pub scaling: Option<Scaling>,
+    /// The VMM's cost per group as one thread serves more devices (`None` if not asked for).
+    pub vmm_loop: Option<VmmLoop>,
     /// The targets, each a bound on a ratio of this run.
     pub targets: Vec<Target>,
     /// What the figures are and are not.
@@ -232,6 +268,9 @@ impl Report {
         if let Some(s) = &self.scaling {
             self.scaling_table(s, &mut out);
         }
+        if let Some(v) = &self.vmm_loop {
+            Self::vmm_loop_table(v, &mut out);
+        }
         let _ = writeln!(out);
         let _ = writeln!(out, "targets (ratios from this run):");
         for t in &self.targets {
@@ -257,6 +296,29 @@ impl Report {
             }
         }
         out
+    }
+
+    fn vmm_loop_table(v: &VmmLoop, out: &mut String) {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "vmm event loop: VMM thread CPU ns per one-page group, one thread serving N devices \
+             (iopf-vmm EventLoop), {} groups in flight over all devices",
+            v.window
+        );
+        for p in &v.points {
+            let _ = writeln!(
+                out,
+                "  {:>5} devices {:>8.0} ns   x{:<6.2} vs 1 device   per group: wall {:.0} ns, \
+                 {:.3} loop rounds, {:.3} kicks",
+                p.devices,
+                p.ns_per_group,
+                p.vs_one_device,
+                p.wall_ns_per_group,
+                p.loop_rounds_per_group,
+                p.kicks_per_group
+            );
+        }
     }
 
     fn scaling_table(&self, s: &Scaling, out: &mut String) {

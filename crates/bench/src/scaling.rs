@@ -200,7 +200,7 @@ impl Rig {
 }
 
 /// Best effort: lets this process hold `needed` fds if the hard limit allows.
-fn raise_fd_limit(needed: u64) {
+pub(crate) fn raise_fd_limit(needed: u64) {
     let limit = getrlimit(Resource::Nofile);
     if limit.current.is_some_and(|c| c < needed) {
         let raised = Rlimit {

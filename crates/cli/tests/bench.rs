@@ -1,4 +1,5 @@
-//! `iopf bench --quick --json` as a smoke test: every figure is there with a positive value.
+//! `iopf bench --quick --json` as a smoke test: every figure is there with a positive value
+//! (and every ratio finite and positive).
 //! Benchmarks are not tests: nothing here looks at how fast anything was.
 
 use std::process::Command;
@@ -76,6 +77,41 @@ fn quick_bench_reports_every_figure() {
             &format!("scaling.{dimension}.max_over_min"),
         );
     }
+    // The VMM event loop figure: 1, 64 and 1,024 devices on one thread, each a ratio to the
+    // 1-device point of the same round.
+    let vmm_loop = &report["vmm_loop"];
+    positive(&vmm_loop["groups_per_point"], "vmm_loop.groups_per_point");
+    positive(&vmm_loop["window"], "vmm_loop.window");
+    let points = vmm_loop["points"].as_array().expect("vmm_loop points");
+    let devices: Vec<u64> = points
+        .iter()
+        .map(|p| p["devices"].as_u64().expect("devices"))
+        .collect();
+    assert_eq!(devices, [1, 64, 1024], "vmm_loop devices");
+    for p in points {
+        let n = &p["devices"];
+        positive(&p["ns_per_group"], &format!("vmm_loop.{n}.ns_per_group"));
+        positive(&p["vs_one_device"], &format!("vmm_loop.{n}.vs_one_device"));
+        positive(
+            &p["wall_ns_per_group"],
+            &format!("vmm_loop.{n}.wall_ns_per_group"),
+        );
+        positive(
+            &p["loop_rounds_per_group"],
+            &format!("vmm_loop.{n}.loop_rounds_per_group"),
+        );
+        assert_eq!(
+            p["rounds"].as_array().map(Vec::len),
+            report["rounds"].as_u64().map(|r| r as usize),
+            "vmm_loop.{n}: one cost per round"
+        );
+    }
+    assert_eq!(
+        points[0]["vs_one_device"].as_f64(),
+        Some(1.0),
+        "the 1-device point is the reference"
+    );
+
     assert_eq!(
         report["targets"].as_array().map(Vec::len),
         Some(7),
