@@ -338,8 +338,18 @@ impl<C: FaultChannel> Device<C> {
 
     /// After a sleep: withdraws the wake-up request and drains both fds, without blocking.
     pub fn woke(&mut self) -> Result<(), VmmError> {
-        self.channel.woke()?;
-        self.shared.wake.drain().map_err(VmmError::Wake)?;
+        self.woke_fired(true, true)
+    }
+
+    /// [`woke`](Self::woke) for a loop that knows which fds fired: drains only those (a
+    /// read of an empty eventfd is a system call for nothing).
+    pub(crate) fn woke_fired(&mut self, channel: bool, wake: bool) -> Result<(), VmmError> {
+        if channel {
+            self.channel.woke()?;
+        }
+        if wake {
+            self.shared.wake.drain().map_err(VmmError::Wake)?;
+        }
         Ok(())
     }
 

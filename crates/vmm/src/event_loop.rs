@@ -71,8 +71,10 @@ pub struct Round<C: FaultChannel> {
 #[derive(Debug)]
 struct Slot<C: FaultChannel> {
     device: Device<C>,
-    /// To be served in the next round: its fd fired, it was just added, or it was not done.
+    /// In the ready list: its fd fired, it was just added, or it was not done.
     ready: bool,
+    /// In the backlog list: answers wait in its outbox for room in the response ring.
+    backlogged: bool,
     /// The handler life whose channel fd is in the epoll set.
     registered_life: u64,
 }
@@ -93,6 +95,11 @@ struct Slot<C: FaultChannel> {
 pub struct EventLoop<C: FaultChannel = SharedMemoryChannel> {
     epoll: OwnedFd,
     slots: BTreeMap<DeviceKey, Slot<C>>,
+    /// The devices to serve in the next round, so that a round costs what its ready devices
+    /// cost, not what the loop holds (each key once: `Slot::ready`).
+    ready: Vec<DeviceKey>,
+    /// The devices whose answers wait for ring room (each key once: `Slot::backlogged`).
+    backlogged: Vec<DeviceKey>,
     next_key: u64,
 }
 
@@ -109,6 +116,8 @@ impl<C: FaultChannel> EventLoop<C> {
         Ok(Self {
             epoll,
             slots: BTreeMap::new(),
+            ready: Vec::new(),
+            backlogged: Vec::new(),
             next_key: 0,
         })
     }
@@ -139,9 +148,11 @@ impl<C: FaultChannel> EventLoop<C> {
             Slot {
                 device,
                 ready: true,
+                backlogged: false,
                 registered_life,
             },
         );
+        self.ready.push(key);
         Ok(key)
     }
 
@@ -168,9 +179,18 @@ impl<C: FaultChannel> EventLoop<C> {
     /// A device, mutably; it is served in the next round. Replace its channel with
     /// [`replace_channel`](Self::replace_channel), not through this.
     pub fn device_mut(&mut self, key: DeviceKey) -> Option<&mut Device<C>> {
-        let slot = self.slots.get_mut(&key)?;
-        slot.ready = true;
-        Some(&mut slot.device)
+        self.mark_ready(key);
+        self.slots.get_mut(&key).map(|slot| &mut slot.device)
+    }
+
+    /// Puts a device in the ready list (once).
+    fn mark_ready(&mut self, key: DeviceKey) {
+        if let Some(slot) = self.slots.get_mut(&key)
+            && !slot.ready
+        {
+            slot.ready = true;
+            self.ready.push(key);
+        }
     }
 
     /// Gives a device the channel of a new handler life (see [`Device::replace_channel`]),
@@ -185,7 +205,11 @@ impl<C: FaultChannel> EventLoop<C> {
         let _ = epoll::delete(&self.epoll, slot.device.poll_fd());
         let old = slot.device.replace_channel(channel);
         slot.registered_life = slot.device.life();
-        slot.ready = true;
+        self.mark_ready(key);
+        let slot = self
+            .slots
+            .get_mut(&key)
+            .ok_or(EventLoopError::NoDevice(key))?;
         epoll::add(
             &self.epoll,
             slot.device.poll_fd(),
@@ -229,7 +253,7 @@ impl<C: FaultChannel> EventLoop<C> {
             failed: Vec::new(),
         };
         let busy = self.serve_ready(viommu, &mut round);
-        let backlog = self.slots.values().any(|s| s.device.backlog() > 0);
+        let backlog = !self.backlogged.is_empty();
         let timeout = if busy {
             Some(Duration::ZERO)
         } else if backlog {
@@ -253,19 +277,28 @@ impl<C: FaultChannel> EventLoop<C> {
         let mut broken = Vec::new();
         for event in fired.iter() {
             let key = DeviceKey(event.data.u64() >> 1);
-            if let Some(slot) = self.slots.get_mut(&key)
-                && !slot.ready
-            {
+            let wake = event.data.u64() & 1 == 1;
+            let Some(slot) = self.slots.get_mut(&key) else {
+                continue;
+            };
+            // Drain the fd that fired (its device may have fired for the other one too:
+            // each is drained once, when its own event comes).
+            if let Err(error) = slot.device.woke_fired(!wake, wake) {
+                broken.push((key, error));
+                continue;
+            }
+            if !slot.ready {
                 slot.ready = true;
-                if let Err(error) = slot.device.woke() {
-                    broken.push((key, error));
-                }
+                self.ready.push(key);
             }
         }
         self.fail(broken, &mut round);
         // Answers waiting for ring room are retried too.
-        for slot in self.slots.values_mut() {
-            slot.ready |= slot.device.backlog() > 0;
+        for key in std::mem::take(&mut self.backlogged) {
+            if let Some(slot) = self.slots.get_mut(&key) {
+                slot.backlogged = false;
+            }
+            self.mark_ready(key);
         }
         self.serve_ready(viommu, &mut round);
         Ok(round)
@@ -275,7 +308,11 @@ impl<C: FaultChannel> EventLoop<C> {
     fn serve_ready<V: Viommu + ?Sized>(&mut self, viommu: &mut V, round: &mut Round<C>) -> bool {
         let mut busy = false;
         let mut broken = Vec::new();
-        for (&key, slot) in &mut self.slots {
+        for key in std::mem::take(&mut self.ready) {
+            // Removed since it was listed (its key is never reused): nothing to serve.
+            let Some(slot) = self.slots.get_mut(&key) else {
+                continue;
+            };
             if slot.registered_life != slot.device.life() {
                 // The channel was replaced behind the loop's back (through `device_mut`): the
                 // old fd is gone from the set with its file; watch the new one.
@@ -289,18 +326,24 @@ impl<C: FaultChannel> EventLoop<C> {
                     continue;
                 }
                 slot.registered_life = slot.device.life();
-                slot.ready = true;
-            }
-            if !slot.ready {
-                continue;
             }
             match serve(&mut slot.device, viommu) {
                 Ok((faults, done)) => {
                     round.faults += faults;
                     slot.ready = !done;
                     busy |= !done;
+                    if !done {
+                        self.ready.push(key);
+                    }
+                    if !slot.backlogged && slot.device.backlog() > 0 {
+                        slot.backlogged = true;
+                        self.backlogged.push(key);
+                    }
                 }
-                Err(error) => broken.push((key, error)),
+                Err(error) => {
+                    slot.ready = false;
+                    broken.push((key, error));
+                }
             }
         }
         self.fail(broken, round);
