@@ -1,28 +1,4 @@
-//! The vfio-user control plane of iopf: the wire protocol, framing with fds, a server for a
-//! device behind a trait, and a client.
-//!
-//! The host is a vfio-user server exposing each simulated PCIe endpoint with its DMA fault
-//! region, DMA fault response region and DMA fault IRQ ([`device`]); the VMM is a client that
-//! finds the regions by their type capability, maps them from the fds it receives, and gives
-//! the fault IRQ its eventfd. Closing the socket is unregister. The protocol is QEMU's
-//! `docs/interop/vfio-user.rst`; `docs/PROTOCOL.md` lists the subset implemented here and every
-//! value the iopf device uses.
-//!
-//! | module | job |
-//! |---|---|
-//! | [`protocol`] | header, command numbers, wire structs, errno, limits, [`ProtocolError`] |
-//! | [`version`] | `VERSION` and its JSON capabilities |
-//! | [`info`] | device, region (with capability list), IRQ and I/O fd descriptions; reply codecs |
-//! | [`request`] | the validating decoder of every command, and the client's encoders |
-//! | [`connection`] | one whole message in or out, fds included, one `sendmsg` per message |
-//! | [`server`] | [`VfioUserDevice`] and [`Server::serve`] (one connection per call) |
-//! | [`client`] | [`Client`] |
-//! | [`device`] | the iopf device's region and IRQ indices, types and offsets |
-//!
-//! Everything read from the peer is untrusted: sizes are checked against the header and the
-//! command's layout, counts against the data and fds present, and no message larger than
-//! [`protocol::MAX_MESSAGE_SIZE`] is ever allocated for. There is no `unsafe` code here; fds
-//! cross the socket through [`iopf_queue::fdpass`].
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
