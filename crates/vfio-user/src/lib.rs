@@ -1,4 +1,22 @@
 #![doc = include_str!("../README.md")]
+//!
+//! ## Modules
+//!
+//! | module | job |
+//! |---|---|
+//! | [`protocol`] | header, command numbers, wire structs, errno, limits, [`ProtocolError`] |
+//! | [`version`] | `VERSION` and its JSON capabilities |
+//! | [`info`] | device, region (with capability list), IRQ and I/O fd descriptions; reply codecs |
+//! | [`request`] | the validating decoder of every command, and the client's encoders |
+//! | [`connection`] | one whole message in or out, fds included, one `sendmsg` per message |
+//! | [`server`] | [`VfioUserDevice`] and [`Server::serve`] (one connection per call) |
+//! | [`client`] | [`Client`] |
+//! | [`device`] | the iopf device's region and IRQ indices, types and offsets |
+//!
+//! Everything read from the peer is untrusted: sizes are checked against the header and the
+//! command's layout, counts against the data and fds present, and no message larger than
+//! [`protocol::MAX_MESSAGE_SIZE`] is ever allocated for. There is no `unsafe` code here; fds
+//! cross the socket through [`iopf_queue::fdpass`].
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
