@@ -1,15 +1,4 @@
-//! ABI v1 of iopf: the byte-exact records and region headers that cross between the host and
-//! the VMM through shared memory.
-//!
-//! Everything here is plain data. The wire types ([`FaultRecord`], [`ResponseRecord`],
-//! [`HostPageHeader`], [`VmmPageHeader`]) accept every bit pattern, so they can be read out of
-//! memory another process writes; their `decode` methods (and
-//! [`QueueGeometry::from_host_header`]) validate every field and return a typed error for
-//! anything ABI v1 does not define. The decoded types ([`Fault`], [`PageRequest`],
-//! [`UnrecoverableFault`], [`PageResponse`]) can only hold valid values, and encode back to
-//! exactly the bytes they came from.
-//!
-//! The layout is specified in `docs/ABI.md`; `include/iopf_abi.h` is the same layout for C.
+#![doc = include_str!("../README.md")]
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -84,6 +84,8 @@ pub struct RunArgs {
     duration: Option<Duration>,
     /// Soak: period of the built-in chaos (a VMM kill and restart, an unregister of each
     /// device) when the scenario has no [[chaos]]; default 5s.
+    // The doc comment is the option's help: `[[chaos]]` is the scenario's TOML, not a link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_parser = parse_duration, requires = "duration")]
     chaos_every: Option<Duration>,
     /// Soak: sample memory and fds this often (default: 1s, less for short soaks).

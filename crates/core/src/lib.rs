@@ -1,8 +1,9 @@
-//! The host's fault core of iopf (`docs/DESIGN.md` §2.2 and §4): devices, fault handler
-//! registration, page request group assembly, cookies, the pending table, response checking,
-//! auto-responses and timeouts.
+#![doc = include_str!("../README.md")]
+//!
+//! ## Guarantees
 //!
 //! The guarantees, each tested in `tests/`:
+//!
 //! 1. every page request group gets exactly one response: from the guest, or from the host
 //!    (no handler, no consumer, queue full, too many pending, unregister, VMM gone, broken
 //!    queue, timeout, device reset);

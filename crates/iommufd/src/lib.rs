@@ -1,29 +1,6 @@
-//! The Linux kernel's iommufd fault queue as an iopf fault channel (`docs/DESIGN.md` §7).
+#![doc = include_str!("../README.md")]
 //!
-//! On real hardware a VMM gets I/O page faults from the kernel: it allocates a fault queue
-//! (`IOMMU_FAULT_QUEUE_ALLOC`), names it when it allocates a nested page table
-//! (`IOMMU_HWPT_FAULT_ID_VALID`), reads whole groups of `struct iommu_hwpt_pgfault` from the
-//! queue's file and writes `struct iommu_hwpt_page_response` back. This crate does that:
-//!
-//! - [`Iommufd`]: `/dev/iommu`, opened here or, usually, the VMM's own iommufd
-//!   ([`Iommufd::from_fd`], [`Iommufd::dup_from`], [`Iommufd::dup_from_ioctls`]); IOAS and
-//!   page table allocation through `iommufd-ioctls`, the fault queue
-//!   ([`Iommufd::alloc_fault_queue`]) through the crate's own ioctl;
-//! - [`FaultFile`]: the queue's file with the kernel's exact semantics (whole groups per read,
-//!   partial progress on write), for tools and for checking the kernel itself;
-//! - [`KernelFaultQueue`]: the [`FaultChannel`](iopf_queue::FaultChannel) a VMM uses, the same
-//!   trait as the shared-memory queue. It converts kernel records to ABI v1 and back, and
-//!   closes the kernel's cookie weakness: the kernel reuses a cookie as soon as its group is
-//!   answered, so a late answer could reach a new group. Here each group gets its own cookie,
-//!   never reused while pending, and a response is written to the kernel only while the group
-//!   it answers is still the one holding the kernel's cookie;
-//! - `selftest` (feature `selftest`, off by default): the mock device of
-//!   `CONFIG_IOMMUFD_TEST`, which raises faults on demand.
-//!
-//! The crate `iopf-kernel-check` proves it against a real kernel under QEMU; `docs/KERNEL.md`
-//! says how to run it and what it proves.
-//!
-//! # A VMM's iommufd
+//! # On the VMM's iommufd
 //!
 //! A VMM already holds an iommufd: it has the IOAS and the devices bound to it, and object ids
 //! are only meaningful on that file. So the backend is built on the same file, not on a new

@@ -1,10 +1,4 @@
-//! The models that make the faults real without hardware (`docs/DESIGN.md` §5): a software
-//! IOMMU with per (device, PASID) page tables (flat, or nested in guest memory), a PCIe
-//! endpoint with ATS/PRI doing DMA into guest memory that is checked byte by byte, a guest that
-//! answers page requests, DMA workloads, and the seeded randomness they draw from.
-//!
-//! They know nothing of the fault core; the deterministic world that runs them with it is
-//! `iopf-sim`, and the live host and VMM processes use them directly.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

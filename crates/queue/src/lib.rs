@@ -1,27 +1,4 @@
-//! The shared-memory fault and response queues of iopf (ABI v1, `docs/ABI.md`).
-//!
-//! A queue region is a sealed memfd holding a host page, a VMM page and a ring of entries.
-//! The host creates the regions and hands their fds to the VMM, which attaches
-//! [from the fd alone](QueueRegion::attach). Records flow through a single-producer
-//! single-consumer ring ([`ring`]) published with release/acquire ordering; a consumer that
-//! sleeps says so with `NEED_WAKEUP`, and the producer rings its eventfd [`Doorbell`] only
-//! then.
-//!
-//! | queue | producer | consumer |
-//! |---|---|---|
-//! | fault | [`FaultQueueProducer`] (host) | [`FaultQueueConsumer`] (VMM) |
-//! | response | [`ResponseQueueProducer`] (VMM) | [`ResponseQueueConsumer`] (host) |
-//!
-//! A VMM reads faults and sends responses through the [`FaultChannel`] trait, which these
-//! queues implement ([`SharedMemoryChannel`]) as does the kernel's iommufd fault queue
-//! (crate `iopf-iommufd`).
-//!
-//! Each side keeps its indices in private memory and validates every index it reads from the
-//! other side: a peer that writes garbage breaks its own queue ([`RingError`]), and
-//! nothing else.
-//!
-//! The only `unsafe` code is the shared mapping of a region (module `mapping`); every other
-//! module is denied it.
+#![doc = include_str!("../README.md")]
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -1,12 +1,6 @@
-//! The vfio-user control plane of iopf: the wire protocol, framing with fds, a server for a
-//! device behind a trait, and a client.
+#![doc = include_str!("../README.md")]
 //!
-//! The host is a vfio-user server exposing each simulated PCIe endpoint with its DMA fault
-//! region, DMA fault response region and DMA fault IRQ ([`device`]); the VMM is a client that
-//! finds the regions by their type capability, maps them from the fds it receives, and gives
-//! the fault IRQ its eventfd. Closing the socket is unregister. The protocol is QEMU's
-//! `docs/interop/vfio-user.rst`; `docs/PROTOCOL.md` lists the subset implemented here and every
-//! value the iopf device uses.
+//! ## Modules
 //!
 //! | module | job |
 //! |---|---|

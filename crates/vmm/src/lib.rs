@@ -7,6 +7,10 @@ mod device;
 mod event_loop;
 mod viommu;
 
+/// The guide to embedding iopf in a VMM (`docs/EMBEDDING.md`); its examples are compiled here.
+#[doc = include_str!("../../../docs/EMBEDDING.md")]
+pub mod embedding {}
+
 pub use attach::{
     AttachError, attach_channel, device_number, host_finished, map_guest_memory,
     set_pasid_directory,
