@@ -3,7 +3,7 @@
 use std::io;
 
 use iopf_core::CoreError;
-use iopf_queue::{AttachError, PushError, QueueError, RingError};
+use iopf_queue::{PushError, QueueError, RegionAttachError, RingError};
 use thiserror::Error;
 
 /// Why `iopf bench` (or its peer process) failed.
@@ -21,7 +21,7 @@ pub enum BenchError {
     },
     /// A queue region could not be created or attached.
     #[error("cannot create or attach a queue region")]
-    Attach(#[from] AttachError),
+    Attach(#[from] RegionAttachError),
     /// A queue operation failed.
     #[error("queue operation failed")]
     Queue(#[from] QueueError),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use iopf_abi::{QueueGeometry, QueueKind};
-use iopf_queue::{AttachError, QueueMemory, QueueRegion};
+use iopf_queue::{QueueMemory, QueueRegion, RegionAttachError};
 
 use crate::control::{Control, Peer, PeerStats, Task, exactly};
 use crate::error::{BenchError, Result};
@@ -24,7 +24,8 @@ const WORDS: usize = 8;
 
 /// A fresh fault-queue-shaped region of `RING_ENTRIES` 64-byte entries.
 pub(crate) fn region(entries: u32) -> Result<QueueRegion> {
-    let geometry = QueueGeometry::new(QueueKind::Fault, entries).map_err(AttachError::from)?;
+    let geometry =
+        QueueGeometry::new(QueueKind::Fault, entries).map_err(RegionAttachError::from)?;
     Ok(QueueRegion::create(geometry)?)
 }
 

@@ -22,7 +22,7 @@ use iopf_core::{
     MonotonicClock, QueueHandler, ResponseSource,
 };
 use iopf_queue::{
-    AttachError, Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory,
+    Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, RegionAttachError,
     ResponseQueueConsumer, ResponseQueueProducer,
 };
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
@@ -72,7 +72,7 @@ struct Rig {
 }
 
 fn memory(kind: QueueKind) -> Result<Memory> {
-    let geometry = QueueGeometry::new(kind, ENTRIES).map_err(AttachError::from)?;
+    let geometry = QueueGeometry::new(kind, ENTRIES).map_err(RegionAttachError::from)?;
     Ok(Arc::new(HeapMemory::new(geometry)))
 }
 

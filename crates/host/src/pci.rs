@@ -64,7 +64,7 @@ pub struct FaultPciDevice {
 pub enum SetupError {
     /// A region or eventfd could not be created.
     #[error("creating the queues: {0}")]
-    Queue(#[from] iopf_queue::AttachError),
+    Queue(#[from] iopf_queue::RegionAttachError),
     /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     Io(#[from] std::io::Error),
@@ -346,7 +346,7 @@ impl VfioUserDevice for FaultPciDevice {
         }
         let fd = map.fd.ok_or(Errno::EINVAL)?;
         let memory = SharedMemory::attach_range(fd, map.offset, map.size).map_err(|e| match e {
-            iopf_queue::AttachError::Io { source, .. } => {
+            iopf_queue::RegionAttachError::Io { source, .. } => {
                 Errno(source.raw_os_error().map_or(Errno::EINVAL.0, |n| n as u32))
             }
             _ => Errno::EINVAL,

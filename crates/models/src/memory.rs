@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use iopf_abi::Perm;
-use iopf_queue::{AttachError, SharedMemory};
+use iopf_queue::{RegionAttachError, SharedMemory};
 
 use crate::PAGE_SIZE;
 
@@ -172,7 +172,7 @@ pub struct MemoryVerdict {
 
 impl GuestMemory {
     /// `pages` pages of zeroed shared memory, read-write from guest-physical 0.
-    pub fn new(pages: u64) -> Result<Self, AttachError> {
+    pub fn new(pages: u64) -> Result<Self, RegionAttachError> {
         let memory = SharedMemory::create("iopf-guest-memory", pages.max(2) * PAGE_SIZE)?;
         let pages = memory.len() / PAGE_SIZE;
         Ok(Self::with_map(MemoryMap::whole(memory), pages, 0))

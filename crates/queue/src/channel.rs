@@ -19,7 +19,7 @@ use thiserror::Error;
 use crate::doorbell::Doorbell;
 use crate::endpoint::QueueError;
 use crate::fault_queue::FaultQueueConsumer;
-use crate::region::AttachError;
+use crate::region::RegionAttachError;
 use crate::response_queue::ResponseQueueProducer;
 use crate::ring::RingError;
 
@@ -130,7 +130,7 @@ impl SharedMemoryChannel {
         response_region: OwnedFd,
         fault_doorbell: Doorbell,
         response_doorbell: Option<Doorbell>,
-    ) -> Result<Self, AttachError> {
+    ) -> Result<Self, RegionAttachError> {
         let faults = FaultQueueConsumer::attach(fault_region, fault_doorbell)?;
         let responses = ResponseQueueProducer::attach(response_region, response_doorbell)?;
         Ok(Self::new(device, faults, responses))

@@ -12,7 +12,7 @@ use iopf_abi::{
 use crate::doorbell::Doorbell;
 use crate::endpoint::{QueueError, Receiver, Sender};
 use crate::memory::QueueMemory;
-use crate::region::{AttachError, QueueRegion};
+use crate::region::{QueueRegion, RegionAttachError};
 use crate::ring::{Published, PushError, RingConsumer, RingError, RingProducer};
 use crate::sync::Ordering;
 
@@ -40,7 +40,7 @@ pub struct FaultQueueProducer<M = QueueRegion> {
 
 impl FaultQueueProducer<QueueRegion> {
     /// Creates a fault queue region of `nb_entries` entries (a power of two in 2..=65536).
-    pub fn create(nb_entries: u32) -> Result<Self, AttachError> {
+    pub fn create(nb_entries: u32) -> Result<Self, RegionAttachError> {
         let geometry = QueueGeometry::new(QueueKind::Fault, nb_entries)?;
         Ok(Self::new(QueueRegion::create(geometry)?))
     }
@@ -160,7 +160,7 @@ impl FaultQueueConsumer<QueueRegion> {
     /// Attaches to a fault queue region from its fd alone (see [`QueueRegion::attach`]),
     /// resuming where a previous consumer left off, and announces ABI v1 in the VMM page.
     /// `doorbell` is the eventfd the host rings (the fault IRQ).
-    pub fn attach(fd: OwnedFd, doorbell: Doorbell) -> Result<Self, AttachError> {
+    pub fn attach(fd: OwnedFd, doorbell: Doorbell) -> Result<Self, RegionAttachError> {
         let region = QueueRegion::attach(fd, QueueKind::Fault)?;
         let cons = region.vmm_page().index.load(Ordering::Relaxed);
         let prod = region.host_page().index.load(Ordering::Acquire);

@@ -44,7 +44,7 @@ pub use endpoint::{DEFAULT_SPIN, QueueError, Receiver, Sender};
 #[cfg(not(loom))]
 pub use fault_queue::{FaultQueueConsumer, FaultQueueProducer, Staged};
 #[cfg(not(loom))]
-pub use region::{AttachError, QueueRegion, REQUIRED_SEALS};
+pub use region::{QueueRegion, REQUIRED_SEALS, RegionAttachError};
 #[cfg(not(loom))]
 pub use response_queue::{ResponseQueueConsumer, ResponseQueueProducer};
 #[cfg(not(loom))]

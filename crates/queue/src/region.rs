@@ -23,7 +23,7 @@ pub const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK
 /// Why a queue region could not be created or attached.
 #[derive(Debug, Error)]
 #[non_exhaustive]
-pub enum AttachError {
+pub enum RegionAttachError {
     /// A system call failed.
     #[error("{op} failed")]
     Io {
@@ -73,8 +73,8 @@ pub enum AttachError {
     },
 }
 
-fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> AttachError {
-    move |e| AttachError::Io {
+fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> RegionAttachError {
+    move |e| RegionAttachError::Io {
         op,
         source: e.into(),
     }
@@ -92,7 +92,7 @@ pub struct QueueRegion {
 impl QueueRegion {
     /// Creates a region (host side): a memfd of exactly the region's length, sealed, mapped,
     /// with its host page written.
-    pub fn create(geometry: QueueGeometry) -> Result<Self, AttachError> {
+    pub fn create(geometry: QueueGeometry) -> Result<Self, RegionAttachError> {
         let name = match geometry.kind() {
             QueueKind::Fault => "iopf-fault-queue",
             QueueKind::Response => "iopf-response-queue",
@@ -109,10 +109,10 @@ impl QueueRegion {
     /// Attaches to a region from its fd alone (VMM side, or anyone who received the fd): checks
     /// the seals, the size, and every field of the host page (magic, version, kind, geometry),
     /// and refuses anything inconsistent.
-    pub fn attach(fd: OwnedFd, expected: QueueKind) -> Result<Self, AttachError> {
+    pub fn attach(fd: OwnedFd, expected: QueueKind) -> Result<Self, RegionAttachError> {
         let found = rustix::fs::fcntl_get_seals(&fd).unwrap_or(SealFlags::empty());
         if !found.contains(REQUIRED_SEALS) {
-            return Err(AttachError::NotSealed { found });
+            return Err(RegionAttachError::NotSealed { found });
         }
         let len = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
         let len = u64::try_from(len).unwrap_or(0);
@@ -121,7 +121,7 @@ impl QueueRegion {
             // Refuse before mapping anything: too small to hold a header, or larger than any
             // valid region of this kind.
             return Err(if len > max {
-                AttachError::SizeMismatch { len, expected: max }
+                RegionAttachError::SizeMismatch { len, expected: max }
             } else {
                 RegionError::TooSmall {
                     needed: ENTRIES_OFFSET.into(),
@@ -134,12 +134,12 @@ impl QueueRegion {
         // size together, and is validated before the full mapping exists.
         let header = {
             let pages = Mapping::new(fd.as_fd(), ENTRIES_OFFSET as usize)
-                .map_err(|source| AttachError::Io { op: "mmap", source })?;
+                .map_err(|source| RegionAttachError::Io { op: "mmap", source })?;
             pages.host_page().snapshot()
         };
         let geometry = QueueGeometry::from_host_header(&header, expected, len)?;
         if len != geometry.region_len() {
-            return Err(AttachError::SizeMismatch {
+            return Err(RegionAttachError::SizeMismatch {
                 len,
                 expected: geometry.region_len(),
             });
@@ -147,10 +147,10 @@ impl QueueRegion {
         Self::map(fd, geometry)
     }
 
-    fn map(fd: OwnedFd, geometry: QueueGeometry) -> Result<Self, AttachError> {
+    fn map(fd: OwnedFd, geometry: QueueGeometry) -> Result<Self, RegionAttachError> {
         let len = usize::try_from(geometry.region_len()).unwrap_or(usize::MAX);
         let mapping = Mapping::new(fd.as_fd(), len)
-            .map_err(|source| AttachError::Io { op: "mmap", source })?;
+            .map_err(|source| RegionAttachError::Io { op: "mmap", source })?;
         let words = (geometry.nb_entries() * geometry.entry_size() / 8) as usize;
         if mapping.entry_words(words).is_none() {
             return Err(RegionError::TooSmall {

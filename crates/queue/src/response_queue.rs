@@ -10,7 +10,7 @@ use iopf_abi::{
 use crate::doorbell::Doorbell;
 use crate::endpoint::{QueueError, Receiver, Sender};
 use crate::memory::QueueMemory;
-use crate::region::{AttachError, QueueRegion};
+use crate::region::{QueueRegion, RegionAttachError};
 use crate::ring::{Published, PushError, RingConsumer, RingError, RingProducer};
 use crate::sync::Ordering;
 
@@ -24,7 +24,7 @@ impl ResponseQueueProducer<QueueRegion> {
     /// Attaches to a response queue region from its fd alone (see [`QueueRegion::attach`]),
     /// resuming at the indices in its pages, and announces ABI v1 (`abi` = 1 in the VMM
     /// page). `doorbell` is the host's (rung when the host sleeps).
-    pub fn attach(fd: OwnedFd, doorbell: Option<Doorbell>) -> Result<Self, AttachError> {
+    pub fn attach(fd: OwnedFd, doorbell: Option<Doorbell>) -> Result<Self, RegionAttachError> {
         let region = QueueRegion::attach(fd, QueueKind::Response)?;
         let prod = region.vmm_page().index.load(Ordering::Relaxed);
         let cons = region.host_page().index.load(Ordering::Acquire);
@@ -121,7 +121,7 @@ pub struct ResponseQueueConsumer<M = QueueRegion> {
 impl ResponseQueueConsumer<QueueRegion> {
     /// Creates a response queue region of `nb_entries` entries; `doorbell` is the one this end
     /// sleeps on (the VMM rings it).
-    pub fn create(nb_entries: u32, doorbell: Doorbell) -> Result<Self, AttachError> {
+    pub fn create(nb_entries: u32, doorbell: Doorbell) -> Result<Self, RegionAttachError> {
         let geometry = QueueGeometry::new(QueueKind::Response, nb_entries)?;
         Ok(Self::new(QueueRegion::create(geometry)?, doorbell))
     }

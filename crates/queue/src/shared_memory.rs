@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{MemfdFlags, SealFlags};
 
 use crate::mapping::WordMapping;
-use crate::region::{AttachError, REQUIRED_SEALS};
+use crate::region::{REQUIRED_SEALS, RegionAttachError};
 use crate::sync::AtomicU64;
 
 /// The one seal guest memory from another process needs: `F_SEAL_SHRINK`. A file that can
@@ -28,8 +28,8 @@ pub struct SharedMemory {
     words: usize,
 }
 
-fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> AttachError {
-    move |e| AttachError::Io {
+fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> RegionAttachError {
+    move |e| RegionAttachError::Io {
         op,
         source: e.into(),
     }
@@ -38,7 +38,7 @@ fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> AttachError {
 impl SharedMemory {
     /// Creates zeroed shared memory of at least `len` bytes (rounded up to whole pages, and to
     /// two pages at least).
-    pub fn create(name: &str, len: u64) -> Result<Self, AttachError> {
+    pub fn create(name: &str, len: u64) -> Result<Self, RegionAttachError> {
         let len = len.max(8192).div_ceil(4096) * 4096;
         let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(io_err("memfd_create"))?;
@@ -49,15 +49,15 @@ impl SharedMemory {
 
     /// Maps shared memory received from elsewhere, refusing an fd that is not a sealed memfd
     /// or whose size is not a page multiple in 8 KiB ..= `max_len`.
-    pub fn attach(fd: OwnedFd, max_len: u64) -> Result<Self, AttachError> {
+    pub fn attach(fd: OwnedFd, max_len: u64) -> Result<Self, RegionAttachError> {
         let found = rustix::fs::fcntl_get_seals(&fd).unwrap_or(SealFlags::empty());
         if !found.contains(REQUIRED_SEALS) {
-            return Err(AttachError::NotSealed { found });
+            return Err(RegionAttachError::NotSealed { found });
         }
         let len = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
         let len = u64::try_from(len).unwrap_or(0);
         if len < 8192 || len > max_len || !len.is_multiple_of(4096) {
-            return Err(AttachError::SizeMismatch {
+            return Err(RegionAttachError::SizeMismatch {
                 len,
                 expected: max_len,
             });
@@ -69,10 +69,10 @@ impl SharedMemory {
     /// (guest memory a VMM shares with `DMA_MAP`). Refuses an fd that is not a memfd sealed
     /// with [`GUEST_MEMORY_SEALS`], an offset or length that is not a whole number of pages,
     /// a zero length, and a range the file does not cover.
-    pub fn attach_range(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, AttachError> {
+    pub fn attach_range(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, RegionAttachError> {
         let found = rustix::fs::fcntl_get_seals(&fd).unwrap_or(SealFlags::empty());
         if !found.contains(GUEST_MEMORY_SEALS) {
-            return Err(AttachError::NotShrinkSealed { found });
+            return Err(RegionAttachError::NotShrinkSealed { found });
         }
         let file_len = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
         let file_len = u64::try_from(file_len).unwrap_or(0);
@@ -82,7 +82,7 @@ impl SharedMemory {
             || !offset.is_multiple_of(4096)
             || end.is_none_or(|end| end > file_len)
         {
-            return Err(AttachError::RangeOutside {
+            return Err(RegionAttachError::RangeOutside {
                 offset,
                 len,
                 file_len,
@@ -91,13 +91,13 @@ impl SharedMemory {
         Self::map(fd, offset, len)
     }
 
-    fn map(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, AttachError> {
-        let len = usize::try_from(len).map_err(|_| AttachError::SizeMismatch {
+    fn map(fd: OwnedFd, offset: u64, len: u64) -> Result<Self, RegionAttachError> {
+        let len = usize::try_from(len).map_err(|_| RegionAttachError::SizeMismatch {
             len,
             expected: usize::MAX as u64,
         })?;
         let mapping = WordMapping::new(fd.as_fd(), offset, len)
-            .map_err(|source| AttachError::Io { op: "mmap", source })?;
+            .map_err(|source| RegionAttachError::Io { op: "mmap", source })?;
         Ok(Self {
             fd,
             mapping,
@@ -162,7 +162,7 @@ mod tests {
         let clone = || fd.try_clone().unwrap();
         assert!(matches!(
             SharedMemory::attach_range(clone(), 0, 4096),
-            Err(AttachError::NotShrinkSealed { .. })
+            Err(RegionAttachError::NotShrinkSealed { .. })
         ));
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).unwrap();
         let m = SharedMemory::attach_range(clone(), 2 * 4096, 4096).unwrap();
@@ -175,7 +175,7 @@ mod tests {
             assert!(
                 matches!(
                     SharedMemory::attach_range(clone(), offset, len),
-                    Err(AttachError::RangeOutside { .. })
+                    Err(RegionAttachError::RangeOutside { .. })
                 ),
                 "{offset} {len}"
             );
@@ -191,12 +191,12 @@ mod tests {
         rustix::fs::ftruncate(&fd, 8192).unwrap();
         assert!(matches!(
             SharedMemory::attach(fd, 1 << 20),
-            Err(AttachError::NotSealed { .. })
+            Err(RegionAttachError::NotSealed { .. })
         ));
         let big = SharedMemory::create("big", 1 << 16).unwrap();
         assert!(matches!(
             SharedMemory::attach(big.fd().try_clone_to_owned().unwrap(), 1 << 15),
-            Err(AttachError::SizeMismatch { .. })
+            Err(RegionAttachError::SizeMismatch { .. })
         ));
     }
 }

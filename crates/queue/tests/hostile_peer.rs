@@ -23,8 +23,8 @@ use iopf_abi::{
 };
 use iopf_queue::fdpass::{MAX_FDS, recv_with_fds, send_with_fds};
 use iopf_queue::{
-    AttachError, Doorbell, FaultQueueConsumer, FaultQueueProducer, PushError, QueueError,
-    QueueMemory, QueueRegion, REQUIRED_SEALS, ResponseQueueConsumer, ResponseQueueProducer,
+    Doorbell, FaultQueueConsumer, FaultQueueProducer, PushError, QueueError, QueueMemory,
+    QueueRegion, REQUIRED_SEALS, RegionAttachError, ResponseQueueConsumer, ResponseQueueProducer,
     RingError, Staged,
 };
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
@@ -726,7 +726,7 @@ fn fault_region_with(nb_entries: u32, edit: impl FnOnce(&mut HostPageHeader)) ->
     )
 }
 
-fn attach_fault(fd: OwnedFd) -> AttachError {
+fn attach_fault(fd: OwnedFd) -> RegionAttachError {
     QueueRegion::attach(fd, QueueKind::Fault).unwrap_err()
 }
 
@@ -752,7 +752,7 @@ fn attach_accepts_a_well_formed_hand_made_region() {
     );
     assert!(matches!(
         attach_fault(fd),
-        AttachError::Io { op: "mmap", .. }
+        RegionAttachError::Io { op: "mmap", .. }
     ));
 }
 
@@ -765,7 +765,7 @@ fn attach_refuses_a_memfd_without_seals() {
     );
     let err = attach_fault(fd);
     assert!(
-        matches!(err, AttachError::NotSealed { found } if found.is_empty()),
+        matches!(err, RegionAttachError::NotSealed { found } if found.is_empty()),
         "{err:?}"
     );
 }
@@ -778,7 +778,7 @@ fn attach_refuses_a_memfd_created_without_sealing() {
     pwrite_at(&fd, 0, header(QueueKind::Fault, 8).as_bytes());
     let err = attach_fault(fd);
     assert!(
-        matches!(err, AttachError::NotSealed { found } if found == SealFlags::SEAL),
+        matches!(err, RegionAttachError::NotSealed { found } if found == SealFlags::SEAL),
         "{err:?}"
     );
 }
@@ -800,7 +800,7 @@ fn attach_refuses_a_memfd_with_only_some_seals() {
         );
         let err = attach_fault(fd);
         assert!(
-            matches!(err, AttachError::NotSealed { found } if found == seals),
+            matches!(err, RegionAttachError::NotSealed { found } if found == seals),
             "{seals:?}: {err:?}"
         );
     }
@@ -811,7 +811,7 @@ fn attach_refuses_a_pipe() {
     let (read, _write) = rustix::pipe::pipe().unwrap();
     let err = attach_fault(read);
     assert!(
-        matches!(err, AttachError::NotSealed { found } if found.is_empty()),
+        matches!(err, RegionAttachError::NotSealed { found } if found.is_empty()),
         "{err:?}"
     );
 }
@@ -841,7 +841,7 @@ fn attach_refuses_regular_files() {
         pwrite_at(&file, 0, header(QueueKind::Fault, 8).as_bytes());
         let err = attach_fault(file.into());
         assert!(
-            matches!(err, AttachError::NotSealed { found } if !found.contains(REQUIRED_SEALS)),
+            matches!(err, RegionAttachError::NotSealed { found } if !found.contains(REQUIRED_SEALS)),
             "{}: {err:?}",
             dir.display()
         );
@@ -857,7 +857,7 @@ fn attach_refuses_a_region_smaller_than_its_header_pages() {
         assert!(
             matches!(
                 err,
-                AttachError::Region(RegionError::TooSmall { needed: 8192, len: l }) if l == len
+                RegionAttachError::Region(RegionError::TooSmall { needed: 8192, len: l }) if l == len
             ),
             "{len}: {err:?}"
         );
@@ -875,7 +875,7 @@ fn attach_refuses_a_region_too_small_for_its_entries() {
     assert!(
         matches!(
             err,
-            AttachError::Region(RegionError::TooSmall { needed, len })
+            RegionAttachError::Region(RegionError::TooSmall { needed, len })
                 if needed == len_of(QueueKind::Fault, 8) && len == len_of(QueueKind::Fault, 4)
         ),
         "{err:?}"
@@ -890,7 +890,7 @@ fn attach_refuses_a_region_larger_than_the_largest_ring() {
             let fd = region_file(len, Some(&header(kind, MAX_ENTRIES)), REQUIRED_SEALS);
             let err = QueueRegion::attach(fd, kind).unwrap_err();
             assert!(
-                matches!(err, AttachError::SizeMismatch { len: l, expected } if l == len && expected == max),
+                matches!(err, RegionAttachError::SizeMismatch { len: l, expected } if l == len && expected == max),
                 "{kind} {len}: {err:?}"
             );
         }
@@ -908,7 +908,7 @@ fn attach_refuses_a_region_larger_than_its_header_says() {
     assert!(
         matches!(
             err,
-            AttachError::SizeMismatch { len, expected }
+            RegionAttachError::SizeMismatch { len, expected }
                 if len == len_of(QueueKind::Fault, 8) && expected == len_of(QueueKind::Fault, 4)
         ),
         "{err:?}"
@@ -919,7 +919,10 @@ fn attach_refuses_a_region_larger_than_its_header_says() {
         Some(&header(QueueKind::Fault, 4)),
         REQUIRED_SEALS,
     );
-    assert!(matches!(attach_fault(fd), AttachError::SizeMismatch { .. }));
+    assert!(matches!(
+        attach_fault(fd),
+        RegionAttachError::SizeMismatch { .. }
+    ));
 }
 
 #[test]
@@ -927,14 +930,17 @@ fn attach_refuses_bad_magic() {
     let fd = fault_region_with(8, |h| h.magic = 0x4650_4F48.into());
     let err = attach_fault(fd);
     assert!(
-        matches!(err, AttachError::Region(RegionError::BadMagic(0x4650_4F48))),
+        matches!(
+            err,
+            RegionAttachError::Region(RegionError::BadMagic(0x4650_4F48))
+        ),
         "{err:?}"
     );
     // An all-zero region (a host that never wrote its header).
     let fd = region_file(len_of(QueueKind::Fault, 8), None, REQUIRED_SEALS);
     assert!(matches!(
         attach_fault(fd),
-        AttachError::Region(RegionError::BadMagic(0))
+        RegionAttachError::Region(RegionError::BadMagic(0))
     ));
     assert_eq!(REGION_MAGIC.to_le_bytes(), *b"IOPF");
 }
@@ -944,7 +950,10 @@ fn attach_refuses_region_version_2() {
     let fd = fault_region_with(8, |h| h.version = 2.into());
     let err = attach_fault(fd);
     assert!(
-        matches!(err, AttachError::Region(RegionError::UnsupportedVersion(2))),
+        matches!(
+            err,
+            RegionAttachError::Region(RegionError::UnsupportedVersion(2))
+        ),
         "{err:?}"
     );
 }
@@ -957,7 +966,7 @@ fn attach_refuses_a_fault_region_as_a_response_queue_and_back() {
     assert!(
         matches!(
             err,
-            AttachError::Region(RegionError::WrongKind {
+            RegionAttachError::Region(RegionError::WrongKind {
                 expected: QueueKind::Response,
                 found: QueueKind::Fault
             })
@@ -970,7 +979,7 @@ fn attach_refuses_a_fault_region_as_a_response_queue_and_back() {
     assert!(
         matches!(
             err,
-            AttachError::Region(RegionError::WrongKind {
+            RegionAttachError::Region(RegionError::WrongKind {
                 expected: QueueKind::Fault,
                 found: QueueKind::Response
             })
@@ -984,7 +993,7 @@ fn attach_refuses_an_unknown_kind() {
     let fd = fault_region_with(8, |h| h.kind = 3.into());
     let err = attach_fault(fd);
     assert!(
-        matches!(err, AttachError::Region(RegionError::UnknownKind(3))),
+        matches!(err, RegionAttachError::Region(RegionError::UnknownKind(3))),
         "{err:?}"
     );
 }
@@ -997,7 +1006,7 @@ fn attach_refuses_a_bad_entry_size() {
         assert!(
             matches!(
                 err,
-                AttachError::Region(RegionError::BadEntrySize {
+                RegionAttachError::Region(RegionError::BadEntrySize {
                     kind: QueueKind::Fault,
                     expected: 64,
                     found
@@ -1014,7 +1023,7 @@ fn attach_refuses_an_entry_count_that_is_not_a_power_of_two_in_range() {
         let fd = fault_region_with(8, |h| h.nb_entries = count.into());
         let err = attach_fault(fd);
         assert!(
-            matches!(err, AttachError::Region(RegionError::BadEntryCount(c)) if c == count),
+            matches!(err, RegionAttachError::Region(RegionError::BadEntryCount(c)) if c == count),
             "{count}: {err:?}"
         );
     }
@@ -1025,7 +1034,7 @@ fn attach_refuses_a_bad_entry_offset() {
     let fd = fault_region_with(8, |h| h.offset = 4096.into());
     let err = attach_fault(fd);
     assert!(
-        matches!(err, AttachError::Region(RegionError::BadOffset(4096))),
+        matches!(err, RegionAttachError::Region(RegionError::BadOffset(4096))),
         "{err:?}"
     );
 }
@@ -1037,7 +1046,7 @@ fn attach_refuses_undefined_host_flags() {
     assert!(
         matches!(
             err,
-            AttachError::Region(RegionError::UnknownFlags(0x8000_0000))
+            RegionAttachError::Region(RegionError::UnknownFlags(0x8000_0000))
         ),
         "{err:?}"
     );
@@ -1048,7 +1057,10 @@ fn attach_refuses_a_non_zero_reserved_word() {
     let fd = fault_region_with(8, |h| h.reserved = 5.into());
     let err = attach_fault(fd);
     assert!(
-        matches!(err, AttachError::Region(RegionError::ReservedNonZero(5))),
+        matches!(
+            err,
+            RegionAttachError::Region(RegionError::ReservedNonZero(5))
+        ),
         "{err:?}"
     );
 }
@@ -1061,7 +1073,7 @@ fn attach_refuses_inconsistent_ring_indices() {
     assert!(
         matches!(
             err,
-            AttachError::Ring(RingError::ProducerIndex {
+            RegionAttachError::Ring(RingError::ProducerIndex {
                 found: 100,
                 low: 0,
                 high: 8
@@ -1077,7 +1089,7 @@ fn attach_refuses_inconsistent_ring_indices() {
     assert!(
         matches!(
             err,
-            AttachError::Ring(RingError::ConsumerIndex { found: 100, .. })
+            RegionAttachError::Ring(RingError::ConsumerIndex { found: 100, .. })
         ),
         "{err:?}"
     );

@@ -28,7 +28,7 @@ use iopf_models::rng::Rng;
 pub enum GuestError {
     /// Guest memory could not be created.
     #[error("cannot create guest memory")]
-    Memory(#[source] iopf_queue::AttachError),
+    Memory(#[source] iopf_queue::RegionAttachError),
     /// Guest memory has no room for the PASID directory.
     #[error("guest memory has no room for the PASID directory")]
     NoRoomForTables,

@@ -289,7 +289,7 @@ impl SimConfig {
 pub enum SimError {
     /// Guest memory could not be created.
     #[error("guest memory: {0}")]
-    Memory(#[from] iopf_queue::AttachError),
+    Memory(#[from] iopf_queue::RegionAttachError),
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -30,7 +30,7 @@ pub enum AttachError {
     Missing(&'static str),
     /// A region or doorbell failed its checks.
     #[error("cannot attach a queue region")]
-    Queue(#[from] iopf_queue::AttachError),
+    Queue(#[from] iopf_queue::RegionAttachError),
     /// The fault doorbell's eventfd could not be created, or the response doorbell is not an
     /// eventfd.
     #[error("doorbell eventfd")]
