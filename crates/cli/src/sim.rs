@@ -6,7 +6,7 @@ use iopf_sim::{SimConfig, SimReport, run};
 
 /// Which preset to run.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum Scenario {
+pub enum SimPreset {
     /// Two devices, a well-behaved guest, no chaos.
     Clean,
     /// VMM restarts, unregister and register, stale responses replayed.
@@ -23,8 +23,8 @@ pub enum Scenario {
 #[derive(Debug, Args)]
 pub struct SimArgs {
     /// The preset.
-    #[arg(long, value_enum, default_value_t = Scenario::Chaotic)]
-    scenario: Scenario,
+    #[arg(long, value_enum, default_value_t = SimPreset::Chaotic)]
+    scenario: SimPreset,
     /// The seed (the first seed of a sweep).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -36,13 +36,13 @@ pub struct SimArgs {
     json: bool,
 }
 
-fn config(scenario: Scenario, seed: u64) -> SimConfig {
+fn config(scenario: SimPreset, seed: u64) -> SimConfig {
     match scenario {
-        Scenario::Clean => SimConfig::clean(seed),
-        Scenario::Restarts => SimConfig::restarts(seed),
-        Scenario::Overflow => SimConfig::overflow(seed),
-        Scenario::Hostile => SimConfig::hostile(seed),
-        Scenario::Chaotic => SimConfig::chaotic(seed),
+        SimPreset::Clean => SimConfig::clean(seed),
+        SimPreset::Restarts => SimConfig::restarts(seed),
+        SimPreset::Overflow => SimConfig::overflow(seed),
+        SimPreset::Hostile => SimConfig::hostile(seed),
+        SimPreset::Chaotic => SimConfig::chaotic(seed),
     }
 }
 
