@@ -228,8 +228,27 @@ impl Vmm {
     }
 }
 
+/// Attaches `devices` devices, or every device the host has (until it refuses a connection),
+/// each with guest memory from `memory`, mapped with the access `prot` gives each region.
+pub fn attach_all(
+    vmm: &mut Vmm,
+    socket: &Path,
+    devices: Option<u32>,
+    mut memory: impl FnMut() -> Result<GuestMemoryMmap>,
+    prot: impl Fn(&GuestRegionMmap) -> DmaProt,
+) -> Result<()> {
+    while devices.is_none_or(|n| vmm.viommu.guests.len() < n as usize) {
+        match vmm.attach(socket, memory()?, &prot)? {
+            Some(_) => {}
+            None if devices.is_none() && !vmm.viommu.guests.is_empty() => break,
+            None => return Err("the host refused the connection: no free device".into()),
+        }
+    }
+    Ok(())
+}
+
 /// `--socket PATH [--devices N]`, with std only.
-fn args() -> Result<(PathBuf, Option<u32>)> {
+pub fn args() -> Result<(PathBuf, Option<u32>)> {
     let (mut socket, mut devices) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -247,23 +266,21 @@ fn args() -> Result<(PathBuf, Option<u32>)> {
     Ok((socket.ok_or("--socket PATH is required")?, devices))
 }
 
-fn main() -> Result<()> {
-    // RUST_LOG=debug shows the library's events (attach, each device's number).
+/// Logs the library's events to stderr, filtered by `RUST_LOG` (`debug`: attach, each device's
+/// number).
+pub fn log() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn main() -> Result<()> {
+    log();
     let (socket, devices) = args()?;
     let mut vmm = Vmm::new()?;
-    // Every device the host has (until it refuses a connection), or `--devices`.
-    while devices.is_none_or(|n| vmm.viommu.guests.len() < n as usize) {
-        let rw = |_: &GuestRegionMmap| DmaProt::READ | DmaProt::WRITE;
-        match vmm.attach(&socket, guest_memory()?, rw)? {
-            Some(_) => {}
-            None if devices.is_none() && !vmm.viommu.guests.is_empty() => break,
-            None => return Err("the host refused the connection: no free device".into()),
-        }
-    }
+    let rw = |_: &GuestRegionMmap| DmaProt::READ | DmaProt::WRITE;
+    attach_all(&mut vmm, &socket, devices, guest_memory, rw)?;
     for account in vmm.run()? {
         println!("{account}");
     }
