@@ -4,12 +4,15 @@
 //! guest-physical addresses, one of them read-only, writes no PASID directory, and answers
 //! every page request group `Success`.
 
+mod common;
+use common::Reaper;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iopf_abi::{Fault, PageResponse, ResponseCode, ResponseRecord};
@@ -21,17 +24,6 @@ use iopf_vfio_user::device::{
 use iopf_vfio_user::{Client, DmaProt};
 use rustix::fs::{MemfdFlags, SealFlags};
 use serde_json::Value;
-
-/// Kills the child if the test fails before it ends.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        // The child may have exited already; either way it is reaped.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const MIB: u64 = 1 << 20;
 /// The three regions: (guest-physical address, size, offset in its memfd, memfd size, prot).

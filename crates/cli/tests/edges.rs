@@ -2,9 +2,13 @@
 //! whatever is at the path (a file, a live host's socket, a dead host's socket, its own socket
 //! when it exits), and `iopf vmm` against a server that accepts and never answers.
 
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+use temp_path::TempPath;
+
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -58,11 +62,8 @@ impl Drop for Reaper {
     }
 }
 
-fn dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iopf-edges-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn dir(name: &str) -> TempPath {
+    TempPath::new(&format!("edges-{name}"), "")
 }
 
 fn host(socket: &Path, args: &[&str]) -> Reaper {
@@ -97,7 +98,8 @@ fn stderr(out: &Output) -> String {
 // Catches: `iopf host --socket` removing whatever is at the path (a user's file).
 #[test]
 fn a_regular_file_at_the_socket_path_survives_and_the_host_says_why_it_stops() {
-    let path = dir("file").join("notes.txt");
+    let dir = dir("file");
+    let path = dir.join("notes.txt");
     std::fs::write(&path, "my notes\n").unwrap();
     let out = host(&path, &[]).finish("iopf host", Duration::from_secs(20));
     assert!(!out.status.success(), "the host started over a file");
@@ -115,7 +117,8 @@ fn a_regular_file_at_the_socket_path_survives_and_the_host_says_why_it_stops() {
 // first host would then serve nobody, silently).
 #[test]
 fn a_live_hosts_socket_is_not_taken_by_a_second_host() {
-    let path = dir("live").join("host.sock");
+    let dir = dir("live");
+    let path = dir.join("host.sock");
     let mut first = host(&path, &[]);
     wait_listening(&path, &mut first);
     let before = std::fs::symlink_metadata(&path).unwrap();
@@ -140,7 +143,8 @@ fn a_live_hosts_socket_is_not_taken_by_a_second_host() {
 // after every crash), or leaves its own socket behind when it exits.
 #[test]
 fn a_stale_socket_is_replaced_and_the_host_removes_its_socket_when_it_exits() {
-    let path = dir("stale").join("host.sock");
+    let dir = dir("stale");
+    let path = dir.join("host.sock");
     // A dead host's socket: bound, its listener closed, the path left.
     drop(UnixListener::bind(&path).unwrap());
     assert!(
@@ -180,7 +184,8 @@ fn silent_server(path: &Path) {
 }
 
 fn vmm_against_silent_server(name: &str, extra: &[&str], limit: Duration) -> (String, Duration) {
-    let path = dir(name).join("silent.sock");
+    let dir = dir(name);
+    let path = dir.join("silent.sock");
     silent_server(&path);
     let started = Instant::now();
     let out = Reaper::spawn(

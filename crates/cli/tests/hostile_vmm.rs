@@ -18,17 +18,16 @@
 //! games, one process), `crates/cli/tests/run.rs` (garbage on the socket before any attach,
 //! a VMM killed with thousands of groups pending, stale answers across a host unregister).
 
+mod common;
+use common::{Reaper, iopf};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn iopf() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_iopf"))
-}
 
 /// The hostile VMM: a test-support binary of its own crate (`crates/hostile-vmm`), never part
 /// of `iopf`. `cargo test --workspace` builds it next to `iopf`.
@@ -41,16 +40,6 @@ fn hostile_vmm() -> Command {
         path.display()
     );
     Command::new(path)
-}
-
-/// Kills the child if the test fails before it ends.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The well-behaved VMM's device, and the hostile VMM's.

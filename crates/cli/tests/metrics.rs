@@ -5,32 +5,15 @@
 //! `promtool` comes from the Debian package `prometheus` (`scripts/setup` installs it). Outside
 //! CI a missing `promtool` skips that one check with a message; in CI (`CI=true`) it fails.
 
+mod common;
+use common::{Reaper, iopf, socket_path};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-fn iopf() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_iopf"))
-}
-
-/// Kills the child when the test ends, passed or failed.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn socket_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iopf-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("host.sock")
-}
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -151,7 +134,7 @@ fn promtool_is_installed_for_the_exposition_check() {
 
 #[test]
 fn a_running_host_is_watched_over_http_and_its_socket() {
-    let socket = socket_path("metrics");
+    let (_dir, socket) = socket_path("metrics");
     let (host, addr) = host_with_metrics(&socket);
     assert!(addr.ip().is_loopback(), "{addr}");
     let _vmm = Reaper(
@@ -383,7 +366,7 @@ fn a_running_host_is_watched_over_http_and_its_socket() {
 
 #[test]
 fn a_non_loopback_metrics_address_is_refused_before_the_host_starts() {
-    let socket = socket_path("metrics-refused");
+    let (_dir, socket) = socket_path("metrics-refused");
     let out = iopf()
         .arg("host")
         .arg("--socket")
@@ -403,7 +386,7 @@ fn a_non_loopback_metrics_address_is_refused_before_the_host_starts() {
 
 #[test]
 fn inspect_without_a_running_host_says_so() {
-    let socket = socket_path("metrics-nohost");
+    let (_dir, socket) = socket_path("metrics-nohost");
     let out = iopf()
         .arg("inspect")
         .arg("--socket")

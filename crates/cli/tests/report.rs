@@ -147,9 +147,12 @@ fn report_renders_its_charts_in_a_browser() {
         "{} is missing (scripts/setup installs the chromium package)",
         chromium().display()
     );
-    let dir = std::env::temp_dir().join(format!("iopf-test-report-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed however the test ends.
+    let tmp = tempfile::Builder::new()
+        .prefix("iopf-test-report-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     let scenario = dir.join("scenario.toml");
     std::fs::write(&scenario, SCENARIO).unwrap();
     let report_dir = dir.join("report");
@@ -262,5 +265,4 @@ fn report_renders_its_charts_in_a_browser() {
             "{name}: {n} pixels of {color:?}, expected {least}+"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

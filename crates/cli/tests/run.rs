@@ -1,35 +1,14 @@
 //! The host and VMM as separate processes over vfio-user: a whole run, a VMM killed with
 //! groups pending and replaced, and garbage sent to the host's socket.
 
+mod common;
+use common::{Reaper, iopf, socket_path};
+
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn iopf() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_iopf"))
-}
-
-/// Kills the child if the test fails before it ends.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A socket path in a new temporary directory, removed when the directory is dropped.
-fn socket_path(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("iopf-test-{name}-"))
-        .tempdir()
-        .unwrap();
-    let socket = dir.path().join("host.sock");
-    (dir, socket)
-}
 
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);

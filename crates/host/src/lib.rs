@@ -7,5 +7,9 @@ pub mod metrics;
 pub mod pci;
 pub mod socket;
 
+#[cfg(test)]
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+
 pub use host::{DeviceSummary, Host, HostConfig, HostReport};
 pub use socket::{BindError, SocketGuard};

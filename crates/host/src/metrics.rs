@@ -1010,10 +1010,10 @@ mod tests {
         }
     }
 
-    fn temp_socket(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("iopf-metrics-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("host.sock.stats")
+    use crate::temp_path::TempPath;
+
+    fn temp_socket(name: &str) -> TempPath {
+        TempPath::new(&format!("metrics-{name}"), "host.sock.stats")
     }
 
     #[test]

@@ -210,16 +210,16 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), BindError> {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("iopf-bind-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    use crate::temp_path::TempPath;
+
+    fn dir(name: &str) -> TempPath {
+        TempPath::new(&format!("bind-{name}"), "")
     }
 
     #[test]
     fn a_regular_file_is_refused_and_kept() {
-        let path = dir("file").join("notes.txt");
+        let dir = dir("file");
+        let path = dir.join("notes.txt");
         std::fs::write(&path, "keep me").unwrap();
         let err = bind(&path).unwrap_err();
         assert!(matches!(err, BindError::NotASocket { .. }), "{err}");
@@ -229,7 +229,8 @@ mod tests {
 
     #[test]
     fn a_live_socket_is_refused_and_kept() {
-        let path = dir("live").join("host.sock");
+        let dir = dir("live");
+        let path = dir.join("host.sock");
         let (_listener, _guard) = bind(&path).unwrap();
         let err = bind(&path).unwrap_err();
         assert!(matches!(err, BindError::InUse { .. }), "{err}");
@@ -240,7 +241,8 @@ mod tests {
 
     #[test]
     fn a_stale_socket_is_replaced_and_the_guard_removes_it() {
-        let path = dir("stale").join("host.sock");
+        let dir = dir("stale");
+        let path = dir.join("host.sock");
         // Bound, then its listener closed without removing the path: a dead host's socket.
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
@@ -253,7 +255,8 @@ mod tests {
 
     #[test]
     fn the_guard_leaves_a_socket_that_is_no_longer_ours() {
-        let path = dir("replaced").join("host.sock");
+        let dir = dir("replaced");
+        let path = dir.join("host.sock");
         let (listener, guard) = bind(&path).unwrap();
         drop(listener);
         // Someone else removed ours and bound their own at the same path (a moment later:

@@ -4,6 +4,10 @@
 //! and writes of config space and the BAR0 registers, and `DEVICE_RESET`. A watchdog turns a hang (the client
 //! blocks for ever on some error replies) into a failure.
 
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+use temp_path::TempPath;
+
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -23,9 +27,7 @@ const SET_EVENTFD_TRIGGER: u32 = (1 << 2) | (1 << 5);
 
 #[test]
 fn rust_vmm_client_talks_to_the_iopf_host_device() {
-    let dir = std::env::temp_dir().join(format!("iopf-conformance-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("host.sock");
+    let socket = TempPath::new("conformance", "host.sock");
     let config = HostConfig {
         // No accesses: the device's engine is done at once; only the control plane is tested.
         workloads: vec![Workload {
@@ -41,7 +43,7 @@ fn rust_vmm_client_talks_to_the_iopf_host_device() {
     let fault_irq = Doorbell::new().unwrap();
     let irq_fd = fault_irq.as_fd().try_clone_to_owned().unwrap();
     let (done_tx, done_rx) = mpsc::channel();
-    let path = socket.clone();
+    let path = socket.to_path_buf();
     let worker = std::thread::spawn(move || {
         drive(&path, irq_fd);
         done_tx.send(()).unwrap();
@@ -58,7 +60,6 @@ fn rust_vmm_client_talks_to_the_iopf_host_device() {
     let report = host.finish();
     assert_eq!(report.core.registrations, 1);
     assert_eq!(report.disconnects.len(), 1, "{:?}", report.disconnects);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn drive(path: &std::path::Path, fault_irq: OwnedFd) {

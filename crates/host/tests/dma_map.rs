@@ -2,8 +2,11 @@
 //! in-process, a real socket, real memfds), driven by the crate's vfio-user `Client`: the
 //! mapping rules of `docs/PROTOCOL.md` §4.6, each refusal with its errno.
 
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+use temp_path::TempPath;
+
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 
 use iopf_core::DeviceConfig;
 use iopf_host::engine::Workload;
@@ -16,10 +19,8 @@ use rustix::fs::{MemfdFlags, SealFlags};
 
 const RW: DmaProt = DmaProt::READ.union(DmaProt::WRITE);
 
-fn socket(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iopf-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("host.sock")
+fn socket(name: &str) -> TempPath {
+    TempPath::new(name, "host.sock")
 }
 
 /// A host with one device that issues no DMA, and a client connected to it.

@@ -3,8 +3,12 @@
 //! a hand-written VMM that holds its groups unanswered, then resets the device
 //! (`docs/PROTOCOL.md` §4.6, "`DEVICE_RESET`").
 
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+use temp_path::TempPath;
+
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use iopf_abi::{Fault, PageRequest, PageResponse, Pasid, Perm, ResponseCode, ResponseRecord};
@@ -176,10 +180,8 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn socket(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iopf-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("host.sock")
+fn socket(name: &str) -> TempPath {
+    TempPath::new(name, "host.sock")
 }
 
 /// A VMM resets the device while it holds every group the device could send. Catches:

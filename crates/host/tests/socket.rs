@@ -1,7 +1,9 @@
 //! The host's socket belongs to the host: `Host::bind` leaves what is not a stale socket
 //! alone, and the host removes its socket when it finishes or is dropped.
 
-use std::path::PathBuf;
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+use temp_path::TempPath;
 
 use iopf_host::engine::Workload;
 use iopf_host::{BindError, Host, HostConfig};
@@ -21,11 +23,8 @@ fn config() -> HostConfig {
     }
 }
 
-fn socket(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iopf-host-socket-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("host.sock")
+fn socket(name: &str) -> TempPath {
+    TempPath::new(&format!("host-socket-{name}"), "host.sock")
 }
 
 // Catches: a host that leaves its socket behind (the next start finds a dead socket).
@@ -33,7 +32,7 @@ fn socket(name: &str) -> PathBuf {
 fn a_host_removes_its_socket_when_it_finishes() {
     let path = socket("finish");
     let host = Host::bind(config(), &path).unwrap();
-    assert_eq!(host.socket_path(), Some(path.as_path()));
+    assert_eq!(host.socket_path(), Some(&*path));
     assert!(path.exists());
     let report = host.finish();
     assert_eq!(report.engines.len(), 1);
@@ -51,7 +50,8 @@ fn a_host_dropped_without_finishing_removes_its_socket() {
 // Catches: `Host::bind` removing a file that is not a socket.
 #[test]
 fn host_bind_refuses_a_regular_file_and_keeps_it() {
-    let path = socket("file").with_file_name("notes.txt");
+    let socket = socket("file");
+    let path = socket.with_file_name("notes.txt");
     std::fs::write(&path, "keep").unwrap();
     let error = Host::bind(config(), &path).unwrap_err();
     assert!(matches!(error, BindError::NotASocket { .. }), "{error}");

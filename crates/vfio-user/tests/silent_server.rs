@@ -1,24 +1,24 @@
 //! The client against servers that accept and then say nothing: it gives up within its time
 //! limits with an error naming what it waited for, instead of hanging.
 
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+use temp_path::TempPath;
+
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use iopf_vfio_user::protocol::{Header, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use iopf_vfio_user::version::{Capabilities, Version};
 use iopf_vfio_user::{Client, ClientError, ClientOptions, Command, Connection};
 
-fn socket(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("iopf-silent-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("server.sock")
+fn socket(name: &str) -> TempPath {
+    TempPath::new(&format!("silent-{name}"), "server.sock")
 }
 
 /// Accepts one connection and keeps it open, reading nothing and writing nothing, until the
 /// test ends.
-fn silent_server(path: &PathBuf) -> std::thread::JoinHandle<UnixStream> {
+fn silent_server(path: &std::path::Path) -> std::thread::JoinHandle<UnixStream> {
     let listener = UnixListener::bind(path).unwrap();
     std::thread::spawn(move || listener.accept().unwrap().0)
 }

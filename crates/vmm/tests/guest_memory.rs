@@ -4,10 +4,13 @@
 //! socket), is all a VMM needs besides the library to serve a device to the end of its workload
 //! with every DMA byte checked.
 
+#[path = "../../../tests-support/temp_path.rs"]
+mod temp_path;
+use temp_path::TempPath;
+
 use std::fs::File;
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,10 +146,8 @@ fn memory_without_a_file_is_refused_before_anything_is_sent() {
     assert!(maps.lock().unwrap().is_empty());
 }
 
-fn socket(name: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("iopf-vmm-{name}-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    path
+fn socket(name: &str) -> TempPath {
+    TempPath::new(&format!("vmm-{name}"), "host.sock")
 }
 
 /// The host takes one region at guest-physical 0 today (multi-region is being added on its
