@@ -1,4 +1,5 @@
 //! `iopf`: the command-line front door.
+#![forbid(unsafe_code)]
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -7,6 +8,7 @@ mod bench;
 mod demo;
 mod inspect;
 mod logging;
+mod outcome;
 mod report;
 mod run;
 mod scenario;

@@ -29,7 +29,7 @@ use iopf_host::{Host, HostReport};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::run::{ReportOptions, Throughput, check, print_report, spawn_vmm};
+use crate::outcome::{ReportExtra, ReportOptions, Throughput, check, print_report, spawn_vmm};
 use crate::scenario::{ChaosClock, RunChaos, Scenario};
 use crate::stop::{Invariant, Reaper};
 
@@ -295,6 +295,15 @@ pub struct SoakSummary {
     interrupted: bool,
     /// How long it ran.
     elapsed: Duration,
+}
+
+impl ReportExtra for SoakSummary {
+    fn json(&self) -> serde_json::Value {
+        SoakSummary::json(self)
+    }
+    fn lines(&self) -> Vec<String> {
+        SoakSummary::lines(self)
+    }
 }
 
 impl SoakSummary {

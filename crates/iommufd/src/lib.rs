@@ -32,12 +32,15 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+// `unsafe` only in `sys` (the ioctls), which exists for it; every other module is denied it.
+#![deny(unsafe_code)]
 
 mod error;
 mod fault_file;
 mod queue;
 #[cfg(feature = "selftest")]
 pub mod selftest;
+#[allow(unsafe_code)]
 mod sys;
 #[cfg(feature = "selftest")]
 mod test_cmd;

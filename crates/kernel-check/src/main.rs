@@ -7,6 +7,7 @@
 //!
 //! Output, one line each: `iopf-kernel-check: <check> ok <details>` or
 //! `iopf-kernel-check: <check> FAIL <why>`, then `iopf-kernel-check: done passed=N failed=M`.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
