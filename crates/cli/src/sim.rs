@@ -17,6 +17,9 @@ pub enum SimPreset {
     Hostile,
     /// Short runs with chaos drawn from the seed (what `--sweep` runs).
     Chaotic,
+    /// Stale responses built to collide: PRG indices reused at once, handler lives cut short,
+    /// past lives' answers replayed when the device reuses their PASID and PRG index.
+    StaleCollisions,
 }
 
 /// Options of `iopf sim`.
@@ -43,6 +46,7 @@ fn config(scenario: SimPreset, seed: u64) -> SimConfig {
         SimPreset::Overflow => SimConfig::overflow(seed),
         SimPreset::Hostile => SimConfig::hostile(seed),
         SimPreset::Chaotic => SimConfig::chaotic(seed),
+        SimPreset::StaleCollisions => SimConfig::stale_collisions(seed),
     }
 }
 
