@@ -133,6 +133,12 @@ fn print_report(r: &SimReport) {
         "guest   {} groups, {} pages mapped; sent {} duplicates, {} forged, {} stale; {} silent, {} late",
         g.groups, g.mapped, g.duplicates, g.forged, g.stale, g.silent, g.late
     );
+    if r.stale_replayed > 0 {
+        println!(
+            "        {} past lives' answers replayed to collide with a group of the new life",
+            r.stale_replayed
+        );
+    }
     println!(
         "memory  {} bytes verified, {} differ; {} DMA bytes written, {} read",
         r.memory.bytes_verified, r.memory.bytes_mismatched, e.bytes_written, e.bytes_read
