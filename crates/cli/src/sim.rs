@@ -17,6 +17,9 @@ pub enum SimPreset {
     Hostile,
     /// Short runs with chaos drawn from the seed (what `--sweep` runs).
     Chaotic,
+    /// Stale responses built to collide: PRG indices reused at once, handler lives cut short,
+    /// past lives' answers replayed when the device reuses their PASID and PRG index.
+    StaleCollisions,
 }
 
 /// Options of `iopf sim`.
@@ -43,6 +46,7 @@ fn config(scenario: SimPreset, seed: u64) -> SimConfig {
         SimPreset::Overflow => SimConfig::overflow(seed),
         SimPreset::Hostile => SimConfig::hostile(seed),
         SimPreset::Chaotic => SimConfig::chaotic(seed),
+        SimPreset::StaleCollisions => SimConfig::stale_collisions(seed),
     }
 }
 
@@ -129,6 +133,12 @@ fn print_report(r: &SimReport) {
         "guest   {} groups, {} pages mapped; sent {} duplicates, {} forged, {} stale; {} silent, {} late",
         g.groups, g.mapped, g.duplicates, g.forged, g.stale, g.silent, g.late
     );
+    if r.stale_replayed > 0 {
+        println!(
+            "        {} past lives' answers replayed to collide with a group of the new life",
+            r.stale_replayed
+        );
+    }
     println!(
         "memory  {} bytes verified, {} differ; {} DMA bytes written, {} read",
         r.memory.bytes_verified, r.memory.bytes_mismatched, e.bytes_written, e.bytes_read

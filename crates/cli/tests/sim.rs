@@ -33,3 +33,27 @@ fn a_short_sweep_reports_no_failing_seed() {
     assert!(text.contains("25 seeds from 1000"), "{text}");
     assert!(text.contains(": 0 broke an invariant"), "{text}");
 }
+
+#[test]
+fn the_stale_collisions_preset_replays_colliding_answers_and_passes() {
+    let out = iopf(&[
+        "sim",
+        "--scenario",
+        "stale-collisions",
+        "--seed",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["violations"], serde_json::json!([]));
+    assert!(report["stale_replayed"].as_u64().unwrap() > 0, "{report}");
+    let out = iopf(&["sim", "--scenario", "stale-collisions", "--sweep", "20"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(": 0 broke an invariant"), "{text}");
+}

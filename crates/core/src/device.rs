@@ -70,6 +70,11 @@ fn auto(request: &DevicePageRequest, reason: AutoReason) -> DeviceResponse {
     }
 }
 
+/// Where a device's cookie counter starts.
+fn first_cookie(id: DeviceId) -> u32 {
+    (id.0.wrapping_mul(0x9e37_79b9) >> 8).max(1)
+}
+
 impl DeviceState {
     pub(crate) fn new(id: DeviceId, config: DeviceConfig) -> Self {
         Self {
@@ -79,7 +84,7 @@ impl DeviceState {
             // Start each device's counter somewhere different, so that cookies of different
             // devices rarely coincide in logs. Correctness does not depend on it: a response
             // is only ever matched against its own device's pending table.
-            next_cookie: (id.0.wrapping_mul(0x9e37_79b9) >> 8).max(1),
+            next_cookie: first_cookie(id),
             next_seq: 0,
             partial: HashMap::default(),
             pending: PendingTable::default(),
@@ -156,6 +161,13 @@ impl DeviceState {
         drop(handler);
         self.staged = false;
         self.counters.unregistrations += 1;
+        // Test-only mutant (feature `mutant-cookie-reset`, never on by default): the stale-
+        // response bug, a counter that starts over with each handler life, so that the
+        // simulation's checker can prove it still catches it.
+        #[cfg(feature = "mutant-cookie-reset")]
+        {
+            self.next_cookie = first_cookie(self.id);
+        }
         let discarded: usize = self.partial.drain().map(|(_, p)| p.pages.len()).sum();
         self.counters.partial_dropped += discarded as u64;
         let groups = self.pending.take_all();

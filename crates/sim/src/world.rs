@@ -120,6 +120,11 @@ pub struct SimConfig {
     /// The run stops at this virtual time even if work remains (the checker then reports
     /// what is stuck).
     pub time_limit_ns: Nanos,
+    /// Stale responses built to collide: each VMM keeps the answers of past handler lives
+    /// and, when a group of the current life arrives with the PASID and PRG index of one of
+    /// them, replays it first (the one with the same cookie if there is one). Harmless only
+    /// if the host never accepts a response across lives.
+    pub stale_collisions: bool,
 }
 
 const MS: Nanos = 1_000_000;
@@ -163,6 +168,7 @@ impl SimConfig {
             host_poll_ns: 5_000,
             vmm_poll_ns: 3_000,
             time_limit_ns: 10_000 * MS,
+            stale_collisions: false,
         }
     }
 
@@ -196,6 +202,41 @@ impl SimConfig {
                 },
             },
         ];
+        config
+    }
+
+    /// Stale responses built to collide with a group of the new life: devices that reuse
+    /// the lowest free PRG index of very few, handler lives cut short again and again by
+    /// unregister and VMM restarts, and VMMs that replay a past life's answer whenever the
+    /// device has reused its PASID and PRG index ([`SimConfig::stale_collisions`]).
+    pub fn stale_collisions(seed: u64) -> Self {
+        let mut config = Self::clean(seed);
+        config.stale_collisions = true;
+        for device in &mut config.devices {
+            device.endpoint.prgi_alloc = iopf_models::endpoint::PrgiAlloc::LowestFree;
+            device.endpoint.allocation = 2;
+        }
+        for (i, at) in (100_000..1_200_000).step_by(100_000).enumerate() {
+            let device = i % 2;
+            if i % 3 == 2 {
+                config.chaos.push(ChaosEvent {
+                    at,
+                    chaos: Chaos::VmmRestart {
+                        device,
+                        down_ns: 5_000,
+                    },
+                });
+            } else {
+                config.chaos.push(ChaosEvent {
+                    at,
+                    chaos: Chaos::Unregister { device },
+                });
+                config.chaos.push(ChaosEvent {
+                    at: at + 5_000,
+                    chaos: Chaos::Register { device },
+                });
+            }
+        }
         config
     }
 
@@ -272,6 +313,25 @@ impl SimConfig {
             };
             config.chaos.push(ChaosEvent { at, chaos });
         }
+        // Most draws build stale responses to collide: PRG indices reused at once, a handler
+        // life cut short while traffic runs, VMMs replaying past lives' answers.
+        if rng.chance(0.75) {
+            config.stale_collisions = true;
+            for device in &mut config.devices {
+                device.endpoint.prgi_alloc = iopf_models::endpoint::PrgiAlloc::LowestFree;
+            }
+            for device in 0..config.devices.len() {
+                let at = rng.between(30_000, 150_000);
+                config.chaos.push(ChaosEvent {
+                    at,
+                    chaos: Chaos::Unregister { device },
+                });
+                config.chaos.push(ChaosEvent {
+                    at: at + rng.between(1_000, 10_000),
+                    chaos: Chaos::Register { device },
+                });
+            }
+        }
         // Whatever the chaos did, the run must end with every device registered again.
         for device in 0..config.devices.len() {
             config.chaos.push(ChaosEvent {
@@ -320,6 +380,9 @@ pub struct SimReport {
     pub answers_discarded: u64,
     /// Guest memory against what DMA wrote.
     pub memory: MemoryVerdict,
+    /// Past lives' answers the VMMs replayed to collide with a group of the new life
+    /// ([`SimConfig::stale_collisions`]).
+    pub stale_replayed: u64,
     /// Invariant violations (empty: the run is correct).
     pub violations: Vec<String>,
 }
@@ -386,6 +449,9 @@ struct Device {
     in_queue: VecDeque<(ResponseRecord, u64)>,
     /// Those the host read in the current poll.
     consumed: Vec<(ResponseRecord, u64)>,
+    /// The guest's answers with the handler life they answered, the latest last (bounded),
+    /// for replays built to collide.
+    past: VecDeque<(ResponseRecord, u64)>,
     guest: Guest,
     issued: Vec<u32>,
     next_access: u64,
@@ -492,8 +558,12 @@ struct World {
     answers_dropped: u64,
     answers_written: u64,
     answers_discarded: u64,
+    stale_replayed: u64,
     violations: Vec<String>,
 }
+
+/// Answers each VMM remembers for replays built to collide.
+const PAST_ANSWERS: usize = 64;
 
 /// Runs one simulation to its end and returns what happened with the checker's verdict.
 pub fn run(config: SimConfig) -> Result<SimReport, SimError> {
@@ -529,6 +599,7 @@ impl World {
                 process: 0,
                 in_queue: VecDeque::new(),
                 consumed: Vec::new(),
+                past: VecDeque::new(),
                 guest: Guest::new(config.guest, rng.fork()),
                 issued: vec![0; spec.streams.len()],
                 next_access: 0,
@@ -553,6 +624,7 @@ impl World {
             answers_dropped: 0,
             answers_written: 0,
             answers_discarded: 0,
+            stale_replayed: 0,
             violations: Vec::new(),
             config,
         };
@@ -840,6 +912,9 @@ impl World {
         }
         let (id, process, life, now) = (d.id.0, d.process, d.life, self.now);
         for group in groups {
+            if self.config.stale_collisions {
+                self.replay_colliding(device, process, life, &group);
+            }
             let answers = self.devices[device].guest.on_group(
                 id,
                 &group,
@@ -848,6 +923,15 @@ impl World {
                 &mut self.memory,
                 now,
             );
+            if self.config.stale_collisions {
+                let past = &mut self.devices[device].past;
+                for answer in answers.iter().filter(|a| a.tag == life) {
+                    if past.len() == PAST_ANSWERS {
+                        past.pop_front();
+                    }
+                    past.push_back((answer.record, life));
+                }
+            }
             for answer in answers {
                 let delay = answer.at - now;
                 self.schedule(
@@ -862,6 +946,48 @@ impl World {
                 );
             }
         }
+    }
+
+    /// Replays, ahead of the guest's answer, an answer of a past life to the same PASID and
+    /// PRG index as `group` (the one with `group`'s cookie if there is one, else the latest),
+    /// once.
+    fn replay_colliding(
+        &mut self,
+        device: usize,
+        process: u64,
+        life: u64,
+        group: &[iopf_abi::PageRequest],
+    ) {
+        let Some(last) = group.last() else {
+            return;
+        };
+        let past = &mut self.devices[device].past;
+        let same_key = |(record, old): &(ResponseRecord, u64)| {
+            *old < life
+                && record
+                    .decode()
+                    .is_ok_and(|r| r.pasid == last.pasid && r.grpid == last.grpid)
+        };
+        let same_cookie = past.iter().position(|entry| {
+            same_key(entry) && entry.0.decode().is_ok_and(|r| r.cookie == last.cookie)
+        });
+        let Some(index) = same_cookie.or_else(|| past.iter().rposition(same_key)) else {
+            return;
+        };
+        let Some((record, old)) = past.remove(index) else {
+            return;
+        };
+        self.stale_replayed += 1;
+        self.schedule(
+            0,
+            Event::GuestAnswer {
+                device,
+                process,
+                record,
+                life: old,
+                tries: 0,
+            },
+        );
     }
 
     fn guest_answer(
@@ -1018,6 +1144,7 @@ impl World {
             answers_dropped: self.answers_dropped,
             answers_written: self.answers_written,
             answers_discarded: self.answers_discarded,
+            stale_replayed: self.stale_replayed,
             memory,
             violations: self.violations,
         }
