@@ -509,8 +509,18 @@ impl<'a> Engine<'a> {
                 );
                 self.progress.latency.record(ns);
             }
-            if let Some(Mmu::Direct(d)) = turn.mmu.as_mut() {
-                d.page_response(response.pasid, response.grpid, response.code);
+            // Direct mode learns which pages the VMM made present, even in a turn that runs
+            // without it (right after a DMA_MAP, DMA_UNMAP or reset, while it settles): an
+            // answer taken then would otherwise be lost, and the device would ask again.
+            match turn.mmu.as_mut() {
+                Some(Mmu::Direct(d)) => {
+                    d.page_response(response.pasid, response.grpid, response.code)
+                }
+                _ => {
+                    if let Some(d) = self.direct.as_mut() {
+                        d.page_response(response.pasid, response.grpid, response.code);
+                    }
+                }
             }
             self.endpoint
                 .on_response(response.pasid, response.grpid, response.code);

@@ -269,6 +269,23 @@ impl DirectVmm {
     }
 }
 
+/// Waits (bounded) until the host's device has ended `n` accesses: a page answered `Success`
+/// has been retried and used, so what the test does next cannot race the retry.
+fn accesses_ended(host: &Host, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while host.progress()[0]
+        .accesses_done
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < n
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device did not end {n} accesses"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 const DIRECT_GPA: u64 = 0x80_0000;
 const DIRECT_SIZE: u64 = 16 * 4096;
 
@@ -303,10 +320,13 @@ fn direct_mode_pages_go_away_with_a_reset_and_with_an_unmap() {
     let mut vmm = DirectVmm::attach(Client::connect(&path).unwrap());
     assert_eq!(vmm.answer_one(), DIRECT_GPA);
     assert_eq!(vmm.answer_one(), DIRECT_GPA + 4096);
-    // Both pages present. A reset takes them away: the third access asks for page 0 again.
+    // Both pages present once the second access has ended (its retry went through). A reset
+    // takes them away: the third access asks for page 0 again.
+    accesses_ended(&host, 2);
     vmm.client.reset().unwrap();
     assert_eq!(vmm.answer_one(), DIRECT_GPA);
     // Unmapping the region (and mapping it again) takes page 0 away too.
+    accesses_ended(&host, 3);
     vmm.client.dma_unmap(DIRECT_GPA, DIRECT_SIZE).unwrap();
     vmm.map();
     assert_eq!(vmm.answer_one(), DIRECT_GPA + 4096);
