@@ -14,14 +14,13 @@ use crate::sync::AtomicU64;
 /// A `MAP_SHARED` read-write mapping of a whole queue region.
 ///
 /// Invariants, established by [`Mapping::new`] and relied on by every view:
-/// 1. `ptr..ptr + len` is mapped for as long as `self` lives (unmapped only in `Drop`);
+/// 1. `ptr..ptr + len` is mapped for as long as `self` lives (unmapped only when its `RawMapping` drops);
 /// 2. `ptr` is page-aligned and `len >= ENTRIES_OFFSET`, so both header pages lie inside it;
 /// 3. the file under it cannot shrink (the caller checked `F_SEAL_SHRINK`), so no access inside
 ///    `len` can raise `SIGBUS`.
 #[derive(Debug)]
 pub(crate) struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
+    raw: RawMapping,
 }
 
 // SAFETY: `Mapping` owns a plain memory mapping; the views it hands out are atomics, which are
@@ -42,34 +41,24 @@ impl Mapping {
                 "mapping smaller than the region's header pages",
             ));
         }
-        // SAFETY:
-        // 1. A null hint lets the kernel choose the address, so no existing mapping is replaced.
-        // 2. `MAP_SHARED` of a file we hold an fd for; `len` is non-zero.
-        // 3. The returned pointer is used only through `Mapping`, which unmaps it once, in Drop.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                core::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )
-        }?;
-        let ptr = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
-        Ok(Self { ptr, len })
+        Ok(Self {
+            raw: RawMapping::new(fd, 0, len)?,
+        })
     }
 
     /// The mapping's length in bytes.
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.raw.len
     }
 
     /// The host page at offset 0.
     #[inline]
     pub(crate) fn host_page(&self) -> &HostPage {
-        let page = self.ptr.as_ptr().wrapping_add(HOST_PAGE_OFFSET as usize);
+        let page = self
+            .raw
+            .ptr
+            .as_ptr()
+            .wrapping_add(HOST_PAGE_OFFSET as usize);
         // SAFETY: the host page lies at offset 0 of a page-aligned mapping at least
         // `ENTRIES_OFFSET` long (invariant 2), so `HostPage` (48 bytes, align 8) is in bounds
         // and aligned; its fields are atomics, valid for every bit pattern and for concurrent
@@ -81,7 +70,7 @@ impl Mapping {
     /// The VMM page at offset 4096.
     #[inline]
     pub(crate) fn vmm_page(&self) -> &VmmPage {
-        let page = self.ptr.as_ptr().wrapping_add(VMM_PAGE_OFFSET as usize);
+        let page = self.raw.ptr.as_ptr().wrapping_add(VMM_PAGE_OFFSET as usize);
         // SAFETY: as for `host_page`: offset 4096 of the mapping is page-aligned and the 12
         // bytes of `VmmPage` end before `ENTRIES_OFFSET <= len`.
         unsafe { &*page.cast::<VmmPage>() }
@@ -98,10 +87,10 @@ impl Mapping {
     #[inline]
     pub(crate) fn words_at(&self, offset: usize, count: usize) -> Option<&[AtomicU64]> {
         let end = count.checked_mul(8)?.checked_add(offset)?;
-        if end > self.len || !offset.is_multiple_of(8) {
+        if end > self.raw.len || !offset.is_multiple_of(8) {
             return None;
         }
-        let words = self.ptr.as_ptr().wrapping_add(offset);
+        let words = self.raw.ptr.as_ptr().wrapping_add(offset);
         // SAFETY: `offset` is 8-aligned in a page-aligned mapping, the `count` words end inside
         // it (checked just above), `AtomicU64` is valid for every bit pattern and for concurrent
         // access, and the memory outlives `&self` (invariants 1 and 3).
@@ -113,14 +102,13 @@ impl Mapping {
 /// offset, seen only as 64-bit words (guest memory: no header pages, any whole number of pages).
 ///
 /// Invariants, established by [`WordMapping::new`] and relied on by [`WordMapping::words`]:
-/// 1. `ptr..ptr + len` is mapped for as long as `self` lives (unmapped only in `Drop`);
+/// 1. `ptr..ptr + len` is mapped for as long as `self` lives (unmapped only when its `RawMapping` drops);
 /// 2. `ptr` is page-aligned and `len` a non-zero multiple of 8;
 /// 3. the file under it cannot shrink below `offset + len` (the caller checked `F_SEAL_SHRINK`
 ///    and the file's size), so no access inside `len` can raise `SIGBUS`.
 #[derive(Debug)]
 pub(crate) struct WordMapping {
-    ptr: NonNull<u8>,
-    len: usize,
+    raw: RawMapping,
 }
 
 // SAFETY: as for `Mapping`: the only view is a slice of atomics.
@@ -141,11 +129,49 @@ impl WordMapping {
                 "empty or unaligned guest memory mapping",
             ));
         }
+        Ok(Self {
+            raw: RawMapping::new(fd, offset, len)?,
+        })
+    }
+
+    /// The whole mapping as 64-bit words.
+    #[inline]
+    pub(crate) fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `ptr` is page-aligned and `len` a multiple of 8 (invariant 2), so the
+        // `len / 8` words are in bounds and aligned; `AtomicU64` is valid for every bit pattern
+        // and for concurrent access; the memory outlives `&self` (invariants 1 and 3).
+        unsafe {
+            core::slice::from_raw_parts(self.raw.ptr.as_ptr().cast::<AtomicU64>(), self.raw.len / 8)
+        }
+    }
+}
+
+/// The one `mmap` of this module and its `munmap`: `len` bytes of `fd` from file offset
+/// `offset`, shared and read-write, unmapped once, when dropped. [`Mapping`] and
+/// [`WordMapping`] are the typed views over it.
+#[derive(Debug)]
+struct RawMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl RawMapping {
+    /// Maps `len` bytes of `fd` from `offset`. The callers check what makes accesses safe
+    /// (seals, file size, alignment of their views); `len == 0` and an offset that is not
+    /// page-aligned are refused here, as `mmap` requires.
+    fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
+        if len == 0 || !offset.is_multiple_of(4096) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty mapping or offset not page-aligned",
+            ));
+        }
         // SAFETY:
         // 1. A null hint lets the kernel choose the address, so no existing mapping is replaced.
         // 2. `MAP_SHARED` of a file we hold an fd for; `len` is non-zero and `offset` is
         //    page-aligned (checked above), as `mmap` requires.
-        // 3. The returned pointer is used only through `WordMapping`, which unmaps it once.
+        // 3. The returned pointer is used only through `RawMapping` and the views that own it,
+        //    and unmapped once, in `Drop`.
         let ptr = unsafe {
             rustix::mm::mmap(
                 core::ptr::null_mut(),
@@ -160,33 +186,13 @@ impl WordMapping {
             .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
         Ok(Self { ptr, len })
     }
-
-    /// The whole mapping as 64-bit words.
-    #[inline]
-    pub(crate) fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `ptr` is page-aligned and `len` a multiple of 8 (invariant 2), so the
-        // `len / 8` words are in bounds and aligned; `AtomicU64` is valid for every bit pattern
-        // and for concurrent access; the memory outlives `&self` (invariants 1 and 3).
-        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU64>(), self.len / 8) }
-    }
 }
 
-impl Drop for WordMapping {
+impl Drop for RawMapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr..ptr + len` is the mapping `new` created and nothing else unmaps it; no
-        // view outlives `&self`, so no reference into it survives this call.
-        let result = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-        debug_assert!(
-            result.is_ok(),
-            "munmap of our own mapping failed: {result:?}"
-        );
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr..ptr + len` is the mapping `new` created and nothing else unmaps it; no
-        // view outlives `&self`, so no reference into it survives this call.
+        // SAFETY: `ptr..ptr + len` is the mapping `new` created and nothing else unmaps it; the
+        // views that own this value hand out no reference that outlives them, so none
+        // survives this call.
         let result = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
         debug_assert!(
             result.is_ok(),
