@@ -328,14 +328,7 @@ impl Endpoint {
                 .iter()
                 .find(|(_, t)| matches!(t, Translation::Stage2Fault(_)))
             {
-                self.queue.pop_front();
-                out.push(Upstream::Unrecoverable(UnrecoverableFault {
-                    reason: translation.fault_reason().unwrap_or(FaultReason::Unknown),
-                    pasid: access.pasid,
-                    perm,
-                    addr: Some(addr),
-                    fetch_addr: None,
-                }));
+                self.abort(&access, perm, addr, translation, out);
                 self.counters.failed_stage2 += 1;
                 continue;
             }
@@ -344,15 +337,8 @@ impl Endpoint {
                 .any(|(_, t)| *t == Translation::NoAddressSpace);
             if !self.pri_active() || no_space {
                 // The DMA goes untranslated through the IOMMU, faults, and is aborted.
-                self.queue.pop_front();
                 let (addr, translation) = missing[0];
-                out.push(Upstream::Unrecoverable(UnrecoverableFault {
-                    reason: translation.fault_reason().unwrap_or(FaultReason::Unknown),
-                    pasid: access.pasid,
-                    perm,
-                    addr: Some(addr),
-                    fetch_addr: None,
-                }));
+                self.abort(&access, perm, addr, translation, out);
                 self.counters.failed_no_pri += 1;
                 continue;
             }
@@ -393,6 +379,26 @@ impl Endpoint {
             self.counters.groups += 1;
         }
         false
+    }
+
+    /// Drops the access at the head of the queue: its DMA faulted at `addr` and no page request
+    /// can fix it, so the IOMMU reports an unrecoverable fault. The caller counts why.
+    fn abort(
+        &mut self,
+        access: &DmaAccess,
+        perm: Perm,
+        addr: u64,
+        translation: Translation,
+        out: &mut Vec<Upstream>,
+    ) {
+        self.queue.pop_front();
+        out.push(Upstream::Unrecoverable(UnrecoverableFault {
+            reason: translation.fault_reason().unwrap_or(FaultReason::Unknown),
+            pasid: access.pasid,
+            perm,
+            addr: Some(addr),
+            fetch_addr: None,
+        }));
     }
 
     fn dma(&mut self, access: &DmaAccess, pages: &[u64], memory: &mut GuestMemory) {
