@@ -20,6 +20,9 @@ pub enum SimPreset {
     /// Stale responses built to collide: PRG indices reused at once, handler lives cut short,
     /// past lives' answers replayed when the device reuses their PASID and PRG index.
     StaleCollisions,
+    /// A VMM that writes some of its guest's answers into the other device's response queue,
+    /// with PASIDs and PRG indices that coincide across the devices.
+    Crosstalk,
 }
 
 /// Options of `iopf sim`.
@@ -47,6 +50,7 @@ fn config(scenario: SimPreset, seed: u64) -> SimConfig {
         SimPreset::Hostile => SimConfig::hostile(seed),
         SimPreset::Chaotic => SimConfig::chaotic(seed),
         SimPreset::StaleCollisions => SimConfig::stale_collisions(seed),
+        SimPreset::Crosstalk => SimConfig::crosstalk(seed),
     }
 }
 
@@ -137,6 +141,12 @@ fn print_report(r: &SimReport) {
         println!(
             "        {} past lives' answers replayed to collide with a group of the new life",
             r.stale_replayed
+        );
+    }
+    if r.misdirected > 0 {
+        println!(
+            "        {} answers written into another device's response queue",
+            r.misdirected
         );
     }
     println!(

@@ -58,6 +58,10 @@ pub(crate) struct DeviceState {
     scratch: Vec<ResponseRecord>,
     /// Doorbells to ring once the device's lock is released ([`Wake`]).
     pub(crate) wakes: Vec<Wake>,
+    /// Test-only mutant (feature `mutant-cross-device`): responses this device did not know,
+    /// handed to [`crate::FaultCore`] to try on the other devices.
+    #[cfg(feature = "mutant-cross-device")]
+    pub(crate) unknown: Vec<ResponseRecord>,
 }
 
 fn auto(request: &DevicePageRequest, reason: AutoReason) -> DeviceResponse {
@@ -92,6 +96,8 @@ impl DeviceState {
             counters: DeviceCounters::default(),
             log: RateLimit::new(),
             scratch: Vec::new(),
+            #[cfg(feature = "mutant-cross-device")]
+            unknown: Vec::new(),
             wakes: Vec::new(),
         }
     }
@@ -170,7 +176,15 @@ impl DeviceState {
         }
         let discarded: usize = self.partial.drain().map(|(_, p)| p.pages.len()).sum();
         self.counters.partial_dropped += discarded as u64;
-        let groups = self.pending.take_all();
+        #[allow(unused_mut)]
+        let mut groups = self.pending.take_all();
+        // Test-only mutant (feature `mutant-unregister-forgets`, never on by default): unregister
+        // forgets the oldest pending group instead of answering it, so the device waits for an
+        // answer that never comes.
+        #[cfg(feature = "mutant-unregister-forgets")]
+        if !groups.is_empty() {
+            groups.remove(0);
+        }
         let answered = groups.len();
         for group in groups {
             self.count_auto(reason);
@@ -507,8 +521,13 @@ impl DeviceState {
         let drained = handler.drain_responses(RESPONSE_BATCH, &mut records);
         let mut refused = 0;
         for record in &records {
-            if self.respond(record, now, out).is_err() {
-                refused += 1;
+            match self.respond(record, now, out) {
+                Ok(()) => {}
+                // Test-only mutant (feature `mutant-cross-device`): a cookie this device does
+                // not know is tried on the other devices.
+                #[cfg(feature = "mutant-cross-device")]
+                Err(Refusal::UnknownCookie(_)) => self.unknown.push(*record),
+                Err(_) => refused += 1,
             }
         }
         if refused > 0

@@ -232,7 +232,35 @@ impl FaultCore {
     /// Reads the device's response queue (one bounded batch) and applies every response.
     /// Returns how many records were read; call again while it returns a full batch.
     pub fn process_responses(&self, id: DeviceId) -> Result<usize, CoreError> {
-        self.with(id, |state, now, out| state.process_responses(now, out))
+        let read = self.with(id, |state, now, out| state.process_responses(now, out))?;
+        #[cfg(feature = "mutant-cross-device")]
+        self.mutant_route_across_devices(id);
+        Ok(read)
+    }
+
+    /// Test-only mutant (feature `mutant-cross-device`, never on by default): a response
+    /// whose cookie its own device does not know is applied to whichever other device has a
+    /// group pending under that cookie, as a host that looked groups up by cookie alone would.
+    #[cfg(feature = "mutant-cross-device")]
+    fn mutant_route_across_devices(&self, id: DeviceId) {
+        let Ok(unknown) = self.with(id, |state, _, _| std::mem::take(&mut state.unknown)) else {
+            return;
+        };
+        let others: Vec<DeviceId> = self
+            .devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .filter(|&other| other != id)
+            .collect();
+        for record in unknown {
+            for &other in &others {
+                if matches!(self.respond(other, &record), Ok(Ok(()))) {
+                    break;
+                }
+            }
+        }
     }
 
     /// For an event loop about to sleep on the device's response doorbell: asks the VMM to ring

@@ -125,6 +125,10 @@ pub struct SimConfig {
     /// them, replays it first (the one with the same cookie if there is one). Harmless only
     /// if the host never accepts a response across lives.
     pub stale_collisions: bool,
+    /// A confused VMM: the fraction of guest answers written into another device's response
+    /// queue instead of their own. Harmless only if the host matches a response against its
+    /// own device's groups alone.
+    pub crosstalk: f64,
 }
 
 const MS: Nanos = 1_000_000;
@@ -169,6 +173,7 @@ impl SimConfig {
             vmm_poll_ns: 3_000,
             time_limit_ns: 10_000 * MS,
             stale_collisions: false,
+            crosstalk: 0.0,
         }
     }
 
@@ -236,6 +241,19 @@ impl SimConfig {
                     chaos: Chaos::Register { device },
                 });
             }
+        }
+        config
+    }
+
+    /// Answers written to the wrong device: a VMM that serves both devices writes a quarter of
+    /// its guest's answers into the other device's response queue ([`SimConfig::crosstalk`]).
+    /// The devices' PRG indices and PASIDs coincide, so only the cookie's owner tells the
+    /// groups apart.
+    pub fn crosstalk(seed: u64) -> Self {
+        let mut config = Self::clean(seed);
+        config.crosstalk = 0.25;
+        for device in &mut config.devices {
+            device.endpoint.prgi_alloc = iopf_models::endpoint::PrgiAlloc::LowestFree;
         }
         config
     }
@@ -332,6 +350,10 @@ impl SimConfig {
                 });
             }
         }
+        // Some draws misdirect answers to the other device.
+        if rng.chance(0.25) {
+            config.crosstalk = 0.2;
+        }
         // Whatever the chaos did, the run must end with every device registered again.
         for device in 0..config.devices.len() {
             config.chaos.push(ChaosEvent {
@@ -383,6 +405,8 @@ pub struct SimReport {
     /// Past lives' answers the VMMs replayed to collide with a group of the new life
     /// ([`SimConfig::stale_collisions`]).
     pub stale_replayed: u64,
+    /// Guest answers written into another device's response queue ([`SimConfig::crosstalk`]).
+    pub misdirected: u64,
     /// Invariant violations (empty: the run is correct).
     pub violations: Vec<String>,
 }
@@ -559,11 +583,16 @@ struct World {
     answers_written: u64,
     answers_discarded: u64,
     stale_replayed: u64,
+    misdirected: u64,
     violations: Vec<String>,
 }
 
 /// Answers each VMM remembers for replays built to collide.
 const PAST_ANSWERS: usize = 64;
+
+/// The provenance of an answer written into another device's response queue: it answers no
+/// group of that device in any life.
+const MISDIRECTED: u64 = u64::MAX;
 
 /// Runs one simulation to its end and returns what happened with the checker's verdict.
 pub fn run(config: SimConfig) -> Result<SimReport, SimError> {
@@ -625,6 +654,7 @@ impl World {
             answers_written: 0,
             answers_discarded: 0,
             stale_replayed: 0,
+            misdirected: 0,
             violations: Vec::new(),
             config,
         };
@@ -737,6 +767,9 @@ impl World {
                 let current = d.life;
                 match position.map(|p| d.consumed.remove(p)) {
                     Some((_, life)) if life == current => {}
+                    Some((_, MISDIRECTED)) => self.violation(format!(
+                        "{id}: a response written for another device's group was accepted: {response:?}"
+                    )),
                     Some((_, life)) => self.violation(format!(
                         "{id}: a response to a group of life {life} was accepted in life {current}: {response:?}"
                     )),
@@ -934,13 +967,21 @@ impl World {
             }
             for answer in answers {
                 let delay = answer.at - now;
+                let (mut to, mut to_process, mut life) = (device, process, answer.tag);
+                let count = self.devices.len();
+                if count > 1 && self.rng.chance(self.config.crosstalk) {
+                    to = (device + 1) % count;
+                    to_process = self.devices[to].process;
+                    life = MISDIRECTED;
+                    self.misdirected += 1;
+                }
                 self.schedule(
                     delay,
                     Event::GuestAnswer {
-                        device,
-                        process,
+                        device: to,
+                        process: to_process,
                         record: answer.record,
-                        life: answer.tag,
+                        life,
                         tries: 0,
                     },
                 );
@@ -1145,6 +1186,7 @@ impl World {
             answers_written: self.answers_written,
             answers_discarded: self.answers_discarded,
             stale_replayed: self.stale_replayed,
+            misdirected: self.misdirected,
             memory,
             violations: self.violations,
         }
