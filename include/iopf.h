@@ -20,18 +20,18 @@
 /**
  * Answer code: the page is mapped now, the device retries the access.
  */
-#define IOPF_RESPONSE_SUCCESS 0
+#define IOPF_ANSWER_SUCCESS 0
 
 /**
  * Answer code: the request cannot be satisfied, the device fails that access.
  */
-#define IOPF_RESPONSE_INVALID 1
+#define IOPF_ANSWER_INVALID 1
 
 /**
  * Answer code: the device stops issuing page requests until PRI is reset (almost never the
  * right answer; an iopf host refuses it unless configured to allow it).
  */
-#define IOPF_RESPONSE_FAILURE 2
+#define IOPF_ANSWER_FAILURE 2
 
 /**
  * Access permission bit of a faulting access: read.
@@ -231,7 +231,7 @@ typedef uint64_t iopf_device;
  */
 struct iopf_group {
     /**
-     * What to answer the group with (`iopf_respond`); never 0, never reused by this handle.
+     * What to answer the group with (`iopf_answer`); never 0, never reused by this handle.
      */
     uint64_t cookie;
     /**
@@ -503,7 +503,7 @@ int iopf_live(iopf_device device);
  * Moves whole page request groups read by `iopf_poll` into `groups` (room for `max_groups`)
  * and their requests into `requests` (room for `max_requests`): group `g` has requests
  * `requests[g.first .. g.first + g.count]`. A group is never split: draining stops before a
- * group whose requests do not fit. Answer each group exactly once, with `iopf_respond` and
+ * group whose requests do not fit. Answer each group exactly once, with `iopf_answer` and
  * its cookie.
  *
  * Returns the groups written (0: none waits), or -errno: -ENOSPC (the next group alone has
@@ -536,7 +536,7 @@ int iopf_drain_unrecoverable(iopf_device device,
                              size_t max_faults);
 
 /**
- * Answers the group drained under `cookie` with `code` (`IOPF_RESPONSE_SUCCESS`, `_INVALID`
+ * Answers the group drained under `cookie` with `code` (`IOPF_ANSWER_SUCCESS`, `_INVALID`
  * or `_FAILURE`). Callable from any thread, also while another thread polls. The answer is
  * queued and sent by the next `iopf_poll` or `iopf_flush`; given outside `iopf_poll`, it
  * makes `iopf_fd` readable so the loop wakes to send it. Never blocks on the host.
@@ -545,7 +545,7 @@ int iopf_drain_unrecoverable(iopf_device device,
  * drained, or forgotten by `iopf_reset`), -EINVAL (an unknown code), -EAGAIN (65,536 answers
  * wait already: the host reads none; the group still waits, answer it again later).
  */
-int iopf_respond(iopf_device device, uint64_t cookie, uint32_t code);
+int iopf_answer(iopf_device device, uint64_t cookie, uint32_t code);
 
 /**
  * The device's counters, into `*stats`; `size` is `sizeof(struct iopf_stats)` (a caller

@@ -409,7 +409,7 @@ pub(crate) fn drain_unrecoverable(
 }
 
 /// Answers the group handed out under `cookie` with `code`.
-pub(crate) fn respond(handle: iopf_device, cookie: u64, code: u32) -> Result<c_int, FfiError> {
+pub(crate) fn answer(handle: iopf_device, cookie: u64, code: u32) -> Result<c_int, FfiError> {
     let code = ResponseCode::from_raw(code)
         .map_err(|_| FfiError::Argument(format!("{code} is not an answer code (0, 1 or 2)")))?;
     let h = find(handle)?;

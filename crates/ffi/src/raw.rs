@@ -268,7 +268,7 @@ pub extern "C" fn iopf_live(device: iopf_device) -> c_int {
 /// Moves whole page request groups read by `iopf_poll` into `groups` (room for `max_groups`)
 /// and their requests into `requests` (room for `max_requests`): group `g` has requests
 /// `requests[g.first .. g.first + g.count]`. A group is never split: draining stops before a
-/// group whose requests do not fit. Answer each group exactly once, with `iopf_respond` and
+/// group whose requests do not fit. Answer each group exactly once, with `iopf_answer` and
 /// its cookie.
 ///
 /// Returns the groups written (0: none waits), or -errno: -ENOSPC (the next group alone has
@@ -317,7 +317,7 @@ pub unsafe extern "C" fn iopf_drain_unrecoverable(
     })
 }
 
-/// Answers the group drained under `cookie` with `code` (`IOPF_RESPONSE_SUCCESS`, `_INVALID`
+/// Answers the group drained under `cookie` with `code` (`IOPF_ANSWER_SUCCESS`, `_INVALID`
 /// or `_FAILURE`). Callable from any thread, also while another thread polls. The answer is
 /// queued and sent by the next `iopf_poll` or `iopf_flush`; given outside `iopf_poll`, it
 /// makes `iopf_fd` readable so the loop wakes to send it. Never blocks on the host.
@@ -326,8 +326,8 @@ pub unsafe extern "C" fn iopf_drain_unrecoverable(
 /// drained, or forgotten by `iopf_reset`), -EINVAL (an unknown code), -EAGAIN (65,536 answers
 /// wait already: the host reads none; the group still waits, answer it again later).
 #[unsafe(no_mangle)]
-pub extern "C" fn iopf_respond(device: iopf_device, cookie: u64, code: u32) -> c_int {
-    guard(|| api::respond(device, cookie, code))
+pub extern "C" fn iopf_answer(device: iopf_device, cookie: u64, code: u32) -> c_int {
+    guard(|| api::answer(device, cookie, code))
 }
 
 /// The device's counters, into `*stats`; `size` is `sizeof(struct iopf_stats)` (a caller

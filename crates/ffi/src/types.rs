@@ -16,12 +16,12 @@ pub type iopf_device = u64;
 pub const IOPF_NO_DEVICE: iopf_device = 0;
 
 /// Answer code: the page is mapped now, the device retries the access.
-pub const IOPF_RESPONSE_SUCCESS: u32 = 0;
+pub const IOPF_ANSWER_SUCCESS: u32 = 0;
 /// Answer code: the request cannot be satisfied, the device fails that access.
-pub const IOPF_RESPONSE_INVALID: u32 = 1;
+pub const IOPF_ANSWER_INVALID: u32 = 1;
 /// Answer code: the device stops issuing page requests until PRI is reset (almost never the
 /// right answer; an iopf host refuses it unless configured to allow it).
-pub const IOPF_RESPONSE_FAILURE: u32 = 2;
+pub const IOPF_ANSWER_FAILURE: u32 = 2;
 
 /// Access permission bit of a faulting access: read.
 pub const IOPF_PERM_READ: u32 = 1 << 0;
@@ -136,9 +136,9 @@ const _: () = {
     assert!(IOPF_PERM_PRIV == iopf_abi::Perm::PRIV.bits());
     assert!(IOPF_MAX_GROUP_REQUESTS as usize == iopf_vmm::GroupAssembler::DEFAULT_LIMIT);
     assert!(IOPF_BACKLOG_RETRY_MS as u128 == iopf_vmm::BACKLOG_RETRY.as_millis());
-    assert!(IOPF_RESPONSE_SUCCESS == iopf_abi::ResponseCode::Success as u32);
-    assert!(IOPF_RESPONSE_INVALID == iopf_abi::ResponseCode::Invalid as u32);
-    assert!(IOPF_RESPONSE_FAILURE == iopf_abi::ResponseCode::Failure as u32);
+    assert!(IOPF_ANSWER_SUCCESS == iopf_abi::ResponseCode::Success as u32);
+    assert!(IOPF_ANSWER_INVALID == iopf_abi::ResponseCode::Invalid as u32);
+    assert!(IOPF_ANSWER_FAILURE == iopf_abi::ResponseCode::Failure as u32);
     assert!(IOPF_REASON_OUT_OF_RANGE_ADDRESS == iopf_abi::FaultReason::OutOfRangeAddress as u32);
 };
 
@@ -148,7 +148,7 @@ const _: () = {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct iopf_group {
-    /// What to answer the group with (`iopf_respond`); never 0, never reused by this handle.
+    /// What to answer the group with (`iopf_answer`); never 0, never reused by this handle.
     pub cookie: u64,
     /// The host's number for the device the group came from.
     pub device: u32,
