@@ -365,6 +365,38 @@ fn an_answer_from_another_thread_wakes_the_fd_and_reaches_the_host() {
     assert_eq!(iopf_detach(handle), 0);
 }
 
+#[test]
+fn detaching_while_another_thread_polls_ends_its_calls_with_ebadf() {
+    let (mut host, handle) = Host::new(1, 64);
+    let polling = std::thread::spawn(move || {
+        loop {
+            let rc = iopf_poll(handle);
+            if rc < 0 {
+                return rc;
+            }
+            let mut group = iopf_group::default();
+            let mut requests = [iopf_page_request::default(); 8];
+            // SAFETY: `group` and `requests` are writable locals of the lengths given.
+            let rc = unsafe { iopf_drain_groups(handle, &mut group, 1, requests.as_mut_ptr(), 8) };
+            if rc < 0 {
+                return rc;
+            }
+        }
+    });
+    for _ in 0..10 {
+        host.publish_group(2).unwrap();
+    }
+    assert_eq!(iopf_detach(handle), 0);
+    assert_eq!(polling.join().unwrap(), EBADF);
+}
+
+#[test]
+fn the_version_is_the_crate_version() {
+    // SAFETY: `iopf_version` returns a static NUL-terminated string.
+    let version = unsafe { CStr::from_ptr(iopf_version()) };
+    assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}
+
 /// One step of a hostile caller (or of the host).
 #[derive(Debug, Clone)]
 enum Op {
