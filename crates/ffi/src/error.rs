@@ -216,13 +216,24 @@ fn set_last_error(message: String) {
         .map(|b| if b == 0 { b' ' } else { b })
         .collect();
     let message = CString::new(bytes).unwrap_or_default();
-    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+    // `try_with`, not `with` (which panics once the thread's locals are destroyed, as in a
+    // call from a C thread-exit destructor). Safe to ignore its failure: the message is then
+    // not kept, and the returned errno alone says what failed.
+    let _ = LAST_ERROR.try_with(|last| {
+        if let Ok(mut last) = last.try_borrow_mut() {
+            *last = message;
+        }
+    });
 }
 
 /// The last error's message on this thread, NUL-terminated; valid until the next failing
-/// call on this thread.
+/// call on this thread ("" once the thread's locals are destroyed).
 pub(crate) fn last_error() -> *const c_char {
-    LAST_ERROR.with(|last| last.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|last| last.try_borrow().map(|l| l.as_ptr()).ok())
+        .ok()
+        .flatten()
+        .unwrap_or(c"".as_ptr())
 }
 
 /// Runs one entry point: its value if it succeeds; `-errno` if it fails or panics, with the
