@@ -419,8 +419,9 @@ int iopf_attach_socket(const char *path, iopf_device *device);
  * caller keeps and closes its own. Such a handle has no vfio-user connection: `iopf_dma_map`,
  * `iopf_reset`, `iopf_host_finished` and the like return -ENOTSUP; use your own client.
  *
- * Returns 0, or -errno: -EBADF (an fd is not open), -EINVAL (a negative fd, an fd that is
- * not an eventfd, a null pointer), -EPROTO (a region fails its checks).
+ * Returns 0, or -errno: -EBADF (an fd is not open), -EINVAL (a negative fd, a doorbell fd
+ * that is not an eventfd, a region fd that is not a memfd, a null pointer), -EPROTO (a
+ * region fails its checks: seals, size, magic, version, kind, geometry).
  *
  * # Safety
  *

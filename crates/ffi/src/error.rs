@@ -189,9 +189,12 @@ impl FfiError {
                 RespondError::Full => Errno::AGAIN,
                 other => os_errno(other).map_or(Errno::IO, Errno::from_raw_os_error),
             },
-            Self::Io { source, .. } | Self::Dup { source, .. } => {
-                Errno::from_raw_os_error(source.raw_os_error().unwrap_or(Errno::IO.raw_os_error()))
-            }
+            Self::Io { source, .. } | Self::Dup { source, .. } => match source.raw_os_error() {
+                Some(raw) => Errno::from_raw_os_error(raw),
+                // Refused by a check here (a doorbell fd that is not an eventfd).
+                None if source.kind() == io::ErrorKind::InvalidInput => Errno::INVAL,
+                None => Errno::IO,
+            },
         }
     }
 

@@ -23,6 +23,7 @@ const EINVAL: i32 = -Errno::INVAL.raw_os_error();
 const ENOENT: i32 = -Errno::NOENT.raw_os_error();
 const ENOSPC: i32 = -Errno::NOSPC.raw_os_error();
 const ENOTSUP: i32 = -Errno::NOTSUP.raw_os_error();
+const EPROTO: i32 = -Errno::PROTO.raw_os_error();
 
 /// The host's end of one device's queues.
 struct Host {
@@ -260,6 +261,29 @@ fn null_pointers_and_lengths_out_of_range_are_refused() {
     // SAFETY: `out` is a writable local; fds that are not open are what is tested.
     let rc = unsafe { iopf_attach_fds(1, 100_000, 100_001, 100_002, -1, &mut out) };
     assert_eq!(rc, EBADF);
+    // A doorbell that is not an eventfd; a region that is not sealed.
+    let memfd = rustix::fs::memfd_create("not-a-region", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&memfd, 1 << 16).unwrap();
+    let fault_fd = host.faults.memory().fd().as_raw_fd();
+    let response_fd = host.responses.memory().fd().as_raw_fd();
+    let irq = Doorbell::new().unwrap();
+    // SAFETY: `out` is a writable local; the fds are open.
+    let rc = unsafe { iopf_attach_fds(9, fault_fd, response_fd, memfd.as_raw_fd(), -1, &mut out) };
+    assert_eq!(rc, EINVAL, "{}", last_error());
+    assert!(last_error().contains("not an eventfd"), "{}", last_error());
+    // SAFETY: `out` is a writable local; the fds are open.
+    let rc = unsafe {
+        iopf_attach_fds(
+            9,
+            memfd.as_raw_fd(),
+            response_fd,
+            irq.as_fd().as_raw_fd(),
+            -1,
+            &mut out,
+        )
+    };
+    assert_eq!(rc, EPROTO, "{}", last_error());
+    assert_eq!(out, IOPF_NO_DEVICE);
     // SAFETY: the null `number` is what is tested.
     let rc = unsafe { iopf_device_number(handle, std::ptr::null_mut()) };
     assert_eq!(rc, EINVAL);
