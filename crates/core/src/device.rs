@@ -74,6 +74,16 @@ fn auto(request: &DevicePageRequest, reason: AutoReason) -> DeviceResponse {
     }
 }
 
+/// Test-only mutant (feature `mutant-unregister-forgets`, never on by default): unregister
+/// forgets the oldest pending group instead of answering it, so the device waits for an answer
+/// that never comes.
+#[cfg(feature = "mutant-unregister-forgets")]
+fn mutant_forget_oldest(groups: &mut Vec<crate::pending::PendingGroup>) {
+    if !groups.is_empty() {
+        groups.remove(0);
+    }
+}
+
 /// Where a device's cookie counter starts.
 fn first_cookie(id: DeviceId) -> u32 {
     (id.0.wrapping_mul(0x9e37_79b9) >> 8).max(1)
@@ -178,13 +188,8 @@ impl DeviceState {
         self.counters.partial_dropped += discarded as u64;
         #[allow(unused_mut)]
         let mut groups = self.pending.take_all();
-        // Test-only mutant (feature `mutant-unregister-forgets`, never on by default): unregister
-        // forgets the oldest pending group instead of answering it, so the device waits for an
-        // answer that never comes.
         #[cfg(feature = "mutant-unregister-forgets")]
-        if !groups.is_empty() {
-            groups.remove(0);
-        }
+        mutant_forget_oldest(&mut groups);
         let answered = groups.len();
         for group in groups {
             self.count_auto(reason);
@@ -521,13 +526,12 @@ impl DeviceState {
         let drained = handler.drain_responses(RESPONSE_BATCH, &mut records);
         let mut refused = 0;
         for record in &records {
-            match self.respond(record, now, out) {
-                Ok(()) => {}
-                // Test-only mutant (feature `mutant-cross-device`): a cookie this device does
-                // not know is tried on the other devices.
+            if let Err(_refusal) = self.respond(record, now, out) {
                 #[cfg(feature = "mutant-cross-device")]
-                Err(Refusal::UnknownCookie(_)) => self.unknown.push(*record),
-                Err(_) => refused += 1,
+                if self.mutant_keep_unknown(record, &_refusal) {
+                    continue;
+                }
+                refused += 1;
             }
         }
         if refused > 0
@@ -542,6 +546,18 @@ impl DeviceState {
             self.unregister(AutoReason::QueueBroken, out);
         }
         read
+    }
+
+    /// Test-only mutant (feature `mutant-cross-device`, never on by default): keeps a response
+    /// whose cookie this device does not know, for [`crate::FaultCore`] to try on the other
+    /// devices. Whether it was kept.
+    #[cfg(feature = "mutant-cross-device")]
+    fn mutant_keep_unknown(&mut self, record: &ResponseRecord, refusal: &Refusal) -> bool {
+        let unknown = matches!(refusal, Refusal::UnknownCookie(_));
+        if unknown {
+            self.unknown.push(*record);
+        }
+        unknown
     }
 
     /// Asks the handler's VMM for a doorbell ring on its next response. `true`: the caller may
