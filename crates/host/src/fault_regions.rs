@@ -92,9 +92,11 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use iopf_abi::QueueKind;
+use iopf_abi::{QueueKind, ResponseCode};
 use iopf_core::{
     CoreError, DeviceConfig, DeviceFault, DeviceId, DeviceResponse, DeviceSink, FaultCore,
     QueueHandler,
@@ -128,21 +130,43 @@ pub enum FaultRegionsError {
     Register(#[source] CoreError),
 }
 
-/// Where the core delivers a device's responses: a queue the device drains.
+/// Where the core delivers a device's responses: a queue the device drains, and what the
+/// PRI capability's status shows of them.
 #[derive(Debug, Default)]
 struct Inbox {
     /// One response per group the device sent: bounded by the groups the device has in
     /// flight (its PRG indices), which the device itself limits.
     responses: Mutex<VecDeque<DeviceResponse>>,
+    /// Groups reported (their `LAST` request) and not answered yet.
+    outstanding: AtomicU64,
+    /// A response with code `Failure` arrived (the PRI status's Response Failure bit):
+    /// sticky until software clears it.
+    response_failure: AtomicBool,
 }
 
 impl DeviceSink for Inbox {
     fn page_response(&self, _device: DeviceId, response: DeviceResponse) {
+        // Saturating: a PRI Reset may have forgotten the group this answers. The closure
+        // always returns `Some`, so the update cannot fail.
+        let _previous = self
+            .outstanding
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+        if response.code == ResponseCode::Failure {
+            self.response_failure.store(true, Relaxed);
+        }
         self.responses
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push_back(response);
     }
+}
+
+/// Groups whose `LAST` request is among `faults`.
+fn groups_closed(faults: &[DeviceFault]) -> u64 {
+    faults
+        .iter()
+        .filter(|f| matches!(f, DeviceFault::PageRequest(r) if r.last))
+        .count() as u64
 }
 
 /// A device on the fault core for its whole life: how its DMA engine delivers page requests
@@ -182,12 +206,39 @@ impl FaultPort {
     /// Reports one fault (a page request of a group, or an unrecoverable fault) and publishes
     /// it at once. Without a VMM attached the core answers a completed group `Invalid` itself.
     pub fn report(&self, fault: &DeviceFault) -> Result<(), CoreError> {
-        self.core.report(self.id, fault)
+        self.report_batch(std::slice::from_ref(fault))
     }
 
     /// Reports many faults and publishes them together (one doorbell ring at most).
     pub fn report_batch(&self, faults: &[DeviceFault]) -> Result<(), CoreError> {
+        // Counted before the core sees them: it may answer a group before it returns.
+        self.inbox
+            .outstanding
+            .fetch_add(groups_closed(faults), Relaxed);
         self.core.report_batch(self.id, faults)
+    }
+
+    /// Page request groups reported (their `LAST` request) and not answered yet.
+    pub fn outstanding_groups(&self) -> u64 {
+        self.inbox.outstanding.load(Relaxed)
+    }
+
+    /// Whether a response with code `Failure` has arrived since
+    /// [`clear_response_failure`](Self::clear_response_failure): on a PCIe Function that
+    /// halts PRI until software re-enables it (the PRI status's Response Failure bit).
+    pub fn response_failure(&self) -> bool {
+        self.inbox.response_failure.load(Relaxed)
+    }
+
+    /// Clears the Response Failure state (software wrote 1 to the bit, or re-enabled PRI).
+    pub fn clear_response_failure(&self) {
+        self.inbox.response_failure.store(false, Relaxed);
+    }
+
+    /// A PRI Reset: the device forgets its outstanding page requests (their credits come
+    /// back); answers to them still arrive and are drained as usual.
+    pub fn forget_outstanding(&self) {
+        self.inbox.outstanding.store(0, Relaxed);
     }
 
     /// Moves the answers the core has delivered so far into `out`, oldest first; returns how

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod config_space;
 pub mod fault_regions;
 pub mod metrics;
 pub mod socket;
@@ -10,5 +11,6 @@ pub mod socket;
 #[path = "../../../tests-support/temp_path.rs"]
 mod temp_path;
 
+pub use config_space::{ConfigSpace, ConfigSpaceBuilder, ConfigSpaceError};
 pub use fault_regions::{FaultPort, FaultRegions, FaultRegionsError};
 pub use socket::{BindError, SocketGuard};
