@@ -1,5 +1,5 @@
-//! The PCI device a VMM sees over vfio-user: a small register BAR and config space (the
-//! simulator's), and the DMA fault region, the DMA fault response region (with its
+//! The PCI device a VMM sees over vfio-user: a small register BAR (the simulator's), config
+//! space with the PCI Express, ATS, PASID and PRI capabilities, and the DMA fault region, the DMA fault response region (with its
 //! ioeventfd) and the DMA fault IRQ, which `iopf_host::FaultRegions` serves.
 //! `docs/PROTOCOL.md` lists every value.
 
@@ -7,7 +7,9 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use iopf_abi::Perm;
-use iopf_host::{FaultRegions, FaultRegionsError};
+use iopf_host::{
+    ConfigSpace, ConfigSpaceBuilder, ConfigSpaceError, FaultRegions, FaultRegionsError,
+};
 use iopf_models::memory::{MemoryMap, MemoryMapError, Region};
 use iopf_models::nested::Directory;
 use iopf_queue::SharedMemory;
@@ -26,8 +28,15 @@ pub use iopf_vfio_user::device::{
 };
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 4096;
-/// Config space size.
-pub const CONFIG_SIZE: usize = 256;
+/// Config space size: the 4 KiB of a PCI Express function (the PRI, PASID and ATS
+/// capabilities are extended capabilities).
+pub const CONFIG_SIZE: usize = iopf_host::config_space::CONFIG_SPACE_SIZE;
+/// The PRI capability's Outstanding Page Request Capacity. The endpoint model's own
+/// allocation comes from its workload (`EndpointConfig::allocation`), not from this
+/// register: the registers show the VMM a PRI-capable function and the device's PRI state.
+pub const PRI_CAPACITY: u32 = 4096;
+/// The PASID capability's Max PASID Width.
+pub const PASID_WIDTH: u8 = 20;
 /// PCI vendor id (Red Hat's, used by QEMU's own devices) and device id of the iopf device.
 pub const VENDOR_ID: u16 = 0x1b36;
 /// PCI device id of the iopf device.
@@ -47,10 +56,22 @@ pub const DMA_PAGE_SIZE: u64 = 4096;
 pub struct FaultPciDevice {
     slot: Arc<DeviceSlot>,
     faults: FaultRegions,
-    config: [u8; CONFIG_SIZE],
+    config: ConfigSpace,
     directory_base: u64,
     directory_entries: u64,
     mappings: MemoryMap,
+}
+
+/// The simulated endpoint's config space: BAR0, the PCI Express capability, and the ATS,
+/// PASID and PRI extended capabilities (PRG responses carry the request's PASID).
+pub fn config_space() -> Result<ConfigSpace, ConfigSpaceError> {
+    ConfigSpaceBuilder::new(VENDOR_ID, DEVICE_ID)
+        .bar32(0, BAR0_SIZE as u32)
+        .express_endpoint()
+        .ats(0, true)
+        .pasid(PASID_WIDTH, false, false)
+        .pri(PRI_CAPACITY, true)
+        .build()
 }
 
 /// Why a device could not be set up for a connection.
@@ -60,6 +81,9 @@ pub enum SetupError {
     /// The fault regions could not be created or their handler registered.
     #[error("setting up the fault regions")]
     FaultRegions(#[from] FaultRegionsError),
+    /// The config space could not be built.
+    #[error("building the config space")]
+    Config(#[from] ConfigSpaceError),
     /// The response doorbell could not be duplicated for the engine.
     #[error("duplicating the response doorbell")]
     Io(#[from] std::io::Error),
@@ -76,9 +100,8 @@ impl FaultPciDevice {
             attachment.wake = Some(faults.response_doorbell().try_clone()?);
             attachment.generation += 1;
         }
-        let mut config = [0u8; CONFIG_SIZE];
-        config[..2].copy_from_slice(&VENDOR_ID.to_le_bytes());
-        config[2..4].copy_from_slice(&DEVICE_ID.to_le_bytes());
+        let mut config = config_space()?;
+        config.connect_pri(&slot.port);
         Ok(Self {
             slot,
             faults,
@@ -186,12 +209,7 @@ impl VfioUserDevice for FaultPciDevice {
             return result;
         }
         match index {
-            VFIO_PCI_CONFIG_REGION_INDEX => {
-                let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
-                let end = start.checked_add(data.len()).ok_or(Errno::EINVAL)?;
-                let bytes = self.config.get(start..end).ok_or(Errno::EINVAL)?;
-                data.copy_from_slice(bytes);
-            }
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config.read(offset, data)?,
             VFIO_PCI_BAR0_REGION_INDEX => {
                 let value = match (offset, data.len()) {
                     (REG_DIRECTORY_BASE, 8) => self.directory_base,
@@ -218,9 +236,8 @@ impl VfioUserDevice for FaultPciDevice {
             return result;
         }
         match index {
-            // Config space is read-only here; writes are accepted and ignored, as for an
-            // unimplemented register.
-            VFIO_PCI_CONFIG_REGION_INDEX => Ok(()),
+            // Each register as its access type says (`iopf_host::config_space`).
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config.write(offset, data),
             VFIO_PCI_BAR0_REGION_INDEX => {
                 let value = le_u64(data).ok_or(Errno::EINVAL)?;
                 match offset {
@@ -333,6 +350,7 @@ impl VfioUserDevice for FaultPciDevice {
         self.slot.attachment().resets += 1;
         self.publish_directory();
         self.faults.reset().map_err(|_| Errno::EIO)?;
+        self.config.reset();
         Ok(())
     }
 }
