@@ -495,3 +495,176 @@ impl Drop for FaultRegions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+    use std::time::Duration;
+
+    use iopf_abi::{PageAddr, Perm, PrgIndex};
+    use iopf_core::MonotonicClock;
+    use iopf_vfio_user::IrqAction;
+    use iopf_vfio_user::device::{
+        RESPONSE_PROD_OFFSET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+        VFIO_REGION_TYPE_NESTED,
+    };
+    use iopf_vfio_user::info::RegionCapability;
+
+    use super::*;
+
+    fn port() -> FaultPort {
+        let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
+        FaultPort::add(core, DeviceId(7), DeviceConfig::default()).unwrap()
+    }
+
+    fn irqs(index: u32, fds: Vec<OwnedFd>) -> SetIrqs {
+        SetIrqs {
+            index,
+            start: 0,
+            count: fds.len() as u32,
+            action: IrqAction::Trigger,
+            data: IrqData::Eventfds(fds),
+        }
+    }
+
+    // Catches: a component that answers for the device's own indices (its BARs, config
+    // space, MSI), or forgets one of its own.
+    #[test]
+    fn it_answers_for_its_indices_only() {
+        let port = port();
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        for index in 0..FaultRegions::NUM_REGIONS + 2 {
+            let mine = FaultRegions::owns_region(index);
+            assert_eq!(mine, regions.region_info(index).is_some(), "{index}");
+            assert_eq!(mine, regions.region_fd(index).is_some(), "{index}");
+            assert_eq!(mine, regions.region_io_fds(index).is_some(), "{index}");
+            assert_eq!(mine, regions.region_read(index, 0, &mut [0; 4]).is_some());
+        }
+        assert_eq!((0..16).filter(|i| FaultRegions::owns_region(*i)).count(), 2);
+        assert!(regions.region_info(VFIO_PCI_BAR0_REGION_INDEX).is_none());
+        assert!(regions.region_info(VFIO_PCI_CONFIG_REGION_INDEX).is_none());
+        let info = regions.region_info(DMA_FAULT_REGION_INDEX).unwrap();
+        assert!(matches!(
+            info.caps[..],
+            [RegionCapability::Type {
+                region_type: VFIO_REGION_TYPE_NESTED,
+                subtype: 1
+            }]
+        ));
+        assert_eq!(
+            regions
+                .region_io_fds(DMA_FAULT_RESPONSE_REGION_INDEX)
+                .unwrap()
+                .len(),
+            1
+        );
+        for index in 0..FaultRegions::NUM_IRQS + 1 {
+            assert_eq!(FaultRegions::owns_irq(index), index == DMA_FAULT_IRQ_INDEX);
+            assert_eq!(
+                regions.irq_info(index).is_some(),
+                index == DMA_FAULT_IRQ_INDEX
+            );
+        }
+        // Another IRQ index is refused, the fault IRQ takes an eventfd and nothing else.
+        let eventfd = || {
+            Doorbell::new()
+                .unwrap()
+                .as_fd()
+                .try_clone_to_owned()
+                .unwrap()
+        };
+        assert_eq!(
+            regions.set_irqs(irqs(2, vec![eventfd()])),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            regions.set_irqs(irqs(DMA_FAULT_IRQ_INDEX, vec![eventfd()])),
+            Ok(())
+        );
+        let memfd = regions
+            .region_fd(DMA_FAULT_REGION_INDEX)
+            .unwrap()
+            .try_clone_to_owned();
+        assert_eq!(
+            regions.set_irqs(irqs(DMA_FAULT_IRQ_INDEX, vec![memfd.unwrap()])),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            regions.set_irqs(irqs(DMA_FAULT_IRQ_INDEX, Vec::new())),
+            Ok(())
+        );
+    }
+
+    // Catches: a VMM without the ioeventfd whose responses never wake the device.
+    #[test]
+    fn a_write_of_the_response_prod_rings_the_doorbell() {
+        let port = port();
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        let doorbell = regions.response_doorbell();
+        assert!(!doorbell.wait(Some(Duration::ZERO)).unwrap());
+        let write = regions.region_write(
+            DMA_FAULT_RESPONSE_REGION_INDEX,
+            RESPONSE_PROD_OFFSET,
+            &[0; 4],
+        );
+        assert_eq!(write, Some(Ok(())));
+        assert!(doorbell.wait(Some(Duration::ZERO)).unwrap());
+        // Elsewhere in the region: no ring.
+        let write = regions.region_write(
+            DMA_FAULT_RESPONSE_REGION_INDEX,
+            RESPONSE_PROD_OFFSET + 8,
+            &[0; 4],
+        );
+        assert_eq!(write, Some(Ok(())));
+        assert!(!doorbell.wait(Some(Duration::ZERO)).unwrap());
+        // Past the region's end.
+        let end = regions.region_info(DMA_FAULT_REGION_INDEX).unwrap().size;
+        assert!(matches!(
+            regions.region_read(DMA_FAULT_REGION_INDEX, end, &mut [0; 4]),
+            Some(Err(_))
+        ));
+    }
+
+    // Catches: a connection that ends without unregistering (its groups never answered), or
+    // a device that never learns the answer to a group reported without a VMM.
+    #[test]
+    fn dropping_the_regions_is_the_vmm_gone_and_every_group_is_answered() {
+        let port = port();
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        assert!(port.is_registered());
+        assert!(
+            FaultRegions::attach(&port, 64).is_err(),
+            "one handler at a time"
+        );
+        drop(regions);
+        assert!(!port.is_registered());
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        let fault = DeviceFault::page_request(
+            None,
+            PrgIndex::new(5).unwrap(),
+            Perm::READ,
+            PageAddr::new(0x2000).unwrap(),
+            true,
+        );
+        // The VMM has not attached its consumer: the core answers at once.
+        port.report(&fault).unwrap();
+        assert!(port.has_responses());
+        let mut answers = Vec::new();
+        assert_eq!(port.drain_responses(&mut answers), 1);
+        assert_eq!(
+            (answers[0].grpid.get(), answers[0].code),
+            (5, ResponseCode::Invalid)
+        );
+        assert_eq!(port.outstanding_groups(), 0);
+        assert_eq!(regions.detach(), 0);
+        assert_eq!(
+            port.core()
+                .counters(DeviceId(7))
+                .unwrap()
+                .responses
+                .auto
+                .vmm_gone,
+            0
+        );
+    }
+}
