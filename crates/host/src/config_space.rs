@@ -1,6 +1,6 @@
 //! PCI configuration space for a vfio-user device: the type 0 header, the PCI Express
 //! capability, and the ATS, PASID and PRI extended capabilities, with the write semantics of
-//! each register (`docs/PROTOCOL.md` §4.7 gives every layout and bit).
+//! each register (`docs/PROTOCOL.md` §4.8 gives every layout and bit).
 //!
 //! [`ConfigSpaceBuilder`] lays the capabilities out: the PCI Express capability at 0x40 on the
 //! capability list (pointer at 0x34), the extended capabilities chained from 0x100 in the order
