@@ -30,7 +30,8 @@ use iopf_vfio_user::{
     RegionInfo, Server, ServerConfig, SetIrqs, VfioUserDevice,
 };
 
-pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+/// Errors of the device's setup and engine.
+pub type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Where the buffer starts (an IOVA: the guest-physical address, the VMM keeping no tables).
 const BUFFER: u64 = 1 << 20;
@@ -92,7 +93,7 @@ impl VfioUserDevice for PriDevice {
         self.faults.region_fd(index)
     }
 
-    fn region_io_fds(&self, index: u32) -> std::result::Result<Vec<(IoFd, BorrowedFd<'_>)>, Errno> {
+    fn region_io_fds(&self, index: u32) -> Result<Vec<(IoFd, BorrowedFd<'_>)>, Errno> {
         Ok(self.faults.region_io_fds(index).unwrap_or_default())
     }
 
@@ -101,12 +102,7 @@ impl VfioUserDevice for PriDevice {
         self.faults.irq_info(index).or(absent)
     }
 
-    fn region_read(
-        &mut self,
-        index: u32,
-        offset: u64,
-        data: &mut [u8],
-    ) -> std::result::Result<(), Errno> {
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         if let Some(result) = self.faults.region_read(index, offset, data) {
             return result;
         }
@@ -124,12 +120,7 @@ impl VfioUserDevice for PriDevice {
         Ok(())
     }
 
-    fn region_write(
-        &mut self,
-        index: u32,
-        offset: u64,
-        data: &[u8],
-    ) -> std::result::Result<(), Errno> {
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
         if let Some(result) = self.faults.region_write(index, offset, data) {
             return result;
         }
@@ -139,11 +130,13 @@ impl VfioUserDevice for PriDevice {
         }
     }
 
-    fn set_irqs(&mut self, request: SetIrqs) -> std::result::Result<(), Errno> {
+    fn set_irqs(&mut self, request: SetIrqs) -> Result<(), Errno> {
         self.faults.set_irqs(request)
     }
 
-    fn dma_map(&mut self, map: DmaMap) -> std::result::Result<(), Errno> {
+    /// A toy's checks: page-aligned, writable, at most 64 mappings (a mapping at the same
+    /// IOVA replaces the last; overlaps are the VMM's problem, not the device's safety).
+    fn dma_map(&mut self, map: DmaMap) -> Result<(), Errno> {
         let aligned = [map.iova, map.offset, map.size]
             .iter()
             .all(|v| v % PAGE == 0);
@@ -158,16 +151,22 @@ impl VfioUserDevice for PriDevice {
         Ok(())
     }
 
-    fn dma_unmap(&mut self, unmap: DmaUnmap) -> std::result::Result<(), Errno> {
+    fn dma_unmap(&mut self, unmap: DmaUnmap) -> Result<(), Errno> {
         let mut memory = lock(&self.shared.memory);
-        match unmap.all {
-            true => memory.clear(),
-            false => drop(memory.remove(&unmap.iova).ok_or(Errno::ENOENT)?),
+        if unmap.all {
+            memory.clear();
+        } else if memory
+            .get(&unmap.iova)
+            .is_some_and(|m| m.len() == unmap.size)
+        {
+            memory.remove(&unmap.iova);
+        } else {
+            return Err(Errno::ENOENT);
         }
         Ok(())
     }
 
-    fn reset(&mut self) -> std::result::Result<(), Errno> {
+    fn reset(&mut self) -> Result<(), Errno> {
         // Pending groups are answered `Invalid`; PRI and Bus Master go back to disabled.
         self.faults.reset().map_err(|_| Errno::EIO)?;
         lock(&self.shared.config).reset();
@@ -200,7 +199,7 @@ fn dma_write(shared: &Shared, page: u64, w: u64) -> bool {
 }
 
 /// The DMA engine: waits for the VMM, then asks for each page and writes it once answered.
-fn dma(shared: &Shared, pages: u64, doorbell: &Doorbell) -> Result<Summary> {
+fn dma(shared: &Shared, pages: u64, doorbell: &Doorbell) -> Fallible<Summary> {
     let (port, started) = (&shared.port, Instant::now());
     let ready = || {
         let config = lock(&shared.config);
@@ -259,7 +258,7 @@ fn dma(shared: &Shared, pages: u64, doorbell: &Doorbell) -> Result<Summary> {
 }
 
 /// `--socket PATH [--pages N]`, with std only.
-fn args() -> Result<(std::path::PathBuf, u64)> {
+fn args() -> Fallible<(std::path::PathBuf, u64)> {
     let (mut socket, mut pages) = (None, 64);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -281,7 +280,7 @@ fn args() -> Result<(std::path::PathBuf, u64)> {
 
 /// Serves the device on `path` to one VMM until `pages` pages are written (or the VMM
 /// leaves), and says what the DMA engine did.
-pub fn run(path: &std::path::Path, pages: u64) -> Result<Summary> {
+pub fn run(path: &std::path::Path, pages: u64) -> Fallible<Summary> {
     let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
     let port = FaultPort::add(core, DeviceId(1), DeviceConfig::default())?;
     let mut config = ConfigSpaceBuilder::new(0x1b36, 0x10f1)
@@ -326,7 +325,7 @@ pub fn run(path: &std::path::Path, pages: u64) -> Result<Summary> {
     engine.join().map_err(|_| "the DMA engine panicked")?
 }
 
-fn main() -> Result<()> {
+fn main() -> Fallible<()> {
     let (path, pages) = args()?;
     let summary = run(&path, pages)?;
     println!(
