@@ -1,31 +1,32 @@
 //! What a VMM looking for a PRI-capable device finds in `iopf host`'s device's config space,
-//! through a real socket and the crate's vfio-user `Client`: the 4 KiB extended space, the
+//! through a socket and the crate's vfio-user `Client`: the 4 KiB extended space, the
 //! PCI Express capability, the ATS, PASID and PRI extended capabilities chained from 0x100,
 //! and PRI registers that take the writes software makes and show the device's state.
 
-#[path = "../../../tests-support/temp_path.rs"]
-mod temp_path;
-use temp_path::TempPath;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
-use iopf_endpoint::engine::Workload;
-use iopf_endpoint::pci::{PRI_CAPACITY, VENDOR_ID};
-use iopf_endpoint::{Host, HostConfig};
+use iopf_core::{DeviceConfig, DeviceId, FaultCore, MonotonicClock};
+use iopf_endpoint::engine::DeviceSlot;
+use iopf_endpoint::pci::{FaultPciDevice, PRI_CAPACITY, VENDOR_ID};
+use iopf_host::FaultPort;
 use iopf_host::config_space::{express, ext_cap, header, pri};
-use iopf_models::endpoint::EndpointConfig;
 use iopf_vfio_user::Client;
 use iopf_vfio_user::device::VFIO_PCI_CONFIG_REGION_INDEX;
 
-fn config() -> HostConfig {
-    HostConfig {
-        workloads: vec![Workload {
-            endpoint: EndpointConfig::default(),
-            streams: Vec::new(),
-            seed: 1,
-        }],
-        ring_entries: 64,
-        device: iopf_core::DeviceConfig::default(),
-        repeat: false,
-    }
+/// The device served on one end of a socket pair, as a host serves a connection; the client
+/// on the other end.
+fn connect() -> (Client, std::thread::JoinHandle<()>) {
+    let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
+    let port = FaultPort::add(core, DeviceId(1), DeviceConfig::default()).unwrap();
+    let slot = Arc::new(DeviceSlot::new(port));
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut device = FaultPciDevice::new(slot, 64).unwrap();
+        iopf_vfio_user::serve(theirs, &mut device).unwrap();
+        device.detach();
+    });
+    (Client::from_stream(ours).unwrap(), server)
 }
 
 fn read(client: &mut Client, offset: u16, len: usize) -> u32 {
@@ -54,10 +55,7 @@ fn write16(client: &mut Client, offset: u16, value: u16) {
 // broken chain), or whose PRI registers ignore the VMM or lie about the device.
 #[test]
 fn a_vmm_finds_and_drives_the_pri_capability() {
-    let dir = TempPath::new("endpoint-config", "");
-    let path = dir.join("host.sock");
-    let host = Host::bind(config(), &path).unwrap();
-    let mut client = Client::connect(&path).unwrap();
+    let (mut client, server) = connect();
     assert_eq!(
         client
             .region_info(VFIO_PCI_CONFIG_REGION_INDEX)
@@ -111,6 +109,5 @@ fn a_vmm_finds_and_drives_the_pri_capability() {
     client.reset().unwrap();
     assert_eq!(read(&mut client, pri_at + pri::CONTROL, 2), 0);
     client.close();
-    host.interrupt();
-    host.finish();
+    server.join().unwrap();
 }
