@@ -18,7 +18,10 @@
 //!   [`VfioUserDevice`](iopf_vfio_user::VfioUserDevice) implementation forwards to it first and serves its own BARs, config space and DMA.
 //!
 //! The component knows nothing of the device's DMA engine, its address translation or its
-//! registers.
+//! registers. A device that shows the PRI capability builds its config space with
+//! [`crate::config_space`] and connects it to its port
+//! ([`ConfigSpace::connect_pri`](crate::ConfigSpace::connect_pri)): PRI Status then follows
+//! the port's outstanding groups, Response Failure and handler.
 //!
 //! # Example
 //!
