@@ -2,15 +2,15 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod engine;
-pub mod host;
+pub mod config_space;
+pub mod fault_regions;
 pub mod metrics;
-pub mod pci;
 pub mod socket;
 
 #[cfg(test)]
 #[path = "../../../tests-support/temp_path.rs"]
 mod temp_path;
 
-pub use host::{DeviceSummary, Host, HostConfig, HostReport};
+pub use config_space::{ConfigSpace, ConfigSpaceBuilder, ConfigSpaceError};
+pub use fault_regions::{FaultPort, FaultRegions, FaultRegionsError};
 pub use socket::{BindError, SocketGuard};

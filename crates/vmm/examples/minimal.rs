@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use iopf_abi::{ResponseCode, UnrecoverableFault};
+use iopf_vfio_user::device::VFIO_PCI_CONFIG_REGION_INDEX;
 use iopf_vfio_user::{Client, ClientError, DmaProt};
 use iopf_vmm::{
     DeviceKey, EventLoop, PageRequestGroup, Responder, Viommu, attach_channel, host_finished,
@@ -167,6 +168,7 @@ impl Vmm {
         };
         let channel = attach_channel(&mut client)?;
         let id = channel.device();
+        enable_pri(&mut client)?;
         // No PASID directory follows: the device starts in direct mode once memory is mapped.
         map_guest_memory(&mut client, &memory, prot)?;
         let device = iopf_vmm::Device::new(channel)?;
@@ -226,6 +228,38 @@ impl Vmm {
         }
         Ok(accounts)
     }
+}
+
+/// What a guest's driver does for a PRI-capable device before it may send page requests:
+/// Bus Master on, and PRI enabled with an Outstanding Page Request Allocation of its Capacity
+/// (at most 256). Found by walking the extended capabilities from 0x100; a device without a
+/// PRI capability, or without the 4 KiB extended config space, is left as it is.
+pub fn enable_pri(client: &mut Client) -> Result<()> {
+    const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
+    const PRI: u32 = 0x13;
+    if client.region_info(CONFIG)?.info.size < 4096 {
+        return Ok(());
+    }
+    let read32 = |client: &mut Client, at: u64| -> Result<u32> {
+        let mut word = [0u8; 4];
+        client.region_read(CONFIG, at, &mut word)?;
+        Ok(u32::from_le_bytes(word))
+    };
+    // A chain longer than the extended space's 960 headers is a loop.
+    let (mut at, mut hops) = (0x100, 0);
+    while (0x100..4096).contains(&at) && hops < 960 {
+        let header = read32(client, at)?;
+        if header & 0xffff == PRI {
+            let allocation = read32(client, at + 0x08)?.min(256);
+            client.region_write(CONFIG, at + 0x0c, &allocation.to_le_bytes())?;
+            client.region_write(CONFIG, at + 0x04, &1u16.to_le_bytes())?; // Enable
+            let command = read32(client, 0x04)? as u16 | 1 << 2; // Bus Master
+            client.region_write(CONFIG, 0x04, &command.to_le_bytes())?;
+            return Ok(());
+        }
+        (at, hops) = (u64::from(header >> 20), hops + 1);
+    }
+    Ok(())
 }
 
 /// Attaches `devices` devices, or every device the host has (until it refuses a connection),
