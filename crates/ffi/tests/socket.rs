@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use iopf::*;
 use iopf_core::DeviceConfig;
-use iopf_host::engine::Workload;
-use iopf_host::{Host, HostConfig, HostReport};
+use iopf_endpoint::engine::Workload;
+use iopf_endpoint::{Host, HostConfig, HostReport};
 use iopf_models::endpoint::EndpointConfig;
 use iopf_models::workload::{Pattern, Stream};
 use rustix::event::{PollFd, PollFlags, Timespec};
