@@ -33,7 +33,7 @@ pub const SEQUENCE_MAX: u32 = i32::MAX as u32;
 /// The vEVENTQ types this crate reads (`enum iommu_veventq_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VeventType {
-    /// `IOMMU_VEVENTQ_TYPE_ARM_SMMUV3`: 32-byte SMMUv3 event records whose StreamID is the
+    /// `IOMMU_VEVENTQ_TYPE_ARM_SMMUV3`: 32-byte SMMUv3 event records whose `StreamID` is the
     /// vDevice's virtual ID.
     ArmSmmuV3,
     /// `IOMMU_VEVENTQ_TYPE_SELFTEST` (0xbeefbeef) of `CONFIG_IOMMUFD_TEST`'s mock vIOMMU: a
@@ -88,7 +88,7 @@ fn le_u64(data: &[u8], at: usize) -> Option<u64> {
 }
 
 /// An SMMUv3 event record (little-endian, 4 × u64) as an ABI v1 unrecoverable fault, its
-/// StreamID as the device.
+/// `StreamID` as the device.
 fn smmuv3_fault(data: &[u8]) -> ChannelFault {
     let (Some(w0), Some(w1), Some(w2)) = (le_u64(data, 0), le_u64(data, 8), le_u64(data, 16))
     else {

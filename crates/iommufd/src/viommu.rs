@@ -130,7 +130,7 @@ impl Viommu {
     }
 
     /// Allocates the vDevice of device `dev_id` (`IOMMU_VDEVICE_ALLOC`), under the guest's
-    /// `virt_id` (the virtual StreamID of an SMMUv3, the vRID of VT-d): the ID the vIOMMU's
+    /// `virt_id` (the virtual `StreamID` of an SMMUv3, the vRID of VT-d): the ID the vIOMMU's
     /// events name the device by. Allocate it before attaching the device to a nested page
     /// table of this vIOMMU.
     pub fn alloc_vdevice(&self, dev_id: u32, virt_id: u64) -> Result<VDevice, KernelError> {

@@ -15,7 +15,7 @@ use iopf_queue::FaultChannel;
 
 use crate::{ENOENT, PERM_RW, answer, wait_for};
 
-/// The vDevice's virtual ID (a guest StreamID).
+/// The vDevice's virtual ID (a guest `StreamID`).
 const VIRT_ID: u32 = 0x99;
 /// The vEVENTQ's depth: small, to overflow it on purpose.
 const DEPTH: u32 = 4;
