@@ -338,7 +338,7 @@ impl ViommuRig<'_> {
 
     /// Builds a stack, leaves a page request pending and an event unread, and drops the
     /// handles in every order of the five a VMM holds (attachment, vEVENTQ, nested page table,
-    /// vIOMMU, fault queue); then checks that every object is gone (the kernel refused no
+    /// vIOMMU, fault queue), with the vDevice dropped at each position in turn; then checks that every object is gone (the kernel refused no
     /// destroy and nothing leaked) and that no page request was left unanswered.
     pub fn teardown_orders(mut self) -> Result<String, String> {
         // The rig's own stack first, in the struct's order.
@@ -346,9 +346,12 @@ impl ViommuRig<'_> {
         let (mut orders, mut checked) = (0, 0);
         let mut order = [0usize, 1, 2, 3, 4];
         loop {
+            // The vDevice goes at each of the six positions in turn (a VMM may destroy it
+            // before or after anything: the kernel lets it go while the device is attached).
+            let vdevice_at = orders % 6;
             if self
-                .one_order(&order)
-                .map_err(|e| format!("order {order:?}: {e}"))?
+                .one_order(&order, vdevice_at)
+                .map_err(|e| format!("order {order:?}, vDevice at {vdevice_at}: {e}"))?
             {
                 checked += 1;
             }
@@ -363,7 +366,7 @@ impl ViommuRig<'_> {
         cleanup.map_err(|e| format!("parent page table or device after the orders: {e}"))?;
         Ok(format!(
             "orders={orders} (attachment, vEVENTQ, nested page table, vIOMMU, fault queue: \
-             every permutation) refused=0 leaked=0; pending group answered by the detach and \
+             every permutation; the vDevice at each position in turn) refused=0 leaked=0; pending group answered by the detach and \
              its late answer refused in the {checked} orders where the queue outlived it; \
              parent page table and device destroyed after"
         ))
@@ -371,7 +374,7 @@ impl ViommuRig<'_> {
 
     /// One order; returns whether the queue outlived the detach, so that the answer to the
     /// pending group could be checked (refused here, unknown to the kernel).
-    fn one_order(&self, order: &[usize; 5]) -> Result<bool, String> {
+    fn one_order(&self, order: &[usize; 5], vdevice_at: usize) -> Result<bool, String> {
         let stack = build(self.iommufd, &self.device)?;
         let ids = stack.ids();
         self.trigger_iopf(7)?;
@@ -388,14 +391,17 @@ impl ViommuRig<'_> {
         let (_, pending) = wait_for(&mut queue, 1)?[0];
         let late = answer(&pending, ResponseCode::Success);
         let kernel_cookie = queue.kernel_cookie(pending.cookie);
-        drop(vdevice);
+        let mut vdevice = Some(vdevice);
         let mut attachment = Some(attachment);
         let mut veventq = Some(veventq);
         let mut hwpt = Some(hwpt);
         let mut viommu = Some(viommu);
         let mut queue_and_fault = Some((queue, fault));
         let mut answer_checked = false;
-        for &step in order {
+        for (at, &step) in order.iter().enumerate() {
+            if at == vdevice_at {
+                drop(vdevice.take());
+            }
             match step {
                 0 => {
                     drop(attachment.take());
@@ -423,6 +429,7 @@ impl ViommuRig<'_> {
                 _ => drop(queue_and_fault.take()),
             }
         }
+        drop(vdevice);
         for (what, id) in ids {
             match self.iommufd.destroy(id) {
                 Err(e) if e.errno() == Some(ENOENT) => {}
