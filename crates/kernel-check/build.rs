@@ -1,7 +1,9 @@
 //! Decides at build time whether `tests/real_kernel.rs` can run here, so that a missing test
 //! kernel or QEMU shows as an ignored test with its reason instead of a pass:
 //!
-//! - `cfg(iopf_no_test_kernel)`: no kernel built by `scripts/kernel` (nor `IOPF_KERNEL`);
+//! - `cfg(iopf_no_kernel_6_12)`, `cfg(iopf_no_kernel_7_2)`: that kernel is not built by
+//!   `scripts/kernel` (nor given as `IOPF_KERNEL_6_12` / `IOPF_KERNEL_7_2`; `IOPF_KERNEL` is
+//!   the 6.12 one's older name);
 //! - `cfg(iopf_no_qemu)`: no `qemu-system-x86_64` on `PATH`.
 //!
 //! With `CI=true` neither is ever set: the test then runs and fails on what is missing (CI
@@ -11,15 +13,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(iopf_no_test_kernel)");
+    println!("cargo::rustc-check-cfg=cfg(iopf_no_kernel_6_12)");
+    println!("cargo::rustc-check-cfg=cfg(iopf_no_kernel_7_2)");
     println!("cargo::rustc-check-cfg=cfg(iopf_no_qemu)");
     println!("cargo::rerun-if-changed=build.rs");
-    for var in ["CI", "IOPF_KERNEL", "IOPF_CACHE", "XDG_CACHE_HOME", "HOME"] {
+    for var in [
+        "CI",
+        "IOPF_KERNEL",
+        "IOPF_KERNEL_6_12",
+        "IOPF_KERNEL_7_2",
+        "IOPF_CACHE",
+        "XDG_CACHE_HOME",
+        "HOME",
+    ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    if !in_ci && !kernel_available() {
-        println!("cargo::rustc-cfg=iopf_no_test_kernel");
+    if !in_ci && !kernel_available("6.12", &["IOPF_KERNEL_6_12", "IOPF_KERNEL"]) {
+        println!("cargo::rustc-cfg=iopf_no_kernel_6_12");
+    }
+    if !in_ci && !kernel_available("7.2", &["IOPF_KERNEL_7_2"]) {
+        println!("cargo::rustc-cfg=iopf_no_kernel_7_2");
     }
     if !in_ci && !qemu_available() {
         println!("cargo::rustc-cfg=iopf_no_qemu");
@@ -42,8 +56,8 @@ fn kernel_cache() -> Option<PathBuf> {
     Some(base.join("kernel"))
 }
 
-fn kernel_available() -> bool {
-    if let Some(path) = std::env::var_os("IOPF_KERNEL") {
+fn kernel_available(version: &str, overrides: &[&str]) -> bool {
+    if let Some(path) = overrides.iter().find_map(std::env::var_os) {
         println!("cargo::rerun-if-changed={}", Path::new(&path).display());
         return Path::new(&path).is_file();
     }
@@ -61,7 +75,7 @@ fn kernel_available() -> bool {
         println!("cargo::rerun-if-changed={}", watched.display());
     }
     Command::new(&script)
-        .arg("--check")
+        .args(["--check", version])
         .output()
         .is_ok_and(|out| {
             out.status.success() && Path::new(String::from_utf8_lossy(&out.stdout).trim()).is_file()

@@ -15,12 +15,14 @@
 use std::io;
 use std::mem::offset_of;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use iommufd_bindings::iommufd::{iommu_hwpt_page_response, iommu_hwpt_pgfault};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use crate::error::KernelError;
+use crate::viommu::Object;
 
 /// A kernel fault record (`struct iommu_hwpt_pgfault`).
 pub type KernelFault = iommu_hwpt_pgfault;
@@ -73,13 +75,26 @@ pub(crate) fn encode_response(response: &KernelResponse, out: &mut [u8]) {
 /// A fault queue's file (`[iommufd-pgfault]`).
 #[derive(Debug)]
 pub struct FaultFile {
+    // Declared first: closed before the fault object is released (the file holds a reference
+    // on it, so the object can only be destroyed after the file is closed).
     fd: OwnedFd,
+    /// The fault object, when this crate owns it ([`alloc_fault_object`](crate::alloc_fault_object)).
+    _owner: Option<Arc<Object>>,
 }
 
 impl FaultFile {
     /// Wraps the fd `IOMMU_FAULT_QUEUE_ALLOC` returned.
     pub fn new(fd: OwnedFd) -> Self {
-        Self { fd }
+        Self { fd, _owner: None }
+    }
+
+    /// The file of a fault object this crate owns: the object is destroyed once the file is
+    /// closed and every other holder let go.
+    pub(crate) fn owning(fd: OwnedFd, owner: Arc<Object>) -> Self {
+        Self {
+            fd,
+            _owner: Some(owner),
+        }
     }
 
     /// One `read` into `buf` (whose length must be a multiple of [`FAULT_RECORD_SIZE`]),
@@ -118,18 +133,26 @@ impl FaultFile {
     /// Waits until a group is queued or `timeout` passes (`None`: no limit). Returns whether
     /// the file is readable.
     pub fn poll(&self, timeout: Option<Duration>) -> Result<bool, KernelError> {
-        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
-        let timeout = timeout.map(|t| Timespec {
-            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(t.subsec_nanos()),
-        });
-        loop {
-            match poll(&mut fds, timeout.as_ref()) {
-                Ok(0) => return Ok(false),
-                Ok(_) => return Ok(fds[0].revents().contains(PollFlags::IN)),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(KernelError::Poll(e.into())),
-            }
+        poll_readable(self.fd.as_fd(), timeout)
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes (`None`: no limit).
+pub(crate) fn poll_readable(
+    fd: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> Result<bool, KernelError> {
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let timeout = timeout.map(|t| Timespec {
+        tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
+    loop {
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(fds[0].revents().contains(PollFlags::IN)),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(KernelError::Poll(e.into())),
         }
     }
 }

@@ -44,6 +44,8 @@ pub mod selftest;
 mod sys;
 #[cfg(feature = "selftest")]
 mod test_cmd;
+mod vevent;
+mod viommu;
 
 use std::fs::File;
 use std::io;
@@ -60,7 +62,17 @@ pub use fault_file::{FAULT_RECORD_SIZE, FaultFile, KernelFault, KernelResponse, 
 /// The `iommufd-ioctls` crate this one is built on (Cloud Hypervisor's wrappers of
 /// `/dev/iommu`), so that a VMM can hand over its [`IommuFd`] handle with a matching version.
 pub use iommufd_ioctls;
-pub use queue::{FaultFileOps, KernelFaultQueue, KernelQueueStats, MAX_GROUP_RECORDS};
+pub use queue::{
+    DetachNotifier, FaultFileOps, KernelFaultQueue, KernelQueueStats, MAX_GROUP_RECORDS,
+};
+pub use vevent::{
+    SEQUENCE_MAX, VEVENT_HEADER_SIZE, VEVENTQ_FLAG_LOST_EVENTS, VeventCounts, VeventEntry,
+    VeventParseError, VeventParser, VeventType,
+};
+pub use viommu::{
+    Attachment, FaultObject, NestedHwpt, VDevice, VeventQueue, VeventQueueStats, Viommu,
+    alloc_fault_object,
+};
 
 /// The major number of misc character devices (`MISC_MAJOR`), which `/dev/iommu` is one of.
 const MISC_MAJOR: u32 = 10;

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use iommufd_bindings::iommufd::{
@@ -113,6 +114,30 @@ pub struct KernelFaultQueue<F: FaultFileOps = FaultFile> {
     by_kernel: HashMap<u32, u32>,
     next_cookie: u32,
     stats: KernelQueueStats,
+    /// Devices detached elsewhere (an [`Attachment`](crate::Attachment) dropped), whose groups
+    /// are retired before the next read or write.
+    detached: Arc<Mutex<Vec<u32>>>,
+}
+
+/// Tells a [`KernelFaultQueue`] that a device left its fault-capable page table, from code that
+/// does not hold the queue (an [`Attachment`](crate::Attachment) being dropped, another
+/// thread). The queue retires the device's pending groups before its next read or write, so
+/// no answer can be written with the cookies the kernel freed at the detach.
+#[derive(Debug, Clone)]
+pub struct DetachNotifier {
+    detached: Arc<Mutex<Vec<u32>>>,
+}
+
+impl DetachNotifier {
+    /// Device `dev_id` was detached: the kernel answered its pending groups.
+    pub fn detached(&self, dev_id: u32) {
+        // A poisoned lock only means another holder panicked mid-push; the list is still a
+        // list of device ids.
+        self.detached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(dev_id);
+    }
 }
 
 impl<F: FaultFileOps> KernelFaultQueue<F> {
@@ -128,6 +153,24 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
             by_kernel: HashMap::new(),
             next_cookie: 0,
             stats: KernelQueueStats::default(),
+            detached: Arc::default(),
+        }
+    }
+
+    /// A handle that retires a device's groups from outside the queue (see
+    /// [`DetachNotifier`]).
+    pub fn detach_notifier(&self) -> DetachNotifier {
+        DetachNotifier {
+            detached: Arc::clone(&self.detached),
+        }
+    }
+
+    /// Retires the groups of every device a [`DetachNotifier`] reported.
+    fn retire_notified(&mut self) {
+        let devices =
+            std::mem::take(&mut *self.detached.lock().unwrap_or_else(PoisonError::into_inner));
+        for dev_id in devices {
+            self.retire_device(dev_id);
         }
     }
 
@@ -278,6 +321,7 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
         max: usize,
         f: &mut dyn FnMut(ChannelFault),
     ) -> Result<usize, KernelError> {
+        self.retire_notified();
         if max == 0 {
             return Ok(0);
         }
@@ -358,6 +402,7 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
 
     /// Sends responses (see [`FaultChannel::respond`]); every one is taken.
     pub fn write_responses(&mut self, responses: &[ResponseRecord]) -> Result<usize, KernelError> {
+        self.retire_notified();
         let mut batch = Vec::with_capacity(responses.len());
         for record in responses {
             let response = match record.decode() {

@@ -1,6 +1,7 @@
 //! The kernel's iommufd self-test interface (`CONFIG_IOMMUFD_TEST`): a mock IOMMU and mock
-//! devices that raise page requests on demand. Defined here from Linux 6.12's
-//! `drivers/iommu/iommufd/iommufd_test.h` (no crate carries it), with layout tests.
+//! devices that raise page requests and vIOMMU events on demand. Defined here from Linux 6.12's
+//! and 7.2's `drivers/iommu/iommufd/iommufd_test.h` (no crate carries it; the operations used
+//! here have the same numbers and layouts in both), with layout tests.
 //!
 //! This is what lets the backend be proven against a real kernel without a PRI-capable device:
 //! the real-kernel check (crate `iopf-kernel-check`) builds the mock's nested setup and
@@ -10,6 +11,10 @@
 //! backend carries no test ioctls. The kernel refuses them anyway (`ENOTTY`) unless it was
 //! built with `CONFIG_IOMMUFD_TEST`, which no production kernel is.
 
+use std::io;
+use std::sync::Arc;
+
+use iommufd_ioctls::AttachHwpt;
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::Iommufd;
@@ -23,6 +28,11 @@ pub const IOMMU_TEST_OP_MOCK_DOMAIN: u32 = 2;
 pub const IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE: u32 = 10;
 /// `IOMMU_TEST_OP_TRIGGER_IOPF`: the mock device raises a one-page page request group.
 pub const IOMMU_TEST_OP_TRIGGER_IOPF: u32 = 15;
+/// `IOMMU_TEST_OP_TRIGGER_VEVENT` (Linux 6.15 and later): the mock device's vIOMMU reports a
+/// self-test event naming the device's virtual ID.
+pub const IOMMU_TEST_OP_TRIGGER_VEVENT: u32 = 17;
+/// `IOMMU_VIOMMU_TYPE_SELFTEST`: the mock IOMMU's vIOMMU type.
+pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;
 /// `IOMMU_HWPT_DATA_SELFTEST`: the data type of a mock nested page table.
 pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
 /// `IOMMU_TEST_IOTLB_DEFAULT`: the mock nested page table's initial IOTLB value.
@@ -110,6 +120,39 @@ impl MockDevice {
         })
     }
 
+    /// The self-test's stage-1 data of a nested page table (`struct iommu_hwpt_selftest`'s
+    /// `iotlb`, which both 6.12 and 7.2 accept).
+    pub fn nested_data() -> Vec<u8> {
+        HwptSelftest {
+            iotlb: IOMMU_TEST_IOTLB_DEFAULT,
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    /// The device as an [`AttachHwpt`] (what a VMM's VFIO device is): attach is
+    /// `MOCK_DOMAIN_REPLACE` onto the page table, detach is `MOCK_DOMAIN_REPLACE` back onto
+    /// the IOAS. It keeps a duplicate of `iommufd`'s fd (the same context).
+    pub fn attacher(&self, iommufd: &Iommufd) -> Result<Arc<dyn AttachHwpt>, KernelError> {
+        Ok(Arc::new(MockAttacher {
+            iommufd: Iommufd::dup_from(iommufd)?,
+            stdev_id: self.stdev_id,
+            ioas_id: self.ioas_id,
+        }))
+    }
+
+    /// Makes the mock device's vIOMMU report an event (`IOMMU_TEST_OP_TRIGGER_VEVENT`): the
+    /// device must be attached to a nested page table of a vIOMMU on which it has a vDevice,
+    /// and the vIOMMU must have a self-test vEVENTQ (else `ENOENT` or `EOPNOTSUPP`).
+    pub fn trigger_vevent(&self, iommufd: &Iommufd) -> Result<(), KernelError> {
+        let mut cmd = TestCmd::new(IOMMU_TEST_OP_TRIGGER_VEVENT, 0);
+        cmd.set_words(&[self.idev_id]);
+        sys::test_cmd(iommufd.ioctls(), &mut cmd).map_err(|source| KernelError::Ioctl {
+            what: "IOMMU_TEST_OP_TRIGGER_VEVENT",
+            source,
+        })
+    }
+
     /// Makes the mock device raise a page request (`IOMMU_TEST_OP_TRIGGER_IOPF`).
     pub fn trigger_iopf(&self, iommufd: &Iommufd, fault: TriggerIopf) -> Result<(), KernelError> {
         let mut cmd = TestCmd::new(IOMMU_TEST_OP_TRIGGER_IOPF, 0);
@@ -126,6 +169,32 @@ impl MockDevice {
             what: "IOMMU_TEST_OP_TRIGGER_IOPF",
             source,
         })
+    }
+}
+
+/// A mock device as [`AttachHwpt`] (see [`MockDevice::attacher`]).
+#[derive(Debug)]
+struct MockAttacher {
+    iommufd: Iommufd,
+    stdev_id: u32,
+    ioas_id: u32,
+}
+
+impl MockAttacher {
+    fn replace(&self, pt_id: u32) -> io::Result<()> {
+        let mut cmd = TestCmd::new(IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, self.stdev_id);
+        cmd.set_words(&[pt_id]);
+        sys::test_cmd(self.iommufd.ioctls(), &mut cmd)
+    }
+}
+
+impl AttachHwpt for MockAttacher {
+    fn attach_hwpt(&self, pt_id: u32) -> io::Result<()> {
+        self.replace(pt_id)
+    }
+
+    fn detach_hwpt(&self) -> io::Result<()> {
+        self.replace(self.ioas_id)
     }
 }
 

@@ -1,6 +1,10 @@
-//! The two ioctls no crate wraps, fenced here: `IOMMU_FAULT_QUEUE_ALLOC` and the self-test
+//! The ioctls this crate issues on a borrowed fd, fenced here: `IOMMU_FAULT_QUEUE_ALLOC`,
+//! `IOMMU_VIOMMU_ALLOC`, `IOMMU_VDEVICE_ALLOC`, `IOMMU_VEVENTQ_ALLOC`, the self-test
 //! `IOMMU_TEST_CMD` (only with the `selftest` feature), and the borrow of the fd inside an
 //! `iommufd-ioctls` handle. This is the only module of the crate with `unsafe`.
+//!
+//! The vIOMMU ioctls are ours rather than `iommufd-ioctls`' because its wrappers need an
+//! `IommuFd` (an owned `File`), and a VMM lends its iommufd as a `BorrowedFd`.
 //!
 //! It depends on no other module of the crate but `test_cmd` (the self-test command's layout,
 //! with the `selftest` feature), so nothing imports back into it.
@@ -13,7 +17,11 @@ use std::io;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
 
-use iommufd_bindings::iommufd::{IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_TYPE, iommu_fault_alloc};
+use iommufd_bindings::iommufd::{
+    IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_CMD_VDEVICE_ALLOC, IOMMUFD_CMD_VEVENTQ_ALLOC,
+    IOMMUFD_CMD_VIOMMU_ALLOC, IOMMUFD_TYPE, iommu_fault_alloc, iommu_vdevice_alloc,
+    iommu_veventq_alloc, iommu_viommu_alloc,
+};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
@@ -26,6 +34,21 @@ ioctl_io_nr!(
     IOMMU_FAULT_QUEUE_ALLOC,
     IOMMUFD_TYPE as u32,
     IOMMUFD_CMD_FAULT_QUEUE_ALLOC
+);
+ioctl_io_nr!(
+    IOMMU_VIOMMU_ALLOC,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_VIOMMU_ALLOC
+);
+ioctl_io_nr!(
+    IOMMU_VDEVICE_ALLOC,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_VDEVICE_ALLOC
+);
+ioctl_io_nr!(
+    IOMMU_VEVENTQ_ALLOC,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_VEVENTQ_ALLOC
 );
 #[cfg(feature = "selftest")]
 ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, IOMMU_TEST_CMD_NR);
@@ -62,6 +85,118 @@ pub(crate) fn fault_queue_alloc(iommufd: &impl AsRawFd) -> io::Result<(u32, Owne
     // 2. It was checked to be non-negative and distinct from the iommufd above.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok((alloc.out_fault_id, fd))
+}
+
+/// `IOMMU_VIOMMU_ALLOC` on `iommufd`: a vIOMMU of `viommu_type` backed by device `dev_id`'s
+/// IOMMU over the nesting parent `hwpt_id`, with the type's data `data` (read and written by
+/// the kernel). Returns the vIOMMU's id.
+pub(crate) fn viommu_alloc(
+    iommufd: &impl AsRawFd,
+    viommu_type: u32,
+    dev_id: u32,
+    hwpt_id: u32,
+    data: &mut [u8],
+) -> io::Result<u32> {
+    let data_len =
+        u32::try_from(data.len()).map_err(|_| io::Error::other("vIOMMU data longer than 4 GiB"))?;
+    let mut alloc = iommu_viommu_alloc {
+        size: size_of::<iommu_viommu_alloc>() as u32,
+        flags: 0,
+        type_: viommu_type,
+        dev_id,
+        hwpt_id,
+        out_viommu_id: 0,
+        data_len,
+        __reserved: 0,
+        data_uptr: if data.is_empty() {
+            0
+        } else {
+            data.as_mut_ptr() as u64
+        },
+    };
+    // SAFETY:
+    // 1. `iommufd` is an open `/dev/iommu` (borrowed for the call), so the fd is valid.
+    // 2. `alloc` is an initialised `struct iommu_viommu_alloc` (bindgen's layout, checked at
+    //    compile time by iommufd-bindings) whose `size` bounds what the kernel reads and
+    //    writes; it lives on our stack for the whole call and nothing else aliases it.
+    // 3. `data_uptr`/`data_len` describe `data`, borrowed mutably for the whole call, so the
+    //    kernel reads and writes (the type's output fields) only within it; 0/0 when empty.
+    // 4. The return value is checked before the output id is used.
+    let ret = unsafe { ioctl_with_mut_ref(iommufd, IOMMU_VIOMMU_ALLOC(), &mut alloc) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(alloc.out_viommu_id)
+}
+
+/// `IOMMU_VDEVICE_ALLOC` on `iommufd`: device `dev_id` on vIOMMU `viommu_id` under the guest's
+/// `virt_id`. Returns the vDevice's id.
+pub(crate) fn vdevice_alloc(
+    iommufd: &impl AsRawFd,
+    viommu_id: u32,
+    dev_id: u32,
+    virt_id: u64,
+) -> io::Result<u32> {
+    let mut alloc = iommu_vdevice_alloc {
+        size: size_of::<iommu_vdevice_alloc>() as u32,
+        viommu_id,
+        dev_id,
+        out_vdevice_id: 0,
+        virt_id,
+    };
+    // SAFETY:
+    // 1. `iommufd` is an open `/dev/iommu` (borrowed for the call), so the fd is valid.
+    // 2. `alloc` is an initialised `struct iommu_vdevice_alloc` (bindgen's layout, checked at
+    //    compile time) with `size` set, on our stack for the whole call, not aliased.
+    // 3. It carries no user pointer. The return value is checked before the id is used.
+    let ret = unsafe { ioctl_with_mut_ref(iommufd, IOMMU_VDEVICE_ALLOC(), &mut alloc) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(alloc.out_vdevice_id)
+}
+
+/// `IOMMU_VEVENTQ_ALLOC` on `iommufd`: a vEVENTQ of `veventq_type` and `depth` on vIOMMU
+/// `viommu_id`. Returns its id and its file.
+pub(crate) fn veventq_alloc(
+    iommufd: &impl AsRawFd,
+    viommu_id: u32,
+    veventq_type: u32,
+    depth: u32,
+) -> io::Result<(u32, OwnedFd)> {
+    let mut alloc = iommu_veventq_alloc {
+        size: size_of::<iommu_veventq_alloc>() as u32,
+        flags: 0,
+        viommu_id,
+        type_: veventq_type,
+        veventq_depth: depth,
+        out_veventq_id: 0,
+        out_veventq_fd: 0,
+        __reserved: 0,
+    };
+    // SAFETY:
+    // 1. `iommufd` is an open `/dev/iommu` (borrowed for the call), so the fd is valid.
+    // 2. `alloc` is an initialised `struct iommu_veventq_alloc` (bindgen's layout, checked at
+    //    compile time) with `size` set, on our stack for the whole call, not aliased.
+    // 3. It carries no user pointer. The return value is checked before any output is used.
+    let ret = unsafe { ioctl_with_mut_ref(iommufd, IOMMU_VEVENTQ_ALLOC(), &mut alloc) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(alloc.out_veventq_fd)
+        .map_err(|_| io::Error::other("the kernel returned a vEVENTQ fd out of range"))?;
+    if fd < 0 || fd == iommufd.as_raw_fd() {
+        return Err(io::Error::other(
+            "the kernel returned an impossible vEVENTQ fd",
+        ));
+    }
+    // SAFETY:
+    // 1. On success the kernel installed a new file at `out_veventq_fd` in our fd table
+    //    (`iommufd_veventq_alloc` does `fd_install` after `get_unused_fd_flags`), so the fd is
+    //    open and nothing else in this process owns it: we take the only ownership.
+    // 2. It was checked to be non-negative and distinct from the iommufd above.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok((alloc.out_veventq_id, fd))
 }
 
 /// The fd of an `iommufd-ioctls` handle, borrowed for as long as the handle is (that crate

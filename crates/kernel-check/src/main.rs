@@ -5,9 +5,13 @@
 //! the backend (never raw ioctls), prints one line per check, and powers the machine off. It
 //! also runs as an ordinary program on any machine whose kernel has the self-test driver.
 //!
-//! Output, one line each: `iopf-kernel-check: <check> ok <details>` or
-//! `iopf-kernel-check: <check> FAIL <why>`, then `iopf-kernel-check: done passed=N failed=M`.
+//! Output, one line each: `iopf-kernel-check: <check> ok <details>`,
+//! `iopf-kernel-check: <check> FAIL <why>` or `iopf-kernel-check: <check> skip <why>` (not
+//! applicable on this kernel: the vIOMMU checks on 6.12), then
+//! `iopf-kernel-check: done passed=N failed=M skipped=K`.
 #![forbid(unsafe_code)]
+
+mod viommu;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -468,8 +472,57 @@ fn report(name: &str, result: Check, passed: &mut u32, failed: &mut u32) {
     }
 }
 
+/// The vIOMMU checks, in order.
+const VIOMMU_CHECKS: [&str; 6] = [
+    "viommu_setup",
+    "vevent_delivery",
+    "vevent_ordering",
+    "vevent_overflow",
+    "viommu_page_requests",
+    "viommu_teardown_orders",
+];
+
+/// Runs the vIOMMU checks on a second mock device on the VMM's IOAS; all skipped on a kernel
+/// without vIOMMUs. Returns how many were skipped.
+fn run_viommu(rig: &Rig, passed: &mut u32, failed: &mut u32) -> u32 {
+    let (mut vrig, detail) = match viommu::setup(&rig.iommufd, rig.vmm_ioas.id()) {
+        Ok(r) => r,
+        Err(outcome) => {
+            let (why, skip) = match outcome {
+                viommu::Outcome::Skip(why) => (why, true),
+                viommu::Outcome::Fail(why) => (why, false),
+            };
+            if skip {
+                for name in VIOMMU_CHECKS {
+                    println!("{PREFIX} {name} skip {why}");
+                }
+                return VIOMMU_CHECKS.len() as u32;
+            }
+            report("viommu_setup", Err(why), passed, failed);
+            return 0;
+        }
+    };
+    report("viommu_setup", Ok(detail), passed, failed);
+    report("vevent_delivery", vrig.delivery(), passed, failed);
+    report("vevent_ordering", vrig.ordering(), passed, failed);
+    report("vevent_overflow", vrig.overflow(), passed, failed);
+    report("viommu_page_requests", vrig.page_requests(), passed, failed);
+    report(
+        "viommu_teardown_orders",
+        vrig.teardown_orders(),
+        passed,
+        failed,
+    );
+    0
+}
+
 fn run() -> u32 {
     let (mut passed, mut failed) = (0, 0);
+    let release = rustix::system::uname();
+    println!(
+        "{PREFIX} kernel release={}",
+        release.release().to_string_lossy()
+    );
     let (rig, mut q, raw) = match setup() {
         Ok((rig, q, raw, detail)) => {
             report("setup", Ok(detail), &mut passed, &mut failed);
@@ -477,7 +530,7 @@ fn run() -> u32 {
         }
         Err(e) => {
             report("setup", Err(e), &mut passed, &mut failed);
-            println!("{PREFIX} done passed={passed} failed={failed}");
+            println!("{PREFIX} done passed={passed} failed={failed} skipped=0");
             return failed;
         }
     };
@@ -511,9 +564,10 @@ fn run() -> u32 {
     );
     report("vmm_device", vmm_device(&rig), &mut passed, &mut failed);
     report("timing", timing(&rig, &mut q, n), &mut passed, &mut failed);
+    let skipped = run_viommu(&rig, &mut passed, &mut failed);
     report("teardown", teardown(rig), &mut passed, &mut failed);
     println!("{PREFIX} stats {:?}", q.stats());
-    println!("{PREFIX} done passed={passed} failed={failed}");
+    println!("{PREFIX} done passed={passed} failed={failed} skipped={skipped}");
     failed
 }
 

@@ -1,6 +1,8 @@
-//! The backend against a real Linux 6.12 kernel with `CONFIG_IOMMUFD_TEST`, booted under QEMU.
+//! The backend against real Linux 6.12 and 7.2 kernels with `CONFIG_IOMMUFD_TEST`, booted
+//! under QEMU: the fault-queue checks on both, the vIOMMU/vEVENTQ checks on 7.2 (on 6.12 they
+//! must say `skip`, never `ok`).
 //!
-//! `scripts/kernel` builds the kernel (cached under `~/.cache/iopf`); this test builds
+//! `scripts/kernel` builds the kernels (cached under `~/.cache/iopf`); each test builds
 //! `iopf-kernel-check` statically, packs it as `/init` of an initramfs, boots it with TCG and
 //! asserts every line it prints. Outside CI, a missing kernel or QEMU makes the test ignored,
 //! with the reason (decided by `build.rs`, which rebuilds when either appears); in CI
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// How long QEMU may run (boot is about a second under TCG; the checks a few more).
 const QEMU_TIMEOUT: Duration = Duration::from_secs(300);
-const CHECKS: [&str; 8] = [
+const FAULT_QUEUE_CHECKS: [&str; 8] = [
     "setup",
     "round_trip",
     "kernel_refusals",
@@ -24,17 +26,26 @@ const CHECKS: [&str; 8] = [
     "timing",
     "teardown",
 ];
+/// The checks that need a vIOMMU (Linux 6.13+; the vEVENTQ 6.15+).
+const VIOMMU_CHECKS: [&str; 6] = [
+    "viommu_setup",
+    "vevent_delivery",
+    "vevent_ordering",
+    "vevent_overflow",
+    "viommu_page_requests",
+    "viommu_teardown_orders",
+];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn kernel_image() -> Option<PathBuf> {
-    if let Ok(path) = std::env::var("IOPF_KERNEL") {
+fn kernel_image(version: &str, overrides: &[&str]) -> Option<PathBuf> {
+    if let Some(path) = overrides.iter().find_map(|v| std::env::var(v).ok()) {
         return Some(PathBuf::from(path));
     }
     let out = Command::new(repo_root().join("scripts/kernel"))
-        .arg("--check")
+        .args(["--check", version])
         .output()
         .ok()?;
     if !out.status.success() {
@@ -98,6 +109,7 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
 }
 
 fn initramfs(init: &Path, path: &Path) {
+    // Each kernel's test writes its own archive (the tests run in parallel).
     let binary = std::fs::read(init).expect("read the check binary");
     let mut archive = Vec::new();
     cpio_entry(&mut archive, 1, "dev", 0o040_755, &[]);
@@ -106,27 +118,15 @@ fn initramfs(init: &Path, path: &Path) {
     std::fs::write(path, archive).expect("write the initramfs");
 }
 
-#[test]
-#[cfg_attr(
-    all(iopf_no_test_kernel, not(iopf_no_qemu)),
-    ignore = "needs the test kernel (run scripts/kernel to build it)"
-)]
-#[cfg_attr(
-    all(iopf_no_qemu, not(iopf_no_test_kernel)),
-    ignore = "needs qemu-system-x86_64 (scripts/kernel installs it)"
-)]
-#[cfg_attr(
-    all(iopf_no_test_kernel, iopf_no_qemu),
-    ignore = "needs the test kernel and qemu-system-x86_64 (run scripts/kernel)"
-)]
-fn backend_passes_every_check_against_a_real_kernel() {
-    let kernel = kernel_image().expect("no test kernel built (scripts/kernel builds it)");
+/// Boots `kernel` with the check binary as `/init` and returns the check lines
+/// (`<check> ok|FAIL|skip ...`, `done ...`).
+fn boot(kernel: &Path, name: &str) -> Vec<String> {
     assert!(
         on_path("qemu-system-x86_64"),
         "qemu-system-x86_64 is not installed (scripts/kernel installs it)"
     );
     let binary = build_check_binary();
-    let initrd = repo_root().join("target/kernel-check/initramfs.cpio");
+    let initrd = repo_root().join(format!("target/kernel-check/initramfs-{name}.cpio"));
     initramfs(&binary, &initrd);
 
     let started = Instant::now();
@@ -134,7 +134,7 @@ fn backend_passes_every_check_against_a_real_kernel() {
         .args(["-machine", "q35", "-m", "512", "-smp", "1", "-nographic"])
         .args(["-no-reboot", "-monitor", "none", "-serial", "stdio"])
         .arg("-kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("-initrd")
         .arg(&initrd)
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
@@ -169,29 +169,92 @@ fn backend_passes_every_check_against_a_real_kernel() {
     output.extend(lines_rx.try_iter());
     let console = output.join("\n");
     eprintln!(
-        "--- guest console ---\n{console}\n--- end ({:?}) ---",
+        "--- guest console ({name}) ---\n{console}\n--- end ({:?}) ---",
         started.elapsed()
     );
     assert!(!timed_out, "QEMU did not finish within {QEMU_TIMEOUT:?}");
-
-    let results: Vec<&str> = output
+    output
         .iter()
         // The console may put terminal escapes before a line.
-        .filter_map(|l| l.find("iopf-kernel-check: ").map(|at| &l[at + 19..]))
-        .map(str::trim_end)
-        .collect();
-    for check in CHECKS {
-        let line = results
-            .iter()
-            .find(|l| l.starts_with(&format!("{check} ")))
-            .unwrap_or_else(|| panic!("no result line for check `{check}`"));
-        assert!(
-            line.starts_with(&format!("{check} ok")),
-            "check failed: {line}"
-        );
+        .filter_map(|l| {
+            l.find("iopf-kernel-check: ")
+                .map(|at| l[at + 19..].to_string())
+        })
+        .map(|l| l.trim_end().to_string())
+        .collect()
+}
+
+/// Asserts that `check`'s line starts with `check <outcome>`.
+fn assert_outcome(results: &[String], check: &str, outcome: &str) {
+    let line = results
+        .iter()
+        .find(|l| l.starts_with(&format!("{check} ")))
+        .unwrap_or_else(|| panic!("no result line for check `{check}`"));
+    assert!(
+        line.starts_with(&format!("{check} {outcome}")),
+        "check `{check}` is not `{outcome}`: {line}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    all(iopf_no_kernel_6_12, not(iopf_no_qemu)),
+    ignore = "needs the 6.12 test kernel (run scripts/kernel to build it)"
+)]
+#[cfg_attr(
+    all(iopf_no_qemu, not(iopf_no_kernel_6_12)),
+    ignore = "needs qemu-system-x86_64 (scripts/kernel installs it)"
+)]
+#[cfg_attr(
+    all(iopf_no_kernel_6_12, iopf_no_qemu),
+    ignore = "needs the 6.12 test kernel and qemu-system-x86_64 (run scripts/kernel)"
+)]
+fn fault_queue_checks_pass_on_linux_6_12_and_viommu_checks_are_skipped() {
+    let kernel = kernel_image("6.12", &["IOPF_KERNEL_6_12", "IOPF_KERNEL"])
+        .expect("no 6.12 test kernel built (scripts/kernel builds it)");
+    let results = boot(&kernel, "6.12");
+    assert!(
+        results.iter().any(|l| l.starts_with("kernel release=6.12")),
+        "not a 6.12 kernel: {results:?}"
+    );
+    for check in FAULT_QUEUE_CHECKS {
+        assert_outcome(&results, check, "ok");
+    }
+    for check in VIOMMU_CHECKS {
+        assert_outcome(&results, check, "skip");
     }
     assert!(
-        results.contains(&"done passed=8 failed=0"),
+        results.contains(&"done passed=8 failed=0 skipped=6".to_string()),
+        "no clean summary line"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    all(iopf_no_kernel_7_2, not(iopf_no_qemu)),
+    ignore = "needs the 7.2 test kernel (run scripts/kernel to build it)"
+)]
+#[cfg_attr(
+    all(iopf_no_qemu, not(iopf_no_kernel_7_2)),
+    ignore = "needs qemu-system-x86_64 (scripts/kernel installs it)"
+)]
+#[cfg_attr(
+    all(iopf_no_kernel_7_2, iopf_no_qemu),
+    ignore = "needs the 7.2 test kernel and qemu-system-x86_64 (run scripts/kernel)"
+)]
+fn fault_queue_and_viommu_checks_pass_on_linux_7_2() {
+    let kernel = kernel_image("7.2", &["IOPF_KERNEL_7_2"])
+        .expect("no 7.2 test kernel built (scripts/kernel builds it)");
+    let results = boot(&kernel, "7.2");
+    assert!(
+        results.iter().any(|l| l.starts_with("kernel release=7.2")),
+        "not a 7.2 kernel: {results:?}"
+    );
+    for check in FAULT_QUEUE_CHECKS.iter().chain(&VIOMMU_CHECKS) {
+        assert_outcome(&results, check, "ok");
+    }
+    assert!(
+        results.contains(&"done passed=14 failed=0 skipped=0".to_string()),
         "no clean summary line"
     );
 }

@@ -201,6 +201,34 @@ fn a_response_from_before_a_detach_never_reaches_the_group_that_reuses_its_cooki
     assert_eq!(q.file.answers[&second], [RESP_SUCCESS]);
 }
 
+/// A detach reported through a `DetachNotifier` (an `Attachment` dropped elsewhere) retires
+/// the device's groups before the next write, even when the late answer comes before any
+/// read that would have seen the cookie reused. Fails if the notifier is not drained on write.
+#[test]
+fn a_detach_reported_by_the_notifier_retires_the_group_before_the_late_answer() {
+    let mut q = KernelFaultQueue::new(1, KernelModel::default());
+    let notifier = q.detach_notifier();
+    let first = q.file.trigger(7, 2, 1);
+    let old = read_all(&mut q)[0];
+    q.file.detach(7);
+    notifier.detached(7);
+    // The kernel has since handed the same cookie to a new group, not yet read here.
+    let second = q.file.trigger(7, 2, 1);
+    let mut buf = vec![0u8; FAULT_RECORD_SIZE];
+    let mut out = Vec::new();
+    q.file.read_into(&mut buf, &mut out).unwrap();
+    assert_eq!(out[0].cookie, q.kernel_cookie(old.cookie).unwrap());
+    q.write_responses(&[answer(&old, ResponseCode::Success)])
+        .unwrap();
+    assert_eq!(q.file.answers[&first], [RESP_INVALID]);
+    assert!(
+        q.file.answers[&second].is_empty(),
+        "the late answer reached the group that reused its cookie"
+    );
+    assert_eq!((q.stats().retired, q.stats().refused_stale), (1, 1));
+    assert_eq!(q.pending(), 0);
+}
+
 /// Without `detach_with`, the read that hands out a reused cookie retires its old holder.
 #[test]
 fn cookie_reuse_seen_at_read_retires_the_earlier_group() {
