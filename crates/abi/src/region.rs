@@ -133,9 +133,11 @@ pub struct HostPageHeader {
     /// Offset 64 ([`INDEX_OFFSET`]): response queue `cons` (the host's consumer index);
     /// fault queue: 0 (a producer publishes no index in ABI v2).
     pub index: U32,
+    /// Offset 68: 0 (the C structure's size is a multiple of its 8-byte alignment).
+    pub pad: U32,
 }
 
-const _: () = assert!(core::mem::size_of::<HostPageHeader>() == 68);
+const _: () = assert!(core::mem::size_of::<HostPageHeader>() == 72);
 const _: () = assert!(core::mem::offset_of!(HostPageHeader, index) == INDEX_OFFSET as usize);
 
 /// The VMM page's header (offset 4096), as bytes in the region. Written only by the VMM.
@@ -232,7 +234,12 @@ impl QueueGeometry {
         if flags & !allowed != 0 {
             return Err(RegionError::UnknownFlags(flags & !allowed));
         }
-        if let Some(word) = header.reserved.iter().find(|w| w.get() != 0) {
+        if let Some(word) = header
+            .reserved
+            .iter()
+            .chain([&header.pad])
+            .find(|w| w.get() != 0)
+        {
             return Err(RegionError::ReservedNonZero(word.get()));
         }
         if region_len < geometry.region_len() {

@@ -40,6 +40,8 @@ pub struct HostPage {
     pub reserved: [AtomicU32; 6],
     /// `index` (second cache line): the response queue's `cons`; unused in a fault queue.
     pub index: AtomicU32,
+    /// `pad`.
+    pub pad: AtomicU32,
 }
 
 /// The VMM page (offset 4096) as the running code sees it: `VmmPageHeader`'s layout, in atomics.
@@ -60,10 +62,10 @@ pub struct VmmPage {
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
     // The atomic views must lie exactly over the ABI's byte layout (`docs/DESIGN.md` §3.1).
-    // The views may be longer than the headers by their alignment padding, never shorter,
-    // and both fit in their 4 KiB page.
-    assert!(offset_of!(HostPage, index) + 4 == size_of::<HostPageHeader>());
-    assert!(size_of::<HostPage>() <= 4096);
+    // The VMM page's view may be longer than its header by its alignment padding, never
+    // shorter.
+    assert!(size_of::<HostPage>() == size_of::<HostPageHeader>());
+    assert!(offset_of!(HostPage, pad) == offset_of!(HostPageHeader, pad));
     assert!(offset_of!(HostPage, version) == offset_of!(HostPageHeader, version));
     assert!(offset_of!(HostPage, kind) == offset_of!(HostPageHeader, kind));
     assert!(offset_of!(HostPage, entry_size) == offset_of!(HostPageHeader, entry_size));
@@ -98,6 +100,7 @@ impl HostPage {
             word.store(0, Ordering::Relaxed);
         }
         self.index.store(0, Ordering::Relaxed);
+        self.pad.store(0, Ordering::Relaxed);
         // Magic last: a reader that sees it sees a complete header (the fd crosses to the
         // other process through a syscall, which orders this anyway).
         self.magic.store(h.magic.get(), Ordering::Release);
@@ -117,6 +120,7 @@ impl HostPage {
             rejected: self.rejected.load(Ordering::Relaxed).into(),
             reserved: core::array::from_fn(|i| self.reserved[i].load(Ordering::Relaxed).into()),
             index: self.index.load(Ordering::Relaxed).into(),
+            pad: self.pad.load(Ordering::Relaxed).into(),
         }
     }
 }
@@ -210,6 +214,7 @@ impl HeapMemory {
                 rejected: AtomicU64::new(0),
                 reserved: core::array::from_fn(|_| AtomicU32::new(0)),
                 index: AtomicU32::new(0),
+                pad: AtomicU32::new(0),
             },
             vmm: VmmPage {
                 abi: AtomicU32::new(0),

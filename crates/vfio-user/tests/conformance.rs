@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{BAR0_SIZE, start_listening};
-use iopf_abi::{QueueKind, VMM_ABI_V1};
+use iopf_abi::{QueueKind, VMM_ABI};
 use iopf_queue::{Doorbell, QueueRegion, SharedMemory};
 use iopf_vfio_user::Disconnect;
 use iopf_vfio_user::device::{
@@ -58,7 +58,7 @@ fn rust_vmm_client_completes_version_info_irqs_and_region_io() {
     assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
     // What it did reached the device.
     assert_eq!(device.log.resets, 1);
-    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI_V1);
+    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI);
     assert_eq!(device.response_doorbell.drain().unwrap(), 1);
     assert!(device.log.mappings.is_empty());
     let eventfd = device
@@ -130,7 +130,7 @@ fn drive_rust_vmm_client(path: &std::path::Path, fault_irq: OwnedFd) {
         .region_write(
             DMA_FAULT_REGION_INDEX,
             VMM_ABI_OFFSET,
-            &VMM_ABI_V1.to_le_bytes(),
+            &VMM_ABI.to_le_bytes(),
         )
         .unwrap();
     client
