@@ -183,7 +183,10 @@ fn vmm_header_bytes_follow_the_design_table() {
     assert_eq!(b.len(), 68);
     assert_eq!(le32(b, 0), 2, "abi");
     assert_eq!(le32(b, 4), 2, "flags: NEED_WAKEUP");
-    assert!(b[8..64].iter().all(|&x| x == 0), "reserved to the end of the line");
+    assert!(
+        b[8..64].iter().all(|&x| x == 0),
+        "reserved to the end of the line"
+    );
     assert_eq!(le32(b, 64), 0xdead_beef, "index, alone in the second line");
 }
 

@@ -3,9 +3,7 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use iopf_abi::{
-    HOST_FLAG_LIVE, PageResponse, QueueGeometry, QueueKind, ResponseRecord, VMM_ABI,
-};
+use iopf_abi::{HOST_FLAG_LIVE, PageResponse, QueueGeometry, QueueKind, ResponseRecord, VMM_ABI};
 
 use crate::doorbell::Doorbell;
 use crate::endpoint::{QueueError, Receiver, Sender};

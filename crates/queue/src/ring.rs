@@ -219,7 +219,8 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
         let mut prod = cons;
         while prod.wrapping_sub(cons) < ring.nb_entries {
             // SYNC P1 (acquire): whatever we found marked is complete.
-            let found = mark_cell::<E>(words, ring.mask, prod).map_or(0, |c| c.load(Ordering::Acquire));
+            let found =
+                mark_cell::<E>(words, ring.mask, prod).map_or(0, |c| c.load(Ordering::Acquire));
             match classify(found, prod, ring.nb_entries)? {
                 Slot::Ready(_) => prod = prod.wrapping_add(1),
                 Slot::Empty => break,
@@ -472,7 +473,8 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
     #[inline]
     fn peek(&mut self, index: u32) -> Result<Slot, RingError> {
         let words = self.memory.entry_words();
-        let found = mark_cell::<E>(words, self.mask, index).map_or(0, |c| c.load(Ordering::Acquire));
+        let found =
+            mark_cell::<E>(words, self.mask, index).map_or(0, |c| c.load(Ordering::Acquire));
         classify(found, index, self.nb_entries).map_err(|e| self.fail(e))
     }
 
@@ -691,7 +693,11 @@ mod tests {
     fn records_carry_their_mark_and_are_handed_over_without_it() {
         let (mut p, mut c) = ring(4);
         p.stage(&record(7)).unwrap();
-        assert_eq!(mark_word(p.memory(), 4, 0).load(Ordering::Relaxed), 0, "unmarked until published");
+        assert_eq!(
+            mark_word(p.memory(), 4, 0).load(Ordering::Relaxed),
+            0,
+            "unmarked until published"
+        );
         p.publish().unwrap();
         assert_eq!(mark_word(p.memory(), 4, 0).load(Ordering::Relaxed), mark(0));
         let mut got = Vec::new();
@@ -706,7 +712,10 @@ mod tests {
         let mut seen = 0;
         assert_eq!(
             c.drain(usize::MAX, |_| seen += 1),
-            Err(RingError::Mark { index: 0, found: mark(1) })
+            Err(RingError::Mark {
+                index: 0,
+                found: mark(1)
+            })
         );
         assert_eq!(seen, 0);
         // Sticky.
@@ -727,7 +736,13 @@ mod tests {
         assert_eq!(c.poll(), Ok(false));
         // A replay of record 0 (two passes ago) is refused.
         mark_word(p.memory(), 2, 0).store(mark(0), Ordering::Release);
-        assert_eq!(c.poll(), Err(RingError::Mark { index: 4, found: mark(0) }));
+        assert_eq!(
+            c.poll(),
+            Err(RingError::Mark {
+                index: 4,
+                found: mark(0)
+            })
+        );
     }
 
     #[test]
@@ -776,7 +791,10 @@ mod tests {
         mark_word(p.memory(), 4, 0).store(0xdead, Ordering::Release);
         assert_eq!(
             RingProducer::<ResponseRecord, _>::resume(p.memory().clone()).unwrap_err(),
-            RingError::Mark { index: 0, found: 0xdead }
+            RingError::Mark {
+                index: 0,
+                found: 0xdead
+            }
         );
     }
 
