@@ -97,6 +97,13 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
     pub fn broken(&self) -> Option<RingError> {
         self.sender.broken()
     }
+
+    /// Responses published and not read by the host yet, and the ring's entries; `None` when
+    /// the host's index is out of range. For watching only (see [`RingProducer::fill`]).
+    pub fn fill(&self) -> Option<(u32, u32)> {
+        let ring = &self.sender.ring;
+        ring.fill().map(|used| (used, ring.nb_entries()))
+    }
 }
 
 impl<M: QueueMemory> Drop for ResponseQueueProducer<M> {
