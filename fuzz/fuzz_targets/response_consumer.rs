@@ -28,7 +28,12 @@ enum Step {
     /// The VMM stores a mark in a slot: the mark of record `lap * 8 + slot` (right for that
     /// pass, whether or not its body was written), of a record one or more passes earlier
     /// (stale), of a later record (skipped), or any value.
-    Mark { slot: u8, lap: u8, how: u8, raw: u64 },
+    Mark {
+        slot: u8,
+        lap: u8,
+        how: u8,
+        raw: u64,
+    },
     /// The VMM stores the (unused) index of its page.
     Index(u32),
     /// The VMM stores its page's flags or abi.
@@ -89,7 +94,12 @@ fuzz_target!(|steps: Vec<Step>| {
                 let i = (usize::from(slot) * 4 + usize::from(word % 4)) % words.len();
                 words[i].store(value, Ordering::Relaxed);
             }
-            Step::Mark { slot, lap, how, raw } => {
+            Step::Mark {
+                slot,
+                lap,
+                how,
+                raw,
+            } => {
                 let slot = u32::from(slot % 8);
                 let index = u32::from(lap) * 8 + slot;
                 let value = match how % 4 {
