@@ -75,7 +75,7 @@ fn bare_unrecoverable_record() -> FaultRecord {
 fn refused(record: FaultRecord) -> DecodeError {
     record
         .decode()
-        .expect_err("decoder accepted a record ABI v1 refuses")
+        .expect_err("decoder accepted a record ABI v2 refuses")
 }
 
 fn non_zero(field: &'static str, value: u64) -> DecodeError {

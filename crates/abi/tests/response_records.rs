@@ -39,7 +39,7 @@ fn record_without_pasid() -> ResponseRecord {
 fn refused(record: ResponseRecord) -> DecodeError {
     record
         .decode()
-        .expect_err("decoder accepted a response ABI v1 refuses")
+        .expect_err("decoder accepted a response ABI v2 refuses")
 }
 
 prop_compose! {

@@ -765,7 +765,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
          the socketpair baseline of the same round: ratios, not absolutes, are the point"
             .to_owned(),
         "round trips go out as 64-byte fault records and come back as 32-byte response \
-         records (ABI v1); the ping-pong and socketpair round trips carry 64 bytes both ways"
+         records (ABI v2); the ping-pong and socketpair round trips carry 64 bytes both ways"
             .to_owned(),
     ];
     if cfg!(feature = "iceoryx2") {

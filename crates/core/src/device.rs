@@ -37,7 +37,7 @@ struct PartialGroup {
 /// for an unbounded time.
 const RESPONSE_BATCH: usize = 1024;
 
-/// Batches a reset reads before answering: a full ring of the largest size ABI v1 allows, so
+/// Batches a reset reads before answering: a full ring of the largest size ABI v2 allows, so
 /// a reset takes bounded time even while the VMM keeps publishing.
 const RESET_DRAIN_BATCHES: usize = iopf_abi::MAX_ENTRIES as usize / RESPONSE_BATCH;
 
@@ -425,7 +425,7 @@ impl DeviceState {
         }
     }
 
-    /// Checks one response against ABI v1 and the pending table; if it answers a pending
+    /// Checks one response against ABI v2 and the pending table; if it answers a pending
     /// group, the group is complete and its response goes to `out`.
     pub(crate) fn respond(
         &mut self,

@@ -188,7 +188,7 @@ impl FaultCore {
         self.with(id, |state, _, _| state.has_handler())
     }
 
-    /// Whether the device has a handler whose consumer has attached (speaks ABI v1).
+    /// Whether the device has a handler whose consumer has attached (speaks ABI v2).
     pub fn consumer_attached(&self, id: DeviceId) -> Result<bool, CoreError> {
         self.with(id, |state, _, _| state.consumer_attached())
     }

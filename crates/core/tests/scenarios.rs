@@ -528,7 +528,7 @@ fn page_request_before_a_consumer_attaches_is_answered_invalid() {
 }
 
 // Catches: a host that reads only the fault region's `abi` and delivers page requests to a
-// VMM whose response region never announced ABI v1 (or withdrew it), then trusts its answers.
+// VMM whose response region never announced ABI v2 (or withdrew it), then trusts its answers.
 #[test]
 fn page_request_with_the_response_region_abi_at_0_is_answered_invalid() {
     let host = Host::new();

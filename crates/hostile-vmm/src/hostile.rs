@@ -75,7 +75,7 @@ pub enum Behaviour {
     LyingSize,
     /// Holds groups back, then sends a message carrying more fds than the protocol allows.
     TooManyFds,
-    /// Attaches with the response region's `abi` left at 0 (ABI v1 announced in the fault
+    /// Attaches with the response region's `abi` left at 0 (ABI v2 announced in the fault
     /// region only), then serves honestly whatever it receives, counting it.
     ResponseAbiZero,
     /// Holds groups back, then sends a header and half its payload and hangs up.
