@@ -22,10 +22,12 @@ mod sealed {
 /// [`load`] leave it alone (`load` returns it zeroed), and the ring writes it with a release
 /// store after the body and acquires it before reading the body.
 ///
+/// Storing straight into the slot matters: building a record on the stack and copying it in
+/// costs store-forwarding stalls that make a copy loop about 3x slower (`docs/PERFORMANCE.md`,
+/// reference figures).
+///
 /// [`store`]: Entry::store
-/// [`load`]: Entry::load Storing straight into the
-/// slot matters: building a record on the stack and copying it in costs store-forwarding
-/// stalls that make a copy loop about 3x slower (`docs/PERFORMANCE.md`, reference figures).
+/// [`load`]: Entry::load
 pub trait Entry: sealed::Sealed + Copy + Sized {
     /// The queue kind that carries this record.
     const KIND: QueueKind;
