@@ -171,7 +171,7 @@ const FIGURES: &[(&str, &str, &str, Unit)] = &[
     (
         "ring_floor_line_rtt",
         "limit",
-        "minimal one-line ring round trip: mark in the slot, busy poll",
+        "one-line ring round trip: mark in the slot, busy poll",
         Unit::Nanoseconds,
     ),
     (
