@@ -514,8 +514,8 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
     }
 
     /// Reads up to `max` records, in order, handing each to `f` as it is read, then returns
-    /// their slots with one index store (and one more every sixteenth of the ring on the way). Stops at
-    /// the first slot not yet marked. Returns how many were read.
+    /// their slots with one index store (and one more every sixteenth of the ring on the
+    /// way). Stops at the first slot not yet marked. Returns how many were read.
     pub fn drain(&mut self, max: usize, mut f: impl FnMut(E)) -> Result<usize, RingError> {
         self.check()?;
         let max = max.min(self.nb_entries as usize);
@@ -552,8 +552,8 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
             f(record);
             cons = cons.wrapping_add(1);
             n += 1;
-            // A drain may chase a producer that keeps publishing: return slots every sixteenth of a
-            // ring on the way, so that the producer is never starved of room it could have.
+            // A drain may chase a producer that keeps publishing: return slots every sixteenth
+            // of the ring on the way, so that the producer is never starved of room.
             if n % progress_every == 0 {
                 // SYNC C1 (release), as below.
                 Cells::cons(self.kind, &self.memory).store(cons, Ordering::Release);
