@@ -182,10 +182,11 @@
 #define IOPF_VFIO_DMA_FAULT_IRQ_INDEX 5
 
 /**
- * vfio-user: the offset in the response region that the response doorbell watches (the
- * VMM page's producer index); a 4-byte region write there is the doorbell's fallback.
+ * vfio-user: the offset in the response region that the response doorbell watches (the VMM
+ * page's `index` word, which a response queue's ring does not read); a 4-byte region write
+ * there is the doorbell's fallback.
  */
-#define IOPF_VFIO_RESPONSE_DOORBELL_OFFSET 4104
+#define IOPF_VFIO_RESPONSE_DOORBELL_OFFSET 4160
 
 /**
  * vfio-user: the region index of BAR0, the device's registers.

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 OR MIT */
 /*
- * iopf ABI v1: the queue regions that carry I/O page faults from the host to a VMM and page
+ * iopf ABI v2: the queue regions that carry I/O page faults from the host to a VMM and page
  * responses back. The same layout as the Rust crate `iopf-abi`; docs/ABI.md is the full
  * specification. Requires C11 (anonymous unions, _Static_assert) or C++11.
  *
@@ -19,26 +19,31 @@
  *
  * The rest of each header page is unused and zero.
  *
- * Indices. `index` fields are free-running uint32_t counters that wrap. Entry i lives at
- * offset + (i % nb_entries) * entry_size. The valid entries are [cons, prod), and
- * prod - cons <= nb_entries (computed in uint32_t) always holds.
- *   fault queue:    prod = iopf_host_page.index, cons = iopf_vmm_page.index
- *   response queue: prod = iopf_vmm_page.index,  cons = iopf_host_page.index
- * A consumer index outside [the host's last cons, prod], or a producer index more than
- * nb_entries ahead of cons, is a protocol error: the host stops reading that region, marks
- * it, counts it and answers the device's pending page request groups Invalid.
+ * Indices and marks. Records are numbered by a free-running uint32_t index i that wraps;
+ * record i lives at offset + (i % nb_entries) * entry_size. Its last 8 bytes are its mark,
+ * IOPF_MARK(i). There is no producer index: the consumer's only index, cons (the next record
+ * it reads), is `index` in the consumer's page (VMM page for the fault queue, host page for
+ * the response queue), alone in that page's second cache line.
  *
- * Publication. The producer writes the entry, then stores its index with release ordering
- * (e.g. __atomic_store_n(&p->index, v, __ATOMIC_RELEASE)). The consumer loads the other
- * side's index with acquire ordering before it reads any entry below it.
+ * Producer: write the record's other bytes, then store its mark with one 64-bit release store
+ * (__atomic_store_n(&rec->mark, IOPF_MARK(i), __ATOMIC_RELEASE)); for a batch, store the
+ * first record's mark last. Write record i only if i - cons < nb_entries (uint32_t), with
+ * cons loaded with acquire ordering; reload cons only when the cached value leaves no room.
+ * A cons that moves backwards or past the records marked is a protocol error.
  *
- * Wake-up suppression (IOPF_FLAG_NEED_WAKEUP, in the consumer's page: VMM page for the
- * fault queue, host page for the response queue):
+ * Consumer: load the mark of record cons with acquire ordering. IOPF_MARK(cons): the record
+ * is there; copy it out, then re-read the mark (after an acquire fence) and refuse the record
+ * if it changed. IOPF_MARK(cons - nb_entries) or 0: not yet. Anything else: protocol error.
+ * After a batch, store cons with release ordering.
+ *
+ * Wake-up suppression (IOPF_FLAG_NEED_WAKEUP, in the consumer's page flags):
  *   consumer, about to sleep: set NEED_WAKEUP in its flags; full fence (__ATOMIC_SEQ_CST);
- *                             re-check the producer index; block on the doorbell only if the
- *                             ring is still empty (clear NEED_WAKEUP when it wakes or finds work).
- *   producer, after a batch:  store its index (release); full fence (__ATOMIC_SEQ_CST); kick
- *                             the doorbell eventfd only if the consumer's NEED_WAKEUP is set.
+ *                             re-check the mark of record cons; block on the doorbell only if
+ *                             it is still not there (clear NEED_WAKEUP when it wakes or finds
+ *                             work).
+ *   producer, after a batch:  store the batch's last mark (release); full fence
+ *                             (__ATOMIC_SEQ_CST); kick the doorbell eventfd only if the
+ *                             consumer's NEED_WAKEUP is set.
  */
 #ifndef IOPF_ABI_H
 #define IOPF_ABI_H
@@ -60,7 +65,7 @@ extern "C" {
 /* iopf_host_page.magic: the bytes "IOPF" read as a little-endian uint32_t. */
 #define IOPF_REGION_MAGIC 0x46504F49u
 /* iopf_host_page.version. */
-#define IOPF_REGION_VERSION 1u
+#define IOPF_REGION_VERSION 2u
 
 /* iopf_host_page.kind. */
 #define IOPF_QUEUE_KIND_FAULT 1u    /* host produces fault records, VMM consumes */
@@ -89,8 +94,16 @@ extern "C" {
 #define IOPF_HOST_FLAGS_ALL (IOPF_HOST_FLAG_LIVE | IOPF_FLAG_NEED_WAKEUP)
 #define IOPF_VMM_FLAGS_ALL IOPF_FLAG_NEED_WAKEUP
 
-/* iopf_vmm_page.abi of a VMM that speaks ABI v1 (0 = not attached). */
-#define IOPF_VMM_ABI_V1 1u
+/* iopf_vmm_page.abi of a VMM that speaks ABI v2 (0 = not attached). */
+#define IOPF_VMM_ABI 2u
+
+/* Offset of `index` in either header page: alone in the page's second cache line. */
+#define IOPF_INDEX_OFFSET 64u
+
+/* Bit 32 of every valid record mark: a zeroed slot never carries one. */
+#define IOPF_MARK_VALID (UINT64_C(1) << 32)
+/* The mark of record `index` (free-running uint32_t). */
+#define IOPF_MARK(index) (IOPF_MARK_VALID | (uint64_t)(uint32_t)(index))
 
 /* Host page, at offset 0. Written only by the host. */
 struct iopf_host_page {
@@ -101,17 +114,19 @@ struct iopf_host_page {
 	uint32_t nb_entries; /* power of two, 2..=65536 */
 	uint32_t offset;     /* IOPF_ENTRIES_OFFSET */
 	uint32_t flags;      /* IOPF_HOST_FLAG_LIVE, IOPF_FLAG_NEED_WAKEUP (response queue) */
-	uint32_t index;      /* fault queue: prod; response queue: cons */
-	uint32_t reserved;   /* 0 */
 	uint64_t lost;       /* fault queue: records dropped because the ring was full */
 	uint64_t rejected;   /* response queue: responses refused (bad cookie, bad fields) */
+	uint32_t reserved[6]; /* 0 */
+	uint32_t index;      /* offset 64: response queue: cons; fault queue: 0 */
+	uint32_t pad;        /* 0 */
 };
 
 /* VMM page, at offset 4096. Written only by the VMM; the host trusts nothing in it. */
 struct iopf_vmm_page {
-	uint32_t abi;   /* IOPF_VMM_ABI_V1; 0 = not attached */
-	uint32_t flags; /* IOPF_FLAG_NEED_WAKEUP (fault queue only) */
-	uint32_t index; /* fault queue: cons; response queue: prod */
+	uint32_t abi;          /* IOPF_VMM_ABI; 0 = not attached */
+	uint32_t flags;        /* IOPF_FLAG_NEED_WAKEUP (fault queue only) */
+	uint32_t reserved[14]; /* 0 */
+	uint32_t index;        /* offset 64: fault queue: cons; response queue: unused */
 };
 
 /* Bytes a region of nb_entries entries of entry_size bytes needs. */
@@ -172,7 +187,7 @@ static inline uint64_t iopf_entry_offset(uint32_t entry_size, uint32_t nb_entrie
 #define IOPF_PASID_MAX 0xFFFFFu
 #define IOPF_PRG_INDEX_MAX 511u
 
-/* Page request view (type 2), bytes 8..63 of the record. */
+/* Page request view (type 2), bytes 8..55 of the record. */
 struct iopf_fault_page_request {
 	uint32_t flags;           /* IOPF_PAGE_REQUEST_* */
 	uint32_t pasid;           /* if PASID_VALID, else 0 */
@@ -180,10 +195,10 @@ struct iopf_fault_page_request {
 	uint32_t perm;            /* IOPF_FAULT_PERM_* */
 	uint64_t addr;            /* page address, 4 KiB aligned */
 	uint64_t private_data[2]; /* if PRIV_DATA, else 0 */
-	uint64_t reserved[2];     /* 0 */
+	uint64_t reserved;        /* 0 */
 };
 
-/* Unrecoverable fault view (type 1), bytes 8..63 of the record. */
+/* Unrecoverable fault view (type 1), bytes 8..55 of the record. */
 struct iopf_fault_unrecoverable {
 	uint32_t reason;      /* IOPF_FAULT_REASON_*, 0..=8 */
 	uint32_t flags;       /* IOPF_UNRECOV_* */
@@ -191,7 +206,7 @@ struct iopf_fault_unrecoverable {
 	uint32_t perm;        /* IOPF_FAULT_PERM_* */
 	uint64_t addr;        /* if ADDR_VALID, else 0 */
 	uint64_t fetch_addr;  /* if FETCH_ADDR_VALID, else 0 */
-	uint64_t reserved[3]; /* 0 */
+	uint64_t reserved[2]; /* 0 */
 };
 
 /* One fault queue entry. Written only by the host. Fields a record's flags mark absent, and
@@ -204,6 +219,7 @@ struct iopf_fault_record {
 		struct iopf_fault_unrecoverable event; /* type 1 */
 		struct iopf_fault_page_request prm;    /* type 2 */
 	};
+	uint64_t mark; /* IOPF_MARK(index), stored last with release ordering */
 };
 
 /* ---- Response record (32 bytes): the seed's struct iommu_page_response v1, plus cookie ---- */
@@ -220,7 +236,7 @@ struct iopf_fault_record {
 #define IOPF_RESPONSE_FAILURE 2u /* refused unless the device's policy allows it */
 
 /* One response queue entry. Written only by the VMM. The host accepts it only if cookie names
- * a group pending on the device, pasid/grpid equal the group's, version is 1, reserved is 0. */
+ * a group pending on the device, pasid/grpid equal the group's and version is 1. */
 struct iopf_response_record {
 	uint32_t version;  /* IOPF_RESPONSE_VERSION */
 	uint32_t flags;    /* IOPF_RESPONSE_PASID_VALID */
@@ -228,15 +244,15 @@ struct iopf_response_record {
 	uint32_t grpid;    /* the group's PRG index */
 	uint32_t code;     /* IOPF_RESPONSE_* */
 	uint32_t cookie;   /* the group's cookie */
-	uint64_t reserved; /* 0 */
+	uint64_t mark;     /* IOPF_MARK(index), stored last with release ordering */
 };
 
-IOPF_STATIC_ASSERT(sizeof(struct iopf_host_page) == 48, "iopf_host_page is 48 bytes");
-IOPF_STATIC_ASSERT(sizeof(struct iopf_vmm_page) == 12, "iopf_vmm_page is 12 bytes");
-IOPF_STATIC_ASSERT(sizeof(struct iopf_fault_page_request) == 56,
-		   "iopf_fault_page_request is 56 bytes");
-IOPF_STATIC_ASSERT(sizeof(struct iopf_fault_unrecoverable) == 56,
-		   "iopf_fault_unrecoverable is 56 bytes");
+IOPF_STATIC_ASSERT(sizeof(struct iopf_host_page) == 72, "iopf_host_page is 72 bytes");
+IOPF_STATIC_ASSERT(sizeof(struct iopf_vmm_page) == 68, "iopf_vmm_page is 68 bytes");
+IOPF_STATIC_ASSERT(sizeof(struct iopf_fault_page_request) == 48,
+		   "iopf_fault_page_request is 48 bytes");
+IOPF_STATIC_ASSERT(sizeof(struct iopf_fault_unrecoverable) == 48,
+		   "iopf_fault_unrecoverable is 48 bytes");
 IOPF_STATIC_ASSERT(sizeof(struct iopf_fault_record) == IOPF_FAULT_ENTRY_SIZE,
 		   "iopf_fault_record is 64 bytes");
 IOPF_STATIC_ASSERT(sizeof(struct iopf_response_record) == IOPF_RESPONSE_ENTRY_SIZE,

@@ -44,7 +44,8 @@ enum Op {
         grpid: u16,
         code: u8,
         cookie: u32,
-        reserved: u8,
+        /// A mark in the staged record: the ring's to overwrite when it publishes.
+        mark: u8,
     },
     Read {
         dev: bool,
@@ -149,7 +150,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         grpid: u32::from(r.grpid.get()).into(),
                         code: u32::from(code % 3).into(),
                         cookie: r.cookie.get().into(),
-                        reserved: 0.into(),
+                        mark: 0.into(),
                     };
                     let _ = responses.stage_record(&record);
                     let _ = responses.publish();
@@ -163,7 +164,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 grpid,
                 code,
                 cookie,
-                reserved,
+                mark,
             } => {
                 let m = &mut models[usize::from(dev)];
                 if let Some((_, responses)) = m.vmm.as_mut() {
@@ -175,7 +176,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         grpid: u32::from(grpid % 520).into(),
                         code: u32::from(code % 4).into(),
                         cookie: cookie.into(),
-                        reserved: u64::from(reserved % 2).into(),
+                        mark: u64::from(mark).into(),
                     };
                     let _ = responses.stage_record(&record);
                     let _ = responses.publish();

@@ -1,12 +1,13 @@
-//! The host's response-queue consumer fed arbitrary VMM pages and entries: whatever the VMM
-//! writes, the host never panics, never reads more than a ring's worth per drain, stays broken
-//! once broken, and the fault core answers every group exactly once.
+//! The host's response-queue consumer fed arbitrary VMM pages, entries and marks (right ones,
+//! stale ones from earlier passes, skipped ones, marks before their bodies, garbage): whatever
+//! the VMM writes, the host never panics, never reads more than a ring's worth per drain, stays
+//! broken once broken, and the fault core answers every group exactly once.
 #![no_main]
 
 use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
-use iopf_abi::{PageAddr, Pasid, Perm, PrgIndex, QueueGeometry, QueueKind};
+use iopf_abi::{PageAddr, Pasid, Perm, PrgIndex, QueueGeometry, QueueKind, mark};
 use iopf_core::{
     DeviceConfig, DeviceFault, DeviceId, DevicePageRequest, DeviceResponse, DeviceSink, FaultCore,
     ManualClock, QueueHandler,
@@ -24,8 +25,17 @@ enum Step {
     Report { pasid: u8, grpid: u16 },
     /// The VMM writes a word of an entry.
     Entry { slot: u8, word: u8, value: u64 },
-    /// The VMM stores its producer index.
-    Prod(u32),
+    /// The VMM stores a mark in a slot: the mark of record `lap * 8 + slot` (right for that
+    /// pass, whether or not its body was written), of a record one or more passes earlier
+    /// (stale), of a later record (skipped), or any value.
+    Mark {
+        slot: u8,
+        lap: u8,
+        how: u8,
+        raw: u64,
+    },
+    /// The VMM stores the (unused) index of its page.
+    Index(u32),
     /// The VMM stores its page's flags or abi.
     Flags(u32),
     /// The host polls.
@@ -84,7 +94,24 @@ fuzz_target!(|steps: Vec<Step>| {
                 let i = (usize::from(slot) * 4 + usize::from(word % 4)) % words.len();
                 words[i].store(value, Ordering::Relaxed);
             }
-            Step::Prod(p) => responses.vmm_page().index.store(p, Ordering::Relaxed),
+            Step::Mark {
+                slot,
+                lap,
+                how,
+                raw,
+            } => {
+                let slot = u32::from(slot % 8);
+                let index = u32::from(lap) * 8 + slot;
+                let value = match how % 4 {
+                    0 => mark(index),
+                    1 => mark(index.wrapping_sub(8 * (1 + u32::from(how >> 2)))),
+                    2 => mark(index.wrapping_add(1 + u32::from(how >> 2))),
+                    _ => raw,
+                };
+                // Word 3 of a response slot is its mark.
+                responses.entry_words()[slot as usize * 4 + 3].store(value, Ordering::Release);
+            }
+            Step::Index(p) => responses.vmm_page().index.store(p, Ordering::Relaxed),
             Step::Flags(f) => responses.vmm_page().flags.store(f, Ordering::Relaxed),
             Step::Poll => {
                 let read = core.process_responses(dev).unwrap();

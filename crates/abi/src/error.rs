@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-/// A fault or response record that does not follow ABI v1.
+/// A fault or response record that does not follow ABI v2.
 ///
 /// Decoders are strict: a field that the record's flags say is absent must be zero, and every
 /// reserved byte must be zero, so that each accepted record has exactly one encoding.
@@ -20,7 +20,7 @@ pub enum DecodeError {
         /// What it held.
         value: u64,
     },
-    /// A flags or permission field has bits ABI v1 does not define.
+    /// A flags or permission field has bits ABI v2 does not define.
     #[error("field `{field}` has undefined bits {bits:#x}")]
     UnknownBits {
         /// The field, as named in the ABI.
@@ -58,7 +58,7 @@ pub enum DecodeError {
     },
 }
 
-/// A queue region whose header or size is inconsistent with ABI v1.
+/// A queue region whose header or size is inconsistent with ABI v2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum RegionError {
@@ -74,7 +74,7 @@ pub enum RegionError {
     #[error("bad magic {0:#010x} (expected 0x46504f49, \"IOPF\")")]
     BadMagic(u32),
     /// `version` is not one this build speaks.
-    #[error("unsupported region version {0} (expected 1)")]
+    #[error("unsupported region version {0} (this build speaks ABI v2 only)")]
     UnsupportedVersion(u16),
     /// `kind` is neither 1 (fault queue) nor 2 (response queue).
     #[error("unknown queue kind {0} (expected 1 or 2)")]
@@ -103,10 +103,10 @@ pub enum RegionError {
     /// `offset` is not 8192.
     #[error("entry offset {0} is not 8192")]
     BadOffset(u32),
-    /// `flags` has bits ABI v1 does not define for this page.
+    /// `flags` has bits ABI v2 does not define for this page.
     #[error("header flags have undefined bits {0:#x}")]
     UnknownFlags(u32),
-    /// The header's reserved word is not zero.
+    /// A reserved word of the header is not zero.
     #[error("header reserved word is {0:#x}, expected 0")]
     ReservedNonZero(u32),
 }

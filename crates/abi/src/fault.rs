@@ -50,7 +50,11 @@ pub struct FaultRecord {
     /// Offset 40: page request `private_data[1]`; unrecoverable: 0.
     pub data1: U64,
     /// Offset 48: reserved, 0.
-    pub reserved: [U64; 2],
+    pub reserved: U64,
+    /// Offset 56: the ring's mark ([`mark`](crate::mark) of the record's index), written last
+    /// by the producer with a release store. Not part of the fault: [`decode`](Self::decode)
+    /// ignores it, and a ring hands records over with it zeroed.
+    pub mark: U64,
 }
 
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 64);
@@ -78,7 +82,7 @@ pub mod page_request_flags {
     pub const LAST_PAGE: u32 = 1 << 1;
     /// `private_data` is valid.
     pub const PRIV_DATA: u32 = 1 << 2;
-    /// Every flag ABI v1 defines.
+    /// Every flag ABI v2 defines.
     pub const ALL: u32 = PASID_VALID | LAST_PAGE | PRIV_DATA;
 }
 
@@ -90,7 +94,7 @@ pub mod unrecoverable_flags {
     pub const ADDR_VALID: u32 = 1 << 1;
     /// The `fetch_addr` field is valid.
     pub const FETCH_ADDR_VALID: u32 = 1 << 2;
-    /// Every flag ABI v1 defines.
+    /// Every flag ABI v2 defines.
     pub const ALL: u32 = PASID_VALID | ADDR_VALID | FETCH_ADDR_VALID;
 }
 
@@ -218,11 +222,10 @@ fn optional<T>(
 }
 
 impl FaultRecord {
-    /// Validates the record against ABI v1 and returns the fault it carries.
+    /// Validates the record against ABI v2 and returns the fault it carries.
     #[inline]
     pub fn decode(&self) -> Result<Fault, DecodeError> {
-        zero("reserved[0]", self.reserved[0].get())?;
-        zero("reserved[1]", self.reserved[1].get())?;
+        zero("reserved", self.reserved.get())?;
         match self.fault_type.get() {
             FAULT_TYPE_PAGE_REQUEST => self.decode_page_request().map(Fault::PageRequest),
             FAULT_TYPE_UNRECOVERABLE => self.decode_unrecoverable().map(Fault::Unrecoverable),
@@ -324,7 +327,8 @@ impl From<&PageRequest> for FaultRecord {
             addr: r.addr.get().into(),
             data0: d0.into(),
             data1: d1.into(),
-            reserved: [U64::ZERO; 2],
+            reserved: U64::ZERO,
+            mark: U64::ZERO,
         }
     }
 }
@@ -353,7 +357,8 @@ impl From<&UnrecoverableFault> for FaultRecord {
             addr: u.addr.unwrap_or(0).into(),
             data0: u.fetch_addr.unwrap_or(0).into(),
             data1: 0.into(),
-            reserved: [U64::ZERO; 2],
+            reserved: U64::ZERO,
+            mark: U64::ZERO,
         }
     }
 }

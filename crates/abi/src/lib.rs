@@ -17,8 +17,9 @@ pub use fault::{
 pub use ids::{Cookie, PageAddr, Pasid, PrgIndex};
 pub use region::{
     ENTRIES_OFFSET, FLAG_NEED_WAKEUP, HOST_FLAG_LIVE, HOST_FLAGS_ALL, HOST_PAGE_OFFSET,
-    HostPageHeader, MAX_ENTRIES, MIN_ENTRIES, PAGE_SIZE, QueueGeometry, QueueKind, REGION_MAGIC,
-    REGION_VERSION, VMM_ABI_V1, VMM_FLAGS_ALL, VMM_PAGE_OFFSET, VmmPageHeader,
+    HostPageHeader, INDEX_OFFSET, MARK_VALID, MAX_ENTRIES, MIN_ENTRIES, PAGE_SIZE, QueueGeometry,
+    QueueKind, REGION_MAGIC, REGION_VERSION, VMM_ABI, VMM_FLAGS_ALL, VMM_PAGE_OFFSET,
+    VmmPageHeader, mark,
 };
 pub use response::{
     PageResponse, RESPONSE_PASID_VALID, RESPONSE_VERSION, ResponseCode, ResponseRecord,

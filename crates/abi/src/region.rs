@@ -10,7 +10,7 @@ use crate::{FaultRecord, RegionError, ResponseRecord};
 /// `magic`: the bytes "IOPF" read as a little-endian `u32`.
 pub const REGION_MAGIC: u32 = 0x4650_4F49;
 /// The region layout version this crate speaks.
-pub const REGION_VERSION: u16 = 1;
+pub const REGION_VERSION: u16 = 2;
 /// Size of each header page.
 pub const PAGE_SIZE: u32 = 4096;
 /// Offset of the host page.
@@ -28,13 +28,33 @@ pub const MAX_ENTRIES: u32 = 65536;
 pub const HOST_FLAG_LIVE: u32 = 1 << 0;
 /// `flags` bit 1 (either page): the consumer of this queue is about to sleep on its doorbell.
 pub const FLAG_NEED_WAKEUP: u32 = 1 << 1;
-/// Host page flags ABI v1 defines.
+/// Host page flags ABI v2 defines.
 pub const HOST_FLAGS_ALL: u32 = HOST_FLAG_LIVE | FLAG_NEED_WAKEUP;
-/// VMM page flags ABI v1 defines.
+/// VMM page flags ABI v2 defines.
 pub const VMM_FLAGS_ALL: u32 = FLAG_NEED_WAKEUP;
 
-/// VMM page `abi` value of a VMM that speaks ABI v1.
-pub const VMM_ABI_V1: u32 = 1;
+/// VMM page `abi` value of a VMM that speaks ABI v2 (the only ABI; 0 = not attached).
+pub const VMM_ABI: u32 = 2;
+
+/// Offset of the consumer index (`index`) in either header page: alone in the page's second
+/// cache line, so that the consumer's stores to it never evict the line its peer polls
+/// (`flags`, `abi`).
+pub const INDEX_OFFSET: u32 = 64;
+
+/// The high half of every valid record mark (bit 32): a zeroed slot is never a valid mark.
+pub const MARK_VALID: u64 = 1 << 32;
+
+/// The mark of the record at free-running index `index`: [`MARK_VALID`] `| index`.
+///
+/// A producer writes it into the last 8 bytes of the record (`FaultRecord::mark`,
+/// `ResponseRecord::mark`) with a single release store after the rest of the record; the
+/// consumer of index `i` acquires it and reads the record only if it equals `mark(i)`. The
+/// mark of the previous pass, `mark(i - nb_entries)`, or 0 (a slot never written) means "not
+/// yet"; any other value is a protocol error (a stale, skipped or forged mark).
+#[inline]
+pub const fn mark(index: u32) -> u64 {
+    MARK_VALID | index as u64
+}
 
 /// Which way records flow through a queue region.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -104,17 +124,21 @@ pub struct HostPageHeader {
     pub offset: U32,
     /// Offset 20: [`HOST_FLAG_LIVE`], [`FLAG_NEED_WAKEUP`].
     pub flags: U32,
-    /// Offset 24: fault queue `prod`; response queue `cons`.
-    pub index: U32,
-    /// Offset 28: 0.
-    pub reserved: U32,
-    /// Offset 32: fault queue: records dropped because the ring was full.
+    /// Offset 24: fault queue: records dropped because the ring was full.
     pub lost: U64,
-    /// Offset 40: response queue: responses refused.
+    /// Offset 32: response queue: responses refused.
     pub rejected: U64,
+    /// Offset 40: 0, to the end of the first cache line.
+    pub reserved: [U32; 6],
+    /// Offset 64 ([`INDEX_OFFSET`]): response queue `cons` (the host's consumer index);
+    /// fault queue: 0 (a producer publishes no index in ABI v2).
+    pub index: U32,
+    /// Offset 68: 0 (the C structure's size is a multiple of its 8-byte alignment).
+    pub pad: U32,
 }
 
-const _: () = assert!(core::mem::size_of::<HostPageHeader>() == 48);
+const _: () = assert!(core::mem::size_of::<HostPageHeader>() == 72);
+const _: () = assert!(core::mem::offset_of!(HostPageHeader, index) == INDEX_OFFSET as usize);
 
 /// The VMM page's header (offset 4096), as bytes in the region. Written only by the VMM.
 #[repr(C)]
@@ -136,11 +160,15 @@ pub struct VmmPageHeader {
     pub abi: U32,
     /// Offset 4: [`FLAG_NEED_WAKEUP`] (fault queue only).
     pub flags: U32,
-    /// Offset 8: fault queue `cons`; response queue `prod`.
+    /// Offset 8: 0, to the end of the first cache line.
+    pub reserved: [U32; 14],
+    /// Offset 64 ([`INDEX_OFFSET`]): fault queue `cons` (the VMM's consumer index); response
+    /// queue: not read by the ring (a producer publishes no index in ABI v2).
     pub index: U32,
 }
 
-const _: () = assert!(core::mem::size_of::<VmmPageHeader>() == 12);
+const _: () = assert!(core::mem::size_of::<VmmPageHeader>() == 68);
+const _: () = assert!(core::mem::offset_of!(VmmPageHeader, index) == INDEX_OFFSET as usize);
 
 /// The shape of a queue region: its kind and ring size, from which every offset follows.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -206,8 +234,13 @@ impl QueueGeometry {
         if flags & !allowed != 0 {
             return Err(RegionError::UnknownFlags(flags & !allowed));
         }
-        if header.reserved.get() != 0 {
-            return Err(RegionError::ReservedNonZero(header.reserved.get()));
+        if let Some(word) = header
+            .reserved
+            .iter()
+            .chain([&header.pad])
+            .find(|w| w.get() != 0)
+        {
+            return Err(RegionError::ReservedNonZero(word.get()));
         }
         if region_len < geometry.region_len() {
             return Err(RegionError::TooSmall {

@@ -5,7 +5,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::{Cookie, DecodeError, Pasid, PrgIndex};
 
-/// The only response record version ABI v1 defines.
+/// The only response record version ABI v2 defines.
 pub const RESPONSE_VERSION: u32 = 1;
 
 /// Response `flags`: the `pasid` field is valid (`IOMMU_PAGE_RESP_PASID_VALID`).
@@ -42,8 +42,10 @@ pub struct ResponseRecord {
     pub code: U32,
     /// Offset 20: the group's cookie.
     pub cookie: U32,
-    /// Offset 24: reserved, 0.
-    pub reserved: U64,
+    /// Offset 24: the ring's mark ([`mark`](crate::mark) of the record's index), written last
+    /// by the producer with a release store. Not part of the response:
+    /// [`decode`](Self::decode) ignores it, and a ring hands records over with it zeroed.
+    pub mark: U64,
 }
 
 const _: () = assert!(core::mem::size_of::<ResponseRecord>() == 32);
@@ -99,19 +101,12 @@ impl PageResponse {
 }
 
 impl ResponseRecord {
-    /// Validates the record against ABI v1 and returns the response it carries.
+    /// Validates the record against ABI v2 and returns the response it carries.
     #[inline]
     pub fn decode(&self) -> Result<PageResponse, DecodeError> {
         let version = self.version.get();
         if version != RESPONSE_VERSION {
             return Err(DecodeError::UnsupportedResponseVersion(version));
-        }
-        let reserved = self.reserved.get();
-        if reserved != 0 {
-            return Err(DecodeError::NonZero {
-                field: "reserved",
-                value: reserved,
-            });
         }
         let flags = self.flags.get();
         if flags & !RESPONSE_PASID_VALID != 0 {
@@ -155,7 +150,7 @@ impl From<&PageResponse> for ResponseRecord {
             grpid: u32::from(r.grpid.get()).into(),
             code: (r.code as u32).into(),
             cookie: r.cookie.get().into(),
-            reserved: 0.into(),
+            mark: 0.into(),
         }
     }
 }

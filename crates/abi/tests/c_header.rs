@@ -16,7 +16,7 @@ use iopf_abi::{
     FaultReason, FaultRecord, HOST_FLAG_LIVE, HOST_FLAGS_ALL, HOST_PAGE_OFFSET, HostPageHeader,
     MAX_ENTRIES, MIN_ENTRIES, PAGE_SIZE, Pasid, Perm, PrgIndex, QueueGeometry, QueueKind,
     REGION_MAGIC, REGION_VERSION, RESPONSE_PASID_VALID, RESPONSE_VERSION, ResponseCode,
-    ResponseRecord, VMM_ABI_V1, VMM_FLAGS_ALL, VMM_PAGE_OFFSET, VmmPageHeader, page_request_flags,
+    ResponseRecord, VMM_ABI, VMM_FLAGS_ALL, VMM_PAGE_OFFSET, VmmPageHeader, page_request_flags,
     unrecoverable_flags,
 };
 
@@ -104,25 +104,31 @@ fn fields() -> Vec<Field> {
             "flags",
             rust_field!(HostPageHeader, flags),
         ),
-        field(
-            "iopf_host_page",
-            "index",
-            rust_field!(HostPageHeader, index),
-        ),
-        field(
-            "iopf_host_page",
-            "reserved",
-            rust_field!(HostPageHeader, reserved),
-        ),
         field("iopf_host_page", "lost", rust_field!(HostPageHeader, lost)),
         field(
             "iopf_host_page",
             "rejected",
             rust_field!(HostPageHeader, rejected),
         ),
+        field(
+            "iopf_host_page",
+            "reserved",
+            rust_field!(HostPageHeader, reserved),
+        ),
+        field(
+            "iopf_host_page",
+            "index",
+            rust_field!(HostPageHeader, index),
+        ),
+        field("iopf_host_page", "pad", rust_field!(HostPageHeader, pad)),
         // struct iopf_vmm_page
         field("iopf_vmm_page", "abi", rust_field!(VmmPageHeader, abi)),
         field("iopf_vmm_page", "flags", rust_field!(VmmPageHeader, flags)),
+        field(
+            "iopf_vmm_page",
+            "reserved",
+            rust_field!(VmmPageHeader, reserved),
+        ),
         field("iopf_vmm_page", "index", rust_field!(VmmPageHeader, index)),
         // struct iopf_fault_record, page request view (type 2)
         field(
@@ -216,11 +222,7 @@ fn fields() -> Vec<Field> {
             "event.reserved[1]",
             (reserved_off, U64),
         ),
-        field(
-            "iopf_fault_record",
-            "event.reserved[2]",
-            (reserved_off + U64, U64),
-        ),
+        field("iopf_fault_record", "mark", rust_field!(FaultRecord, mark)),
         // struct iopf_response_record
         field(
             "iopf_response_record",
@@ -254,8 +256,8 @@ fn fields() -> Vec<Field> {
         ),
         field(
             "iopf_response_record",
-            "reserved",
-            rust_field!(ResponseRecord, reserved),
+            "mark",
+            rust_field!(ResponseRecord, mark),
         ),
     ]
 }
@@ -303,7 +305,9 @@ fn constants() -> Vec<(&'static str, u64)> {
         ("IOPF_FLAG_NEED_WAKEUP", FLAG_NEED_WAKEUP.into()),
         ("IOPF_HOST_FLAGS_ALL", HOST_FLAGS_ALL.into()),
         ("IOPF_VMM_FLAGS_ALL", VMM_FLAGS_ALL.into()),
-        ("IOPF_VMM_ABI_V1", VMM_ABI_V1.into()),
+        ("IOPF_VMM_ABI", VMM_ABI.into()),
+        ("IOPF_INDEX_OFFSET", iopf_abi::INDEX_OFFSET.into()),
+        ("IOPF_MARK_VALID", iopf_abi::MARK_VALID),
         (
             "IOPF_FAULT_TYPE_UNRECOVERABLE",
             FAULT_TYPE_UNRECOVERABLE.into(),
@@ -386,6 +390,13 @@ fn helper_checks() -> Vec<Check> {
                 });
             }
         }
+    }
+    for index in [0, 1, 0x8000_0000, u32::MAX] {
+        checks.push(Check {
+            name: format!("IOPF_MARK({index})"),
+            c_expr: format!("IOPF_MARK({index}u)"),
+            rust: iopf_abi::mark(index),
+        });
     }
     checks
 }

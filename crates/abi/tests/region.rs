@@ -4,7 +4,7 @@
 use iopf_abi::{
     ENTRIES_OFFSET, FLAG_NEED_WAKEUP, HOST_FLAG_LIVE, HOST_PAGE_OFFSET, HostPageHeader,
     MAX_ENTRIES, MIN_ENTRIES, PAGE_SIZE, QueueGeometry, QueueKind, REGION_MAGIC, REGION_VERSION,
-    RegionError, VMM_ABI_V1, VMM_PAGE_OFFSET, VmmPageHeader,
+    RegionError, VMM_ABI, VMM_PAGE_OFFSET, VmmPageHeader,
 };
 use proptest::prelude::*;
 use zerocopy::{FromBytes, IntoBytes};
@@ -62,14 +62,14 @@ fn entry_count() -> impl Strategy<Value = u32> {
 /// The header bytes of a valid region, its geometry and the region's length, with up to three
 /// header bytes overwritten: some are still accepted (and must then be exactly what the
 /// geometry encodes, plus the live fields), most are refused.
-fn mutated_header() -> impl Strategy<Value = ([u8; 48], QueueGeometry, u64)> {
+fn mutated_header() -> impl Strategy<Value = ([u8; 72], QueueGeometry, u64)> {
     (
         any_geometry(),
-        proptest::collection::vec((0usize..48, any::<u8>()), 0..=3),
+        proptest::collection::vec((0usize..72, any::<u8>()), 0..=3),
         0u64..=1 << 20,
     )
         .prop_map(|(g, edits, extra_len)| {
-            let mut bytes = [0u8; 48];
+            let mut bytes = [0u8; 72];
             bytes.copy_from_slice(g.host_header().as_bytes());
             for (at, value) in edits {
                 bytes[at] = value;
@@ -105,8 +105,9 @@ fn region_is_a_host_page_a_vmm_page_then_entries_at_8192() {
     assert_eq!(VMM_PAGE_OFFSET, 4096);
     assert_eq!(ENTRIES_OFFSET, 8192);
     assert_eq!((MIN_ENTRIES, MAX_ENTRIES), (2, 65536));
-    assert_eq!(REGION_VERSION, 1);
-    assert_eq!(VMM_ABI_V1, 1);
+    assert_eq!(REGION_VERSION, 2);
+    assert_eq!(VMM_ABI, 2);
+    assert_eq!(iopf_abi::INDEX_OFFSET, 64);
 }
 
 #[test]
@@ -116,9 +117,20 @@ fn header_flags_are_live_bit_0_and_need_wakeup_bit_1() {
 }
 
 #[test]
-fn header_sizes_are_48_and_12_bytes() {
-    assert_eq!(core::mem::size_of::<HostPageHeader>(), 48);
-    assert_eq!(core::mem::size_of::<VmmPageHeader>(), 12);
+fn header_sizes_are_72_and_68_bytes_with_the_index_in_the_second_line() {
+    assert_eq!(core::mem::size_of::<HostPageHeader>(), 72);
+    assert_eq!(core::mem::size_of::<VmmPageHeader>(), 68);
+    assert_eq!(core::mem::offset_of!(HostPageHeader, index), 64);
+    assert_eq!(core::mem::offset_of!(VmmPageHeader, index), 64);
+}
+
+#[test]
+fn marks_are_the_index_with_bit_32_set() {
+    assert_eq!(iopf_abi::MARK_VALID, 1 << 32);
+    assert_eq!(iopf_abi::mark(0), 0x1_0000_0000);
+    assert_eq!(iopf_abi::mark(u32::MAX), 0x1_FFFF_FFFF);
+    // A zeroed slot never carries a valid mark, whatever the index.
+    assert_ne!(iopf_abi::mark(0), 0);
 }
 
 #[test]
@@ -146,29 +158,36 @@ fn host_header_bytes_follow_the_design_table() {
     let header = geometry(QueueKind::Response, 1024).host_header();
     let b = header.as_bytes();
     assert_eq!(&b[0..4], b"IOPF", "magic");
-    assert_eq!(le16(b, 4), 1, "version");
+    assert_eq!(le16(b, 4), 2, "version");
     assert_eq!(le16(b, 6), 2, "kind: response");
     assert_eq!(le32(b, 8), 32, "entry_size");
     assert_eq!(le32(b, 12), 1024, "nb_entries");
     assert_eq!(le32(b, 16), 8192, "offset");
     assert_eq!(le32(b, 20), 0, "flags");
-    assert_eq!(le32(b, 24), 0, "index");
-    assert_eq!(le32(b, 28), 0, "reserved");
-    assert_eq!(le64(b, 32), 0, "lost");
-    assert_eq!(le64(b, 40), 0, "rejected");
+    assert_eq!(le64(b, 24), 0, "lost");
+    assert_eq!(le64(b, 32), 0, "rejected");
+    assert!(b[40..64].iter().all(|&x| x == 0), "reserved");
+    assert_eq!(le32(b, 64), 0, "index");
+    assert_eq!(le32(b, 68), 0, "pad");
 }
 
 #[test]
 fn vmm_header_bytes_follow_the_design_table() {
     let header = VmmPageHeader {
-        abi: VMM_ABI_V1.into(),
+        abi: VMM_ABI.into(),
         flags: FLAG_NEED_WAKEUP.into(),
         index: 0xdead_beef.into(),
+        ..Default::default()
     };
     let b = header.as_bytes();
-    assert_eq!(le32(b, 0), 1, "abi");
+    assert_eq!(b.len(), 68);
+    assert_eq!(le32(b, 0), 2, "abi");
     assert_eq!(le32(b, 4), 2, "flags: NEED_WAKEUP");
-    assert_eq!(le32(b, 8), 0xdead_beef, "index");
+    assert!(
+        b[8..64].iter().all(|&x| x == 0),
+        "reserved to the end of the line"
+    );
+    assert_eq!(le32(b, 64), 0xdead_beef, "index, alone in the second line");
 }
 
 // ---- geometry ----------------------------------------------------------------------------
@@ -367,7 +386,7 @@ proptest! {
 
     #[test]
     fn checking_any_header_bytes_returns_instead_of_panicking(
-        bytes in any::<[u8; 48]>(),
+        bytes in any::<[u8; 72]>(),
         kind in any_kind(),
         len in any::<u64>(),
     ) {
@@ -451,12 +470,16 @@ fn header_with_byte_swapped_magic_is_refused() {
 }
 
 #[test]
-fn header_version_2_is_refused() {
+fn header_of_abi_v1_is_refused() {
     let (_, mut header) = fault_queue();
-    header.version = 2.into();
+    header.version = 1.into();
     assert_eq!(
         check_fault_header(&header),
-        Err(RegionError::UnsupportedVersion(2))
+        Err(RegionError::UnsupportedVersion(1))
+    );
+    assert_eq!(
+        RegionError::UnsupportedVersion(1).to_string(),
+        "unsupported region version 1 (this build speaks ABI v2 only)"
     );
 }
 
@@ -586,7 +609,7 @@ fn header_with_undefined_flag_bits_is_refused() {
 #[test]
 fn header_with_reserved_word_set_is_refused() {
     let (_, mut header) = fault_queue();
-    header.reserved = 1.into();
+    header.reserved[5] = 1.into();
     assert_eq!(
         check_fault_header(&header),
         Err(RegionError::ReservedNonZero(1))

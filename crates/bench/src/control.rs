@@ -54,6 +54,11 @@ pub(crate) enum Task {
         /// Round trips, warm-up included.
         count: u64,
     },
+    /// Answer each record of a minimal one-line ring (the mark in the record). Fds: region.
+    RingFloorLine {
+        /// Round trips, warm-up included.
+        count: u64,
+    },
     /// Consume the copy-ceiling ring. Fds: region.
     Ceiling {
         /// Records to consume.

@@ -169,6 +169,12 @@ const FIGURES: &[(&str, &str, &str, Unit)] = &[
         Unit::Nanoseconds,
     ),
     (
+        "ring_floor_line_rtt",
+        "limit",
+        "one-line ring round trip: mark in the slot, busy poll",
+        Unit::Nanoseconds,
+    ),
+    (
         "ceiling_copy_stream",
         "limit",
         "SPSC copy into slots, batched publish (ceiling)",
@@ -476,6 +482,11 @@ fn round(peer: &Peer, config: &Config, s: &Sizes, rec: &mut Recorder) -> Result<
         floor(rec)?;
         rec.record("ring_floor_rtt", limit::ring_floor(peer, s.busy_rtt)?, &[]);
     }
+    if want("ring_floor_line_rtt") {
+        floor(rec)?;
+        let line = limit::ring_floor_line(peer, s.busy_rtt)?;
+        rec.record("ring_floor_line_rtt", line, &[]);
+    }
     for (name, mode, count) in rtts {
         if !want(name) {
             continue;
@@ -654,7 +665,7 @@ fn targets(figures: &[Figure], scaling: Option<&Scaling>) -> Vec<Target> {
         at_least(
             "queue stream (busy) / copy ceiling",
             get("queue_stream_busy", |f| f.vs_limit),
-            0.7,
+            0.95,
         ),
         at_least(
             "queue stream (busy) / socketpair stream",
@@ -664,6 +675,16 @@ fn targets(figures: &[Figure], scaling: Option<&Scaling>) -> Vec<Target> {
         at_most(
             "queue round trip (busy) / ping-pong floor",
             get("queue_rtt_busy", |f| f.vs_limit),
+            1.5,
+        ),
+        at_most(
+            "queue round trip (busy) / one-line ring floor (not a target: shown)",
+            get("queue_rtt_busy", |f| f.vs_limit) / get("ring_floor_line_rtt", |f| f.vs_limit),
+            1.2,
+        ),
+        at_most(
+            "end-to-end round trip p50 / ping-pong floor",
+            get("e2e_rtt", |f| f.vs_limit),
             2.0,
         ),
         at_most(
@@ -765,7 +786,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
          the socketpair baseline of the same round: ratios, not absolutes, are the point"
             .to_owned(),
         "round trips go out as 64-byte fault records and come back as 32-byte response \
-         records (ABI v1); the ping-pong and socketpair round trips carry 64 bytes both ways"
+         records (ABI v2); the ping-pong and socketpair round trips carry 64 bytes both ways"
             .to_owned(),
     ];
     if cfg!(feature = "iceoryx2") {
@@ -819,6 +840,7 @@ pub fn peer(socket: &Path) -> Result<(), BenchError> {
             Task::PingPong { count } => limit::pingpong_peer(&control, fds, count),
             Task::Ceiling { records } => limit::ceiling_peer(&control, fds, records),
             Task::RingFloor { count } => limit::ring_floor_peer(&control, fds, count),
+            Task::RingFloorLine { count } => limit::ring_floor_line_peer(&control, fds, count),
             Task::QueueStream { records, blocking } => {
                 queue::stream_peer(&control, fds, records, blocking)
             }

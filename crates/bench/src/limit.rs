@@ -173,6 +173,88 @@ pub(crate) fn ring_floor_peer(
     })
 }
 
+/// The least any one-line ring (a record that carries its own mark, polled in its own line)
+/// can cost per round trip: the host writes a 64-byte record whose last word, stored last
+/// (Release), is its sequence number; the peer polls that word, reads the record, writes a
+/// 32-byte answer the same way into another line; the host polls the answer's last word. No
+/// index, no flags, no fences, no checks: the counterpart of [`ring_floor`] for ABI v2's
+/// layout. Nanoseconds per round trip.
+pub(crate) fn ring_floor_line(peer: &Peer, count: u64) -> Result<f64> {
+    let region = region(RING_ENTRIES)?;
+    let warm = warm_up(count);
+    peer.start(
+        &Task::RingFloorLine {
+            count: warm + count,
+        },
+        &[region.fd()],
+    )?;
+    let (slots, _) = region.entry_words().as_chunks::<WORDS>();
+    let [out_slot, back_slot, ..] = slots else {
+        return Err(BenchError::Invalid("region without two entries".into()));
+    };
+    let (out_body, out_mark) = out_slot.split_at(WORDS - 1);
+    let (back_body, back_mark) = back_slot[..WORDS / 2].split_at(WORDS / 2 - 1);
+    let mut waiter = Waiter::new("the one-line ring-floor peer");
+    let mut sum = 0u64;
+    let mut start = Instant::now();
+    for i in 0..warm + count {
+        if i == warm {
+            start = Instant::now();
+        }
+        for (k, cell) in out_body.iter().enumerate() {
+            cell.store(word(i, k), Ordering::Relaxed);
+        }
+        let seq = i + 1;
+        out_mark[0].store(seq, Ordering::Release);
+        while back_mark[0].load(Ordering::Acquire) != seq {
+            waiter.relax()?;
+        }
+        for cell in back_body {
+            sum = sum.wrapping_add(cell.load(Ordering::Relaxed));
+        }
+    }
+    let elapsed = start.elapsed();
+    peer.finish()?;
+    std::hint::black_box(sum);
+    Ok(elapsed.as_nanos() as f64 / count.max(1) as f64)
+}
+
+/// The peer's half of [`ring_floor_line`].
+pub(crate) fn ring_floor_line_peer(
+    control: &Control,
+    fds: Vec<OwnedFd>,
+    count: u64,
+) -> Result<PeerStats> {
+    let region = attach(fds)?;
+    let (slots, _) = region.entry_words().as_chunks::<WORDS>();
+    let [out_slot, back_slot, ..] = slots else {
+        return Err(BenchError::Invalid("region without two entries".into()));
+    };
+    let (out_body, out_mark) = out_slot.split_at(WORDS - 1);
+    let (back_body, back_mark) = back_slot[..WORDS / 2].split_at(WORDS / 2 - 1);
+    control.ready()?;
+    let mut waiter = Waiter::new("the one-line ring-floor host");
+    let mut sum = 0u64;
+    for i in 0..count {
+        let seq = i + 1;
+        while out_mark[0].load(Ordering::Acquire) != seq {
+            waiter.relax()?;
+        }
+        for cell in out_body {
+            sum = sum.wrapping_add(cell.load(Ordering::Relaxed));
+        }
+        for (k, cell) in back_body.iter().enumerate() {
+            cell.store(word(i, k), Ordering::Relaxed);
+        }
+        back_mark[0].store(seq, Ordering::Release);
+    }
+    Ok(PeerStats {
+        records: count,
+        checksum: sum,
+        ..PeerStats::default()
+    })
+}
+
 /// The ring's index cells: the host page's `index` is `prod`, the VMM page's is `cons`.
 fn cells(region: &QueueRegion) -> (&AtomicU32, &AtomicU32) {
     (&region.host_page().index, &region.vmm_page().index)

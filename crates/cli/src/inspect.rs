@@ -1,6 +1,7 @@
 //! `iopf inspect`: decodes a queue region from a file (a saved image, or a live memfd through
-//! `/proc/PID/fd/N`) and prints its pages, indices, counters and the records between the
-//! consumer and producer indices.
+//! `/proc/PID/fd/N`) and prints its pages, indices, counters and the records not consumed yet:
+//! ABI v2 has no producer index, so they are found by following the records' marks from the
+//! consumer index, as a consumer would.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use iopf_abi::{
     ENTRIES_OFFSET, FaultRecord, HostPageHeader, MAX_ENTRIES, QueueGeometry, QueueKind,
-    ResponseRecord, VMM_PAGE_OFFSET, VmmPageHeader,
+    ResponseRecord, VMM_PAGE_OFFSET, VmmPageHeader, mark,
 };
 use zerocopy::FromBytes;
 
@@ -104,12 +105,16 @@ pub struct VmmPageView {
     index: u32,
 }
 
-/// The records between the consumer and producer indices.
+/// The records between the consumer index and the first slot not marked for its record.
 #[derive(Debug, serde::Serialize)]
 pub struct RecordsView {
     cons: u32,
+    /// The first record not marked (the producer's position, as the marks show it).
     prod: u32,
     pending: u32,
+    /// The mark found in the slot of record `prod`, when it is neither an empty slot's (0 or
+    /// the previous pass's) nor `prod`'s: a ring its producer broke.
+    bad_mark: Option<u64>,
     /// (index, the decoded record or why it does not decode), at most the `--records` limit.
     shown: Vec<(u32, String)>,
 }
@@ -173,30 +178,47 @@ pub fn inspect(bytes: &[u8], max_records: u32) -> anyhow::Result<RegionView> {
             return Ok(view);
         }
     };
-    let (cons, prod) = match kind {
-        QueueKind::Fault => (vmm.index.get(), host.index.get()),
-        QueueKind::Response => (host.index.get(), vmm.index.get()),
+    let cons = match kind {
+        QueueKind::Fault => vmm.index.get(),
+        QueueKind::Response => host.index.get(),
     };
-    let pending = prod.wrapping_sub(cons);
-    if pending > geometry.nb_entries() {
+    let nb = geometry.nb_entries();
+    let entry = |index: u32| {
+        let offset = geometry.entry_offset(index) as usize;
+        bytes.get(offset..offset + geometry.entry_size() as usize)
+    };
+    // The mark is the entry's last 8 bytes.
+    let mark_of = |index: u32| {
+        entry(index)
+            .and_then(|e| e.last_chunk::<8>())
+            .map_or(0, |m| u64::from_le_bytes(*m))
+    };
+    let mut pending = 0;
+    while pending < nb && mark_of(cons.wrapping_add(pending)) == mark(cons.wrapping_add(pending)) {
+        pending += 1;
+    }
+    let prod = cons.wrapping_add(pending);
+    let found = mark_of(prod);
+    let bad_mark =
+        (pending < nb && found != 0 && found != mark(prod.wrapping_sub(nb))).then_some(found);
+    if let Some(found) = bad_mark {
         view.invalid = Some(format!(
-            "indices inconsistent: prod {prod} - cons {cons} = {pending} > {} entries",
-            geometry.nb_entries()
+            "slot of record {prod} has mark {found:#x}: neither {:#x} (the record) nor an empty \
+             slot's",
+            mark(prod)
         ));
-        return Ok(view);
     }
     let shown = (0..pending.min(max_records))
         .map(|i| {
             let index = cons.wrapping_add(i);
-            let offset = geometry.entry_offset(index) as usize;
-            let entry = &bytes[offset..offset + geometry.entry_size() as usize];
-            let line = match kind {
-                QueueKind::Fault => FaultRecord::read_from_bytes(entry)
+            let line = match (kind, entry(index)) {
+                (QueueKind::Fault, Some(e)) => FaultRecord::read_from_bytes(e)
                     .map(|r| format!("{:?}", r.decode()))
                     .unwrap_or_default(),
-                QueueKind::Response => ResponseRecord::read_from_bytes(entry)
+                (QueueKind::Response, Some(e)) => ResponseRecord::read_from_bytes(e)
                     .map(|r| format!("{:?}", r.decode()))
                     .unwrap_or_default(),
+                (_, None) => String::new(),
             };
             (index, line)
         })
@@ -205,6 +227,7 @@ pub fn inspect(bytes: &[u8], max_records: u32) -> anyhow::Result<RegionView> {
         cons,
         prod,
         pending,
+        bad_mark,
         shown,
     });
     Ok(view)
@@ -244,7 +267,7 @@ impl std::fmt::Display for RegionView {
         if let Some(r) = &self.records {
             writeln!(
                 out,
-                "{} records between cons {} and prod {}:",
+                "{} records marked between cons {} and prod {}:",
                 r.pending, r.cons, r.prod
             )?;
             for (index, line) in &r.shown {
@@ -280,7 +303,7 @@ mod tests {
             let mut bytes: Vec<u8> = (0..len).map(|i| (noise.rotate_left(i as u32 % 64) >> 7) as u8).collect();
             let header = HostPageHeader {
                 magic: iopf_abi::REGION_MAGIC.into(),
-                version: 1.into(),
+                version: iopf_abi::REGION_VERSION.into(),
                 kind: kind.into(),
                 entry_size: (if kind == 2 { 32 } else { 64 }).into(),
                 nb_entries: (1u32 << nb_log).into(),
@@ -288,11 +311,11 @@ mod tests {
                 index: index.into(),
                 ..HostPageHeader::default()
             };
-            if bytes.len() >= 48 {
-                bytes[..48].copy_from_slice(header.as_bytes());
+            if bytes.len() >= 72 {
+                bytes[..72].copy_from_slice(header.as_bytes());
             }
-            if bytes.len() >= 4096 + 12 {
-                bytes[4096 + 8..4096 + 12].copy_from_slice(&vmm_index.to_le_bytes());
+            if bytes.len() >= 4096 + 68 {
+                bytes[4096 + 64..4096 + 68].copy_from_slice(&vmm_index.to_le_bytes());
             }
             let _ = inspect(&bytes, 1000).map(|view| view.to_string());
         }

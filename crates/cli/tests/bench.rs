@@ -9,6 +9,7 @@ use serde_json::Value;
 const FIGURES: &[&str] = &[
     "floor_pingpong_rtt",
     "ring_floor_rtt",
+    "ring_floor_line_rtt",
     "ceiling_copy_stream",
     "queue_stream_busy",
     "queue_stream_blocking",
@@ -114,7 +115,7 @@ fn quick_bench_reports_every_figure() {
 
     assert_eq!(
         report["targets"].as_array().map(Vec::len),
-        Some(7),
+        Some(9),
         "targets"
     );
 }

@@ -55,7 +55,7 @@ fn inspect_decodes_a_live_fault_queue_through_proc() {
     );
     assert!(text.contains("LIVE"), "{text}");
     assert!(
-        text.contains("2 records between cons 0 and prod 2"),
+        text.contains("2 records marked between cons 0 and prod 2"),
         "{text}"
     );
     assert!(
@@ -75,6 +75,40 @@ fn inspect_decodes_a_live_fault_queue_through_proc() {
     assert_eq!(view["host"]["live"], true);
     assert_eq!(view["records"]["pending"], 2);
     assert_eq!(view["records"]["shown"].as_array().unwrap().len(), 2);
+    assert_eq!(view["records"]["bad_mark"], serde_json::Value::Null);
+}
+
+#[test]
+fn inspect_shows_a_forged_mark_where_the_marked_records_end() {
+    use iopf_queue::QueueMemory;
+    let mut queue = FaultQueueProducer::create(8).unwrap();
+    queue
+        .stage_unrecoverable(&UnrecoverableFault {
+            reason: FaultReason::Permission,
+            pasid: None,
+            perm: Perm::WRITE,
+            addr: Some(0x9000),
+            fetch_addr: None,
+        })
+        .unwrap();
+    queue.publish().unwrap();
+    // Slot 1's mark (word 7 of the slot) says record 9: skipped ahead.
+    queue.memory().entry_words()[15].store(iopf_abi::mark(9), std::sync::atomic::Ordering::Release);
+    let path = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        queue.memory().fd().as_raw_fd()
+    );
+    let (ok, text) = inspect(&path);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("1 records marked between cons 0 and prod 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("slot of record 1 has mark 0x100000009"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -72,7 +72,7 @@ counters! {
 counters! {
     /// Responses refused (they reached no device), by reason.
     pub struct Refusals {
-        /// A field ABI v1 does not allow (reserved bits, zero cookie, bad code...).
+        /// A field ABI v2 does not allow (reserved bits, zero cookie, bad code...).
         pub malformed: u64,
         /// A response version other than 1.
         pub bad_version: u64,

@@ -6,7 +6,8 @@
 //! waits for another device. Responses are handed to the device's sink after its lock is
 //! released, so a sink may report new faults from inside `page_response`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use iopf_abi::ResponseRecord;
@@ -49,13 +50,41 @@ impl Device {
     }
 }
 
+/// Hashes a `DeviceId` with one multiplication (Fibonacci hashing): ids are small, often
+/// consecutive integers chosen by the host, never by a peer, so no keyed hash is needed.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// The devices, twice: in id order for sweeps, and in a hash table for the per-fault lookup
+/// (one or two cache lines whatever the number of devices, where a B-tree walk touches a few
+/// nodes more at every level it grows).
+#[derive(Debug, Default)]
+struct Devices {
+    ordered: BTreeMap<DeviceId, Arc<Device>>,
+    by_id: HashMap<DeviceId, Arc<Device>, BuildHasherDefault<IdHasher>>,
+}
+
 /// The host's fault core (`docs/DESIGN.md` §2.2 and §4).
 #[derive(Debug)]
 pub struct FaultCore {
     clock: Arc<dyn Clock>,
     /// Ordered, so that sweeps over all devices (expiry, totals) run in the same order every time:
     /// a deterministic simulation depends on it.
-    devices: RwLock<BTreeMap<DeviceId, Arc<Device>>>,
+    devices: RwLock<Devices>,
     /// Counters of removed devices, so the totals never go backwards.
     retired: Mutex<DeviceCounters>,
 }
@@ -65,7 +94,7 @@ impl FaultCore {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             clock,
-            devices: RwLock::new(BTreeMap::new()),
+            devices: RwLock::new(Devices::default()),
             retired: Mutex::new(DeviceCounters::default()),
         }
     }
@@ -83,28 +112,27 @@ impl FaultCore {
         sink: Arc<dyn DeviceSink>,
     ) -> Result<(), CoreError> {
         let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
-        if devices.contains_key(&id) {
+        if devices.by_id.contains_key(&id) {
             return Err(CoreError::DeviceExists(id));
         }
-        devices.insert(
-            id,
-            Arc::new(Device {
-                sink,
-                state: Mutex::new(DeviceState::new(id, config)),
-            }),
-        );
+        let device = Arc::new(Device {
+            sink,
+            state: Mutex::new(DeviceState::new(id, config)),
+        });
+        devices.ordered.insert(id, Arc::clone(&device));
+        devices.by_id.insert(id, device);
         Ok(())
     }
 
     /// Removes a device, unregistering its handler first (its pending groups are answered).
     pub fn remove_device(&self, id: DeviceId) -> Result<DeviceCounters, CoreError> {
         self.unregister_for(id, AutoReason::Unregister)?;
-        let device = self
-            .devices
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id)
-            .ok_or(CoreError::UnknownDevice(id))?;
+        let device = {
+            let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+            devices.ordered.remove(&id);
+            devices.by_id.remove(&id)
+        }
+        .ok_or(CoreError::UnknownDevice(id))?;
         let counters = device.lock().counters;
         *self.retired.lock().unwrap_or_else(PoisonError::into_inner) += &counters;
         Ok(counters)
@@ -114,6 +142,7 @@ impl FaultCore {
         self.devices
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .by_id
             .get(&id)
             .cloned()
             .ok_or(CoreError::UnknownDevice(id))
@@ -188,7 +217,7 @@ impl FaultCore {
         self.with(id, |state, _, _| state.has_handler())
     }
 
-    /// Whether the device has a handler whose consumer has attached (speaks ABI v1).
+    /// Whether the device has a handler whose consumer has attached (speaks ABI v2).
     pub fn consumer_attached(&self, id: DeviceId) -> Result<bool, CoreError> {
         self.with(id, |state, _, _| state.consumer_attached())
     }
@@ -282,6 +311,7 @@ impl FaultCore {
             .devices
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .ordered
             .keys()
             .copied()
             .collect();
@@ -296,6 +326,7 @@ impl FaultCore {
             .devices
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .ordered
             .values()
             .cloned()
             .collect();
@@ -328,6 +359,7 @@ impl FaultCore {
             .devices
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .ordered
             .values()
             .cloned()
             .collect();

@@ -28,7 +28,7 @@ pub type Wake = Arc<Doorbell>;
 /// queue is `StageError::Full`, never a wait, and doorbells are handed back ([`Wake`]) for the
 /// core to ring after releasing the lock.
 pub trait FaultHandler: Send + fmt::Debug {
-    /// Whether a consumer is attached and speaks ABI v1. Until then, page requests are
+    /// Whether a consumer is attached and speaks ABI v2. Until then, page requests are
     /// answered `Invalid` at once and unrecoverable faults are dropped.
     fn consumer_attached(&self) -> bool;
     /// Stages a whole group (records in order, `LAST_PAGE` last), or none of it.
@@ -77,7 +77,7 @@ pub struct QueueHandler<M: QueueMemory = QueueRegion> {
 
 impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
     fn consumer_attached(&self) -> bool {
-        // Both regions: a VMM that announced ABI v1 in one and not the other is not attached.
+        // Both regions: a VMM that announced ABI v2 in one and not the other is not attached.
         self.faults.consumer_attached() && self.responses.producer_attached()
     }
 

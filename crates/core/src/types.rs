@@ -142,7 +142,7 @@ pub trait DeviceSink: Send + Sync + fmt::Debug {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Error)]
 #[non_exhaustive]
 pub enum Refusal {
-    /// The record breaks ABI v1.
+    /// The record breaks ABI v2.
     #[error("malformed response")]
     Malformed(#[source] DecodeError),
     /// A response version other than 1.

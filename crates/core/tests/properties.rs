@@ -235,7 +235,7 @@ impl World {
                         grpid: grpid.into(),
                         code: 0.into(),
                         cookie: cookie.into(),
-                        reserved: 0.into(),
+                        mark: 0.into(),
                     };
                     let _ = vmm.responses.stage_record(&record);
                     let _ = vmm.responses.publish();

@@ -350,15 +350,15 @@ fn response_with_bad_version_is_refused() {
 }
 
 #[test]
-fn response_with_reserved_bits_is_refused() {
+fn response_with_unknown_flag_bits_is_refused() {
     let (_, _, _, request) = one_pending();
     let mut bad = record(&request, ResponseCode::Success);
-    bad.reserved = 1.into();
+    bad.flags = 3.into();
     assert_refused_and_untouched(
         bad,
-        Refusal::Malformed(iopf_abi::DecodeError::NonZero {
-            field: "reserved",
-            value: 1,
+        Refusal::Malformed(iopf_abi::DecodeError::UnknownBits {
+            field: "flags",
+            bits: 2,
         }),
         |r| r.malformed,
     );
@@ -528,7 +528,7 @@ fn page_request_before_a_consumer_attaches_is_answered_invalid() {
 }
 
 // Catches: a host that reads only the fault region's `abi` and delivers page requests to a
-// VMM whose response region never announced ABI v1 (or withdrew it), then trusts its answers.
+// VMM whose response region never announced ABI v2 (or withdrew it), then trusts its answers.
 #[test]
 fn page_request_with_the_response_region_abi_at_0_is_answered_invalid() {
     let host = Host::new();
@@ -691,12 +691,10 @@ fn vmm_that_breaks_the_response_ring_is_unregistered_and_pending_groups_answered
         .report_batch(dev, &[single(1, 1), single(1, 2)])
         .unwrap();
     let requests = vmm.page_requests();
-    // The VMM stores a producer index far past anything valid, straight into shared memory.
-    vmm.responses
-        .memory()
-        .vmm_page()
-        .index
-        .store(1000, std::sync::atomic::Ordering::Relaxed);
+    // The VMM marks the slot of the host's next response as a record far past anything valid
+    // (a skipped mark), straight into shared memory: word 3 of slot 0 is its mark.
+    vmm.responses.memory().entry_words()[3]
+        .store(iopf_abi::mark(1000), std::sync::atomic::Ordering::Release);
     host.core.process_responses(dev).unwrap();
     let got = host.sink.take();
     assert_eq!(got.len(), 2);

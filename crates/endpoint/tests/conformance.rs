@@ -1,6 +1,6 @@
 //! Conformance: the rust-vmm `vfio_user` crate's `Client` against `iopf host`'s own device
 //! (not a test device): version, device info, every region's info (the fault regions mapped
-//! from their fds as ABI v1 queue regions), the fault IRQ's info and `SET_IRQS`, region reads
+//! from their fds as ABI v2 queue regions), the fault IRQ's info and `SET_IRQS`, region reads
 //! and writes of config space and the BAR0 registers, and `DEVICE_RESET`. A watchdog turns a hang (the client
 //! blocks for ever on some error replies) into a failure.
 
@@ -71,7 +71,7 @@ fn drive(path: &std::path::Path, fault_irq: OwnedFd) {
         let region = client.region(index).expect("fault region listed");
         let file_offset = region.file_offset.as_ref().expect("region fd");
         let fd = OwnedFd::from(file_offset.file().try_clone().unwrap());
-        let mapped = QueueRegion::attach(fd, kind).expect("an ABI v1 queue region");
+        let mapped = QueueRegion::attach(fd, kind).expect("an ABI v2 queue region");
         assert_eq!(mapped.snapshot().0.kind.get(), kind as u16);
         assert_eq!(region.size, 8192 + 64 * u64::from(kind.entry_size()));
     }

@@ -92,9 +92,10 @@ pub const IOPF_VFIO_DMA_FAULT_REGION_INDEX: u32 = 9;
 pub const IOPF_VFIO_DMA_FAULT_RESPONSE_REGION_INDEX: u32 = 10;
 /// vfio-user: the IRQ index of the fault doorbell (`DEVICE_SET_IRQS` with one eventfd).
 pub const IOPF_VFIO_DMA_FAULT_IRQ_INDEX: u32 = 5;
-/// vfio-user: the offset in the response region that the response doorbell watches (the
-/// VMM page's producer index); a 4-byte region write there is the doorbell's fallback.
-pub const IOPF_VFIO_RESPONSE_DOORBELL_OFFSET: u64 = 4104;
+/// vfio-user: the offset in the response region that the response doorbell watches (the VMM
+/// page's `index` word, which a response queue's ring does not read); a 4-byte region write
+/// there is the doorbell's fallback.
+pub const IOPF_VFIO_RESPONSE_DOORBELL_OFFSET: u64 = 4160;
 /// vfio-user: the region index of BAR0, the device's registers.
 pub const IOPF_VFIO_BAR0_REGION_INDEX: u32 = 0;
 /// BAR0 register (8 bytes, write): guest-physical address of the PASID directory.

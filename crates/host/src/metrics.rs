@@ -228,7 +228,7 @@ pub struct DeviceSnapshot {
     pub device: u32,
     /// A fault handler is registered (its queues are `LIVE`).
     pub registered: bool,
-    /// The handler's consumer has attached (a VMM speaks ABI v1 on its queues).
+    /// The handler's consumer has attached (a VMM speaks ABI v2 on its queues).
     pub attached: bool,
     /// Groups delivered to the VMM and not answered yet.
     pub pending_groups: u64,
@@ -679,7 +679,7 @@ impl Collector for Metrics {
             ),
             (
                 "iopf_queue_attached",
-                "1 while a VMM is attached to the handler's queues (ABI v1), else 0.",
+                "1 while a VMM is attached to the handler's queues (ABI v2), else 0.",
                 |d| i64::from(d.attached),
             ),
         ];

@@ -51,9 +51,11 @@ pub enum Behaviour {
     /// Answers a while, holds some groups back, disconnects, attaches again (a new handler
     /// life) and replays every answer of the first life before answering the new groups.
     ReplayAfterRestart,
-    /// Holds groups back, then stores a fault queue `cons` far past the host's `prod`.
+    /// Holds groups back, then stores a fault queue `cons` far past anything the host
+    /// published.
     ConsPastProd,
-    /// Holds groups back, then stores a response queue `prod` more than a ring ahead of `cons`.
+    /// Holds groups back, then marks the slot of the host's next response as a record more
+    /// than a ring ahead (a skipped mark), and rings the response doorbell.
     ProdPastRing,
     /// Answers honestly while a thread flips `NEED_WAKEUP` at random in the fault queue's VMM
     /// page and the response queue's host page.
@@ -73,7 +75,7 @@ pub enum Behaviour {
     LyingSize,
     /// Holds groups back, then sends a message carrying more fds than the protocol allows.
     TooManyFds,
-    /// Attaches with the response region's `abi` left at 0 (ABI v1 announced in the fault
+    /// Attaches with the response region's `abi` left at 0 (ABI v2 announced in the fault
     /// region only), then serves honestly whatever it receives, counting it.
     ResponseAbiZero,
     /// Holds groups back, then sends a header and half its payload and hangs up.
@@ -127,18 +129,9 @@ impl Link {
     /// Free slots in the response ring as far as we know (the host's `cons` only grows).
     fn free(&self) -> u32 {
         let nb = self.response_region.geometry().nb_entries();
-        let prod = self
-            .response_region
-            .vmm_page()
-            .index
-            .load(Ordering::Acquire);
-        let cons = self
-            .response_region
-            .host_page()
-            .index
-            .load(Ordering::Acquire);
-        let used = prod.wrapping_sub(cons).wrapping_add(self.staged);
-        nb.saturating_sub(used)
+        // Published and unread (none if the host's index is out of range: it never is).
+        let unread = self.responses.fill().map_or(0, |(unread, _)| unread);
+        nb.saturating_sub(unread.wrapping_add(self.staged))
     }
 
     fn publish(&mut self) -> anyhow::Result<()> {
@@ -294,8 +287,8 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
         }
         Behaviour::ConsPastProd => {
             hostile.hold(&mut link, args.hold, false)?;
-            let prod = link.fault_region.host_page().index.load(Ordering::Acquire);
-            let garbage = prod.wrapping_add(0x8000_0000 + hostile.rng.below(1 << 20) as u32);
+            let cons = link.fault_region.vmm_page().index.load(Ordering::Acquire);
+            let garbage = cons.wrapping_add(0x8000_0000 + hostile.rng.below(1 << 20) as u32);
             link.fault_region
                 .vmm_page()
                 .index
@@ -310,13 +303,17 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
                 .host_page()
                 .index
                 .load(Ordering::Acquire);
-            let garbage = cons
+            let ahead = cons
                 .wrapping_add(nb)
                 .wrapping_add(1 + hostile.rng.below(1 << 20) as u32);
-            link.response_region
-                .vmm_page()
-                .index
-                .store(garbage, Ordering::Release);
+            // Word 3 of a response slot is its mark.
+            let slot = (cons & (nb - 1)) as usize * 4 + 3;
+            if let Some(word) = link.response_region.entry_words().get(slot) {
+                word.store(iopf_abi::mark(ahead), Ordering::Release);
+            }
+            if let Some(doorbell) = &link.response_doorbell {
+                doorbell.ring()?;
+            }
             hostile.wait_not_live(&link)?;
         }
         Behaviour::Scribble => {

@@ -1,4 +1,4 @@
-//! The kernel fault queue as a [`FaultChannel`]: conversion to and from ABI v1, and cookies
+//! The kernel fault queue as a [`FaultChannel`]: conversion to and from ABI v2, and cookies
 //! that are never reused while their group is pending.
 //!
 //! The kernel numbers each group it hands out with the lowest free cookie of the fault object
@@ -83,7 +83,7 @@ pub struct KernelQueueStats {
     /// `Failure` answers sent as `Invalid` (the uapi has no `Failure`: stopping PRI for a
     /// function is the kernel's decision, not the VMM's).
     pub failure_as_invalid: u64,
-    /// Groups whose records do not convert to ABI v1: answered `Invalid` here at once, handed
+    /// Groups whose records do not convert to ABI v2: answered `Invalid` here at once, handed
     /// to the VMM as decode errors.
     pub undecodable: u64,
     /// Groups the kernel answered by itself (detach or replace) while pending here.
@@ -470,7 +470,7 @@ fn same_group(first: &KernelFault, record: &KernelFault) -> Result<(), DecodeErr
     Err(DecodeError::InconsistentGroup { field })
 }
 
-/// One kernel record as an ABI v1 page request carrying our `cookie`. The address is the page
+/// One kernel record as an ABI v2 page request carrying our `cookie`. The address is the page
 /// that faulted (PRI is page-granular; the self-test's mock passes any address).
 fn to_page_request(
     record: &KernelFault,

@@ -87,7 +87,7 @@ fn le_u64(data: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
-/// An SMMUv3 event record (little-endian, 4 × u64) as an ABI v1 unrecoverable fault, its
+/// An SMMUv3 event record (little-endian, 4 × u64) as an ABI v2 unrecoverable fault, its
 /// `StreamID` as the device.
 fn smmuv3_fault(data: &[u8]) -> ChannelFault {
     let (Some(w0), Some(w1), Some(w2)) = (le_u64(data, 0), le_u64(data, 8), le_u64(data, 16))

@@ -5,8 +5,8 @@
 //! Linux kernel's iommufd fault queue (crate `iopf-iommufd`). Both implement [`FaultChannel`],
 //! so a VMM's fault handling code is written once and runs unchanged on either.
 //!
-//! Faults are handed over as ABI v1 values ([`Fault`]), whatever the wire format; responses go
-//! back as ABI v1 records ([`ResponseRecord`]), exactly as the guest wrote them, so that a
+//! Faults are handed over as ABI v2 values ([`Fault`]), whatever the wire format; responses go
+//! back as ABI v2 records ([`ResponseRecord`]), exactly as the guest wrote them, so that a
 //! backend, not the VMM, decides what a malformed answer means.
 
 use std::io;

@@ -51,7 +51,7 @@ impl<E: Entry, M: QueueMemory> Sender<E, M> {
         self.doorbell = doorbell.map(Arc::new);
     }
 
-    /// Publishes every staged record with one index store and returns the consumer's doorbell
+    /// Publishes every staged record (stores their marks) and returns the consumer's doorbell
     /// if it is asleep, for the caller to ring later (after releasing its locks: a peer that
     /// owns the eventfd can make a ring block, see [`Doorbell::ring`]).
     pub fn publish_deferred(&mut self) -> Result<Option<Arc<Doorbell>>, RingError> {
@@ -70,7 +70,7 @@ impl<E: Entry, M: QueueMemory> Sender<E, M> {
         Some(Arc::clone(doorbell))
     }
 
-    /// Publishes every staged record with one index store, and rings the consumer's doorbell
+    /// Publishes every staged record (stores their marks), and rings the consumer's doorbell
     /// if it is asleep.
     pub fn publish(&mut self) -> Result<Published, QueueError> {
         let published = self.ring.publish()?;
@@ -144,9 +144,8 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             for _ in 0..=self.spin {
-                let ready = self.ring.refresh()?;
-                if ready > 0 {
-                    return Ok(ready);
+                if self.ring.poll()? {
+                    return Ok(self.ring.refresh()?);
                 }
                 core::hint::spin_loop();
             }

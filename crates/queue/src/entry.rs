@@ -18,17 +18,25 @@ mod sealed {
 /// two record types whose layout `docs/ABI.md` fixes.
 ///
 /// Slots are written and read one 64-bit little-endian word at a time with relaxed atomic
-/// accesses; the ring's release/acquire on its indices orders them. Storing straight into the
-/// slot matters: building a record on the stack and copying it in costs store-forwarding
-/// stalls that make a copy loop about 3x slower (`docs/PERFORMANCE.md`, reference figures).
+/// accesses. The last word of a slot is the record's mark (`iopf_abi::mark`): [`store`] and
+/// [`load`] leave it alone (`load` returns it zeroed), and the ring writes it with a release
+/// store after the body and acquires it before reading the body.
+///
+/// Storing straight into the slot matters: building a record on the stack and copying it in
+/// costs store-forwarding stalls that make a copy loop about 3x slower (`docs/PERFORMANCE.md`,
+/// reference figures).
+///
+/// [`store`]: Entry::store
+/// [`load`]: Entry::load
 pub trait Entry: sealed::Sealed + Copy + Sized {
     /// The queue kind that carries this record.
     const KIND: QueueKind;
-    /// Words per slot.
+    /// Words per slot, the mark word (the last) included.
     const WORDS: usize;
-    /// Stores the record into `slot` (exactly `WORDS` words).
+    /// Stores the record's body (every word but the mark) into `slot` (exactly `WORDS` words).
     fn store(&self, slot: &[AtomicU64]);
-    /// Loads a record from `slot` (exactly `WORDS` words). Any bits make a record.
+    /// Loads a record's body from `slot` (exactly `WORDS` words), with its mark zeroed. Any
+    /// bits make a record.
     fn load(slot: &[AtomicU64]) -> Self;
 }
 
@@ -45,7 +53,7 @@ macro_rules! impl_entry {
             #[inline]
             fn store(&self, slot: &[AtomicU64]) {
                 let words: [U64; $words] = zerocopy::transmute!(*self);
-                for (cell, word) in slot.iter().zip(words) {
+                for (cell, word) in slot.iter().zip(words).take($words - 1) {
                     cell.store(word.get(), Ordering::Relaxed);
                 }
             }
@@ -53,7 +61,7 @@ macro_rules! impl_entry {
             #[inline]
             fn load(slot: &[AtomicU64]) -> Self {
                 let mut words = [U64::ZERO; $words];
-                for (word, cell) in words.iter_mut().zip(slot) {
+                for (word, cell) in words.iter_mut().zip(slot).take($words - 1) {
                     *word = U64::new(cell.load(Ordering::Relaxed));
                 }
                 zerocopy::transmute!(words)

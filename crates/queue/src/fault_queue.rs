@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use iopf_abi::{
     DecodeError, Fault, FaultRecord, HOST_FLAG_LIVE, PageRequest, QueueGeometry, QueueKind,
-    UnrecoverableFault, VMM_ABI_V1,
+    UnrecoverableFault, VMM_ABI,
 };
 
 use crate::doorbell::Doorbell;
@@ -80,10 +80,10 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
         ring.fill().map(|used| (used, ring.nb_entries()))
     }
 
-    /// Whether a VMM that speaks ABI v1 has attached (its page's `abi` is 1). Untrusted: it
+    /// Whether a VMM that speaks ABI v2 has attached (its page's `abi` is 2). Untrusted: it
     /// only decides whether publishing is worth trying.
     pub fn consumer_attached(&self) -> bool {
-        self.memory().vmm_page().abi.load(Ordering::Acquire) == VMM_ABI_V1
+        self.memory().vmm_page().abi.load(Ordering::Acquire) == VMM_ABI
     }
 
     /// Stages a whole page request group (its `LAST_PAGE` request last), or none of it.
@@ -112,7 +112,7 @@ impl<M: QueueMemory> FaultQueueProducer<M> {
         host.lost.store(self.lost, Ordering::Relaxed);
     }
 
-    /// Publishes every staged record with one index store and at most one doorbell ring.
+    /// Publishes every staged record (stores their marks) with at most one doorbell ring.
     pub fn publish(&mut self) -> Result<Published, QueueError> {
         self.sender.publish()
     }
@@ -158,19 +158,18 @@ pub struct FaultQueueConsumer<M: QueueMemory = QueueRegion> {
 
 impl FaultQueueConsumer<QueueRegion> {
     /// Attaches to a fault queue region from its fd alone (see [`QueueRegion::attach`]),
-    /// resuming where a previous consumer left off, and announces ABI v1 in the VMM page.
+    /// resuming where a previous consumer left off, and announces ABI v2 in the VMM page.
     /// `doorbell` is the eventfd the host rings (the fault IRQ).
     pub fn attach(fd: OwnedFd, doorbell: Doorbell) -> Result<Self, RegionAttachError> {
         let region = QueueRegion::attach(fd, QueueKind::Fault)?;
         let cons = region.vmm_page().index.load(Ordering::Relaxed);
-        let prod = region.host_page().index.load(Ordering::Acquire);
-        let ring = RingConsumer::with_indices(region, cons, prod)?;
+        let ring = RingConsumer::with_index(region, cons);
         Ok(Self::from_ring(ring, doorbell))
     }
 }
 
 impl<M: QueueMemory> FaultQueueConsumer<M> {
-    /// The VMM end over fresh fault queue memory, announcing ABI v1.
+    /// The VMM end over fresh fault queue memory, announcing ABI v2.
     pub fn new(memory: M, doorbell: Doorbell) -> Self {
         Self::from_ring(RingConsumer::new(memory), doorbell)
     }
@@ -179,7 +178,7 @@ impl<M: QueueMemory> FaultQueueConsumer<M> {
         ring.memory()
             .vmm_page()
             .abi
-            .store(VMM_ABI_V1, Ordering::Release);
+            .store(VMM_ABI, Ordering::Release);
         Self {
             receiver: Receiver::new(ring, doorbell),
         }

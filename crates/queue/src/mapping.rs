@@ -60,7 +60,7 @@ impl Mapping {
             .as_ptr()
             .wrapping_add(HOST_PAGE_OFFSET as usize);
         // SAFETY: the host page lies at offset 0 of a page-aligned mapping at least
-        // `ENTRIES_OFFSET` long (invariant 2), so `HostPage` (48 bytes, align 8) is in bounds
+        // `ENTRIES_OFFSET` long (invariant 2), so `HostPage` (72 bytes, align 8) is in bounds
         // and aligned; its fields are atomics, valid for every bit pattern and for concurrent
         // access from the peer; the memory outlives `&self` (invariant 1) and cannot vanish
         // under us (invariant 3).
@@ -71,7 +71,7 @@ impl Mapping {
     #[inline]
     pub(crate) fn vmm_page(&self) -> &VmmPage {
         let page = self.raw.ptr.as_ptr().wrapping_add(VMM_PAGE_OFFSET as usize);
-        // SAFETY: as for `host_page`: offset 4096 of the mapping is page-aligned and the 12
+        // SAFETY: as for `host_page`: offset 4096 of the mapping is page-aligned and the 68
         // bytes of `VmmPage` end before `ENTRIES_OFFSET <= len`.
         unsafe { &*page.cast::<VmmPage>() }
     }

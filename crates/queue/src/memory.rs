@@ -32,14 +32,16 @@ pub struct HostPage {
     pub offset: AtomicU32,
     /// `flags`.
     pub flags: AtomicU32,
-    /// `index`: fault queue `prod`, response queue `cons` (host page); fault queue `cons`, response queue `prod` (VMM page).
-    pub index: AtomicU32,
-    /// `reserved`.
-    pub reserved: AtomicU32,
     /// `lost`.
     pub lost: AtomicU64,
     /// `rejected`.
     pub rejected: AtomicU64,
+    /// `reserved`.
+    pub reserved: [AtomicU32; 6],
+    /// `index` (second cache line): the response queue's `cons`; unused in a fault queue.
+    pub index: AtomicU32,
+    /// `pad`.
+    pub pad: AtomicU32,
 }
 
 /// The VMM page (offset 4096) as the running code sees it: `VmmPageHeader`'s layout, in atomics.
@@ -50,7 +52,9 @@ pub struct VmmPage {
     pub abi: AtomicU32,
     /// `flags`.
     pub flags: AtomicU32,
-    /// `index`: fault queue `prod`, response queue `cons` (host page); fault queue `cons`, response queue `prod` (VMM page).
+    /// `reserved`.
+    pub reserved: [AtomicU32; 14],
+    /// `index` (second cache line): the fault queue's `cons`; unused in a response queue.
     pub index: AtomicU32,
 }
 
@@ -58,7 +62,10 @@ pub struct VmmPage {
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
     // The atomic views must lie exactly over the ABI's byte layout (`docs/DESIGN.md` §3.1).
+    // The VMM page's view may be longer than its header by its alignment padding, never
+    // shorter.
     assert!(size_of::<HostPage>() == size_of::<HostPageHeader>());
+    assert!(offset_of!(HostPage, pad) == offset_of!(HostPageHeader, pad));
     assert!(offset_of!(HostPage, version) == offset_of!(HostPageHeader, version));
     assert!(offset_of!(HostPage, kind) == offset_of!(HostPageHeader, kind));
     assert!(offset_of!(HostPage, entry_size) == offset_of!(HostPageHeader, entry_size));
@@ -66,12 +73,14 @@ const _: () = {
     assert!(offset_of!(HostPage, offset) == offset_of!(HostPageHeader, offset));
     assert!(offset_of!(HostPage, flags) == offset_of!(HostPageHeader, flags));
     assert!(offset_of!(HostPage, index) == offset_of!(HostPageHeader, index));
-    assert!(offset_of!(HostPage, reserved) == offset_of!(HostPageHeader, reserved));
     assert!(offset_of!(HostPage, lost) == offset_of!(HostPageHeader, lost));
     assert!(offset_of!(HostPage, rejected) == offset_of!(HostPageHeader, rejected));
+    assert!(offset_of!(HostPage, reserved) == offset_of!(HostPageHeader, reserved));
     assert!(align_of::<HostPage>() <= 4096);
-    assert!(size_of::<VmmPage>() == size_of::<VmmPageHeader>());
+    assert!(offset_of!(VmmPage, index) + 4 == size_of::<VmmPageHeader>());
+    assert!(size_of::<VmmPage>() <= 4096);
     assert!(offset_of!(VmmPage, flags) == offset_of!(VmmPageHeader, flags));
+    assert!(offset_of!(VmmPage, reserved) == offset_of!(VmmPageHeader, reserved));
     assert!(offset_of!(VmmPage, index) == offset_of!(VmmPageHeader, index));
 };
 
@@ -85,10 +94,13 @@ impl HostPage {
         self.nb_entries.store(h.nb_entries.get(), Ordering::Relaxed);
         self.offset.store(h.offset.get(), Ordering::Relaxed);
         self.flags.store(0, Ordering::Relaxed);
-        self.index.store(0, Ordering::Relaxed);
-        self.reserved.store(0, Ordering::Relaxed);
         self.lost.store(0, Ordering::Relaxed);
         self.rejected.store(0, Ordering::Relaxed);
+        for word in &self.reserved {
+            word.store(0, Ordering::Relaxed);
+        }
+        self.index.store(0, Ordering::Relaxed);
+        self.pad.store(0, Ordering::Relaxed);
         // Magic last: a reader that sees it sees a complete header (the fd crosses to the
         // other process through a syscall, which orders this anyway).
         self.magic.store(h.magic.get(), Ordering::Release);
@@ -104,10 +116,11 @@ impl HostPage {
             nb_entries: self.nb_entries.load(Ordering::Relaxed).into(),
             offset: self.offset.load(Ordering::Relaxed).into(),
             flags: self.flags.load(Ordering::Relaxed).into(),
-            index: self.index.load(Ordering::Relaxed).into(),
-            reserved: self.reserved.load(Ordering::Relaxed).into(),
             lost: self.lost.load(Ordering::Relaxed).into(),
             rejected: self.rejected.load(Ordering::Relaxed).into(),
+            reserved: core::array::from_fn(|i| self.reserved[i].load(Ordering::Relaxed).into()),
+            index: self.index.load(Ordering::Relaxed).into(),
+            pad: self.pad.load(Ordering::Relaxed).into(),
         }
     }
 }
@@ -118,6 +131,7 @@ impl VmmPage {
         VmmPageHeader {
             abi: self.abi.load(Ordering::Relaxed).into(),
             flags: self.flags.load(Ordering::Relaxed).into(),
+            reserved: core::array::from_fn(|i| self.reserved[i].load(Ordering::Relaxed).into()),
             index: self.index.load(Ordering::Relaxed).into(),
         }
     }
@@ -196,14 +210,16 @@ impl HeapMemory {
                 nb_entries: AtomicU32::new(0),
                 offset: AtomicU32::new(0),
                 flags: AtomicU32::new(0),
-                index: AtomicU32::new(0),
-                reserved: AtomicU32::new(0),
                 lost: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
+                reserved: core::array::from_fn(|_| AtomicU32::new(0)),
+                index: AtomicU32::new(0),
+                pad: AtomicU32::new(0),
             },
             vmm: VmmPage {
                 abi: AtomicU32::new(0),
                 flags: AtomicU32::new(0),
+                reserved: core::array::from_fn(|_| AtomicU32::new(0)),
                 index: AtomicU32::new(0),
             },
             entries: (0..words).map(|_| AtomicU64::new(0)).collect(),

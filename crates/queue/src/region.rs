@@ -57,7 +57,7 @@ pub enum RegionAttachError {
         /// The file's size.
         file_len: u64,
     },
-    /// The region's header or size does not describe a valid ABI v1 queue.
+    /// The region's header or size does not describe a valid ABI v2 queue.
     #[error("invalid queue region")]
     Region(#[from] RegionError),
     /// The indices in the region's pages are inconsistent.

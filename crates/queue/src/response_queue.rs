@@ -3,9 +3,7 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use iopf_abi::{
-    HOST_FLAG_LIVE, PageResponse, QueueGeometry, QueueKind, ResponseRecord, VMM_ABI_V1,
-};
+use iopf_abi::{HOST_FLAG_LIVE, PageResponse, QueueGeometry, QueueKind, ResponseRecord, VMM_ABI};
 
 use crate::doorbell::Doorbell;
 use crate::endpoint::{QueueError, Receiver, Sender};
@@ -22,31 +20,29 @@ pub struct ResponseQueueProducer<M: QueueMemory = QueueRegion> {
 
 impl ResponseQueueProducer<QueueRegion> {
     /// Attaches to a response queue region from its fd alone (see [`QueueRegion::attach`]),
-    /// resuming at the indices in its pages, and announces ABI v1 (`abi` = 1 in the VMM
+    /// resuming after the last record an earlier producer marked, and announces ABI v2 (`abi` = 2 in the VMM
     /// page). `doorbell` is the host's (rung when the host sleeps).
     pub fn attach(fd: OwnedFd, doorbell: Option<Doorbell>) -> Result<Self, RegionAttachError> {
         let region = QueueRegion::attach(fd, QueueKind::Response)?;
-        let prod = region.vmm_page().index.load(Ordering::Relaxed);
-        let cons = region.host_page().index.load(Ordering::Acquire);
-        let ring = RingProducer::with_indices(region, prod, cons)?;
+        let ring = RingProducer::resume(region)?;
         Ok(Self::from_sender(Sender::new(ring, doorbell)))
     }
 }
 
 impl<M: QueueMemory> ResponseQueueProducer<M> {
-    /// The VMM end over fresh response queue memory, announcing ABI v1.
+    /// The VMM end over fresh response queue memory, announcing ABI v2.
     pub fn new(memory: M, doorbell: Option<Doorbell>) -> Self {
         Self::from_sender(Sender::new(RingProducer::new(memory), doorbell))
     }
 
     fn from_sender(sender: Sender<ResponseRecord, M>) -> Self {
-        // The host takes a VMM as attached only once both regions say `abi` = 1.
+        // The host takes a VMM as attached only once both regions say `abi` = 2.
         sender
             .ring
             .memory()
             .vmm_page()
             .abi
-            .store(VMM_ABI_V1, Ordering::Release);
+            .store(VMM_ABI, Ordering::Release);
         Self { sender }
     }
 
@@ -87,7 +83,7 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
         Ok(staged)
     }
 
-    /// Publishes every staged response with one index store and at most one doorbell ring.
+    /// Publishes every staged response (stores their marks) with at most one doorbell ring.
     pub fn publish(&mut self) -> Result<Published, QueueError> {
         self.sender.publish()
     }
@@ -100,6 +96,13 @@ impl<M: QueueMemory> ResponseQueueProducer<M> {
     /// The ring's error, if the host broke it.
     pub fn broken(&self) -> Option<RingError> {
         self.sender.broken()
+    }
+
+    /// Responses published and not read by the host yet, and the ring's entries; `None` when
+    /// the host's index is out of range. For watching only (see [`RingProducer::fill`]).
+    pub fn fill(&self) -> Option<(u32, u32)> {
+        let ring = &self.sender.ring;
+        ring.fill().map(|used| (used, ring.nb_entries()))
     }
 }
 
@@ -141,12 +144,12 @@ impl<M: QueueMemory> ResponseQueueConsumer<M> {
         self.receiver.ring.memory()
     }
 
-    /// Whether a VMM that speaks ABI v1 has attached this region (its page's `abi` is 1).
+    /// Whether a VMM that speaks ABI v2 has attached this region (its page's `abi` is 1).
     /// Untrusted, read afresh at each call: the host delivers no page request unless this and
     /// the fault queue's [`consumer_attached`](crate::FaultQueueProducer::consumer_attached)
     /// both hold.
     pub fn producer_attached(&self) -> bool {
-        self.memory().vmm_page().abi.load(Ordering::Acquire) == VMM_ABI_V1
+        self.memory().vmm_page().abi.load(Ordering::Acquire) == VMM_ABI
     }
 
     /// Sets or clears `LIVE` in the host page.

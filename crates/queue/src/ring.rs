@@ -1,30 +1,42 @@
-//! The single-producer single-consumer ring protocol of ABI v1 (`docs/DESIGN.md` §3.2), with
+//! The single-producer single-consumer ring protocol of ABI v2 (`docs/ABI.md` §3, §4), with
 //! no I/O.
 //!
-//! Each side keeps its own index, and its copy of the peer's, in private memory; shared memory
-//! is written with stores of those private values and read only to learn the peer's progress.
-//! Every index read from the peer is checked before use, so a peer that writes garbage can make
-//! the ring [`RingError`] (broken, sticky), never make this side touch a slot it does not
-//! own. Slot positions are always `index & (nb_entries - 1)`, in bounds whatever the index.
+//! Every record carries a mark in its last word, [`iopf_abi::mark`] of its free-running index,
+//! which the producer stores last. The consumer polls the slot it will read next and acquires
+//! its mark; it never reads a producer index (there is none). The producer learns the
+//! consumer's progress from the consumer index, which the consumer stores once per drain and
+//! the producer reads only when its cached copy says there is no room. So in the steady state
+//! each record crosses between the cores as one cache line, and the index line stays with its
+//! writer.
+//!
+//! Nothing read from the peer is trusted: the consumer index is checked against what was
+//! published, a mark is accepted only if it is exactly the one expected, and slot positions are
+//! always `index & (nb_entries - 1)`, in bounds whatever the peer writes. A peer that writes
+//! garbage makes the ring [`RingError`] (broken, sticky), never makes this side touch a slot it
+//! does not own.
 //!
 //! Sync points (each Release store pairs with the Acquire load of the same cell on the other
 //! side):
-//! - **P1** producer stores `prod` (Release) after writing the slots; the consumer's load of
-//!   `prod` (Acquire) makes those slot writes visible before it reads them.
-//! - **C1** consumer stores `cons` (Release) after reading the slots; the producer's load of
-//!   `cons` (Acquire) orders those reads before its next writes to the same slots, so a record
-//!   is never overwritten while it is read (no torn record).
+//! - **P1** the producer writes a record's body, then stores its mark (Release); the consumer's
+//!   load of the mark (Acquire) makes the body visible before it reads it. A batch's marks are
+//!   stored first-record-last, so the consumer sees the batch (a page request group) whole.
+//! - **C1** the consumer stores `cons` (Release) after reading the slots below it; the
+//!   producer's load of `cons` (Acquire) orders those reads before its next writes to the same
+//!   slots, so a record is never overwritten while it is read (no torn record).
+//! - **T** after copying a body, the consumer re-reads the mark (Acquire fence, then a load): a
+//!   mark that changed means the producer rewrote the slot under it, which an honest producer
+//!   never does (C1), and the record is refused ([`RingError::Torn`]).
 //! - **W** wake-up suppression, a store-fence-load pair on each side (Dekker): the consumer
-//!   stores `NEED_WAKEUP`, fences (SeqCst), re-reads `prod`; the producer stores `prod`, fences
-//!   (SeqCst), reads `NEED_WAKEUP`. The two SeqCst fences are totally ordered, so at least one
-//!   side sees the other's store: either the producer kicks, or the consumer finds the record
-//!   and does not sleep. Without the fences both loads may read old values (store buffering),
-//!   and the consumer sleeps on a record nobody will kick for (the lost wake-up `io_uring` fixed
-//!   in its `need_wakeup`).
+//!   stores `NEED_WAKEUP`, fences (SeqCst), re-reads the mark of its next slot; the producer
+//!   stores the batch's last mark, fences (SeqCst), reads `NEED_WAKEUP`. The two SeqCst fences
+//!   are totally ordered, so at least one side sees the other's store: either the producer
+//!   kicks, or the consumer finds the record and does not sleep. Without the fences both loads
+//!   may read old values (store buffering), and the consumer sleeps on a record nobody will kick
+//!   for (the lost wake-up `io_uring` fixed in its `need_wakeup`).
 
 use core::marker::PhantomData;
 
-use iopf_abi::{FLAG_NEED_WAKEUP, QueueKind};
+use iopf_abi::{FLAG_NEED_WAKEUP, QueueKind, mark};
 use thiserror::Error;
 
 use crate::entry::Entry;
@@ -35,7 +47,7 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering, fence};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum RingError {
-    /// The consumer's index moved backwards or past the producer's.
+    /// The consumer's index moved backwards or past the records published.
     #[error("consumer index {found} is outside [{low}, {high}]")]
     ConsumerIndex {
         /// The index read from shared memory.
@@ -45,15 +57,23 @@ pub enum RingError {
         /// The producer's published index.
         high: u32,
     },
-    /// The producer's index moved backwards or more than a ring ahead of the consumer.
-    #[error("producer index {found} is outside [{low}, {high}]")]
-    ProducerIndex {
-        /// The index read from shared memory.
-        found: u32,
-        /// The producer's last valid index.
-        low: u32,
-        /// The consumer's index plus the ring size.
-        high: u32,
+    /// A slot's mark is neither the one of the record expected there, nor the previous pass's,
+    /// nor 0: a stale (replayed), skipped or forged mark.
+    #[error("slot of record {index} has mark {found:#x}, expected {:#x}", mark(*index))]
+    Mark {
+        /// The free-running index of the record expected in the slot.
+        index: u32,
+        /// The mark read from the slot.
+        found: u64,
+    },
+    /// A slot's mark changed while its record was being read: the producer rewrote a slot it
+    /// had published and the consumer had not freed.
+    #[error("slot of record {index} was rewritten while it was read (mark now {found:#x})")]
+    Torn {
+        /// The free-running index of the record being read.
+        index: u32,
+        /// The mark read again after the record.
+        found: u64,
     },
 }
 
@@ -77,16 +97,10 @@ fn within(x: u32, lo: u32, hi: u32) -> bool {
     x.wrapping_sub(lo) <= hi.wrapping_sub(lo)
 }
 
-/// Which shared cells hold the producer index, the consumer index and the consumer's flags.
+/// Which shared cells hold the consumer index and the consumer's flags.
 struct Cells;
 
 impl Cells {
-    fn prod<M: QueueMemory>(kind: QueueKind, m: &M) -> &AtomicU32 {
-        match kind {
-            QueueKind::Fault => &m.host_page().index,
-            QueueKind::Response => &m.vmm_page().index,
-        }
-    }
     fn cons<M: QueueMemory>(kind: QueueKind, m: &M) -> &AtomicU32 {
         match kind {
             QueueKind::Fault => &m.vmm_page().index,
@@ -108,6 +122,34 @@ fn slot<E: Entry>(words: &[AtomicU64], mask: u32, index: u32) -> &[AtomicU64] {
     words.get(start..start + E::WORDS).unwrap_or(&[])
 }
 
+/// The mark word of the slot of record `index` (`None` only if the memory is short, which
+/// the geometry rules out).
+#[inline]
+fn mark_cell<E: Entry>(words: &[AtomicU64], mask: u32, index: u32) -> Option<&AtomicU64> {
+    words.get((index & mask) as usize * E::WORDS + E::WORDS - 1)
+}
+
+/// What a slot's mark says about record `index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// The record is there.
+    Ready(u64),
+    /// Not yet: the slot still holds the previous pass's record, or was never written.
+    Empty,
+}
+
+/// Classifies the mark `found` in the slot of record `index` of a ring of `nb_entries`.
+#[inline]
+fn classify(found: u64, index: u32, nb_entries: u32) -> Result<Slot, RingError> {
+    if found == mark(index) {
+        Ok(Slot::Ready(found))
+    } else if found == mark(index.wrapping_sub(nb_entries)) || found == 0 {
+        Ok(Slot::Empty)
+    } else {
+        Err(RingError::Mark { index, found })
+    }
+}
+
 /// What [`RingProducer::publish`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Published {
@@ -126,10 +168,15 @@ pub struct RingProducer<E, M> {
     nb_entries: u32,
     /// Next slot to write.
     prod: u32,
-    /// Last index stored to shared memory.
+    /// First record not yet marked.
     published: u32,
     /// Last validated consumer index.
     cons: u32,
+    /// The first record of the batch being staged (record `published`), kept here until
+    /// [`publish`](Self::publish) writes it: its slot is the one the consumer polls, so
+    /// writing it in one burst with its mark, after the rest of the batch, takes the line
+    /// from the polling consumer once instead of once per word.
+    first: Option<E>,
     broken: Option<RingError>,
     _entry: PhantomData<E>,
 }
@@ -147,6 +194,7 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
             prod: 0,
             published: 0,
             cons: 0,
+            first: None,
             broken: None,
             _entry: PhantomData,
         }
@@ -161,6 +209,29 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
                 low: prod.wrapping_sub(ring.nb_entries),
                 high: prod,
             });
+        }
+        (ring.prod, ring.published, ring.cons) = (prod, prod, cons);
+        Ok(ring)
+    }
+
+    /// A producer taking over a ring from an earlier one (a VMM that attaches again): reads
+    /// the consumer index, then finds where the earlier producer stopped by following the
+    /// marks from there (at most one pass around the ring). A mark that is neither the next
+    /// record's nor an empty slot's is refused.
+    pub fn resume(memory: M) -> Result<Self, RingError> {
+        let mut ring = Self::new(memory);
+        // SYNC C1 (acquire): the consumer's reads are done before we reuse its slots.
+        let cons = Cells::cons(ring.kind, &ring.memory).load(Ordering::Acquire);
+        let words = ring.memory.entry_words();
+        let mut prod = cons;
+        while prod.wrapping_sub(cons) < ring.nb_entries {
+            // SYNC P1 (acquire): whatever we found marked is complete.
+            let found =
+                mark_cell::<E>(words, ring.mask, prod).map_or(0, |c| c.load(Ordering::Acquire));
+            match classify(found, prod, ring.nb_entries)? {
+                Slot::Ready(_) => prod = prod.wrapping_add(1),
+                Slot::Empty => break,
+            }
         }
         (ring.prod, ring.published, ring.cons) = (prod, prod, cons);
         Ok(ring)
@@ -194,6 +265,7 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     /// Records published and not consumed yet, by the consumer's index as it is now; `None`
     /// when that index is out of range. For watching only: it reads the index and changes
     /// nothing (a bad index breaks the ring at the next [`refresh`](Self::refresh), not here).
+    /// The consumer stores its index once per drain, so this may count records it is reading.
     pub fn fill(&self) -> Option<u32> {
         let found = Cells::cons(self.kind, &self.memory).load(Ordering::Acquire);
         within(found, self.cons, self.published).then(|| self.published.wrapping_sub(found))
@@ -241,8 +313,12 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     }
 
     fn write(&mut self, entry: &E) {
-        let words = self.memory.entry_words();
-        entry.store(slot::<E>(words, self.mask, self.prod));
+        if self.prod == self.published {
+            self.first = Some(*entry);
+        } else {
+            let words = self.memory.entry_words();
+            entry.store(slot::<E>(words, self.mask, self.prod));
+        }
         self.prod = self.prod.wrapping_add(1);
     }
 
@@ -289,18 +365,34 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
         Ok(n)
     }
 
-    /// Makes every staged record visible to the consumer with one index store, and says
-    /// whether the consumer must be woken.
+    /// Makes every staged record visible to the consumer by storing their marks, the first
+    /// record's last (so the batch appears whole), and says whether the consumer must be woken.
     pub fn publish(&mut self) -> Result<Published, RingError> {
         self.check()?;
         let records = self.staged();
         if records == 0 {
             return Ok(Published::default());
         }
-        // SYNC P1 (release): the slot writes above happen before the consumer sees `prod`.
-        Cells::prod(self.kind, &self.memory).store(self.prod, Ordering::Release);
+        let words = self.memory.entry_words();
+        let first = self.published;
+        let mut index = first.wrapping_add(1);
+        while index != self.prod {
+            if let Some(cell) = mark_cell::<E>(words, self.mask, index) {
+                // SYNC P1 (release): this record's body is written before its mark.
+                cell.store(mark(index), Ordering::Release);
+            }
+            index = index.wrapping_add(1);
+        }
+        if let Some(entry) = self.first.take() {
+            entry.store(slot::<E>(words, self.mask, first));
+        }
+        if let Some(cell) = mark_cell::<E>(words, self.mask, first) {
+            // SYNC P1 (release): the batch's bodies and other marks come before this mark,
+            // the one the consumer polls.
+            cell.store(mark(first), Ordering::Release);
+        }
         self.published = self.prod;
-        // SYNC W (producer half): order the `prod` store before the `NEED_WAKEUP` load; pairs
+        // SYNC W (producer half): order the mark store before the `NEED_WAKEUP` load; pairs
         // with the consumer's fence in `RingConsumer::prepare_to_sleep`.
         fence(Ordering::SeqCst);
         let flags = Cells::consumer_flags(self.kind, &self.memory).load(Ordering::Relaxed);
@@ -311,7 +403,7 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
     }
 }
 
-/// The consuming end of a ring: drains published records in batches and returns their slots.
+/// The consuming end of a ring: drains marked records in batches and returns their slots.
 #[derive(Debug)]
 pub struct RingConsumer<E, M> {
     memory: M,
@@ -320,8 +412,6 @@ pub struct RingConsumer<E, M> {
     nb_entries: u32,
     /// Next slot to read.
     cons: u32,
-    /// Last validated producer index.
-    prod: u32,
     /// The consumer's flags word, less `NEED_WAKEUP` (the host keeps `LIVE` here).
     flags: u32,
     /// Between `prepare_to_sleep` (returning true) and `woke`.
@@ -331,7 +421,7 @@ pub struct RingConsumer<E, M> {
 }
 
 impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
-    /// A consumer over a fresh ring (both indices 0).
+    /// A consumer over a fresh ring (index 0).
     pub fn new(memory: M) -> Self {
         let nb_entries = memory.geometry().nb_entries();
         debug_assert_eq!(memory.geometry().kind(), E::KIND);
@@ -341,7 +431,6 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
             mask: nb_entries - 1,
             nb_entries,
             cons: 0,
-            prod: 0,
             flags: 0,
             sleeping: false,
             broken: None,
@@ -349,18 +438,12 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
         }
     }
 
-    /// A consumer resuming a ring whose consumer index is `cons` and producer index `prod`.
-    pub fn with_indices(memory: M, cons: u32, prod: u32) -> Result<Self, RingError> {
+    /// A consumer resuming a ring at consumer index `cons` (its next read is record `cons`,
+    /// whose mark it checks like any other).
+    pub fn with_index(memory: M, cons: u32) -> Self {
         let mut ring = Self::new(memory);
-        if prod.wrapping_sub(cons) > ring.nb_entries {
-            return Err(RingError::ProducerIndex {
-                found: prod,
-                low: cons,
-                high: cons.wrapping_add(ring.nb_entries),
-            });
-        }
-        (ring.cons, ring.prod) = (cons, prod);
-        Ok(ring)
+        ring.cons = cons;
+        ring
     }
 
     /// The memory under the ring.
@@ -395,60 +478,110 @@ impl<E: Entry, M: QueueMemory> RingConsumer<E, M> {
         }
     }
 
-    /// Re-reads the producer's index and returns the records ready to read.
+    fn fail(&mut self, e: RingError) -> RingError {
+        self.broken = Some(e);
+        e
+    }
+
+    /// What the slot of record `index` holds (SYNC P1, acquire).
+    #[inline]
+    fn peek(&mut self, index: u32) -> Result<Slot, RingError> {
+        let words = self.memory.entry_words();
+        let found =
+            mark_cell::<E>(words, self.mask, index).map_or(0, |c| c.load(Ordering::Acquire));
+        classify(found, index, self.nb_entries).map_err(|e| self.fail(e))
+    }
+
+    /// Whether the next record is ready (one look at its slot's mark; the poll of a spinning
+    /// consumer).
+    pub fn poll(&mut self) -> Result<bool, RingError> {
+        self.check()?;
+        Ok(matches!(self.peek(self.cons)?, Slot::Ready(_)))
+    }
+
+    /// Counts the records ready to read, following the marks from the next one (at most one
+    /// pass around the ring).
     pub fn refresh(&mut self) -> Result<u32, RingError> {
         self.check()?;
-        // SYNC P1 (acquire): the producer's slot writes before `prod` are visible below.
-        let found = Cells::prod(self.kind, &self.memory).load(Ordering::Acquire);
-        // The producer never moves backwards and never runs more than a ring ahead of us.
-        let high = self.cons.wrapping_add(self.nb_entries);
-        if !within(found, self.prod, high) {
-            let e = RingError::ProducerIndex {
-                found,
-                low: self.prod,
-                high,
-            };
-            self.broken = Some(e);
-            return Err(e);
+        let mut n = 0;
+        while n < self.nb_entries {
+            match self.peek(self.cons.wrapping_add(n))? {
+                Slot::Ready(_) => n += 1,
+                Slot::Empty => break,
+            }
         }
-        self.prod = found;
-        Ok(self.available())
-    }
-
-    fn available(&self) -> u32 {
-        self.prod.wrapping_sub(self.cons)
-    }
-
-    /// Reads up to `max` records (refreshing the producer's index once), hands each to `f` in
-    /// order, then returns their slots with one index store. Returns how many were read.
-    pub fn drain(&mut self, max: usize, mut f: impl FnMut(E)) -> Result<usize, RingError> {
-        let available = self.refresh()?;
-        let n = (available as usize).min(max);
-        if n == 0 {
-            return Ok(0);
-        }
-        let words = self.memory.entry_words();
-        for _ in 0..n {
-            f(E::load(slot::<E>(words, self.mask, self.cons)));
-            self.cons = self.cons.wrapping_add(1);
-        }
-        // SYNC C1 (release): our slot reads happen before the producer may overwrite them.
-        Cells::cons(self.kind, &self.memory).store(self.cons, Ordering::Release);
         Ok(n)
     }
 
+    /// Reads up to `max` records, in order, handing each to `f` as it is read, then returns
+    /// their slots with one index store (and one more every sixteenth of the ring on the
+    /// way). Stops at the first slot not yet marked. Returns how many were read.
+    pub fn drain(&mut self, max: usize, mut f: impl FnMut(E)) -> Result<usize, RingError> {
+        self.check()?;
+        let max = max.min(self.nb_entries as usize);
+        let (mask, nb_entries) = (self.mask, self.nb_entries);
+        let progress_every = (nb_entries as usize / 16).max(1);
+        let mut cons = self.cons;
+        let mut n = 0;
+        let mut error = None;
+        let words = self.memory.entry_words();
+        while n < max {
+            let cells = slot::<E>(words, mask, cons);
+            let Some(mark_word) = cells.last() else {
+                break;
+            };
+            // SYNC P1 (acquire): the record's body, written before its mark, is visible below.
+            let found = mark_word.load(Ordering::Acquire);
+            let expected = mark(cons);
+            if found != expected {
+                // Not there yet, or a mark that lies.
+                error = classify(found, cons, nb_entries).err();
+                break;
+            }
+            let record = E::load(cells);
+            // SYNC T: the body loads above happen before the mark's second load.
+            fence(Ordering::Acquire);
+            let again = mark_word.load(Ordering::Relaxed);
+            if again != expected {
+                error = Some(RingError::Torn {
+                    index: cons,
+                    found: again,
+                });
+                break;
+            }
+            f(record);
+            cons = cons.wrapping_add(1);
+            n += 1;
+            // A drain may chase a producer that keeps publishing: return slots every sixteenth
+            // of the ring on the way, so that the producer is never starved of room.
+            if n % progress_every == 0 {
+                // SYNC C1 (release), as below.
+                Cells::cons(self.kind, &self.memory).store(cons, Ordering::Release);
+            }
+        }
+        if n > 0 {
+            self.cons = cons;
+            // SYNC C1 (release): our slot reads happen before the producer may overwrite them.
+            Cells::cons(self.kind, &self.memory).store(cons, Ordering::Release);
+        }
+        match error {
+            Some(e) => Err(self.fail(e)),
+            None => Ok(n),
+        }
+    }
+
     /// Announces that this consumer is about to sleep on its doorbell. Returns `true` if it
-    /// must sleep (the ring is still empty after the announcement), `false` if records arrived
-    /// meanwhile (the flag is cleared again). After sleeping, call [`woke`](Self::woke).
+    /// must sleep (the next slot is still unmarked after the announcement), `false` if a record
+    /// arrived meanwhile (the flag is cleared again). After sleeping, call [`woke`](Self::woke).
     pub fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
         self.check()?;
         Cells::consumer_flags(self.kind, &self.memory)
             .store(self.flags | FLAG_NEED_WAKEUP, Ordering::Relaxed);
-        // SYNC W (consumer half): order the flag store before the `prod` re-read; pairs with
+        // SYNC W (consumer half): order the flag store before the mark re-read; pairs with
         // the producer's fence in `RingProducer::publish`.
         fence(Ordering::SeqCst);
-        match self.refresh() {
-            Ok(0) => {
+        match self.poll() {
+            Ok(false) => {
                 self.sleeping = true;
                 Ok(true)
             }
@@ -493,7 +626,7 @@ mod tests {
     fn record(n: u32) -> ResponseRecord {
         ResponseRecord {
             cookie: n.into(),
-            reserved: u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15).into(),
+            pasid: n.wrapping_mul(0x9e37_79b9).into(),
             ..Default::default()
         }
     }
@@ -546,7 +679,7 @@ mod tests {
         let start = u32::MAX - 2;
         let mut p: RingProducer<ResponseRecord, _> =
             RingProducer::with_indices(memory.clone(), start, start).unwrap();
-        let mut c = RingConsumer::with_indices(memory, start, start).unwrap();
+        let mut c = RingConsumer::with_index(memory, start);
         for round in 0..5u32 {
             p.stage_all(&[record(round * 2), record(round * 2 + 1)])
                 .unwrap();
@@ -588,33 +721,118 @@ mod tests {
         ));
     }
 
+    /// The mark word of the slot of response record `index` in a ring of `nb` entries.
+    fn mark_word(m: &Memory, nb: u32, index: u32) -> &AtomicU64 {
+        &m.entry_words()[((index & (nb - 1)) * 4 + 3) as usize]
+    }
+
     #[test]
-    fn producer_index_more_than_a_ring_ahead_breaks_the_ring() {
-        let (p, mut c) = ring(4);
-        p.memory().vmm_page().index.store(5, Ordering::Relaxed);
+    fn records_carry_their_mark_and_are_handed_over_without_it() {
+        let (mut p, mut c) = ring(4);
+        p.stage(&record(7)).unwrap();
         assert_eq!(
-            c.refresh(),
-            Err(RingError::ProducerIndex {
-                found: 5,
-                low: 0,
-                high: 4
+            mark_word(p.memory(), 4, 0).load(Ordering::Relaxed),
+            0,
+            "unmarked until published"
+        );
+        p.publish().unwrap();
+        assert_eq!(mark_word(p.memory(), 4, 0).load(Ordering::Relaxed), mark(0));
+        let mut got = Vec::new();
+        c.drain(usize::MAX, |r| got.push(r)).unwrap();
+        assert_eq!(got, vec![record(7)]);
+    }
+
+    #[test]
+    fn a_skipped_mark_breaks_the_ring() {
+        let (p, mut c) = ring(4);
+        mark_word(p.memory(), 4, 0).store(mark(1), Ordering::Release);
+        let mut seen = 0;
+        assert_eq!(
+            c.drain(usize::MAX, |_| seen += 1),
+            Err(RingError::Mark {
+                index: 0,
+                found: mark(1)
             })
         );
-        let mut seen = 0;
+        assert_eq!(seen, 0);
+        // Sticky.
+        mark_word(p.memory(), 4, 0).store(mark(0), Ordering::Release);
         assert!(c.drain(usize::MAX, |_| seen += 1).is_err());
         assert_eq!(seen, 0);
     }
 
     #[test]
-    fn producer_index_moving_backwards_breaks_the_ring() {
-        let (p, mut c) = ring(4);
-        p.memory().vmm_page().index.store(3, Ordering::Relaxed);
-        assert_eq!(c.refresh(), Ok(3));
-        p.memory().vmm_page().index.store(2, Ordering::Relaxed);
-        assert!(matches!(
-            c.refresh(),
-            Err(RingError::ProducerIndex { found: 2, .. })
-        ));
+    fn a_mark_from_two_passes_ago_breaks_the_ring() {
+        let (mut p, mut c) = ring(2);
+        for n in 0..4 {
+            p.stage(&record(n)).unwrap();
+            p.publish().unwrap();
+            assert_eq!(drain_all(&mut c), vec![n]);
+        }
+        // Slot 0 now holds record 2 (mark(2)), the previous pass of record 4: "not yet".
+        assert_eq!(c.poll(), Ok(false));
+        // A replay of record 0 (two passes ago) is refused.
+        mark_word(p.memory(), 2, 0).store(mark(0), Ordering::Release);
+        assert_eq!(
+            c.poll(),
+            Err(RingError::Mark {
+                index: 4,
+                found: mark(0)
+            })
+        );
+    }
+
+    #[test]
+    fn the_previous_pass_and_a_zeroed_slot_read_as_empty() {
+        let (mut p, mut c) = ring(2);
+        assert_eq!(c.refresh(), Ok(0));
+        p.stage_all(&[record(1), record(2)]).unwrap();
+        p.publish().unwrap();
+        assert_eq!(c.refresh(), Ok(2));
+        assert_eq!(drain_all(&mut c), vec![1, 2]);
+        assert_eq!(c.refresh(), Ok(0));
+        // A zeroed mark (a peer clearing its slot) only stalls its own ring.
+        mark_word(p.memory(), 2, 2).store(0, Ordering::Release);
+        assert_eq!(c.refresh(), Ok(0));
+        assert_eq!(c.broken(), None);
+    }
+
+    #[test]
+    fn a_batch_becomes_visible_whole() {
+        let (mut p, mut c) = ring(4);
+        p.stage_all(&[record(1), record(2), record(3)]).unwrap();
+        // Staged, unmarked: nothing to read, however the consumer looks.
+        assert_eq!(c.refresh(), Ok(0));
+        assert_eq!(p.publish().unwrap().records, 3);
+        assert_eq!(drain_all(&mut c), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_producer_resumes_after_the_last_marked_record() {
+        let (mut p, mut c) = ring(4);
+        p.stage_all(&[record(1), record(2), record(3)]).unwrap();
+        p.publish().unwrap();
+        c.drain(1, |_| ()).unwrap();
+        let memory = p.memory().clone();
+        drop(p);
+        let mut p2 = RingProducer::<ResponseRecord, _>::resume(memory).unwrap();
+        assert_eq!(p2.prod(), 3);
+        p2.stage(&record(4)).unwrap();
+        p2.publish().unwrap();
+        assert_eq!(drain_all(&mut c), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn a_producer_refuses_to_resume_over_a_forged_mark() {
+        let (p, _c) = ring(4);
+        mark_word(p.memory(), 4, 0).store(0xdead, Ordering::Release);
+        assert_eq!(
+            RingProducer::<ResponseRecord, _>::resume(p.memory().clone()).unwrap_err(),
+            RingError::Mark {
+                index: 0,
+                found: 0xdead
+            }
+        );
     }
 
     #[test]
@@ -672,27 +890,28 @@ mod tests {
         let memory = Arc::new(HeapMemory::new(
             QueueGeometry::new(QueueKind::Response, 4).unwrap(),
         ));
-        assert!(RingProducer::<ResponseRecord, _>::with_indices(memory.clone(), 5, 0).is_err());
-        assert!(RingConsumer::<ResponseRecord, _>::with_indices(memory, 0, 5).is_err());
+        assert!(RingProducer::<ResponseRecord, _>::with_indices(memory, 5, 0).is_err());
     }
 
     proptest! {
-        /// Whatever a hostile peer stores in its index, between any operations, the honest
-        /// side never panics, never yields a record it was not given, and once it reports the
-        /// ring broken it stays broken.
+        /// Whatever a hostile peer stores in its index or in a slot's mark, between any
+        /// operations, the honest side never panics, never yields a record it was not given,
+        /// and once it reports the ring broken it stays broken.
         #[test]
-        fn garbage_peer_indices_never_panic_or_leak(
-            ops in proptest::collection::vec((0u8..4, any::<u32>()), 1..64),
+        fn garbage_peer_indices_and_marks_never_panic_or_leak(
+            ops in proptest::collection::vec((0u8..5, any::<u32>()), 1..64),
             nb_log in 1u32..5,
         ) {
-            let (mut p, mut c) = ring(1 << nb_log);
+            let nb = 1 << nb_log;
+            let (mut p, mut c) = ring(nb);
             let mut next = 0u32;
             for (op, value) in ops {
                 match op {
                     0 => { let _ = p.stage(&record(next)); next += 1; }
                     1 => { let _ = p.publish(); }
                     2 => p.memory().host_page().index.store(value, Ordering::Relaxed),
-                    _ => p.memory().vmm_page().index.store(value, Ordering::Relaxed),
+                    3 => mark_word(p.memory(), nb, value).store(mark(value >> 8), Ordering::Release),
+                    _ => mark_word(p.memory(), nb, value).store(u64::from(value), Ordering::Release),
                 }
                 let was_broken = c.broken();
                 let _ = c.drain(usize::MAX, |r| assert!(r.cookie.get() < next.max(1) || r == ResponseRecord::default()));

@@ -19,7 +19,7 @@ use iopf_abi::{
     Cookie, DecodeError, ENTRIES_OFFSET, Fault, FaultReason, FaultRecord, HostPageHeader,
     MAX_ENTRIES, PageAddr, PageRequest, PageResponse, Pasid, Perm, PrgIndex, QueueGeometry,
     QueueKind, REGION_MAGIC, RegionError, ResponseCode, ResponseRecord, UnrecoverableFault,
-    VMM_PAGE_OFFSET, page_request_flags,
+    VMM_PAGE_OFFSET, mark, page_request_flags,
 };
 use iopf_queue::fdpass::{MAX_FDS, recv_with_fds, send_with_fds};
 use iopf_queue::{
@@ -36,16 +36,16 @@ use zerocopy::{FromBytes, IntoBytes};
 // Helpers: the peer's tools, and records to send.
 // ---------------------------------------------------------------------------------------------
 
-/// Offset of the VMM page's `index` (fault queue: `cons`; response queue: `prod`).
-const VMM_INDEX: u64 = VMM_PAGE_OFFSET as u64 + 8;
+/// Offset of the VMM page's `index` (fault queue: `cons`; unused in a response queue).
+const VMM_INDEX: u64 = VMM_PAGE_OFFSET as u64 + 64;
 /// Offset of the VMM page's `flags`.
 const VMM_FLAGS: u64 = VMM_PAGE_OFFSET as u64 + 4;
 /// Offset of the VMM page's `abi`.
 const VMM_ABI: u64 = VMM_PAGE_OFFSET as u64;
-/// Offset of the host page's `index`.
-const HOST_INDEX: u64 = 24;
+/// Offset of the host page's `index` (response queue: `cons`).
+const HOST_INDEX: u64 = 64;
 /// Offset of the host page's `rejected`.
-const HOST_REJECTED: u64 = 40;
+const HOST_REJECTED: u64 = 32;
 
 fn pwrite_at(fd: impl AsFd, offset: u64, bytes: &[u8]) {
     let written = rustix::io::pwrite(fd, bytes, offset).expect("pwrite into the region");
@@ -70,6 +70,21 @@ fn pread_u64(fd: impl AsFd, offset: u64) -> u64 {
 /// The peer stores `value` as the VMM page's index.
 fn write_vmm_index(fd: impl AsFd, value: u32) {
     pwrite_at(fd, VMM_INDEX, &value.to_le_bytes());
+}
+
+/// Offset of the slot of record `index` in a region of `nb` entries of `size` bytes.
+fn slot_at(size: u64, nb: u32, index: u32) -> u64 {
+    u64::from(ENTRIES_OFFSET) + u64::from(index & (nb - 1)) * size
+}
+
+/// The peer stores `value` as the mark of response record `index` (ring of `nb`).
+fn write_response_mark(fd: impl AsFd, nb: u32, index: u32, value: u64) {
+    pwrite_at(fd, slot_at(32, nb, index) + 24, &value.to_le_bytes());
+}
+
+/// The peer writes the body of response record `index` (ring of `nb`), not its mark.
+fn write_response_body(fd: impl AsFd, nb: u32, index: u32, record: &ResponseRecord) {
+    pwrite_at(fd, slot_at(32, nb, index), &record.as_bytes()[..24]);
 }
 
 fn file_len(fd: impl AsFd) -> u64 {
@@ -289,21 +304,26 @@ fn random_vmm_page_garbage_never_panics_the_host_and_what_breaks_stays_broken() 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Marks that lie, in the response queue (the VMM produces, the host consumes).
+// ---------------------------------------------------------------------------------------------
+
 #[test]
-fn garbage_vmm_producer_index_breaks_the_host_response_consumer_without_yielding_records() {
+fn a_skipped_mark_breaks_the_host_response_consumer_without_yielding_records() {
     let mut host = ResponseQueueConsumer::create(8, Doorbell::new().unwrap()).unwrap();
-    // More than a ring ahead of the host's consumer index.
-    write_vmm_index(host.memory().fd(), 9);
-    let expected = RingError::ProducerIndex {
-        found: 9,
-        low: 0,
-        high: 8,
+    let fd = host.memory().fd().try_clone_to_owned().unwrap();
+    // A well-formed response in slot 0, marked as record 1: record 0 was skipped.
+    write_response_body(&fd, 8, 0, &ResponseRecord::from(&response(1)));
+    write_response_mark(&fd, 8, 0, mark(1));
+    let expected = RingError::Mark {
+        index: 0,
+        found: mark(1),
     };
     let mut handed_out = 0;
     assert_eq!(host.drain(usize::MAX, |_| handed_out += 1), Err(expected));
     assert_eq!(handed_out, 0);
-    // Sticky: a plausible index later does not revive it, and waiting says so too.
-    write_vmm_index(host.memory().fd(), 1);
+    // Sticky: the right mark later does not revive it, and waiting says so too.
+    write_response_mark(&fd, 8, 0, mark(0));
     assert_eq!(host.drain(usize::MAX, |_| handed_out += 1), Err(expected));
     assert_eq!(handed_out, 0);
     assert!(matches!(
@@ -314,26 +334,107 @@ fn garbage_vmm_producer_index_breaks_the_host_response_consumer_without_yielding
 }
 
 #[test]
-fn vmm_producer_index_moving_backwards_breaks_the_host_response_consumer() {
+fn a_stale_mark_from_two_passes_ago_breaks_the_host_response_consumer() {
     let mut host = ResponseQueueConsumer::create(8, Doorbell::new().unwrap()).unwrap();
     let mut vmm = vmm_producer(&host);
-    for cookie in 1..=3 {
+    for cookie in 1..=16 {
         vmm.stage(&response(cookie)).unwrap();
+        vmm.publish().unwrap();
+        assert_eq!(host.drain(usize::MAX, |_| ()), Ok(1));
     }
-    vmm.publish().unwrap();
-    let mut got = Vec::new();
-    assert_eq!(host.drain(usize::MAX, |r| got.push(r.decode())), Ok(3));
-    assert_eq!(got, (1..=3).map(|c| Ok(response(c))).collect::<Vec<_>>());
-    write_vmm_index(host.memory().fd(), 1);
-    let expected = RingError::ProducerIndex {
-        found: 1,
-        low: 3,
-        high: 11,
+    // Slot 0 holds record 8 (the previous pass of record 16): "not yet", no error.
+    assert_eq!(host.drain(usize::MAX, |_| panic!("no record")), Ok(0));
+    // The VMM replays record 0's slot as it was two passes ago.
+    let fd = host.memory().fd();
+    write_response_body(fd, 8, 0, &ResponseRecord::from(&response(1)));
+    write_response_mark(fd, 8, 0, mark(0));
+    let expected = RingError::Mark {
+        index: 16,
+        found: mark(0),
     };
     assert_eq!(
         host.drain(usize::MAX, |_| panic!("no record")),
         Err(expected)
     );
+    assert_eq!(host.broken(), Some(expected));
+}
+
+#[test]
+fn a_replay_of_the_previous_pass_is_not_a_record() {
+    let mut host = ResponseQueueConsumer::create(8, Doorbell::new().unwrap()).unwrap();
+    let mut vmm = vmm_producer(&host);
+    for cookie in 1..=8 {
+        vmm.stage(&response(cookie)).unwrap();
+    }
+    vmm.publish().unwrap();
+    assert_eq!(host.drain(usize::MAX, |_| ()), Ok(8));
+    // Rewriting slot 0 exactly as it is (record 0, one pass ago) hands nothing over.
+    let fd = host.memory().fd();
+    write_response_body(fd, 8, 0, &ResponseRecord::from(&response(1)));
+    write_response_mark(fd, 8, 0, mark(0));
+    assert_eq!(host.drain(usize::MAX, |_| panic!("no record")), Ok(0));
+    assert_eq!(host.broken(), None);
+}
+
+#[test]
+fn a_mark_written_before_the_body_hands_over_only_a_record_that_is_refused() {
+    let mut host = ResponseQueueConsumer::create(8, Doorbell::new().unwrap()).unwrap();
+    let fd = host.memory().fd().try_clone_to_owned().unwrap();
+    // The mark of record 0 lands before any of its body: the host reads the zeroed body,
+    // which does not decode.
+    write_response_mark(&fd, 8, 0, mark(0));
+    let mut got = Vec::new();
+    assert_eq!(host.drain(usize::MAX, |r| got.push(r.decode())), Ok(1));
+    assert_eq!(got, vec![Err(DecodeError::UnsupportedResponseVersion(0))]);
+    // The body arrives after the host has read the slot: too late, the slot is consumed and
+    // nothing is handed over again (record 1's slot is still unmarked).
+    write_response_body(&fd, 8, 0, &ResponseRecord::from(&response(1)));
+    assert_eq!(host.drain(usize::MAX, |_| panic!("no record")), Ok(0));
+    assert_eq!(host.broken(), None);
+}
+
+#[test]
+fn garbage_marks_anywhere_never_panic_the_host_and_what_breaks_stays_broken() {
+    let mut rng = Rng(0x0bad_5eed_0bad_5eed);
+    for round in 0..100 {
+        let nb = 1 << (1 + round % 4);
+        let mut host = ResponseQueueConsumer::create(nb, Doorbell::new().unwrap()).unwrap();
+        let fd = host.memory().fd().try_clone_to_owned().unwrap();
+        let mut vmm = vmm_producer(&host);
+        let mut first_error = None;
+        for step in 0..100u32 {
+            match rng.below(4) {
+                0 => {
+                    let index = rng.next() as u32;
+                    let value = match rng.below(3) {
+                        0 => mark(index),
+                        1 => mark(index.wrapping_add(rng.below(3) as u32)),
+                        _ => rng.next(),
+                    };
+                    write_response_mark(&fd, nb, index, value);
+                }
+                1 => {
+                    if vmm.stage(&response(1 + step)).is_ok() {
+                        let _ = vmm.publish();
+                    }
+                }
+                _ => {
+                    let _ = host.drain(usize::MAX, |r| {
+                        // Whatever is handed over is a record the host then validates.
+                        let _ = r.decode();
+                    });
+                }
+            }
+            match (first_error, host.broken()) {
+                (None, Some(e)) => {
+                    assert!(matches!(e, RingError::Mark { .. }), "{e:?}");
+                    first_error = Some(e);
+                }
+                (Some(first), now) => assert_eq!(now, Some(first), "a broken ring revived"),
+                (None, None) => {}
+            }
+        }
+    }
 }
 
 #[test]
@@ -479,15 +580,10 @@ fn punching_a_hole_in_the_region_zeroes_it_and_the_host_reports_the_rewound_inde
         host.stage_group(&group(9, 1)),
         Err(PushError::Broken(expected))
     );
-    // The VMM, for its part, sees the zeroed slot as a record that does not decode.
-    let faults = drain_faults(&mut vmm);
-    assert_eq!(faults[0], Err(DecodeError::UnknownFaultType(0)));
-    assert_eq!(
-        faults[1..],
-        (6..=8)
-            .map(|n| Ok(Fault::Unrecoverable(unrecoverable(n))))
-            .collect::<Vec<_>>()
-    );
+    // The VMM, for its part, finds the slot of record 4 zeroed, unmarked: it has nothing to
+    // read, and it stalls only its own ring.
+    assert_eq!(drain_faults(&mut vmm), vec![]);
+    assert_eq!(vmm.broken(), None);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,7 +611,6 @@ fn scribbled_host_page_does_not_disturb_the_host_fault_producer() {
         }
         let published = host.publish().unwrap();
         assert_eq!(host.broken(), None);
-        // Publishing stored the host's own index over the garbage.
         let records: u32 = groups.iter().map(|g| g.len() as u32).sum();
         assert_eq!(published.records, records);
         let want: Vec<_> = groups
@@ -526,10 +621,6 @@ fn scribbled_host_page_does_not_disturb_the_host_fault_producer() {
         assert_eq!(drain_faults(&mut vmm), want);
     }
     assert_eq!(host.lost(), 0);
-    assert_eq!(
-        pread_u32(host.memory().fd(), HOST_INDEX),
-        host.memory().host_page().snapshot().index.get()
-    );
 }
 
 /// A fault record with one defect each, and the error it must decode to.
@@ -593,12 +684,11 @@ fn scribbled_fault_entries_reach_the_vmm_as_decode_errors() {
         host.stage_unrecoverable(&unrecoverable(n)).unwrap();
     }
     host.publish().unwrap();
-    let entries = 16 * 64;
-    pwrite_at(
-        host.memory().fd(),
-        ENTRIES_OFFSET.into(),
-        &Rng(42).bytes(entries),
-    );
+    // Random bytes over every body (the marks stay).
+    let mut rng = Rng(42);
+    for slot in 0..16 {
+        pwrite_at(host.memory().fd(), slot_at(64, 16, slot), &rng.bytes(56));
+    }
     let faults = drain_faults(&mut vmm);
     assert_eq!(faults.len(), 16);
     for (i, f) in faults.iter().enumerate() {
@@ -612,8 +702,8 @@ fn scribbled_fault_entries_reach_the_vmm_as_decode_errors() {
     }
     host.publish().unwrap();
     for (i, (record, _)) in defective.iter().enumerate() {
-        let slot = u64::from(ENTRIES_OFFSET) + ((16 + i) % 16) as u64 * 64;
-        pwrite_at(host.memory().fd(), slot, record.as_bytes());
+        let slot = slot_at(64, 16, 16 + i as u32);
+        pwrite_at(host.memory().fd(), slot, &record.as_bytes()[..56]);
     }
     let want: Vec<_> = defective.iter().map(|(_, e)| Err(*e)).collect();
     assert_eq!(drain_faults(&mut vmm), want);
@@ -622,6 +712,15 @@ fn scribbled_fault_entries_reach_the_vmm_as_decode_errors() {
     host.stage_group(&group(1, 2)).unwrap();
     host.publish().unwrap();
     assert_eq!(drain_faults(&mut vmm).len(), 2);
+    // Random bytes over a whole slot, mark included: the VMM's ring breaks, typed.
+    host.stage_group(&group(2, 1)).unwrap();
+    host.publish().unwrap();
+    let slot = slot_at(64, 16, 16 + defective.len() as u32 + 2);
+    pwrite_at(host.memory().fd(), slot, &Rng(43).bytes(64));
+    assert!(matches!(
+        vmm.drain_faults(usize::MAX, |_| ()),
+        Err(RingError::Mark { .. })
+    ));
 }
 
 #[test]
@@ -645,13 +744,6 @@ fn scribbled_response_entries_reach_the_host_as_decode_errors_and_are_counted() 
         ),
         (with(&|r| r.cookie = 0.into()), DecodeError::ZeroCookie),
         (
-            with(&|r| r.reserved = 1.into()),
-            DecodeError::NonZero {
-                field: "reserved",
-                value: 1,
-            },
-        ),
-        (
             with(&|r| r.flags = 2.into()),
             DecodeError::UnknownBits {
                 field: "flags",
@@ -666,23 +758,22 @@ fn scribbled_response_entries_reach_the_host_as_decode_errors_and_are_counted() 
     for (record, _) in &defective {
         vmm.stage_record(record).unwrap();
     }
-    // And two slots of random bytes, written after publishing.
+    // And two bodies of random bytes, written after publishing (the marks stay).
     vmm.stage(&response(1)).unwrap();
     vmm.stage(&response(2)).unwrap();
     vmm.publish().unwrap();
-    pwrite_at(
-        host.memory().fd(),
-        u64::from(ENTRIES_OFFSET) + 6 * 32,
-        &Rng(7).bytes(64),
-    );
+    let mut rng = Rng(7);
+    for index in 5..7 {
+        pwrite_at(host.memory().fd(), slot_at(32, 8, index), &rng.bytes(24));
+    }
     let mut got = Vec::new();
-    assert_eq!(host.drain(usize::MAX, |r| got.push(r.decode())), Ok(8));
+    assert_eq!(host.drain(usize::MAX, |r| got.push(r.decode())), Ok(7));
     let want: Vec<_> = defective.iter().map(|(_, e)| Err(*e)).collect();
-    assert_eq!(got[..6], want);
-    assert!(got[6..].iter().all(Result::is_err), "{got:?}");
-    host.count_rejected(8);
-    assert_eq!(host.rejected(), 8);
-    assert_eq!(pread_u64(host.memory().fd(), HOST_REJECTED), 8);
+    assert_eq!(got[..5], want);
+    assert!(got[5..].iter().all(Result::is_err), "{got:?}");
+    host.count_rejected(7);
+    assert_eq!(host.rejected(), 7);
+    assert_eq!(pread_u64(host.memory().fd(), HOST_REJECTED), 7);
     assert_eq!(host.broken(), None);
 }
 
@@ -850,9 +941,9 @@ fn attach_refuses_regular_files() {
 
 #[test]
 fn attach_refuses_a_region_smaller_than_its_header_pages() {
-    for len in [0, 48, 4096, u64::from(ENTRIES_OFFSET) - 1] {
+    for len in [0, 72, 4096, u64::from(ENTRIES_OFFSET) - 1] {
         let header = header(QueueKind::Fault, 2);
-        let fd = region_file(len, (len >= 48).then_some(&header), REQUIRED_SEALS);
+        let fd = region_file(len, (len >= 72).then_some(&header), REQUIRED_SEALS);
         let err = attach_fault(fd);
         assert!(
             matches!(
@@ -946,16 +1037,23 @@ fn attach_refuses_bad_magic() {
 }
 
 #[test]
-fn attach_refuses_region_version_2() {
-    let fd = fault_region_with(8, |h| h.version = 2.into());
-    let err = attach_fault(fd);
-    assert!(
-        matches!(
-            err,
-            RegionAttachError::Region(RegionError::UnsupportedVersion(2))
-        ),
-        "{err:?}"
-    );
+fn attach_refuses_a_region_of_abi_v1_or_a_future_version() {
+    for version in [1, 3] {
+        let fd = fault_region_with(8, |h| h.version = version.into());
+        let err = attach_fault(fd);
+        assert!(
+            matches!(
+                err,
+                RegionAttachError::Region(RegionError::UnsupportedVersion(v)) if v == version
+            ),
+            "{err:?}"
+        );
+        let shown = std::error::Error::source(&err).map_or(err.to_string(), |e| e.to_string());
+        assert!(
+            shown.contains(&format!("version {version}")) && shown.contains("ABI v2"),
+            "{shown}"
+        );
+    }
 }
 
 #[test]
@@ -1054,7 +1152,7 @@ fn attach_refuses_undefined_host_flags() {
 
 #[test]
 fn attach_refuses_a_non_zero_reserved_word() {
-    let fd = fault_region_with(8, |h| h.reserved = 5.into());
+    let fd = fault_region_with(8, |h| h.reserved[2] = 5.into());
     let err = attach_fault(fd);
     assert!(
         matches!(
@@ -1066,33 +1164,44 @@ fn attach_refuses_a_non_zero_reserved_word() {
 }
 
 #[test]
-fn attach_refuses_inconsistent_ring_indices() {
-    // Fault queue: the host says 100 records are published in a ring of 8.
-    let fd = fault_region_with(8, |h| h.index = 100.into());
-    let err = FaultQueueConsumer::attach(fd, Doorbell::new().unwrap()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            RegionAttachError::Ring(RingError::ProducerIndex {
-                found: 100,
-                low: 0,
-                high: 8
-            })
-        ),
-        "{err:?}"
-    );
-    // Response queue: the host says it consumed 100 responses the VMM never produced.
-    let mut h = header(QueueKind::Response, 8);
-    h.index = 100.into();
+fn attach_refuses_a_response_region_whose_marks_lie() {
+    // A response producer resumes after the last marked record; a slot whose mark is neither
+    // a record's nor an empty slot's is refused.
+    let h = header(QueueKind::Response, 8);
     let fd = region_file(len_of(QueueKind::Response, 8), Some(&h), REQUIRED_SEALS);
+    write_response_mark(&fd, 8, 0, mark(0));
+    write_response_mark(&fd, 8, 1, 0xdead_beef);
     let err = ResponseQueueProducer::attach(fd, None).unwrap_err();
     assert!(
         matches!(
             err,
-            RegionAttachError::Ring(RingError::ConsumerIndex { found: 100, .. })
+            RegionAttachError::Ring(RingError::Mark {
+                index: 1,
+                found: 0xdead_beef
+            })
         ),
         "{err:?}"
     );
+}
+
+#[test]
+fn a_response_producer_resumes_after_the_last_marked_record() {
+    let mut host = ResponseQueueConsumer::create(8, Doorbell::new().unwrap()).unwrap();
+    let mut vmm = vmm_producer(&host);
+    for cookie in 1..=3 {
+        vmm.stage(&response(cookie)).unwrap();
+    }
+    vmm.publish().unwrap();
+    assert_eq!(host.drain(1, |_| ()), Ok(1));
+    // The host's consumer index, in its page's second line, is what the new producer reads.
+    assert_eq!(pread_u32(host.memory().fd(), HOST_INDEX), 1);
+    drop(vmm);
+    let mut vmm = vmm_producer(&host);
+    vmm.stage(&response(4)).unwrap();
+    vmm.publish().unwrap();
+    let mut got = Vec::new();
+    assert_eq!(host.drain(usize::MAX, |r| got.push(r.decode())), Ok(3));
+    assert_eq!(got, (2..=4).map(|c| Ok(response(c))).collect::<Vec<_>>());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1383,7 +1492,7 @@ fn record_bytes_round_trip_through_the_region_file() {
     let bytes = pread_at(host.memory().fd(), ENTRIES_OFFSET.into(), 64);
     let record = FaultRecord::read_from_bytes(&bytes).unwrap();
     assert_eq!(record.decode(), Ok(Fault::PageRequest(request)));
-    assert_eq!(pread_u32(host.memory().fd(), HOST_INDEX), 1);
+    assert_eq!(record.mark.get(), mark(0));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-//! Loom model checks of the ring protocol (`crates/queue/src/ring.rs`, `docs/DESIGN.md` §3.2).
+//! Loom model checks of the ring protocol of ABI v2 (`crates/queue/src/ring.rs`,
+//! `docs/ABI.md` §3, §4): records marked in their last word, no producer index.
 //!
 //! Loom runs each model under every interleaving of its threads (up to a preemption bound) and,
 //! for every relaxed or acquire load, every value the C++20 memory model lets it return, so a
@@ -9,14 +10,18 @@
 //! records makes the producer reuse a slot, which is where the consumer-side sync point matters.
 //!
 //! Sync points checked (named as in `ring.rs`):
-//! - **P1** `prod` Release store / Acquire load: slot writes are visible before the index.
+//! - **P1** a record's mark, Release store / Acquire load: the body is visible before the
+//!   mark, and a batch's first mark (stored last) shows the whole batch.
 //! - **C1** `cons` Release store / Acquire load: slot reads finish before the slot is reused.
 //!   Loom checks C1's index logic in every interleaving (the producer never writes a slot the
 //!   consumer has not returned: storing `cons` before the reads, or a producer that counts one
 //!   free slot too many, is caught as a torn record), but not its memory ordering: loom does
 //!   not model load buffering (a load returning a store that comes later in the interleaving),
 //!   so with `cons` stored or loaded Relaxed these models still pass.
-//! - **W** the store-fence-load pairs of wake-up suppression (`NEED_WAKEUP` and `prod`).
+//! - **T** the consumer's re-read of the mark after the body (Acquire fence, load): a producer
+//!   that rewrites a slot under the consumer is caught, never handed over as a mixed record.
+//! - **W** the store-fence-load pairs of wake-up suppression (`NEED_WAKEUP` and the mark of
+//!   the consumer's next slot).
 //!
 //! The two `checker_finds_*` tests are negative controls: loom must fail a local copy of the
 //! protocol with its P1 ordering or its W fences removed. Their expected panics are printed.
@@ -26,7 +31,9 @@
 #![cfg(loom)]
 
 use iopf_abi::{FaultRecord, QueueGeometry, QueueKind, ResponseRecord};
-use iopf_queue::{Entry, HeapMemory, PushError, RingConsumer, RingProducer};
+use iopf_queue::{
+    Entry, HeapMemory, PushError, QueueMemory, RingConsumer, RingError, RingProducer,
+};
 use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
@@ -71,7 +78,8 @@ fn memory(kind: QueueKind, nb_entries: u32) -> Memory {
 }
 
 /// Field `field` of record `seq`: never 0, different for every (record, field), so a record
-/// whose words come from two records (torn), or from a slot never written, is caught.
+/// whose words come from two records (torn), or from a slot never written, is caught. (The
+/// mark word is the ring's: records are handed over with it zeroed.)
 fn field32(seq: u32, field: u32) -> u32 {
     ((seq + 1) << 8) | field
 }
@@ -94,7 +102,7 @@ impl Numbered for ResponseRecord {
             grpid: field32(seq, 3).into(),
             code: field32(seq, 4).into(),
             cookie: field32(seq, 5).into(),
-            reserved: field64(seq, 6).into(),
+            mark: 0.into(),
         }
     }
 }
@@ -111,7 +119,8 @@ impl Numbered for FaultRecord {
             addr: field64(seq, 6).into(),
             data0: field64(seq, 7).into(),
             data1: field64(seq, 8).into(),
-            reserved: [field64(seq, 9).into(), field64(seq, 10).into()],
+            reserved: field64(seq, 9).into(),
+            mark: 0.into(),
         }
     }
 }
@@ -183,12 +192,12 @@ fn transfer<E: Numbered>(
 }
 
 /// Hazard: the consumer reads a slot whose words are only partly written, or still hold the
-/// slot's previous record, because it saw `prod` move before the slot writes; or the producer
+/// slot's previous record, because it saw the mark before the slot writes; or the producer
 /// rewrites a slot the consumer is still reading because it saw `cons` move before the reads
 /// finished. Three records through two slots, one publication per record: record 2 reuses slot
 /// 0, so both directions of the handshake are exercised.
 ///
-/// Proves **P1** (every record read after an Acquire of `prod` is whole and current, against
+/// Proves **P1** (every record read after an Acquire of its mark is whole and current, against
 /// every stale value a relaxed slot load may return; see
 /// `checker_finds_a_stale_slot_without_release_acquire`) and **C1**'s index logic (the
 /// producer's reuse of slot 0 never lands in the consumer's read of record 0, in any
@@ -206,18 +215,68 @@ fn published_records_are_never_torn_over_two_laps() {
     transfer::<ResponseRecord>(LARGE, QueueKind::Response, 4, 1, usize::MAX);
 }
 
-/// Hazard: with a batch publication (one `prod` store covering both slots) and a consumer that
-/// returns one slot at a time, the consumer could read a slot beyond the `prod` it loaded, or
+/// Hazard: with a batch publication (two marks, the first stored last) and a consumer that
+/// returns one slot at a time, the consumer could read a slot whose mark is not there yet, or
 /// the producer, refilling slot 0 as soon as `cons` moves past it, could overwrite slot 1 while
 /// the consumer still reads it. 64-byte records (8 words) give the producer the most room to
 /// be caught mid-slot.
 ///
 /// Proves **P1** for a multi-record publication, **C1**'s index logic per returned slot (ring
 /// full: the third record waits for exactly one freed slot), and that the consumer never reads
-/// a record beyond `prod` (it would find a zeroed or stale slot).
+/// a record before its mark (it would find a zeroed or stale slot).
 #[test]
 fn batched_records_are_never_read_past_prod_or_while_rewritten() {
     transfer::<FaultRecord>(EXHAUSTIVE, QueueKind::Fault, 3, 2, 1);
+}
+
+/// Hazard: a hostile producer rewrites a slot it has published while the consumer reads it
+/// (the torn slot an honest producer never makes, C1). The rewrite is what a peer on x86 does
+/// in effect: a new mark, then the new body, in order (modelled as a Release fence between
+/// them). The consumer must hand over record 0 whole, or nothing and a typed error
+/// ([`RingError::Torn`], or [`RingError::Mark`] if it saw the new mark first); never a record
+/// mixing the two bodies.
+///
+/// Proves **T** (the Acquire fence and the second mark load after the body).
+#[test]
+fn a_slot_rewritten_under_the_consumer_is_refused_never_mixed() {
+    model(EXHAUSTIVE, || {
+        let memory = memory(QueueKind::Response, 2);
+        let mut p = RingProducer::<ResponseRecord, _>::new(memory.clone());
+        let mut c = RingConsumer::<ResponseRecord, _>::new(memory.clone());
+        p.stage(&ResponseRecord::numbered(0)).unwrap();
+        p.publish().unwrap();
+
+        let liar = thread::spawn(move || {
+            let words = memory.entry_words();
+            let forged = ResponseRecord::numbered(1);
+            let body: [u64; 4] = zerocopy::transmute!(forged);
+            words[3].store(0xbad, Ordering::Relaxed);
+            fence(Ordering::Release);
+            for (cell, word) in words.iter().zip(body).take(3) {
+                cell.store(word, Ordering::Relaxed);
+            }
+        });
+
+        let mut got = None;
+        match c.drain(1, |r| got = Some(r)) {
+            Ok(1) => assert_is_record(&got.unwrap(), 0),
+            Ok(n) => panic!("drained {n} records from one slot"),
+            Err(
+                RingError::Torn {
+                    index: 0,
+                    found: 0xbad,
+                }
+                | RingError::Mark {
+                    index: 0,
+                    found: 0xbad,
+                },
+            ) => {
+                assert!(got.is_none(), "a refused record was handed over");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        liar.join().unwrap();
+    });
 }
 
 /// The eventfd doorbell: `ring` adds to the count and notifies; `wait` blocks while it is 0,
@@ -304,7 +363,8 @@ fn wakeup<E: Numbered>(bound: Option<usize>, kind: QueueKind, total: u32, batch:
 }
 
 /// Hazard: the lost wake-up (store buffering). The consumer stores `NEED_WAKEUP` and re-reads
-/// `prod` while the producer stores `prod` and reads `NEED_WAKEUP`; if both loads could return
+/// its next slot's mark while the producer stores that mark and reads `NEED_WAKEUP`; if both
+/// loads could return
 /// the old values, the consumer would sleep on a record nobody kicks for.
 ///
 /// Proves **W** on the response queue (consumer flags in the host page), one record.
@@ -322,8 +382,8 @@ fn no_lost_wakeup_two_records() {
     wakeup::<FaultRecord>(EXHAUSTIVE, QueueKind::Fault, 2, 1);
 }
 
-/// As [`no_lost_wakeup_one_record`], two records in one publication (one `prod` store, one
-/// kick decision). Proves **W** for a batch.
+/// As [`no_lost_wakeup_one_record`], two records in one publication (two marks, the polled one
+/// last, one kick decision). Proves **W** for a batch.
 #[test]
 fn no_lost_wakeup_batch() {
     wakeup::<ResponseRecord>(EXHAUSTIVE, QueueKind::Response, 2, 2);
@@ -339,18 +399,18 @@ fn no_lost_wakeup_with_a_full_ring() {
 }
 
 /// A copy of the W handshake, one record, with or without its two SeqCst fences: the consumer
-/// checks `prod`, stores the flag, (fence), re-checks `prod`, then sleeps; the producer stores
-/// `prod` (Release), (fence), loads the flag and kicks if it is set.
+/// checks the mark, stores the flag, (fence), re-checks the mark, then sleeps; the producer
+/// stores the mark (Release), (fence), loads the flag and kicks if it is set.
 fn handshake_copy(fenced: bool) {
     model(EXHAUSTIVE, move || {
-        let prod = Arc::new(AtomicU32::new(0));
+        let mark = Arc::new(AtomicU64::new(0));
         let flag = Arc::new(AtomicU32::new(0));
         let bell = Arc::new(Doorbell::new());
 
         let producer = {
-            let (prod, flag, bell) = (prod.clone(), flag.clone(), bell.clone());
+            let (mark, flag, bell) = (mark.clone(), flag.clone(), bell.clone());
             thread::spawn(move || {
-                prod.store(1, Ordering::Release);
+                mark.store(iopf_abi::mark(0), Ordering::Release);
                 if fenced {
                     fence(Ordering::SeqCst);
                 }
@@ -360,12 +420,12 @@ fn handshake_copy(fenced: bool) {
             })
         };
 
-        while prod.load(Ordering::Acquire) == 0 {
+        while mark.load(Ordering::Acquire) == 0 {
             flag.store(1, Ordering::Relaxed);
             if fenced {
                 fence(Ordering::SeqCst);
             }
-            if prod.load(Ordering::Acquire) == 0 {
+            if mark.load(Ordering::Acquire) == 0 {
                 bell.wait();
             }
             flag.store(0, Ordering::Relaxed);
@@ -399,24 +459,23 @@ fn checker_finds_the_lost_wakeup_without_fences() {
     );
 }
 
-/// Negative control for **P1**: a one-slot copy of the publication with `prod` stored and
+/// Negative control for **P1**: a one-slot copy of the publication with the mark stored and
 /// loaded Relaxed. Loom must find the consumer reading a slot word that is still 0 after it
-/// saw `prod` = 1, the stale read `published_records_are_never_torn` would catch.
+/// saw the mark, the stale read `published_records_are_never_torn` would catch.
 #[test]
 fn checker_finds_a_stale_slot_without_release_acquire() {
     let found = std::panic::catch_unwind(|| {
         model(EXHAUSTIVE, || {
-            let prod = Arc::new(AtomicU32::new(0));
-            let slot = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+            let slot = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
             let producer = {
-                let (prod, slot) = (prod.clone(), slot.clone());
+                let slot = slot.clone();
                 thread::spawn(move || {
                     slot[0].store(field64(0, 0), Ordering::Relaxed);
                     slot[1].store(field64(0, 1), Ordering::Relaxed);
-                    prod.store(1, Ordering::Relaxed);
+                    slot[2].store(iopf_abi::mark(0), Ordering::Relaxed);
                 })
             };
-            if prod.load(Ordering::Relaxed) == 1 {
+            if slot[2].load(Ordering::Relaxed) == iopf_abi::mark(0) {
                 let words = [
                     slot[0].load(Ordering::Relaxed),
                     slot[1].load(Ordering::Relaxed),

@@ -19,8 +19,8 @@ use iopf_core::{
     FaultCore, ManualClock, Nanos, QueueHandler, ResponseSource,
 };
 use iopf_queue::{
-    Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, QueueMemory,
-    ResponseQueueConsumer, ResponseQueueProducer,
+    Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, ResponseQueueConsumer,
+    ResponseQueueProducer,
 };
 use iopf_vmm::{Assembled, GroupAssembler};
 use serde::Serialize;
@@ -445,16 +445,10 @@ struct Vmm {
 impl Vmm {
     /// Responses written to the response queue that the host has not read.
     fn unread_responses(&self) -> u64 {
-        let memory = self.responses.memory();
-        let prod = memory
-            .vmm_page()
-            .index
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let cons = memory
-            .host_page()
-            .index
-            .load(std::sync::atomic::Ordering::Relaxed);
-        u64::from(prod.wrapping_sub(cons))
+        // The host's index is its own to keep; an honest host's is always in range.
+        self.responses
+            .fill()
+            .map_or(0, |(unread, _)| u64::from(unread))
     }
 }
 

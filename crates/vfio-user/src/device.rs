@@ -5,7 +5,7 @@
 //! use it, so that its consumers would recognise the device: region type
 //! [`VFIO_REGION_TYPE_NESTED`] = 4 (its v12/v13 value), subtypes `DMA_FAULT` = 1 and
 //! `DMA_FAULT_RESPONSE` = 2, and the fault IRQ at index 5, right after the five standard PCI
-//! IRQ indices (its v8 value). The regions' contents are ABI v1 queue regions (`docs/ABI.md`),
+//! IRQ indices (its v8 value). The regions' contents are ABI v2 queue regions (`docs/ABI.md`),
 //! not the series' layouts.
 //!
 //! Region indices: the nine standard PCI regions come first (BARs 0-5, ROM, config space,
@@ -93,10 +93,11 @@ pub const DMA_FAULT_IRQ_INDEX: u32 = VFIO_PCI_NUM_IRQS;
 pub const NUM_IRQS: u32 = VFIO_PCI_NUM_IRQS + 1;
 
 /// Offset of the VMM page's `abi` field in either region, where the VMM writes
-/// [`iopf_abi::VMM_ABI_V1`] once it has attached.
+/// [`iopf_abi::VMM_ABI`] once it has attached.
 pub const VMM_ABI_OFFSET: u64 = VMM_PAGE_OFFSET as u64 + offset_of!(VmmPageHeader, abi) as u64;
 
-/// Offset of the response region's `prod` field (the VMM page's `index`): the ioeventfd of
+/// Offset of the response region's doorbell word (the VMM page's `index`, which the ring does
+/// not read in a response queue: an ABI v2 producer publishes no index): the ioeventfd of
 /// `GET_REGION_IO_FDS` watches it, and a 4-byte region write there is the doorbell's
 /// fallback.
 pub const RESPONSE_PROD_OFFSET: u64 =
@@ -184,6 +185,6 @@ mod tests {
             (9, 10)
         );
         assert_eq!((NUM_REGIONS, DMA_FAULT_IRQ_INDEX, NUM_IRQS), (11, 5, 6));
-        assert_eq!((VMM_ABI_OFFSET, RESPONSE_PROD_OFFSET), (4096, 4104));
+        assert_eq!((VMM_ABI_OFFSET, RESPONSE_PROD_OFFSET), (4096, 4160));
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use common::{BAR0_SIZE, TestDevice, start, start_listening};
-use iopf_abi::{QueueKind, REGION_MAGIC, VMM_ABI_V1};
+use iopf_abi::{QueueKind, REGION_MAGIC, VMM_ABI};
 use iopf_queue::{Doorbell, FaultQueueConsumer, QueueRegion, SharedMemory};
 use iopf_vfio_user::device::{
     DMA_FAULT_IRQ_INDEX, DMA_FAULT_REGION_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, NUM_IRQS,
@@ -347,7 +347,7 @@ fn attach_sequence_of_a_vmm() {
     let consumer = FaultQueueConsumer::attach(fault.fd.unwrap(), fault_irq).unwrap();
     let device = finish(client, server);
     // The VMM's abi = 1, written through its mapping, is in the host's region.
-    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI_V1);
+    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI);
     drop(consumer);
 }
 
@@ -358,11 +358,11 @@ fn abi_can_be_written_through_the_socket_too() {
         .region_write(
             DMA_FAULT_REGION_INDEX,
             VMM_ABI_OFFSET,
-            &VMM_ABI_V1.to_le_bytes(),
+            &VMM_ABI.to_le_bytes(),
         )
         .unwrap();
     let device = finish(client, server);
-    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI_V1);
+    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI);
 }
 
 #[test]

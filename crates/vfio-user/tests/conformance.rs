@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{BAR0_SIZE, start_listening};
-use iopf_abi::{QueueKind, VMM_ABI_V1};
+use iopf_abi::{QueueKind, VMM_ABI};
 use iopf_queue::{Doorbell, QueueRegion, SharedMemory};
 use iopf_vfio_user::Disconnect;
 use iopf_vfio_user::device::{
@@ -58,7 +58,7 @@ fn rust_vmm_client_completes_version_info_irqs_and_region_io() {
     assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
     // What it did reached the device.
     assert_eq!(device.log.resets, 1);
-    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI_V1);
+    assert_eq!(device.fault.snapshot().1.abi.get(), VMM_ABI);
     assert_eq!(device.response_doorbell.drain().unwrap(), 1);
     assert!(device.log.mappings.is_empty());
     let eventfd = device
@@ -74,7 +74,7 @@ fn drive_rust_vmm_client(path: &std::path::Path, fault_irq: OwnedFd) {
     // Version negotiation, device info and every region's info happen in `new`.
     let mut client = vfio_user::Client::new(path).expect("rust-vmm client connects");
 
-    // The fault regions: mmap-able through their fd, ABI v1 queue regions of the right kind.
+    // The fault regions: mmap-able through their fd, ABI v2 queue regions of the right kind.
     for (index, kind) in [
         (DMA_FAULT_REGION_INDEX, QueueKind::Fault),
         (DMA_FAULT_RESPONSE_REGION_INDEX, QueueKind::Response),
@@ -84,7 +84,7 @@ fn drive_rust_vmm_client(path: &std::path::Path, fault_irq: OwnedFd) {
         let file_offset = region.file_offset.as_ref().expect("region fd");
         assert_eq!(file_offset.start(), 0);
         let fd = OwnedFd::from(file_offset.file().try_clone().unwrap());
-        let mapped = QueueRegion::attach(fd, kind).expect("an ABI v1 queue region");
+        let mapped = QueueRegion::attach(fd, kind).expect("an ABI v2 queue region");
         assert_eq!(mapped.snapshot().0.kind.get(), kind as u16);
         assert_eq!(region.size, 8192 + 64 * u64::from(kind.entry_size()));
     }
@@ -130,7 +130,7 @@ fn drive_rust_vmm_client(path: &std::path::Path, fault_irq: OwnedFd) {
         .region_write(
             DMA_FAULT_REGION_INDEX,
             VMM_ABI_OFFSET,
-            &VMM_ABI_V1.to_le_bytes(),
+            &VMM_ABI.to_le_bytes(),
         )
         .unwrap();
     client

@@ -359,12 +359,12 @@ fn a_device_whose_host_breaks_its_queue_is_handed_back_and_the_others_go_on() {
     let good_key = events.add(device).unwrap();
     events.run_once(&mut vmm, Some(Duration::ZERO)).unwrap();
 
-    // The bad host claims 1000 records in a ring of 8, and kicks.
-    bad.faults
-        .memory()
-        .host_page()
-        .index
-        .store(1000, Ordering::Release);
+    // The bad host marks the slot of the VMM's next record as record 1000 in a ring of 8 (a
+    // skipped mark), and kicks. Word 7 of a fault slot is its mark.
+    let memory = bad.faults.memory();
+    let next = memory.vmm_page().index.load(Ordering::Acquire);
+    memory.entry_words()[(next & 7) as usize * 8 + 7]
+        .store(iopf_abi::mark(1000), Ordering::Release);
     bad.faults.kick().unwrap();
     let cookie = good.publish_group(1);
     let mut failed = Vec::new();

@@ -104,7 +104,7 @@ impl Host {
     }
 
     /// Registers a queue handler for `id` with rings of `entries`, returning the VMM's end
-    /// (attached: its page says ABI v1).
+    /// (attached: its page says ABI v2).
     pub fn attach(&self, id: DeviceId, entries: u32) -> Vmm {
         let (handler, vmm) = queues(entries);
         self.core.register(id, Box::new(handler)).unwrap();

@@ -1,4 +1,4 @@
-//! A small iopf-like device for the tests: the two fault regions (real ABI v1 queue regions in
+//! A small iopf-like device for the tests: the two fault regions (real ABI v2 queue regions in
 //! sealed memfds), a memfd-backed BAR 0 with a sparse mmap capability, a config space without
 //! an fd, `INTx` and the DMA fault IRQ, DMA map/unmap bookkeeping and reset.
 #![allow(dead_code)]
