@@ -23,6 +23,9 @@ pub enum SimPreset {
     /// A VMM that writes some of its guest's answers into the other device's response queue,
     /// with PASIDs and PRG indices that coincide across the devices.
     Crosstalk,
+    /// VMMs that write a consumer index past anything published into their fault queue, and
+    /// then stop reading for a while, under rings of 4 entries.
+    LyingIndex,
 }
 
 /// Options of `iopf sim`.
@@ -51,6 +54,7 @@ fn config(scenario: SimPreset, seed: u64) -> SimConfig {
         SimPreset::Chaotic => SimConfig::chaotic(seed),
         SimPreset::StaleCollisions => SimConfig::stale_collisions(seed),
         SimPreset::Crosstalk => SimConfig::crosstalk(seed),
+        SimPreset::LyingIndex => SimConfig::lying_index(seed),
     }
 }
 
@@ -142,6 +146,9 @@ fn print_report(r: &SimReport) {
             "        {} past lives' answers replayed to collide with a group of the new life",
             r.stale_replayed
         );
+    }
+    if r.lies > 0 {
+        println!("        {} consumer indices lied about by a VMM", r.lies);
     }
     if r.misdirected > 0 {
         println!(

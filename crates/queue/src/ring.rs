@@ -285,6 +285,11 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
         let found = Cells::cons(self.kind, &self.memory).load(Ordering::Acquire);
         // The consumer can only have read what we published, and never moves backwards.
         if !within(found, self.cons, self.published) {
+            #[cfg(feature = "mutant-trust-consumer-index")]
+            if let Some(cons) = self.mutant_trusted_index(found) {
+                self.cons = cons;
+                return Ok(self.free());
+            }
             let e = RingError::ConsumerIndex {
                 found,
                 low: self.cons,
@@ -295,6 +300,14 @@ impl<E: Entry, M: QueueMemory> RingProducer<E, M> {
         }
         self.cons = found;
         Ok(self.free())
+    }
+
+    /// Test-only mutant (feature `mutant-trust-consumer-index`, never on by default): a
+    /// lenient producer that takes a consumer index ahead of what it published to mean "read
+    /// everything", and so reuses slots the consumer has not read.
+    #[cfg(feature = "mutant-trust-consumer-index")]
+    fn mutant_trusted_index(&self, found: u32) -> Option<u32> {
+        (found.wrapping_sub(self.published) < 1 << 31).then_some(self.published)
     }
 
     fn free(&self) -> u32 {

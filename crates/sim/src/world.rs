@@ -19,8 +19,8 @@ use iopf_core::{
     FaultCore, ManualClock, Nanos, QueueHandler, ResponseSource,
 };
 use iopf_queue::{
-    Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, ResponseQueueConsumer,
-    ResponseQueueProducer,
+    Doorbell, FaultQueueConsumer, FaultQueueProducer, HeapMemory, QueueMemory,
+    ResponseQueueConsumer, ResponseQueueProducer,
 };
 use iopf_vmm::{Assembled, GroupAssembler};
 use serde::Serialize;
@@ -79,6 +79,15 @@ pub enum Chaos {
     CorruptMemory {
         /// Guest-physical address of the word.
         gpa: u64,
+    },
+    /// The VMM writes a consumer index beyond anything the host published into its fault
+    /// queue, and stops reading for `stall_ns`: the host must refuse the index (the queue is
+    /// broken, the handler ends), never reuse slots the VMM has not read.
+    LyingIndex {
+        /// Index of the device.
+        device: usize,
+        /// How long the VMM then reads nothing.
+        stall_ns: Nanos,
     },
     /// The endpoint starts issuing `extra` requests beyond its allocation.
     OverIssue {
@@ -258,6 +267,27 @@ impl SimConfig {
         config
     }
 
+    /// VMMs that lie about how far they read their fault queue: rings of 4 entries under an
+    /// allocation of 32, and every 150 µs one device's VMM writes a consumer index past
+    /// anything published and stops reading for 100 µs ([`Chaos::LyingIndex`]).
+    pub fn lying_index(seed: u64) -> Self {
+        let mut config = Self::clean(seed);
+        for device in &mut config.devices {
+            device.ring_entries = 4;
+        }
+        let mut rng = Rng::new(seed ^ 0x11e5);
+        for (i, at) in (50_000..1_000_000).step_by(150_000).enumerate() {
+            config.chaos.push(ChaosEvent {
+                at: at + rng.below(50_000),
+                chaos: Chaos::LyingIndex {
+                    device: i % 2,
+                    stall_ns: 100_000,
+                },
+            });
+        }
+        config
+    }
+
     /// The clean run with rings too small for the traffic and a device that over-issues.
     pub fn overflow(seed: u64) -> Self {
         let mut config = Self::clean(seed);
@@ -354,6 +384,17 @@ impl SimConfig {
         if rng.chance(0.25) {
             config.crosstalk = 0.2;
         }
+        // Some have a VMM lie about how far it read its fault queue.
+        if rng.chance(0.25) {
+            let device = rng.below(2) as usize;
+            config.chaos.push(ChaosEvent {
+                at: rng.between(20_000, 200_000),
+                chaos: Chaos::LyingIndex {
+                    device,
+                    stall_ns: rng.between(10_000, 100_000),
+                },
+            });
+        }
         // Whatever the chaos did, the run must end with every device registered again.
         for device in 0..config.devices.len() {
             config.chaos.push(ChaosEvent {
@@ -407,6 +448,8 @@ pub struct SimReport {
     pub stale_replayed: u64,
     /// Guest answers written into another device's response queue ([`SimConfig::crosstalk`]).
     pub misdirected: u64,
+    /// Consumer indices the VMMs lied about ([`Chaos::LyingIndex`]).
+    pub lies: u64,
     /// Invariant violations (empty: the run is correct).
     pub violations: Vec<String>,
 }
@@ -471,6 +514,8 @@ struct Device {
     /// for replays built to collide.
     past: VecDeque<(ResponseRecord, u64)>,
     guest: Guest,
+    /// The VMM reads nothing before this time ([`Chaos::LyingIndex`]).
+    stalled_until: Nanos,
     issued: Vec<u32>,
     next_access: u64,
     ring_entries: u32,
@@ -578,6 +623,7 @@ struct World {
     answers_discarded: u64,
     stale_replayed: u64,
     misdirected: u64,
+    lies: u64,
     violations: Vec<String>,
 }
 
@@ -624,6 +670,7 @@ impl World {
                 consumed: Vec::new(),
                 past: VecDeque::new(),
                 guest: Guest::new(config.guest, rng.fork()),
+                stalled_until: 0,
                 issued: vec![0; spec.streams.len()],
                 next_access: 0,
                 ring_entries: spec.ring_entries,
@@ -649,6 +696,7 @@ impl World {
             answers_discarded: 0,
             stale_replayed: 0,
             misdirected: 0,
+            lies: 0,
             violations: Vec::new(),
             config,
         };
@@ -905,6 +953,9 @@ impl World {
 
     fn vmm_poll(&mut self, device: usize) {
         let d = &mut self.devices[device];
+        if self.now < d.stalled_until {
+            return;
+        }
         let Some(vmm) = d.vmm.as_mut() else {
             return;
         };
@@ -1086,6 +1137,18 @@ impl World {
                 self.devices[device].endpoint.set_credit_overrun(extra);
                 self.step(device);
             }
+            Chaos::LyingIndex { device, stall_ns } => {
+                let d = &mut self.devices[device];
+                if let Some(vmm) = &d.vmm {
+                    let index = &vmm.faults.memory().vmm_page().index;
+                    let lie = index
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .wrapping_add(d.ring_entries + 1);
+                    index.store(lie, std::sync::atomic::Ordering::Release);
+                    d.stalled_until = self.now + stall_ns;
+                    self.lies += 1;
+                }
+            }
         }
     }
 
@@ -1181,6 +1244,7 @@ impl World {
             answers_discarded: self.answers_discarded,
             stale_replayed: self.stale_replayed,
             misdirected: self.misdirected,
+            lies: self.lies,
             memory,
             violations: self.violations,
         }

@@ -2,7 +2,9 @@
 //! test-only switch (never on by default):
 //! - `mutant-cross-device`: a response answering another device's group (a response whose cookie
 //!   its own device does not know is applied to whichever device has a group under it);
-//! - `mutant-unregister-forgets`: unregister leaves a pending group unanswered.
+//! - `mutant-unregister-forgets`: unregister leaves a pending group unanswered;
+//! - `mutant-trust-consumer-index` (in iopf-queue): the host's fault ring takes a consumer index
+//!   ahead of what it published to mean "read everything", so it reuses unread slots.
 //!
 //! Each sweep must catch its bug on every seed of its aimed preset and on some seeds of the
 //! default chaotic sweep. `scripts/test` runs this file once per feature; without a feature its
@@ -29,7 +31,12 @@ fn missed(
 
 /// The control: on a correct fault core (no mutant switch), the same sweeps with the same
 /// time limit find nothing, so what the mutant tests count is the bug, not the checker.
-#[cfg(not(any(feature = "mutant-cross-device", feature = "mutant-unregister-forgets")))]
+#[cfg(not(any(
+    feature = "mutant-cookie-reset",
+    feature = "mutant-cross-device",
+    feature = "mutant-unregister-forgets",
+    feature = "mutant-trust-consumer-index"
+)))]
 #[test]
 fn the_aimed_sweeps_pass_on_a_correct_core() {
     let broken = |r: &SimReport| !r.ok();
@@ -95,6 +102,39 @@ fn chaotic_sweep_catches_an_unregister_that_forgets_a_group_on_most_seeds() {
     eprintln!("chaotic: the forgetting unregister caught on {caught}/200 seeds");
     assert!(caught > 100, "the bug caught on only {caught}/200 seeds");
 }
+
+#[cfg(feature = "mutant-trust-consumer-index")]
+fn overwrote_unread_records(report: &SimReport) -> bool {
+    report
+        .violations
+        .iter()
+        .any(|v| v.contains("the host broke the fault queue"))
+}
+
+#[cfg(feature = "mutant-trust-consumer-index")]
+#[test]
+fn lying_index_catches_a_producer_that_trusts_the_consumer_index_on_every_seed() {
+    let missed = missed(0..100, SimConfig::lying_index, overwrote_unread_records);
+    assert!(
+        missed.is_empty(),
+        "the checker missed the bug on seeds {missed:?}"
+    );
+}
+
+#[cfg(feature = "mutant-trust-consumer-index")]
+#[test]
+fn chaotic_sweep_catches_a_producer_that_trusts_the_consumer_index() {
+    let missed = missed(0..200, SimConfig::chaotic, overwrote_unread_records);
+    let caught = 200 - missed.len();
+    eprintln!("chaotic: the trusted consumer index caught on {caught}/200 seeds");
+    // One draw in four has a lie, and it shows only if the host needs room while it stands.
+    assert!(caught >= 5, "the bug caught on only {caught}/200 seeds");
+}
+
+#[cfg(not(feature = "mutant-trust-consumer-index"))]
+#[test]
+#[ignore = "run with --features mutant-trust-consumer-index (scripts/test does)"]
+fn lying_index_catches_a_producer_that_trusts_the_consumer_index_on_every_seed() {}
 
 #[cfg(not(feature = "mutant-cross-device"))]
 #[test]
