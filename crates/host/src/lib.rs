@@ -6,6 +6,7 @@ pub mod engine;
 pub mod host;
 pub mod metrics;
 pub mod pci;
+pub mod reactor;
 pub mod socket;
 
 #[cfg(test)]
