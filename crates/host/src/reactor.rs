@@ -192,11 +192,20 @@ impl Context<'_> {
     pub fn id(&self) -> SourceId {
         self.id
     }
+
+    /// Stops watching `fd`, an fd this source is about to give up (close). A source whose
+    /// [`Handler::fd`] changes calls this for the old fd while it still owns it; the reactor
+    /// watches the new one after the call.
+    pub fn unwatch(&self, fd: BorrowedFd<'_>) {
+        // Fails only if the fd was not watched: then there is nothing to undo.
+        let _ = epoll::delete(&self.reactor.inner.epoll, fd);
+    }
 }
 
 /// One source of a reactor. See the module docs for the rules a handler keeps.
 pub trait Handler: Send {
-    /// The fd to watch, if any (the same fd for the handler's whole life).
+    /// The fd to watch, if any. It may change between two calls: the handler then calls
+    /// [`Context::unwatch`] for the old one before closing it.
     fn fd(&self) -> Option<BorrowedFd<'_>>;
 
     /// Does what `ready` allows without blocking, and says what to wait for next.
@@ -550,12 +559,15 @@ impl Reactor {
             }
             Next::Wait(wait) => {
                 if let Some(fd) = handler.fd() {
-                    let armed = epoll::modify(
-                        &self.inner.epoll,
-                        fd,
-                        epoll::EventData::new_u64(token),
-                        epoll_flags(&wait),
-                    );
+                    let data = epoll::EventData::new_u64(token);
+                    let armed = match epoll::modify(&self.inner.epoll, fd, data, epoll_flags(&wait))
+                    {
+                        // A new fd (the source changed it, see `Context::unwatch`).
+                        Err(rustix::io::Errno::NOENT) => {
+                            epoll::add(&self.inner.epoll, fd, data, epoll_flags(&wait))
+                        }
+                        other => other,
+                    };
                     if armed.is_err() {
                         // The fd cannot be watched any more (closed under us): the source
                         // could never be called again, so it goes.
@@ -967,6 +979,64 @@ mod tests {
         }
         assert_eq!(closed.load(Ordering::SeqCst), 100);
         assert_eq!(reactor.len(), 1, "only the listener is left");
+        reactor.stop();
+        workers.join();
+    }
+
+    /// Watches `bells[0]`, then after its first ring `bells[1]` (giving the first up).
+    struct Switcher {
+        bells: Vec<Doorbell>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Handler for Switcher {
+        fn fd(&self) -> Option<BorrowedFd<'_>> {
+            self.bells.first().map(AsFd::as_fd)
+        }
+
+        fn on_event(&mut self, cx: &Context<'_>, _: Ready) -> Next {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let first = self.bells.remove(0);
+            first.drain().unwrap();
+            if !self.bells.is_empty() {
+                cx.unwatch(first.as_fd());
+            } else {
+                self.bells.push(first);
+            }
+            Next::Wait(Wait::readable())
+        }
+    }
+
+    #[test]
+    fn a_source_may_change_its_fd() {
+        let reactor = Reactor::new().unwrap();
+        let workers = reactor.spawn_workers(1).unwrap();
+        let (a, b) = (Doorbell::new().unwrap(), Doorbell::new().unwrap());
+        let (ring_a, ring_b) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let switcher = Switcher {
+            bells: vec![a, b],
+            calls: calls.clone(),
+        };
+        reactor
+            .register(Box::new(switcher), Wait::readable())
+            .unwrap();
+        let wait_for = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while calls.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        ring_a.ring().unwrap();
+        wait_for(1);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // The old fd is no longer watched (its open file lives on in `ring_a`).
+        ring_a.ring().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        ring_b.ring().unwrap();
+        wait_for(2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
         reactor.stop();
         workers.join();
     }
