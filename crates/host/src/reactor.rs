@@ -406,6 +406,30 @@ impl Reactor {
         self.set_timer(Instant::now(), id.0, FORCED);
     }
 
+    /// Calls every source soon with [`Ready::deadline`] set (e.g. after setting a flag they
+    /// all look at).
+    pub fn wake_all(&self) {
+        let tokens: Vec<u64> = self
+            .inner
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        let now = Instant::now();
+        let mut timers = self
+            .inner
+            .timers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for token in tokens {
+            timers.push(Reverse((now, token, FORCED)));
+        }
+        drop(timers);
+        self.kick();
+    }
+
     /// Stops the reactor: every worker returns after its current call, the sources still
     /// registered get [`Handler::on_stop`] and are dropped.
     pub fn stop(&self) {
