@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use hdrhistogram::Histogram;
-use iopf_host::HostReport;
+use iopf_endpoint::HostReport;
 use serde_json::json;
 
 use crate::stop::{Invariant, Reaper};

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use anyhow::anyhow;
 use hdrhistogram::Histogram;
 use iopf_core::DeviceCounters;
-use iopf_host::HostReport;
+use iopf_endpoint::HostReport;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Args;
-use iopf_host::{Host, HostReport};
+use iopf_endpoint::{Host, HostReport};
 use iopf_sim::vmm_guest::{GuestSetup, SimulatedGuest, attach, reattach};
 use iopf_vfio_user::ClientOptions;
 use iopf_vmm::{Device, DeviceKey, EventLoop, host_finished};
@@ -338,7 +338,7 @@ fn drive(
             host.interrupt();
             break;
         }
-        let load = |f: fn(&iopf_host::engine::Progress) -> u64| -> u64 {
+        let load = |f: fn(&iopf_host::metrics::Progress) -> u64| -> u64 {
             host.progress().iter().map(f).sum()
         };
         let done = load(|p| p.accesses_done.load(std::sync::atomic::Ordering::Relaxed));

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use iopf_core::DeviceConfig;
-use iopf_host::HostConfig;
-use iopf_host::engine::Workload;
+use iopf_endpoint::HostConfig;
+use iopf_endpoint::engine::Workload;
 use iopf_models::endpoint::EndpointConfig;
 use iopf_models::guest::GuestConfig;
 use iopf_models::workload::{Pattern, Stream};

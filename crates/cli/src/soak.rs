@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use iopf_host::{Host, HostReport};
+use iopf_endpoint::{Host, HostReport};
 use serde::Serialize;
 use serde_json::json;
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context;
-use iopf_host::Host;
+use iopf_endpoint::Host;
 use iopf_host::metrics::{self, MetricsServer, StatsSocket};
 
 /// What serves a host's live view; dropping it stops serving.

@@ -2,10 +2,8 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod engine;
-pub mod host;
+pub mod fault_regions;
 pub mod metrics;
-pub mod pci;
 pub mod reactor;
 pub mod socket;
 
@@ -13,5 +11,5 @@ pub mod socket;
 #[path = "../../../tests-support/temp_path.rs"]
 mod temp_path;
 
-pub use host::{DeviceSummary, Host, HostConfig, HostReport};
+pub use fault_regions::{FaultPort, FaultRegions, FaultRegionsError};
 pub use socket::{BindError, SocketGuard};

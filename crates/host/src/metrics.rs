@@ -34,7 +34,17 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::engine::Progress;
+/// A device's DMA engine's progress, which a watcher reads while the engine runs: the engine
+/// stores, [`Metrics`] loads (relaxed atomics; nothing waits).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Accesses ended (completed or failed).
+    pub accesses_done: AtomicU64,
+    /// Groups answered.
+    pub groups_answered: AtomicU64,
+    /// Page request round trips so far.
+    pub latency: LatencyBuckets,
+}
 
 /// Upper bounds of the round-trip latency buckets, nanoseconds (1 µs to 1 s); a last bucket
 /// (`+Inf`) takes the rest.

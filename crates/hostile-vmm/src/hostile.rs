@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::{Args, ValueEnum};
 use iopf_abi::{FLAG_NEED_WAKEUP, Fault, PageRequest, Pasid, QueueKind, ResponseRecord};
-use iopf_host::pci::{REG_DEVICE_ID, REG_HOST_STATE};
 use iopf_models::guest::{Guest, GuestConfig};
 use iopf_models::memory::GuestMemory;
 use iopf_models::nested::GuestTables;
@@ -34,6 +33,7 @@ use iopf_vfio_user::device::{
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED,
 };
+use iopf_vfio_user::device::{REG_DEVICE_ID, REG_HOST_STATE};
 use iopf_vfio_user::{Client, Command};
 use iopf_vmm::{Assembled, GroupAssembler};
 use serde_json::json;

@@ -8,7 +8,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use iopf_core::{DeviceConfig, DeviceId, FaultCore, MonotonicClock, QueueHandler};
-use iopf_host::engine::{DeviceSlot, Progress, SlotSink, Workload, run};
+use iopf_endpoint::engine::{DeviceSlot, Progress, Workload, run};
+use iopf_host::FaultPort;
 use iopf_models::endpoint::EndpointConfig;
 use iopf_models::guest::{Guest, GuestConfig};
 use iopf_models::memory::GuestMemory;
@@ -24,12 +25,10 @@ use iopf_vmm::{Device, EventLoop};
 #[test]
 fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
     let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
-    let sink = Arc::new(SlotSink::default());
     let id = DeviceId(1);
-    let slot = Arc::new(DeviceSlot::new(id));
-    sink.add(slot.clone());
-    core.add_device(id, DeviceConfig::default(), sink.clone())
-        .unwrap();
+    let slot = Arc::new(DeviceSlot::new(
+        FaultPort::add(core.clone(), id, DeviceConfig::default()).unwrap(),
+    ));
 
     // Host side: the regions and doorbells, the handler registered.
     let mut faults = FaultQueueProducer::create(64).unwrap();

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iopf_core::DeviceConfig;
-use iopf_host::engine::Workload;
-use iopf_host::{Host, HostConfig};
+use iopf_endpoint::engine::Workload;
+use iopf_endpoint::{Host, HostConfig};
 use iopf_models::endpoint::EndpointConfig;
 use iopf_models::guest::{Guest, GuestConfig};
 use iopf_models::memory::GuestMemory;

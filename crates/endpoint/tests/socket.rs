@@ -5,8 +5,8 @@
 mod temp_path;
 use temp_path::TempPath;
 
-use iopf_host::engine::Workload;
-use iopf_host::{BindError, Host, HostConfig};
+use iopf_endpoint::engine::Workload;
+use iopf_endpoint::{BindError, Host, HostConfig};
 use iopf_models::endpoint::EndpointConfig;
 
 fn config() -> HostConfig {

@@ -9,9 +9,9 @@ use temp_path::TempPath;
 use std::os::fd::{AsFd, OwnedFd};
 
 use iopf_core::DeviceConfig;
-use iopf_host::engine::Workload;
-use iopf_host::pci::{MAX_DMA_MAPPING_SIZE, MAX_DMA_MAPPINGS};
-use iopf_host::{Host, HostConfig};
+use iopf_endpoint::engine::Workload;
+use iopf_endpoint::pci::{MAX_DMA_MAPPING_SIZE, MAX_DMA_MAPPINGS};
+use iopf_endpoint::{Host, HostConfig};
 use iopf_models::endpoint::EndpointConfig;
 use iopf_models::workload::{Pattern, Stream};
 use iopf_vfio_user::{Client, DmaProt, Errno};

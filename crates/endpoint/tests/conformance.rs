@@ -13,8 +13,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use iopf_abi::QueueKind;
-use iopf_host::engine::Workload;
-use iopf_host::{Host, HostConfig};
+use iopf_endpoint::engine::Workload;
+use iopf_endpoint::{Host, HostConfig};
 use iopf_models::endpoint::EndpointConfig;
 use iopf_queue::{Doorbell, QueueRegion};
 use iopf_vfio_user::device::{

@@ -1,5 +1,5 @@
-//! The host process's core: devices with their engines, a socket, one thread per VMM
-//! connection. A connection takes the first device no other connection serves; closing it is
+//! The simulated endpoints' host process: devices with their engines, a socket, one thread
+//! per VMM connection, each serving a [`FaultPciDevice`]. A connection takes the first device no other connection serves; closing it is
 //! unregister (the VMM is gone: its device's pending groups are answered `Invalid`), and a new
 //! connection can take the device over.
 
@@ -12,9 +12,11 @@ use std::thread::JoinHandle;
 use iopf_core::{DeviceConfig, DeviceCounters, DeviceId, FaultCore, MonotonicClock};
 use iopf_vfio_user::{Disconnect, Server, ServerConfig};
 
-use crate::engine::{self, DeviceSlot, EngineReport, Progress, SlotSink, Workload};
+use iopf_host::FaultPort;
+use iopf_host::socket::{self, BindError, SocketGuard};
+
+use crate::engine::{self, DeviceSlot, EngineReport, Progress, Workload};
 use crate::pci::FaultPciDevice;
-use crate::socket::{self, BindError, SocketGuard};
 
 /// How the host runs.
 #[derive(Debug, Clone)]
@@ -80,14 +82,11 @@ impl Host {
     /// Starts the devices' engines (they wait for a VMM) and serves `listener` in a thread.
     pub fn start(config: HostConfig, listener: UnixListener) -> std::io::Result<Self> {
         let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
-        let sink = Arc::new(SlotSink::default());
         let mut slots = Vec::new();
         for index in 0..config.workloads.len() {
-            let slot = Arc::new(DeviceSlot::new(DeviceId(index as u32 + 1)));
-            sink.add(slot.clone());
-            core.add_device(slot.id, config.device, sink.clone())
+            let port = FaultPort::add(core.clone(), DeviceId(index as u32 + 1), config.device)
                 .map_err(std::io::Error::other)?;
-            slots.push(slot);
+            slots.push(Arc::new(DeviceSlot::new(port)));
         }
         let progress: Arc<Vec<Progress>> =
             Arc::new((0..slots.len()).map(|_| Progress::default()).collect());
@@ -153,8 +152,7 @@ impl Host {
     /// that one thread blocked in `accept` until then.
     fn accept_in_background(&self, listener: UnixListener, ring_entries: u32) {
         let unlisted = self.unlisted.clone();
-        let (core, slots, served, connections, disconnects, stop) = (
-            self.core.clone(),
+        let (slots, served, connections, disconnects, stop) = (
             self.slots.clone(),
             self.served.clone(),
             self.connections.clone(),
@@ -188,15 +186,14 @@ impl Host {
                 let Ok(control) = stream.try_clone() else {
                     continue;
                 };
-                let (core, slot, served, disconnects, unlisted) = (
-                    core.clone(),
+                let (slot, served, disconnects, unlisted) = (
                     slots[index].clone(),
                     served.clone(),
                     disconnects.clone(),
                     unlisted.clone(),
                 );
                 let thread = std::thread::spawn(move || {
-                    let reason = match FaultPciDevice::new(slot.clone(), core, ring_entries) {
+                    let reason = match FaultPciDevice::new(slot.clone(), ring_entries) {
                         Ok(mut device) => {
                             let server = Server::new(ServerConfig::default());
                             let reason = match server.serve(stream, &mut device) {
@@ -249,7 +246,7 @@ impl Host {
             .closed_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now() + down);
-        self.core.unregister(slot.id);
+        slot.port.unregister();
     }
 
     /// Ends a soak ([`HostConfig::repeat`]): the devices issue no more accesses, and their
@@ -285,10 +282,10 @@ impl Host {
         &self.progress
     }
 
-    /// What an operator watches on this host, every device (`crate::metrics`); it reads the
+    /// What an operator watches on this host, every device (`iopf_host::metrics`); it reads the
     /// fault core and the engines' progress while they run.
-    pub fn metrics(&self) -> crate::metrics::Metrics {
-        crate::metrics::Metrics::new(
+    pub fn metrics(&self) -> iopf_host::metrics::Metrics {
+        iopf_host::metrics::Metrics::new(
             self.core.clone(),
             self.slots.iter().map(|slot| slot.id).collect(),
         )

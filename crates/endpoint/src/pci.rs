@@ -1,22 +1,21 @@
-//! The PCI device a VMM sees over vfio-user: a small register BAR, config space, the DMA fault
-//! region, the DMA fault response region (with its ioeventfd), and the DMA fault IRQ.
+//! The PCI device a VMM sees over vfio-user: a small register BAR and config space (the
+//! simulator's), and the DMA fault region, the DMA fault response region (with its
+//! ioeventfd) and the DMA fault IRQ, which `iopf_host::FaultRegions` serves.
 //! `docs/PROTOCOL.md` lists every value.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use iopf_abi::Perm;
-use iopf_abi::QueueKind;
-use iopf_core::{FaultCore, QueueHandler};
+use iopf_host::{FaultRegions, FaultRegionsError};
 use iopf_models::memory::{MemoryMap, MemoryMapError, Region};
 use iopf_models::nested::Directory;
-use iopf_queue::{Doorbell, FaultQueueProducer, QueueRegion, ResponseQueueConsumer, SharedMemory};
+use iopf_queue::SharedMemory;
 use iopf_vfio_user::device::{
-    self, DMA_FAULT_IRQ_INDEX, DMA_FAULT_REGION_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX, NUM_IRQS,
-    NUM_REGIONS, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    self, NUM_IRQS, NUM_REGIONS, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
 };
 use iopf_vfio_user::{
-    DeviceFlags, DeviceInfo, DmaMap, DmaProt, DmaUnmap, Errno, IoFd, IrqData, IrqInfo, RegionFlags,
+    DeviceFlags, DeviceInfo, DmaMap, DmaProt, DmaUnmap, Errno, IoFd, IrqInfo, RegionFlags,
     RegionInfo, SetIrqs, VfioUserDevice,
 };
 
@@ -42,16 +41,12 @@ pub const MAX_DMA_TOTAL: u64 = 1 << 40;
 /// The page size `DMA_MAP` and `DMA_UNMAP` work in: IOVA, offset and size are multiples of it.
 pub const DMA_PAGE_SIZE: u64 = 4096;
 
-/// One connection's view of a device: the regions of this handler life and the registers.
+/// One connection's view of a device: the fault regions of this handler life (the
+/// component of [`iopf_host::fault_regions`]) and the simulator's registers and DMA mappings.
 #[derive(Debug)]
 pub struct FaultPciDevice {
     slot: Arc<DeviceSlot>,
-    core: Arc<FaultCore>,
-    fault_fd: OwnedFd,
-    fault_len: u64,
-    response_fd: OwnedFd,
-    response_len: u64,
-    response_doorbell: Doorbell,
+    faults: FaultRegions,
     config: [u8; CONFIG_SIZE],
     directory_base: u64,
     directory_entries: u64,
@@ -62,37 +57,23 @@ pub struct FaultPciDevice {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SetupError {
-    /// A region or eventfd could not be created.
-    #[error("creating the queues: {0}")]
-    Queue(#[from] iopf_queue::RegionAttachError),
-    /// An eventfd could not be created.
-    #[error("eventfd: {0}")]
+    /// The fault regions could not be created or their handler registered.
+    #[error("setting up the fault regions")]
+    FaultRegions(#[from] FaultRegionsError),
+    /// The response doorbell could not be duplicated for the engine.
+    #[error("duplicating the response doorbell")]
     Io(#[from] std::io::Error),
-    /// The fault core refused the handler.
-    #[error("fault core: {0}")]
-    Core(#[from] iopf_core::CoreError),
 }
 
 impl FaultPciDevice {
-    /// Creates this life's queues, registers their handler with the core (page requests are
-    /// answered `Invalid` until the VMM attaches), and tells the engine about the doorbell.
-    pub fn new(
-        slot: Arc<DeviceSlot>,
-        core: Arc<FaultCore>,
-        ring_entries: u32,
-    ) -> Result<Self, SetupError> {
-        let faults = FaultQueueProducer::create(ring_entries)?;
-        let response_doorbell = Doorbell::new()?;
-        let responses =
-            ResponseQueueConsumer::create(ring_entries, response_doorbell.try_clone()?)?;
-        let fault_fd = faults.memory().fd().try_clone_to_owned()?;
-        let response_fd = responses.memory().fd().try_clone_to_owned()?;
-        let fault_len = region_len(faults.memory());
-        let response_len = region_len(responses.memory());
-        core.register(slot.id, Box::new(QueueHandler { faults, responses }))?;
+    /// Creates this life's fault regions (their handler registered with the core: page
+    /// requests are answered `Invalid` until the VMM attaches), and tells the engine about
+    /// the response doorbell.
+    pub fn new(slot: Arc<DeviceSlot>, ring_entries: u32) -> Result<Self, SetupError> {
+        let faults = FaultRegions::attach(&slot.port, ring_entries)?;
         {
             let mut attachment = slot.attachment();
-            attachment.wake = Some(response_doorbell.try_clone()?);
+            attachment.wake = Some(faults.response_doorbell().try_clone()?);
             attachment.generation += 1;
         }
         let mut config = [0u8; CONFIG_SIZE];
@@ -100,12 +81,7 @@ impl FaultPciDevice {
         config[2..4].copy_from_slice(&DEVICE_ID.to_le_bytes());
         Ok(Self {
             slot,
-            core,
-            fault_fd,
-            fault_len,
-            response_fd,
-            response_len,
-            response_doorbell,
+            faults,
             config,
             directory_base: 0,
             directory_entries: 0,
@@ -115,7 +91,7 @@ impl FaultPciDevice {
 
     /// The VMM is gone: its groups are answered, its memory forgotten.
     pub fn detach(self) {
-        self.core.vmm_gone(self.slot.id);
+        self.faults.detach();
         let mut attachment = self.slot.attachment();
         attachment.memory = None;
         attachment.mappings = MemoryMap::new();
@@ -123,14 +99,6 @@ impl FaultPciDevice {
         attachment.nested = false;
         attachment.wake = None;
         attachment.generation += 1;
-    }
-
-    fn queue_fd(&self, index: u32) -> Option<BorrowedFd<'_>> {
-        match index {
-            DMA_FAULT_REGION_INDEX => Some(self.fault_fd.as_fd()),
-            DMA_FAULT_RESPONSE_REGION_INDEX => Some(self.response_fd.as_fd()),
-            _ => None,
-        }
     }
 
     fn publish_mappings(&self) {
@@ -147,11 +115,6 @@ impl FaultPciDevice {
         });
         attachment.generation += 1;
     }
-}
-
-fn region_len(region: &QueueRegion) -> u64 {
-    use iopf_queue::QueueMemory;
-    region.geometry().region_len()
 }
 
 /// The device access a `DMA_MAP` grants: `READ`, `WRITE` or both; neither is refused.
@@ -183,6 +146,9 @@ impl VfioUserDevice for FaultPciDevice {
     }
 
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        if let Some(info) = self.faults.region_info(index) {
+            return Some(info);
+        }
         Some(match index {
             VFIO_PCI_BAR0_REGION_INDEX => RegionInfo {
                 flags: RegionFlags::READ | RegionFlags::WRITE,
@@ -196,39 +162,29 @@ impl VfioUserDevice for FaultPciDevice {
                 mmap_offset: 0,
                 caps: Vec::new(),
             },
-            DMA_FAULT_REGION_INDEX => device::queue_region_info(QueueKind::Fault, self.fault_len),
-            DMA_FAULT_RESPONSE_REGION_INDEX => {
-                device::queue_region_info(QueueKind::Response, self.response_len)
-            }
             i if i < NUM_REGIONS => device::absent_region_info(),
             _ => return None,
         })
     }
 
     fn region_fd(&self, index: u32) -> Option<BorrowedFd<'_>> {
-        self.queue_fd(index)
+        self.faults.region_fd(index)
     }
 
     fn region_io_fds(&self, index: u32) -> Result<Vec<(IoFd, BorrowedFd<'_>)>, Errno> {
-        Ok(if index == DMA_FAULT_RESPONSE_REGION_INDEX {
-            vec![(
-                device::response_doorbell_io_fd(),
-                self.response_doorbell.as_fd(),
-            )]
-        } else {
-            Vec::new()
-        })
+        Ok(self.faults.region_io_fds(index).unwrap_or_default())
     }
 
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        Some(match index {
-            DMA_FAULT_IRQ_INDEX => device::dma_fault_irq_info(),
-            i if i < NUM_IRQS => device::absent_irq_info(),
-            _ => return None,
-        })
+        self.faults
+            .irq_info(index)
+            .or_else(|| (index < NUM_IRQS).then(device::absent_irq_info))
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
+        if let Some(result) = self.faults.region_read(index, offset, data) {
+            return result;
+        }
         match index {
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
@@ -252,20 +208,15 @@ impl VfioUserDevice for FaultPciDevice {
                 };
                 data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
             }
-            _ => {
-                let fd = self.queue_fd(index).ok_or(Errno::EINVAL)?;
-                let len = data.len();
-                let n = rustix::io::pread(fd, &mut *data, offset)
-                    .map_err(|e| Errno(e.raw_os_error() as u32))?;
-                if n != len {
-                    return Err(Errno::EIO);
-                }
-            }
+            _ => return Err(Errno::EINVAL),
         }
         Ok(())
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        if let Some(result) = self.faults.region_write(index, offset, data) {
+            return result;
+        }
         match index {
             // Config space is read-only here; writes are accepted and ignored, as for an
             // unimplemented register.
@@ -283,41 +234,12 @@ impl VfioUserDevice for FaultPciDevice {
                 }
                 Ok(())
             }
-            _ => {
-                // The VMM's page of a queue region, through the socket instead of the mapping;
-                // on the response queue's `prod`, this is the doorbell's fallback.
-                let fd = self.queue_fd(index).ok_or(Errno::EINVAL)?;
-                let n = rustix::io::pwrite(fd, data, offset)
-                    .map_err(|e| Errno(e.raw_os_error() as u32))?;
-                if n != data.len() {
-                    return Err(Errno::EIO);
-                }
-                if index == DMA_FAULT_RESPONSE_REGION_INDEX
-                    && offset == device::RESPONSE_PROD_OFFSET
-                {
-                    self.response_doorbell.ring().map_err(Errno::from)?;
-                }
-                Ok(())
-            }
+            _ => Err(Errno::EINVAL),
         }
     }
 
     fn set_irqs(&mut self, request: SetIrqs) -> Result<(), Errno> {
-        if request.index != DMA_FAULT_IRQ_INDEX {
-            return Err(Errno::EINVAL);
-        }
-        let doorbell = match request.data {
-            IrqData::Eventfds(mut fds) if fds.len() == 1 => {
-                Some(Doorbell::from_fd(fds.remove(0)).map_err(|_| Errno::EINVAL)?)
-            }
-            IrqData::Eventfds(fds) if fds.is_empty() => None,
-            IrqData::None => None,
-            _ => return Err(Errno::EINVAL),
-        };
-        self.core
-            .set_fault_doorbell(self.slot.id, doorbell)
-            .map_err(|_| Errno::EINVAL)?;
-        Ok(())
+        self.faults.set_irqs(request)
     }
 
     /// A mapping of guest memory at its guest-physical address (`docs/PROTOCOL.md` §4.6): any
@@ -410,9 +332,7 @@ impl VfioUserDevice for FaultPciDevice {
         self.directory_entries = 0;
         self.slot.attachment().resets += 1;
         self.publish_directory();
-        self.core
-            .reset_device(self.slot.id)
-            .map_err(|_| Errno::EIO)?;
+        self.faults.reset().map_err(|_| Errno::EIO)?;
         Ok(())
     }
 }

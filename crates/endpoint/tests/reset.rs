@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use iopf_abi::{Fault, PageRequest, PageResponse, Pasid, Perm, ResponseCode, ResponseRecord};
 use iopf_core::{DeviceConfig, DeviceCounters, DeviceId};
-use iopf_host::engine::Workload;
-use iopf_host::pci::{REG_DIRECTORY_BASE, REG_DIRECTORY_ENTRIES};
-use iopf_host::{Host, HostConfig};
+use iopf_endpoint::engine::Workload;
+use iopf_endpoint::pci::{REG_DIRECTORY_BASE, REG_DIRECTORY_ENTRIES};
+use iopf_endpoint::{Host, HostConfig};
 use iopf_models::endpoint::EndpointConfig;
 use iopf_models::memory::GuestMemory;
 use iopf_models::nested::GuestTables;

@@ -3,13 +3,14 @@
 //! its DMA mappings (`DirectIommu`), reports faults to the fault core, sleeps on the response
 //! doorbell, and takes the core's responses back.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use iopf_core::{DeviceFault, DeviceId, DeviceResponse, DeviceSink, FaultCore};
+use iopf_core::{DeviceFault, DeviceId, DeviceResponse, FaultCore};
+use iopf_host::FaultPort;
 use iopf_models::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
 use iopf_models::iommu::{SpaceId, Translate, Translation};
 use iopf_models::memory::{GuestMemory, MemoryMap, MemoryVerdict};
@@ -57,9 +58,10 @@ pub struct Attachment {
 pub struct DeviceSlot {
     /// The device.
     pub id: DeviceId,
+    /// The device on the fault core: the engine reports through it and takes its answers.
+    pub port: FaultPort,
     /// What the VMM provided.
     pub attachment: Mutex<Attachment>,
-    inbox: Mutex<VecDeque<DeviceResponse>>,
     /// After a host-side unregister, no VMM may attach before this time.
     pub closed_until: Mutex<Option<Instant>>,
     /// The host has finished: a VMM that sees `LIVE` cleared should leave, not reattach.
@@ -67,12 +69,12 @@ pub struct DeviceSlot {
 }
 
 impl DeviceSlot {
-    /// An empty slot.
-    pub fn new(id: DeviceId) -> Self {
+    /// An empty slot for the device `port` stands for.
+    pub fn new(port: FaultPort) -> Self {
         Self {
-            id,
+            id: port.id(),
+            port,
             attachment: Mutex::new(Attachment::default()),
-            inbox: Mutex::new(VecDeque::new()),
             closed_until: Mutex::new(None),
             finished: std::sync::atomic::AtomicBool::new(false),
         }
@@ -83,39 +85,6 @@ impl DeviceSlot {
         self.attachment
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// The core delivers each response into its device's inbox; the engine takes it from there.
-#[derive(Debug, Default)]
-pub struct SlotSink {
-    slots: Mutex<BTreeMap<DeviceId, Arc<DeviceSlot>>>,
-}
-
-impl SlotSink {
-    /// Routes responses for `slot.id` to `slot`.
-    pub fn add(&self, slot: Arc<DeviceSlot>) {
-        self.slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(slot.id, slot);
-    }
-}
-
-impl DeviceSink for SlotSink {
-    fn page_response(&self, device: DeviceId, response: DeviceResponse) {
-        let slot = self
-            .slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&device)
-            .cloned();
-        if let Some(slot) = slot {
-            slot.inbox
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push_back(response);
-        }
     }
 }
 
@@ -148,16 +117,7 @@ fn failed<T, E: std::fmt::Display>(errors: &mut u64, step: &str, result: Result<
     }
 }
 
-/// Progress a watcher can read while the engine runs.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Accesses ended (completed or failed).
-    pub accesses_done: std::sync::atomic::AtomicU64,
-    /// Groups answered.
-    pub groups_answered: std::sync::atomic::AtomicU64,
-    /// Page request round trips so far, for a watcher (`crate::metrics`).
-    pub latency: crate::metrics::LatencyBuckets,
-}
+pub use iopf_host::metrics::Progress;
 
 /// Another mapping of guest memory given whole (`Attachment::memory`).
 fn view(memory: &SharedMemory) -> Option<SharedMemory> {
@@ -491,13 +451,8 @@ impl<'a> Engine<'a> {
 
     /// Takes the responses the core delivered, and records their round trips.
     fn take_responses(&mut self, turn: &mut Turn) {
-        let responses: Vec<DeviceResponse> = self
-            .slot
-            .inbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-            .collect();
+        let mut responses: Vec<DeviceResponse> = Vec::new();
+        self.slot.port.drain_responses(&mut responses);
         for response in &responses {
             if let Some(at) = self.sent_at.remove(&response.grpid.get()) {
                 let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -562,7 +517,7 @@ impl<'a> Engine<'a> {
             });
         }
         if !self.faults.is_empty() {
-            let result = self.core.report_batch(self.slot.id, &self.faults);
+            let result = self.slot.port.report_batch(&self.faults);
             failed(&mut self.errors, "report faults", result);
         }
     }
@@ -606,15 +561,10 @@ impl<'a> Engine<'a> {
     /// Lets the fault core take the VMM's responses and expire groups; says whether responses
     /// wait in the inbox.
     fn serve_core(&mut self) -> bool {
-        let result = self.core.process_responses(self.slot.id);
+        let result = self.slot.port.process_responses();
         failed(&mut self.errors, "process responses", result);
         self.core.expire();
-        !self
-            .slot
-            .inbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        self.slot.port.has_responses()
     }
 
     /// Nothing to do right now: sleeps until a response, the next access, or a short tick.
