@@ -22,9 +22,13 @@ pub struct DeviceArgs {
     /// A TOML scenario (see `scenarios/`); without it, `scenarios/default.toml`.
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// Override: this many devices, all like the scenario's first.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Override: this many devices, all like the scenario's first (at most 1024).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     devices: Option<u32>,
+    /// Threads of the host's reactor, which serves every device and VMM connection (default
+    /// and most: the number of CPUs; more is taken as that).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
     /// Override: DMA accesses per stream.
     #[arg(long)]
     accesses: Option<u32>,
@@ -62,6 +66,10 @@ impl DeviceArgs {
         if let Some(r) = self.ring_entries {
             s.ring_entries = r;
         }
+        let cpus = iopf_endpoint::host::default_threads();
+        s.threads = self
+            .threads
+            .map_or(cpus, |t| usize::try_from(t).unwrap_or(cpus).min(cpus));
         // Overrides go through the same checks as the file.
         Scenario::check_again(s)
     }
@@ -120,8 +128,8 @@ pub struct VmmArgs {
     /// The host's socket.
     #[arg(long)]
     socket: PathBuf,
-    /// Devices to attach (one vfio-user connection each).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Devices to attach (one vfio-user connection each; at most 1024).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     devices: u32,
     /// The scenario whose `[guest]` section the guest follows (default: the built-in one).
     #[arg(long)]
