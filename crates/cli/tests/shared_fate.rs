@@ -99,23 +99,19 @@ fn good_vmm(socket: &Path, scenario: &Path, devices: u64) -> Reaper {
     )
 }
 
-/// Waits (bounded) for a child to exit; returns whether it succeeded and its stdout.
-fn finish(mut child: Reaper, what: &str, limit: Duration) -> (bool, String) {
+/// Waits (bounded) for a child to exit; returns whether it succeeded.
+fn finish(mut child: Reaper, what: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
-    while child.0.try_wait().unwrap().is_none() {
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status.success();
+        }
         assert!(
             Instant::now() < deadline,
             "{what} did not finish in {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut out = String::new();
-    if let Some(mut stdout) = child.0.stdout.take() {
-        use std::io::Read;
-        stdout.read_to_string(&mut out).unwrap();
-    }
-    let status = child.0.wait().unwrap();
-    (status.success(), out)
 }
 
 /// How the 64th device's VMM behaves.
@@ -141,7 +137,7 @@ fn run(peer: Peer) -> Value {
     let socket = tmp.path().join("host.sock");
     let file = tmp.path().join("scenario.toml");
     std::fs::write(&file, scenario()).unwrap();
-    let host = Reaper(
+    let mut host = Reaper(
         iopf()
             .arg("host")
             .arg("--socket")
@@ -154,6 +150,13 @@ fn run(peer: Peer) -> Value {
             .spawn()
             .unwrap(),
     );
+    // Read while it runs: its report is larger than a pipe holds.
+    let mut stdout = host.0.stdout.take().unwrap();
+    let report = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+        text
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "the host never bound its socket");
@@ -195,7 +198,7 @@ fn run(peer: Peer) -> Value {
                 std::thread::sleep(Duration::from_millis(500));
                 drop(hostile);
             } else if leaves {
-                let (ok, _) = finish(hostile, "the hostile VMM", Duration::from_secs(60));
+                let ok = finish(hostile, "the hostile VMM", Duration::from_secs(60));
                 let rest: Vec<String> = lines.map_while(Result::ok).collect();
                 assert!(ok, "the hostile VMM failed: {rest:?}");
                 let report: Value = serde_json::from_str(rest.last().unwrap()).unwrap();
@@ -212,7 +215,8 @@ fn run(peer: Peer) -> Value {
             }
         }
     }
-    let (ok, text) = finish(host, "the host", Duration::from_secs(120));
+    let ok = finish(host, "the host", Duration::from_secs(120));
+    let text = report.join().unwrap();
     assert!(ok, "the host failed: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
