@@ -563,10 +563,19 @@ impl Engine {
                 until,
                 doorbell: true,
             },
-            // Answers wait in the response ring: no sleep.
-            Some(_) if registered => {
+            // Answers wait in the response ring: no sleep, unless the turn moved nothing (the
+            // core is not taking them: the VMM has detached and not hung up yet), where the
+            // doorbell tick without a doorbell keeps the device from spinning.
+            Some(_) if registered && moved => {
                 self.woke();
                 Step::Again
+            }
+            Some(_) if registered => {
+                self.woke();
+                Step::Sleep {
+                    until: Instant::now() + timeout.min(Duration::from_millis(2)),
+                    doorbell: false,
+                }
             }
             // No handler (the VMM is gone) or no doorbell: the deadline only.
             _ => Step::Sleep {

@@ -71,6 +71,9 @@ const EVENTS_PER_WAIT: usize = 64;
 /// The longest a worker sleeps without a deadline (it then looks for timers set by others).
 const MAX_SLEEP: Duration = Duration::from_millis(200);
 
+/// Timers one worker fires at most between two `epoll_wait`s.
+const TIMERS_PER_PASS: usize = 256;
+
 /// The token of the reactor's own wake eventfd.
 const WAKE_TOKEN: u64 = 0;
 
@@ -514,9 +517,12 @@ impl Reactor {
         timespec(sleep.min(MAX_SLEEP))
     }
 
+    /// Runs the sources whose deadline had passed when the pass began, at most
+    /// [`TIMERS_PER_PASS`]: a source that asks to run again at once is run at the next pass,
+    /// after the fds that became ready meanwhile.
     fn fire_timers(&self) {
-        loop {
-            let now = Instant::now();
+        let now = Instant::now();
+        for _ in 0..TIMERS_PER_PASS {
             let due = {
                 let mut timers = self
                     .inner
@@ -1061,6 +1067,57 @@ mod tests {
         ring_b.ring().unwrap();
         wait_for(2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+        reactor.stop();
+        workers.join();
+    }
+
+    /// Always asks to run again at once.
+    struct Busy;
+
+    impl Handler for Busy {
+        fn fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+
+        fn on_event(&mut self, cx: &Context<'_>, _: Ready) -> Next {
+            Next::Wait(Wait::at(cx.now()))
+        }
+    }
+
+    #[test]
+    fn sources_that_always_run_again_do_not_starve_an_fd() {
+        let reactor = Reactor::new().unwrap();
+        let workers = reactor.spawn_workers(1).unwrap();
+        for _ in 0..8 {
+            reactor
+                .register(Box::new(Busy), Wait::at(Instant::now()))
+                .unwrap();
+        }
+        let bell = Doorbell::new().unwrap();
+        let ring = bell.try_clone().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        reactor
+            .register(
+                Box::new(Bell {
+                    bell,
+                    count: count.clone(),
+                    timeouts: Arc::new(AtomicUsize::new(0)),
+                    running: Arc::new(AtomicUsize::new(0)),
+                    overlap: Arc::new(AtomicBool::new(false)),
+                }),
+                Wait::readable(),
+            )
+            .unwrap();
+        ring.ring().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while count.load(Ordering::SeqCst) < 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "the doorbell was never served"
+        );
         reactor.stop();
         workers.join();
     }
