@@ -10,10 +10,9 @@
 //! ([`Status::Closed`], the socket shut down).
 //!
 //! Bounds: a message in progress is bounded by
-//! [`MAX_MESSAGE_SIZE`](crate::protocol::MAX_MESSAGE_SIZE) and
-//! [`MAX_MSG_FDS`](crate::protocol::MAX_MSG_FDS), and must be complete within
-//! [`ServerConfig::message_timeout`] of its first byte; replies waiting for the client are
-//! bounded by [`ServerConfig::max_output`] bytes (a client that stops reading is disconnected
+//! [`MAX_MESSAGE_SIZE`] and [`MAX_MSG_FDS`](crate::protocol::MAX_MSG_FDS), and must be
+//! complete within [`ServerConfig::message_timeout`] of its first byte; replies waiting for
+//! the client are bounded by [`ServerConfig::max_output`] bytes (a client that stops reading is disconnected
 //! once the next reply would go past it) and must move within the message timeout; one call
 //! handles at most [`MESSAGES_PER_DRIVE`] messages, so a flooding client cannot hold the
 //! thread that drives it.
@@ -28,6 +27,8 @@ use iopf_queue::fdpass::send_some_with_fds;
 
 use crate::connection::{ConnectionError, MessageReader, ReadProgress};
 use crate::protocol::MAX_MESSAGE_SIZE;
+#[cfg(doc)]
+use crate::server::ServerConfig;
 use crate::server::{Disconnect, Next, Server, ServerError, Session, VfioUserDevice};
 
 /// Messages one [`ServerConnection::drive`] handles at most before it returns (the event loop
