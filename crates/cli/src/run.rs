@@ -430,6 +430,7 @@ fn serve(
     let mut events = EventLoop::new()?;
     let mut guest = SimulatedGuest::new();
     let mut served = Vec::new();
+    let mut failures = Vec::new();
     for _ in 0..devices {
         // The host may keep a device closed for a while (after an unregister): retry a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -461,8 +462,16 @@ fn serve(
             give_up: Instant::now(),
             done: None,
         });
+        // Serve the devices attached so far while attaching the next (a thousand attaches
+        // take a while, and the first devices' groups would wait for all of them).
+        serve_round(
+            &mut events,
+            &mut guest,
+            &mut served,
+            &mut failures,
+            Duration::ZERO,
+        )?;
     }
-    let mut failures = Vec::new();
     while served.iter().any(|s| s.done.is_none()) {
         if crate::stop::requested() {
             // SIGINT or SIGTERM: account for every device as it is now, and leave.
@@ -480,18 +489,7 @@ fn serve(
         let reattaching = served.iter().any(|s| s.done.is_none() && s.key.is_none());
         let most = Duration::from_millis(if reattaching { 10 } else { 20 });
         let timeout = guest.timeout(most);
-        let round = events.run_once(&mut guest, Some(timeout))?;
-        for failed in round.failed {
-            let s = served
-                .iter_mut()
-                .find(|s| s.key == Some(failed.key))
-                .context("a failed device the VMM does not know")?;
-            failures
-                .push(anyhow::Error::new(failed.error).context(format!("device {}", s.device_id)));
-            s.done = Some(account(s.device_id, &failed.device, s.lives));
-            s.key = None;
-        }
-        guest.send_due();
+        serve_round(&mut events, &mut guest, &mut served, &mut failures, timeout)?;
         for s in served.iter_mut().filter(|s| s.done.is_none()) {
             let now = Instant::now();
             match s.key {
@@ -540,6 +538,30 @@ fn serve(
         return Err(e);
     }
     Ok(served.into_iter().filter_map(|s| s.done).collect())
+}
+
+/// One round of the VMM's loop (waiting at most `timeout`): faults read and handed to the
+/// guest, the answers due sent; a device whose queues failed is accounted for and recorded in
+/// `failures`.
+fn serve_round(
+    events: &mut EventLoop,
+    guest: &mut SimulatedGuest,
+    served: &mut [ServedDevice],
+    failures: &mut Vec<anyhow::Error>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let round = events.run_once(guest, Some(timeout))?;
+    for failed in round.failed {
+        let s = served
+            .iter_mut()
+            .find(|s| s.key == Some(failed.key))
+            .context("a failed device the VMM does not know")?;
+        failures.push(anyhow::Error::new(failed.error).context(format!("device {}", s.device_id)));
+        s.done = Some(account(s.device_id, &failed.device, s.lives));
+        s.key = None;
+    }
+    guest.send_due();
+    Ok(())
 }
 
 fn account(device: u32, served: &Device, lives: u32) -> VmmDeviceAccount {

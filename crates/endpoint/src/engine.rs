@@ -437,6 +437,8 @@ pub struct Engine {
     faults: Vec<DeviceFault>,
     /// Accesses ended (completed or failed) at the end of the previous turn.
     ended_before: u64,
+    /// The device has been ready once (its streams' schedule has started).
+    ran: bool,
     /// The longest sleep while the response doorbell will wake the engine.
     doorbell_tick: Duration,
     /// The longest sleep while the device is not ready.
@@ -509,6 +511,7 @@ impl Engine {
             upstream: Vec::new(),
             faults: Vec::new(),
             ended_before: 0,
+            ran: false,
             doorbell_tick: Duration::from_millis(2),
             idle_tick: Duration::from_millis(10),
         }
@@ -683,6 +686,15 @@ impl Engine {
         let ready = mmu.is_some()
             && self.guest.is_some()
             && self.core.is_registered(self.slot.id).unwrap_or(false);
+        if ready && !self.ran {
+            // The streams' schedule starts when the device can first run, not when the engine
+            // was created: a device whose VMM attaches late (the thousandth connection of a
+            // VMM) does not owe, all at once, every access of its wait.
+            self.ran = true;
+            for next in &mut self.next_issue {
+                *next = (*next).max(now);
+            }
+        }
         Turn {
             now,
             mmu,
