@@ -453,6 +453,8 @@ impl Reactor {
             let timeout = self.next_timeout();
             let fired = match epoll::wait(&self.inner.epoll, &mut events, Some(&timeout)) {
                 Ok((fired, _)) => &*fired,
+                // EINTR (a signal): wait again. Nothing else can fail on an epoll fd we own
+                // with a valid buffer; the timers below run either way.
                 Err(_) => &[],
             };
             for event in fired {
