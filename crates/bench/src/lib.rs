@@ -32,6 +32,7 @@ mod error;
 mod iox;
 mod limit;
 mod queue;
+mod real_path;
 mod report;
 mod scaling;
 mod spin;
@@ -46,8 +47,8 @@ use std::time::Instant;
 
 pub use error::BenchError;
 pub use report::{
-    Figure, Machine, Report, Scaling, ScalingPoint, ScalingSeries, Target, Unit, VmmLoop,
-    VmmLoopPoint,
+    Figure, Machine, RealPath, RealPathPoint, Report, Scaling, ScalingPoint, ScalingSeries, Target,
+    Unit, VmmLoop, VmmLoopPoint,
 };
 
 use control::{Control, Peer, Reply, RttMode, Task};
@@ -90,6 +91,9 @@ pub struct Config {
     /// Set (by a signal handler) to stop: the run ends with [`BenchError::Interrupted`] before
     /// its next figure, and stops its peer process.
     pub stop: Arc<AtomicBool>,
+    /// The `iopf` program whose `run` subcommand the real-path figure starts (normally the
+    /// current executable); `None`: that figure is not measured.
+    pub run_program: Option<PathBuf>,
 }
 
 impl Config {
@@ -104,6 +108,7 @@ impl Config {
             peer_args: vec![PEER_SUBCOMMAND.into()],
             only: None,
             stop: Arc::default(),
+            run_program: std::env::current_exe().ok(),
         })
     }
 }
@@ -122,6 +127,10 @@ struct Sizes {
     scaling_groups: u64,
     vmm_groups: u64,
     vmm_devices: Vec<u64>,
+    /// Real path: devices per point, total groups per second, seconds per run.
+    real_devices: Vec<u64>,
+    real_rate: u64,
+    real_secs: f64,
     devices: Vec<u64>,
     pasids: Vec<u64>,
     pending: Vec<u64>,
@@ -147,6 +156,13 @@ impl Sizes {
             scaling_groups: part(20, 256),
             vmm_groups: part(40, 256),
             vmm_devices: vec![1, 64, 1024],
+            real_devices: if config.quick {
+                vec![2, 8]
+            } else {
+                vec![2, 64, 256, 1024]
+            },
+            real_rate: if config.quick { 2000 } else { 8000 },
+            real_secs: if config.quick { 0.5 } else { 3.0 },
             devices: vec![1, 16, 256, 1024],
             pasids: vec![1, 16, 256, 4096, 65536],
             pending: vec![1, 10, 100, 1000, 10_000, 100_000],
@@ -644,6 +660,61 @@ fn vmm_loop(
     }))
 }
 
+/// The real-path figure, rounds outermost; each point's ratios are taken against the 2-device
+/// point of the same round.
+fn real_path(config: &Config, s: &Sizes, rounds: u32) -> Result<Option<RealPath>> {
+    let Some(program) = config.run_program.as_deref() else {
+        return Ok(None);
+    };
+    if !wanted(config, "real_path") {
+        return Ok(None);
+    }
+    let mut points: Vec<Vec<real_path::Point>> = vec![Vec::new(); s.real_devices.len()];
+    for _ in 0..rounds {
+        for (&n, out) in s.real_devices.iter().zip(&mut points) {
+            stopped(config)?;
+            out.push(real_path::measure(
+                program,
+                n,
+                s.real_rate,
+                s.real_secs,
+                &config.stop,
+            )?);
+        }
+    }
+    let first = points.first().cloned().unwrap_or_default();
+    let points = s
+        .real_devices
+        .iter()
+        .zip(points)
+        .map(|(&devices, rounds)| {
+            let of = |f: fn(&real_path::Point) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+            let ratio = |f: fn(&real_path::Point) -> f64| {
+                let ratios: Vec<f64> = rounds
+                    .iter()
+                    .zip(&first)
+                    .map(|(r, o)| f(r) / f(o))
+                    .collect();
+                median(&ratios)
+            };
+            RealPathPoint {
+                devices,
+                groups_per_s: median(&of(|r| r.groups_per_s)),
+                p50_us: median(&of(|r| r.p50_us)),
+                p99_us: median(&of(|r| r.p99_us)),
+                p50_vs_first: ratio(|r| r.p50_us),
+                p99_vs_first: ratio(|r| r.p99_us),
+                groups_per_s_vs_first: ratio(|r| r.groups_per_s),
+            }
+        })
+        .collect();
+    Ok(Some(RealPath {
+        groups_per_second: s.real_rate,
+        seconds: s.real_secs,
+        points,
+    }))
+}
+
 fn targets(figures: &[Figure], scaling: Option<&Scaling>) -> Vec<Target> {
     let ratio = |f: fn(&Scaling) -> &ScalingSeries| scaling.map_or(f64::NAN, |s| f(s).max_over_min);
     let get = |name: &str, f: fn(&Figure) -> f64| {
@@ -775,6 +846,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     let figures = recorder.finish();
     let scaling = scaling(config, &sizes, rounds)?;
     let vmm_loop = vmm_loop(config, &sizes, rounds, &placement)?;
+    let real_path = real_path(config, &sizes, rounds)?;
     let targets = targets(&figures, scaling.as_ref());
 
     let mut notes = vec![
@@ -817,6 +889,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         figures,
         scaling,
         vmm_loop,
+        real_path,
         targets,
         notes,
     })

@@ -125,6 +125,38 @@ pub struct VmmLoop {
     pub points: Vec<VmmLoopPoint>,
 }
 
+/// One point of the real-path figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct RealPathPoint {
+    /// Devices sharing the rate.
+    pub devices: u64,
+    /// Median over the rounds of the groups answered per second of the whole run.
+    pub groups_per_s: f64,
+    /// Median over the rounds of the p50 round trip, microseconds.
+    pub p50_us: f64,
+    /// Median over the rounds of the p99 round trip, microseconds.
+    pub p99_us: f64,
+    /// Median over the rounds of this point's p50 divided by the first point's of the same
+    /// round.
+    pub p50_vs_first: f64,
+    /// The same for the p99.
+    pub p99_vs_first: f64,
+    /// The same for groups per second (1.0: the rate held).
+    pub groups_per_s_vs_first: f64,
+}
+
+/// The real path as devices grow: `iopf run` (a host and one VMM process over vfio-user) at a
+/// fixed total rate of one-page groups split over more and more devices.
+#[derive(Debug, Clone, Serialize)]
+pub struct RealPath {
+    /// The total rate asked for, all devices together.
+    pub groups_per_second: u64,
+    /// Seconds each run is scheduled to last.
+    pub seconds: f64,
+    /// The points, in growing number of devices; ratios are against the first.
+    pub points: Vec<RealPathPoint>,
+}
+
 /// A target (a bound on a same-run ratio, `docs/PERFORMANCE.md`) and whether this run met it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -172,6 +204,8 @@ pub struct Report {
     pub scaling: Option<Scaling>,
     /// The VMM's cost per group as one thread serves more devices (`None` if not asked for).
     pub vmm_loop: Option<VmmLoop>,
+    /// `iopf run` at a fixed total rate over more devices (`None` if not asked for).
+    pub real_path: Option<RealPath>,
     /// The targets, each a bound on a ratio of this run.
     pub targets: Vec<Target>,
     /// What the figures are and are not.
@@ -271,6 +305,9 @@ impl Report {
         if let Some(v) = &self.vmm_loop {
             Self::vmm_loop_table(v, &mut out);
         }
+        if let Some(r) = &self.real_path {
+            Self::real_path_table(r, &mut out);
+        }
         let _ = writeln!(out);
         let _ = writeln!(out, "targets (ratios from this run):");
         for t in &self.targets {
@@ -296,6 +333,30 @@ impl Report {
             }
         }
         out
+    }
+
+    fn real_path_table(r: &RealPath, out: &mut String) {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "real path: `iopf run` (host and one VMM process over vfio-user), {} one-page \
+             groups/s in all split over N devices, {:.1} s per run",
+            r.groups_per_second, r.seconds
+        );
+        for p in &r.points {
+            let _ = writeln!(
+                out,
+                "  {:>5} devices  p50 {:>10.0} us x{:<8.2} p99 {:>10.0} us x{:<8.2} \
+                 {:>8.0} groups/s x{:.2}",
+                p.devices,
+                p.p50_us,
+                p.p50_vs_first,
+                p.p99_us,
+                p.p99_vs_first,
+                p.groups_per_s,
+                p.groups_per_s_vs_first
+            );
+        }
     }
 
     fn vmm_loop_table(v: &VmmLoop, out: &mut String) {

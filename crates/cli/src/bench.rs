@@ -23,7 +23,7 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Measure only these figures (JSON names, comma-separated; `scaling` or
-    /// `scaling_devices`, `scaling_pasids`, `scaling_pending`; `vmm_loop`), each with its
+    /// `scaling_devices`, `scaling_pasids`, `scaling_pending`; `vmm_loop`; `real_path`), each with its
     /// limit: for profiling one of them.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

@@ -70,6 +70,7 @@ fn command(command: Command) -> anyhow::Result<()> {
         Command::Run(_) | Command::Host(_) | Command::Vmm(_) | Command::Demo(_) | Command::Bench(_)
     );
     stop::install(checked, managed).context("install the signal handlers")?;
+    raise_fd_limit();
     match command {
         Command::Run(args) => run::run(args),
         Command::Host(args) => run::host(args),
@@ -80,5 +81,20 @@ fn command(command: Command) -> anyhow::Result<()> {
         Command::Sim(args) => sim::main(args),
         Command::Inspect(args) => inspect::main(args),
         Command::BenchPeer(args) => bench::peer(args),
+    }
+}
+
+/// Raises the soft limit on open fds to the hard one: a host or VMM with a thousand devices
+/// holds several fds per device (socket, two queue memfds, doorbells, guest memory), past
+/// the usual soft limit of 1024.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            // Not fatal: small runs need no more fds than the soft limit.
+            tracing::warn!(error = %e, "cannot raise the open-fd limit");
+        }
     }
 }

@@ -22,9 +22,13 @@ pub struct DeviceArgs {
     /// A TOML scenario (see `scenarios/`); without it, `scenarios/default.toml`.
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// Override: this many devices, all like the scenario's first.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Override: this many devices, all like the scenario's first (at most 1024).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     devices: Option<u32>,
+    /// Threads of the host's reactor, which serves every device and VMM connection (default
+    /// and most: the number of CPUs; more is taken as that).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
     /// Override: DMA accesses per stream.
     #[arg(long)]
     accesses: Option<u32>,
@@ -62,6 +66,10 @@ impl DeviceArgs {
         if let Some(r) = self.ring_entries {
             s.ring_entries = r;
         }
+        let cpus = iopf_endpoint::host::default_threads();
+        s.threads = self
+            .threads
+            .map_or(cpus, |t| usize::try_from(t).unwrap_or(cpus).min(cpus));
         // Overrides go through the same checks as the file.
         Scenario::check_again(s)
     }
@@ -120,8 +128,8 @@ pub struct VmmArgs {
     /// The host's socket.
     #[arg(long)]
     socket: PathBuf,
-    /// Devices to attach (one vfio-user connection each).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Devices to attach (one vfio-user connection each; at most 1024).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     devices: u32,
     /// The scenario whose `[guest]` section the guest follows (default: the built-in one).
     #[arg(long)]
@@ -422,6 +430,7 @@ fn serve(
     let mut events = EventLoop::new()?;
     let mut guest = SimulatedGuest::new();
     let mut served = Vec::new();
+    let mut failures = Vec::new();
     for _ in 0..devices {
         // The host may keep a device closed for a while (after an unregister): retry a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -453,8 +462,16 @@ fn serve(
             give_up: Instant::now(),
             done: None,
         });
+        // Serve the devices attached so far while attaching the next (a thousand attaches
+        // take a while, and the first devices' groups would wait for all of them).
+        serve_round(
+            &mut events,
+            &mut guest,
+            &mut served,
+            &mut failures,
+            Duration::ZERO,
+        )?;
     }
-    let mut failures = Vec::new();
     while served.iter().any(|s| s.done.is_none()) {
         if crate::stop::requested() {
             // SIGINT or SIGTERM: account for every device as it is now, and leave.
@@ -472,18 +489,7 @@ fn serve(
         let reattaching = served.iter().any(|s| s.done.is_none() && s.key.is_none());
         let most = Duration::from_millis(if reattaching { 10 } else { 20 });
         let timeout = guest.timeout(most);
-        let round = events.run_once(&mut guest, Some(timeout))?;
-        for failed in round.failed {
-            let s = served
-                .iter_mut()
-                .find(|s| s.key == Some(failed.key))
-                .context("a failed device the VMM does not know")?;
-            failures
-                .push(anyhow::Error::new(failed.error).context(format!("device {}", s.device_id)));
-            s.done = Some(account(s.device_id, &failed.device, s.lives));
-            s.key = None;
-        }
-        guest.send_due();
+        serve_round(&mut events, &mut guest, &mut served, &mut failures, timeout)?;
         for s in served.iter_mut().filter(|s| s.done.is_none()) {
             let now = Instant::now();
             match s.key {
@@ -532,6 +538,30 @@ fn serve(
         return Err(e);
     }
     Ok(served.into_iter().filter_map(|s| s.done).collect())
+}
+
+/// One round of the VMM's loop (waiting at most `timeout`): faults read and handed to the
+/// guest, the answers due sent; a device whose queues failed is accounted for and recorded in
+/// `failures`.
+fn serve_round(
+    events: &mut EventLoop,
+    guest: &mut SimulatedGuest,
+    served: &mut [ServedDevice],
+    failures: &mut Vec<anyhow::Error>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let round = events.run_once(guest, Some(timeout))?;
+    for failed in round.failed {
+        let s = served
+            .iter_mut()
+            .find(|s| s.key == Some(failed.key))
+            .context("a failed device the VMM does not know")?;
+        failures.push(anyhow::Error::new(failed.error).context(format!("device {}", s.device_id)));
+        s.done = Some(account(s.device_id, &failed.device, s.lives));
+        s.key = None;
+    }
+    guest.send_due();
+    Ok(())
 }
 
 fn account(device: u32, served: &Device, lives: u32) -> VmmDeviceAccount {

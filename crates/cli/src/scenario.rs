@@ -15,6 +15,9 @@ use iopf_models::workload::{Pattern, Stream};
 use iopf_sim::vmm_guest::GuestSetup;
 use serde::Deserialize;
 
+/// The most devices a host serves (all on its reactor's few threads).
+pub const MAX_DEVICES: u32 = 1024;
+
 /// A whole scenario.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +40,9 @@ pub struct Scenario {
     /// Chaos events.
     #[serde(default)]
     pub chaos: Vec<ChaosSection>,
+    /// The host's reactor threads (`--threads`; not part of the file).
+    #[serde(skip, default = "iopf_endpoint::host::default_threads")]
+    pub threads: usize,
 }
 
 /// The guest behind the VMM.
@@ -301,8 +307,8 @@ impl Scenario {
         );
         let devices: u32 = self.devices.iter().map(|d| d.count).sum();
         ensure!(
-            (1..=64).contains(&devices),
-            "1 to 64 devices in all, not {devices}"
+            (1..=MAX_DEVICES).contains(&devices),
+            "1 to {MAX_DEVICES} devices in all, not {devices}"
         );
         for (i, d) in self.devices.iter().enumerate() {
             // Each device's guest memory holds its PASID directory, one top-level table per
@@ -469,6 +475,7 @@ impl Scenario {
                 ..DeviceConfig::default()
             },
             repeat: false,
+            threads: self.threads,
         }
     }
 
@@ -587,8 +594,8 @@ mod tests {
                 "power of two",
             ),
             (
-                "[[device]]\ncount = 65\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n",
-                "64 devices",
+                "[[device]]\ncount = 1025\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\n",
+                "1024 devices",
             ),
             (
                 "[[device]]\n[[device.stream]]\npages=1\naccess_len=8\naccesses=1\npattern='zigzag'\n",

@@ -113,6 +113,24 @@ fn quick_bench_reports_every_figure() {
         "the 1-device point is the reference"
     );
 
+    // The real path: `iopf run` at a fixed total rate over 2 and 8 devices (quick sizes), the
+    // rate held, every ratio against the 2-device point.
+    let real = &report["real_path"];
+    positive(&real["groups_per_second"], "real_path.groups_per_second");
+    let points = real["points"].as_array().expect("real_path points");
+    let devices: Vec<u64> = points
+        .iter()
+        .map(|p| p["devices"].as_u64().expect("devices"))
+        .collect();
+    assert_eq!(devices, [2, 8], "real_path devices");
+    for p in points {
+        let n = &p["devices"];
+        for field in ["groups_per_s", "p50_us", "p99_us", "p99_vs_first"] {
+            positive(&p[field], &format!("real_path.{n}.{field}"));
+        }
+    }
+    assert_eq!(points[0]["p99_vs_first"].as_f64(), Some(1.0));
+
     assert_eq!(
         report["targets"].as_array().map(Vec::len),
         Some(9),

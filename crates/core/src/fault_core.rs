@@ -320,6 +320,15 @@ impl FaultCore {
             .sum()
     }
 
+    /// Answers device `id`'s groups whose response timeout has passed (what [`expire`]
+    /// does for one device: a loop that serves each device in turn calls this rather than
+    /// walking every device each time). Returns how many groups timed out.
+    ///
+    /// [`expire`]: Self::expire
+    pub fn expire_device(&self, id: DeviceId) -> Result<usize, CoreError> {
+        self.with(id, |state, now, out| state.expire(now, out))
+    }
+
     /// The earliest response deadline of any device, for an event loop's sleep.
     pub fn next_deadline(&self) -> Option<Nanos> {
         let devices: Vec<Arc<Device>> = self

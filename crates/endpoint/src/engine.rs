@@ -2,8 +2,15 @@
 //! guest's own page tables (`NestedIommu`) or, for a VMM that keeps none, one to one through
 //! its DMA mappings (`DirectIommu`), reports faults to the fault core, sleeps on the response
 //! doorbell, and takes the core's responses back.
+//!
+//! The engine moves in turns ([`Engine::turn`]); between two turns it waits for its response
+//! doorbell or a deadline. [`run`] and [`run_until`] wait on the calling thread; a host serving
+//! many devices registers an [`EngineSource`] per device with its reactor instead, and the
+//! reactor's few threads run every device's turns.
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -11,6 +18,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use iopf_core::{DeviceFault, DeviceId, DeviceResponse, FaultCore};
 use iopf_host::FaultPort;
+use iopf_host::reactor::{Context, Handler, Next, Ready, Wait};
 use iopf_models::endpoint::{Endpoint, EndpointConfig, EndpointCounters, Upstream};
 use iopf_models::iommu::{SpaceId, Translate, Translation};
 use iopf_models::memory::{GuestMemory, MemoryMap, MemoryVerdict};
@@ -102,10 +110,37 @@ pub struct EngineReport {
     /// Page request round trips (group sent to response received), nanoseconds.
     #[serde(skip)]
     pub latency: Histogram<u64>,
+    /// The same round trips summed up, in microseconds (for a report that shows each device).
+    pub round_trip_us: RoundTrips,
     /// Wall time of the run.
     pub elapsed_ns: u64,
     /// Calls into the fault core or the doorbell that failed (each logged; must stay 0).
     pub errors: u64,
+}
+
+/// A device's page request round trips summed up, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RoundTrips {
+    /// Round trips measured.
+    pub samples: u64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Longest.
+    pub max: f64,
+}
+
+impl RoundTrips {
+    fn of(latency: &Histogram<u64>) -> Self {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Self {
+            samples: latency.len(),
+            p50: us(latency.value_at_quantile(0.5)),
+            p99: us(latency.value_at_quantile(0.99)),
+            max: us(latency.max()),
+        }
+    }
 }
 
 /// Counts and logs a failed step of the engine's loop. The loop goes on: the fault core
@@ -172,60 +207,203 @@ const ROUND_SLACK: Duration = Duration::from_millis(10);
 /// In rounds, the most accesses a device keeps queued or in flight.
 const ROUND_BACKLOG: u64 = 1024;
 
-/// Runs the device's workload to its end: every access completed or failed, nothing in flight.
-/// `stop` ends the run early.
+/// Runs the device's workload to its end on the calling thread: every access completed or
+/// failed, nothing in flight. `stop` ends the run early. `progress[index]` is the device's.
 pub fn run(
-    core: &FaultCore,
-    slot: &DeviceSlot,
+    slot: &Arc<DeviceSlot>,
     workload: &Workload,
-    progress: &Progress,
-    stop: &std::sync::atomic::AtomicBool,
+    progress: &Arc<Vec<Progress>>,
+    index: usize,
+    stop: &AtomicBool,
 ) -> EngineReport {
-    run_until(core, slot, workload, progress, stop, None)
+    run_until(slot, workload, progress, index, stop, None)
 }
 
 /// Like [`run`], but with `drain` the workload runs in rounds: each stream starts over (a new
 /// round, its random choices going on) when it has issued its accesses, until `drain` is set.
 /// Then the device issues nothing more, and the run ends once nothing is in flight.
 pub fn run_until(
-    core: &FaultCore,
-    slot: &DeviceSlot,
+    slot: &Arc<DeviceSlot>,
     workload: &Workload,
-    progress: &Progress,
-    stop: &std::sync::atomic::AtomicBool,
-    drain: Option<&std::sync::atomic::AtomicBool>,
+    progress: &Arc<Vec<Progress>>,
+    index: usize,
+    stop: &AtomicBool,
+    drain: Option<Arc<AtomicBool>>,
 ) -> EngineReport {
-    let mut engine = Engine::new(core, slot, workload, progress, drain);
+    let mut engine = Engine::new(
+        slot.clone(),
+        workload.clone(),
+        progress.clone(),
+        index,
+        drain,
+    );
+    let mut retired = Vec::new();
     while !stop.load(Relaxed) {
-        engine.attach();
-        let mut turn = engine.begin();
-        if turn.ready && !turn.draining {
-            engine.issue(turn.now);
+        match engine.turn(&mut retired) {
+            Step::Done => break,
+            Step::Again => {}
+            Step::Sleep { until, doorbell } => {
+                let timeout = until.saturating_duration_since(Instant::now());
+                match engine.wake.as_ref().filter(|_| doorbell) {
+                    Some(wake) => failed(
+                        &mut engine.errors,
+                        "wait on the response doorbell",
+                        wake.wait(Some(timeout)),
+                    ),
+                    None => std::thread::sleep(timeout),
+                }
+                engine.woke();
+            }
         }
-        // Responses first: they free credits and PRG indices.
-        engine.take_responses(&mut turn);
-        engine.step(&mut turn);
-        engine.put_back(turn.mmu.take());
-        let moved = engine.moved(&turn);
-        if engine.done() {
-            break;
-        }
-        if engine.serve_core() {
-            // More responses came meanwhile: take them at once.
-            continue;
-        }
-        engine.sleep(&turn, moved);
+        // Doorbells of past handler lives: nothing waits on them any more.
+        retired.clear();
     }
     engine.report()
 }
 
-/// A device's engine between two turns of its loop ([`run_until`]).
-struct Engine<'a> {
-    core: &'a FaultCore,
-    slot: &'a DeviceSlot,
-    workload: &'a Workload,
-    progress: &'a Progress,
-    drain: Option<&'a std::sync::atomic::AtomicBool>,
+/// What an engine's turn leaves to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The workload is done: every access ended, nothing in flight.
+    Done,
+    /// Turn again at once.
+    Again,
+    /// Nothing to do before `until`, unless the response doorbell rings (`doorbell`: the VMM
+    /// was asked to ring it); then call [`Engine::woke`] and turn again.
+    Sleep {
+        /// When to turn again at the latest.
+        until: Instant,
+        /// Whether the response doorbell may end the sleep early.
+        doorbell: bool,
+    },
+}
+
+/// The longest an engine sleeping on its response doorbell waits for it in a reactor: the
+/// doorbell wakes it for every response, so the deadline only bounds how late it notices a
+/// response timeout or a new VMM (a thread per device could afford a shorter tick; a thousand
+/// devices on two CPUs cannot).
+pub const REACTOR_DOORBELL_TICK: Duration = Duration::from_millis(20);
+
+/// The longest an engine waits in a reactor while its device is not ready (no VMM, no
+/// memory, or settling): it looks for a VMM's attachment this often.
+pub const REACTOR_IDLE_TICK: Duration = Duration::from_millis(20);
+
+/// A device's engine as a reactor source: woken by its response doorbell (the fd changes with
+/// each handler life) or by its deadline; at the end (workload done, or `stop` set), `done`
+/// gets the report.
+pub struct EngineSource {
+    engine: Option<Engine>,
+    stop: Arc<AtomicBool>,
+    done: Option<Box<dyn FnOnce(EngineReport) + Send>>,
+    /// The last turn asked the core for a wake-up ([`FaultCore::prepare_to_sleep`]): the
+    /// next call withdraws it first.
+    sleeping: bool,
+}
+
+impl std::fmt::Debug for EngineSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineSource")
+            .field("device", &self.engine.as_ref().map(|e| e.slot.id))
+            .field("sleeping", &self.sleeping)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineSource {
+    /// The engine of `slot`'s device running `workload` (in rounds until `drain`, if given),
+    /// publishing `progress[index]`; `done` gets its report.
+    pub fn new(
+        slot: Arc<DeviceSlot>,
+        workload: Workload,
+        progress: Arc<Vec<Progress>>,
+        index: usize,
+        drain: Option<Arc<AtomicBool>>,
+        stop: Arc<AtomicBool>,
+        done: Box<dyn FnOnce(EngineReport) + Send>,
+    ) -> Self {
+        Self {
+            engine: Some(
+                Engine::new(slot, workload, progress, index, drain)
+                    .with_ticks(REACTOR_DOORBELL_TICK, REACTOR_IDLE_TICK),
+            ),
+            stop,
+            done: Some(done),
+            sleeping: false,
+        }
+    }
+
+    /// What to register it with: a turn at once.
+    pub fn wait() -> Wait {
+        Wait::at(Instant::now())
+    }
+
+    fn finish(&mut self) -> Next {
+        if let (Some(engine), Some(done)) = (self.engine.take(), self.done.take()) {
+            done(engine.report());
+        }
+        Next::Remove
+    }
+}
+
+impl Handler for EngineSource {
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.engine.as_ref()?.wake.as_ref().map(AsFd::as_fd)
+    }
+
+    fn on_event(&mut self, cx: &Context<'_>, _: Ready) -> Next {
+        if self.stop.load(Relaxed) {
+            return self.finish();
+        }
+        let Some(engine) = self.engine.as_mut() else {
+            return Next::Remove;
+        };
+        if std::mem::take(&mut self.sleeping) {
+            engine.woke();
+        }
+        // A few turns at most per call, so one busy device cannot hold a worker.
+        for _ in 0..TURNS_PER_CALL {
+            let mut retired = Vec::new();
+            let step = engine.turn(&mut retired);
+            for old in &retired {
+                // The handler life of that doorbell is over: stop watching it before it
+                // closes.
+                cx.unwatch(old.as_fd());
+            }
+            match step {
+                Step::Done => return self.finish(),
+                Step::Again => continue,
+                Step::Sleep { until, doorbell } => {
+                    self.sleeping = true;
+                    let wait = if doorbell {
+                        Wait::readable().until(until)
+                    } else {
+                        Wait::at(until)
+                    };
+                    return Next::Wait(wait);
+                }
+            }
+        }
+        Next::Wait(Wait::at(Instant::now()))
+    }
+
+    fn on_stop(&mut self) {
+        // The reactor stops: the report goes out with what was done (the source is dropped
+        // next, whatever `finish` says).
+        self.finish();
+    }
+}
+
+/// Turns one [`EngineSource`] call runs at most before it lets other sources run.
+const TURNS_PER_CALL: usize = 4;
+
+/// A device's engine between two turns ([`Engine::turn`]).
+pub struct Engine {
+    core: Arc<FaultCore>,
+    slot: Arc<DeviceSlot>,
+    workload: Workload,
+    progress: Arc<Vec<Progress>>,
+    index: usize,
+    drain: Option<Arc<AtomicBool>>,
     started: Instant,
     endpoint: Endpoint,
     rng: Rng,
@@ -260,6 +438,12 @@ struct Engine<'a> {
     faults: Vec<DeviceFault>,
     /// Accesses ended (completed or failed) at the end of the previous turn.
     ended_before: u64,
+    /// The device has been ready once (its streams' schedule has started).
+    ran: bool,
+    /// The longest sleep while the response doorbell will wake the engine.
+    doorbell_tick: Duration,
+    /// The longest sleep while the device is not ready.
+    idle_tick: Duration,
 }
 
 /// One turn of the engine's loop.
@@ -278,26 +462,38 @@ struct Turn {
     answered: usize,
 }
 
-impl<'a> Engine<'a> {
-    fn new(
-        core: &'a FaultCore,
-        slot: &'a DeviceSlot,
-        workload: &'a Workload,
-        progress: &'a Progress,
-        drain: Option<&'a std::sync::atomic::AtomicBool>,
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("device", &self.slot.id)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// The engine of `slot`'s device running `workload` (in rounds until `drain`, if given),
+    /// publishing `progress[index]`.
+    pub fn new(
+        slot: Arc<DeviceSlot>,
+        workload: Workload,
+        progress: Arc<Vec<Progress>>,
+        index: usize,
+        drain: Option<Arc<AtomicBool>>,
     ) -> Self {
         let started = Instant::now();
         Self {
-            core,
-            slot,
-            workload,
-            progress,
-            drain,
-            started,
+            core: slot.port.core().clone(),
             endpoint: Endpoint::new(slot.id.0, workload.endpoint),
             rng: Rng::new(workload.seed),
             issued: vec![0; workload.streams.len()],
             next_issue: vec![started; workload.streams.len()],
+            slot,
+            workload,
+            progress,
+            index,
+            drain,
+            started,
             next_id: 0,
             generation: u64::MAX,
             iommu: None,
@@ -316,18 +512,107 @@ impl<'a> Engine<'a> {
             upstream: Vec::new(),
             faults: Vec::new(),
             ended_before: 0,
+            ran: false,
+            doorbell_tick: Duration::from_millis(2),
+            idle_tick: Duration::from_millis(10),
         }
     }
 
+    /// Sets the longest sleeps: `doorbell` while the response doorbell will wake the engine
+    /// (it then only bounds how late a response timeout or a VMM's change is noticed), and
+    /// `idle` while the device is not ready. The defaults suit a thread per device: 2 ms and
+    /// 10 ms.
+    pub fn with_ticks(mut self, doorbell: Duration, idle: Duration) -> Self {
+        self.doorbell_tick = doorbell;
+        self.idle_tick = idle;
+        self
+    }
+
+    /// The device's progress, which watchers read.
+    fn progress(&self) -> &Progress {
+        &self.progress[self.index]
+    }
+
+    /// One turn: picks up what the VMM changed, issues the accesses due, takes the responses,
+    /// steps the endpoint and reports its faults, lets the core take the VMM's answers, and
+    /// says what next. The doorbells of handler lives that ended are put in `retired` (a
+    /// caller that watches the doorbell stops watching them before they close).
+    pub fn turn(&mut self, retired: &mut Vec<Doorbell>) -> Step {
+        retired.extend(self.attach());
+        let mut turn = self.begin();
+        if turn.ready && !turn.draining {
+            self.issue(turn.now);
+        }
+        // Responses first: they free credits and PRG indices.
+        self.take_responses(&mut turn);
+        self.step(&mut turn);
+        self.put_back(turn.mmu.take());
+        let moved = self.moved(&turn);
+        if self.done() {
+            return Step::Done;
+        }
+        if self.serve_core() {
+            // More responses came meanwhile: take them at once.
+            return Step::Again;
+        }
+        let timeout = self.timeout(&turn, moved);
+        let until = Instant::now() + timeout;
+        if timeout.is_zero() {
+            self.woke();
+            return Step::Again;
+        }
+        let registered = self.core.is_registered(self.slot.id).unwrap_or(false);
+        match &self.wake {
+            Some(_) if self.core.prepare_to_sleep(self.slot.id).unwrap_or(false) => Step::Sleep {
+                until,
+                doorbell: true,
+            },
+            // Answers wait in the response ring: no sleep, unless the turn moved nothing (the
+            // core is not taking them: the VMM has detached and not hung up yet), where the
+            // doorbell tick without a doorbell keeps the device from spinning.
+            Some(_) if registered && moved => {
+                self.woke();
+                Step::Again
+            }
+            Some(_) if registered => {
+                self.woke();
+                Step::Sleep {
+                    until: Instant::now() + timeout.min(Duration::from_millis(2)),
+                    doorbell: false,
+                }
+            }
+            // No handler (the VMM is gone) or no doorbell: the deadline only.
+            _ => Step::Sleep {
+                until,
+                doorbell: false,
+            },
+        }
+    }
+
+    /// Leaves a sleep ([`Step::Sleep`]): drains the doorbell and withdraws the core's wake-up
+    /// request.
+    pub fn woke(&mut self) {
+        if let Some(wake) = &self.wake {
+            let drained = wake.drain();
+            failed(&mut self.errors, "drain the response doorbell", drained);
+        }
+        let result = self.core.woke(self.slot.id);
+        failed(&mut self.errors, "leave the sleep", result);
+    }
+
     /// Picks up new guest memory or a directory (a VMM attached, mapped, or a new one did).
-    fn attach(&mut self) {
-        let slot = self.slot;
+    /// Returns the doorbell of the handler life that ended, if it changed.
+    fn attach(&mut self) -> Option<Doorbell> {
+        let slot = self.slot.clone();
         let attachment = slot.attachment();
         if attachment.generation == self.generation {
-            return;
+            return None;
         }
         self.generation = attachment.generation;
-        self.wake = attachment.wake.as_ref().and_then(|d| d.try_clone().ok());
+        let retired = std::mem::replace(
+            &mut self.wake,
+            attachment.wake.as_ref().and_then(|d| d.try_clone().ok()),
+        );
         if let Some(old) = self.iommu.take() {
             self.malformed += old.malformed;
         }
@@ -337,6 +622,7 @@ impl<'a> Engine<'a> {
         if !self.map.is_empty() {
             self.choose_mode(&attachment);
         }
+        retired
     }
 
     /// Moves to the regions `next`: direct mode forgets the pages of every mapping that went
@@ -401,11 +687,20 @@ impl<'a> Engine<'a> {
         let ready = mmu.is_some()
             && self.guest.is_some()
             && self.core.is_registered(self.slot.id).unwrap_or(false);
+        if ready && !self.ran {
+            // The streams' schedule starts when the device can first run, not when the engine
+            // was created: a device whose VMM attaches late (the thousandth connection of a
+            // VMM) does not owe, all at once, every access of its wait.
+            self.ran = true;
+            for next in &mut self.next_issue {
+                *next = (*next).max(now);
+            }
+        }
         Turn {
             now,
             mmu,
             ready,
-            draining: self.drain.is_some_and(|d| d.load(Relaxed)),
+            draining: self.drain.as_ref().is_some_and(|d| d.load(Relaxed)),
             more: false,
             answered: 0,
         }
@@ -415,12 +710,12 @@ impl<'a> Engine<'a> {
     fn issue(&mut self, now: Instant) {
         // In rounds, a device that cannot keep up with its streams' rates keeps a bounded
         // backlog: it issues nothing more while this many accesses wait or are in flight.
-        let mut room = match self.drain {
+        let mut room = match &self.drain {
             Some(_) => ROUND_BACKLOG.saturating_sub(outstanding(&self.endpoint.counters())),
             None => u64::MAX,
         };
-        let workload = self.workload;
-        for (i, stream) in workload.streams.iter().enumerate() {
+        let streams = std::mem::take(&mut self.workload.streams);
+        for (i, stream) in streams.iter().enumerate() {
             if self.drain.is_some() {
                 self.next_round(i, stream, now);
             }
@@ -433,6 +728,7 @@ impl<'a> Engine<'a> {
                 self.next_issue[i] += Duration::from_nanos(stream.interval_ns);
             }
         }
+        self.workload.streams = streams;
     }
 
     /// In rounds: starts stream `i` over once it has issued its accesses, and forgets what it
@@ -462,7 +758,7 @@ impl<'a> Engine<'a> {
                     "record a round trip",
                     self.latency.record(ns),
                 );
-                self.progress.latency.record(ns);
+                self.progress().latency.record(ns);
             }
             // Direct mode learns which pages the VMM made present, even in a turn that runs
             // without it (right after a DMA_MAP, DMA_UNMAP or reset, while it settles): an
@@ -480,7 +776,7 @@ impl<'a> Engine<'a> {
             self.endpoint
                 .on_response(response.pasid, response.grpid, response.code);
         }
-        self.progress
+        self.progress()
             .groups_answered
             .fetch_add(responses.len() as u64, Relaxed);
         turn.answered = responses.len();
@@ -536,7 +832,7 @@ impl<'a> Engine<'a> {
     fn moved(&mut self, turn: &Turn) -> bool {
         let c = self.endpoint.counters();
         let ended = c.accesses - outstanding(&c);
-        self.progress.accesses_done.store(ended, Relaxed);
+        self.progress().accesses_done.store(ended, Relaxed);
         let moved = turn.more
             || turn.answered > 0
             || !self.upstream.is_empty()
@@ -547,7 +843,7 @@ impl<'a> Engine<'a> {
 
     /// Every access issued (or, in rounds, `drain` set), and nothing in flight.
     fn done(&self) -> bool {
-        let all_issued = match self.drain {
+        let all_issued = match &self.drain {
             Some(drain) => drain.load(Relaxed),
             None => self
                 .issued
@@ -563,28 +859,10 @@ impl<'a> Engine<'a> {
     fn serve_core(&mut self) -> bool {
         let result = self.slot.port.process_responses();
         failed(&mut self.errors, "process responses", result);
-        self.core.expire();
+        // This device's groups only: every device's engine expires its own.
+        let expired = self.core.expire_device(self.slot.id);
+        failed(&mut self.errors, "expire groups", expired);
         self.slot.port.has_responses()
-    }
-
-    /// Nothing to do right now: sleeps until a response, the next access, or a short tick.
-    fn sleep(&mut self, turn: &Turn, moved: bool) {
-        let timeout = self.timeout(turn, moved);
-        if !timeout.is_zero() {
-            match &self.wake {
-                Some(wake) if self.core.prepare_to_sleep(self.slot.id).unwrap_or(false) => {
-                    failed(
-                        &mut self.errors,
-                        "wait on the response doorbell",
-                        wake.wait(Some(timeout)),
-                    );
-                }
-                Some(_) => {}
-                None => std::thread::sleep(timeout),
-            }
-        }
-        let result = self.core.woke(self.slot.id);
-        failed(&mut self.errors, "leave the sleep", result);
     }
 
     /// How long to sleep. A device behind its streams' schedule but stalled (every credit out,
@@ -599,7 +877,12 @@ impl<'a> Engine<'a> {
             .filter(|(_, (n, s))| !turn.draining && s.accesses > 0 && (drain || **n < s.accesses))
             .map(|(t, _)| *t)
             .min();
-        let tick = Duration::from_millis(if turn.ready { 2 } else { 10 });
+        let tick = match (turn.ready, &self.wake) {
+            (false, _) => self.idle_tick,
+            (true, Some(_)) => self.doorbell_tick,
+            // Without a doorbell, the tick is how soon a response is seen.
+            (true, None) => Duration::from_millis(2),
+        };
         match next {
             // Queued accesses are runnable right now: no sleep.
             _ if turn.more => Duration::ZERO,
@@ -623,6 +906,7 @@ impl<'a> Engine<'a> {
             endpoint: self.endpoint.counters(),
             memory: self.verdict,
             malformed_walks: self.malformed,
+            round_trip_us: RoundTrips::of(&self.latency),
             latency: self.latency,
             elapsed_ns: u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX),
             errors: self.errors,

@@ -1,21 +1,25 @@
-//! The simulated endpoints' host process: devices with their engines, a socket, one thread
-//! per VMM connection, each serving a [`FaultPciDevice`]. A connection takes the first device no other connection serves; closing it is
-//! unregister (the VMM is gone: its device's pending groups are answered `Invalid`), and a new
-//! connection can take the device over.
+//! The simulated endpoints' host process: devices with their engines and a socket, all served
+//! by one reactor ([`iopf_host::reactor`]) on a fixed number of threads, whatever the number
+//! of devices: each device's engine is a reactor source woken by its response doorbell or a
+//! deadline, and each VMM connection a source serving a [`FaultPciDevice`]. A connection takes
+//! the first device no other connection serves; closing it is unregister (the VMM is gone: its
+//! device's pending groups are answered `Invalid`), and a new connection can take the device
+//! over.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use iopf_core::{DeviceConfig, DeviceCounters, DeviceId, FaultCore, MonotonicClock};
-use iopf_vfio_user::{Disconnect, Server, ServerConfig};
+use iopf_vfio_user::{Disconnect, Server, ServerConfig, ServerError};
 
 use iopf_host::FaultPort;
+use iopf_host::reactor::{Context, Listener, Reactor, VfioUserSource, Wait, Workers};
 use iopf_host::socket::{self, BindError, SocketGuard};
 
-use crate::engine::{self, DeviceSlot, EngineReport, Progress, Workload};
+use crate::engine::{DeviceSlot, EngineReport, EngineSource, Progress, Workload};
 use crate::pci::FaultPciDevice;
 
 /// How the host runs.
@@ -29,28 +33,50 @@ pub struct HostConfig {
     pub device: DeviceConfig,
     /// Run the workloads in rounds until [`Host::drain`] (a soak), instead of once.
     pub repeat: bool,
+    /// Threads of the reactor that serves every device and connection (at least 1; see
+    /// [`default_threads`]).
+    pub threads: usize,
 }
 
-/// A VMM connection: a handle on its socket (to close it) and the thread serving it.
-type Connection = (UnixStream, JoinHandle<()>);
+/// The reactor threads a host uses unless told otherwise: one per CPU it may run on.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
 
 /// How many VMM disconnects a report lists; past them, it counts.
 const MAX_DISCONNECTS_LISTED: usize = 1024;
+
+/// How long [`Host::finish`] lets the VMMs leave by themselves before it closes their
+/// connections.
+const LEAVE_GRACE: Duration = Duration::from_secs(5);
+
+/// What the reactor's sources share with the host.
+#[derive(Debug)]
+struct Shared {
+    slots: Vec<Arc<DeviceSlot>>,
+    served: Mutex<Vec<bool>>,
+    /// VMM connections open now.
+    connections: AtomicUsize,
+    disconnects: Mutex<Vec<String>>,
+    /// Disconnects past [`MAX_DISCONNECTS_LISTED`].
+    unlisted: AtomicU64,
+    /// Each device's engine report, once its engine has finished.
+    reports: Mutex<Vec<Option<EngineReport>>>,
+    /// Engines not finished yet.
+    running: AtomicUsize,
+    stop: Arc<AtomicBool>,
+    ring_entries: u32,
+}
 
 /// A running host.
 #[derive(Debug)]
 pub struct Host {
     core: Arc<FaultCore>,
-    slots: Vec<Arc<DeviceSlot>>,
-    served: Arc<Mutex<Vec<bool>>>,
+    shared: Arc<Shared>,
     progress: Arc<Vec<Progress>>,
-    stop: Arc<AtomicBool>,
     drain: Arc<AtomicBool>,
-    engines: Vec<JoinHandle<EngineReport>>,
-    connections: Arc<Mutex<Vec<Connection>>>,
-    disconnects: Arc<Mutex<Vec<String>>>,
-    /// Disconnects past [`MAX_DISCONNECTS_LISTED`].
-    unlisted: Arc<AtomicU64>,
+    reactor: Reactor,
+    workers: Option<Workers>,
     /// The socket [`Host::bind`] bound: removed when the host finishes or is dropped.
     socket: Option<SocketGuard>,
 }
@@ -79,7 +105,8 @@ pub struct DeviceSummary {
 }
 
 impl Host {
-    /// Starts the devices' engines (they wait for a VMM) and serves `listener` in a thread.
+    /// Starts the reactor's threads, the devices' engines (they wait for a VMM) and accepts
+    /// VMMs on `listener`.
     pub fn start(config: HostConfig, listener: UnixListener) -> std::io::Result<Self> {
         let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
         let mut slots = Vec::new();
@@ -88,43 +115,65 @@ impl Host {
                 .map_err(std::io::Error::other)?;
             slots.push(Arc::new(DeviceSlot::new(port)));
         }
+        let devices = slots.len();
         let progress: Arc<Vec<Progress>> =
-            Arc::new((0..slots.len()).map(|_| Progress::default()).collect());
+            Arc::new((0..devices).map(|_| Progress::default()).collect());
         let stop = Arc::new(AtomicBool::new(false));
         let drain = Arc::new(AtomicBool::new(false));
-        let repeat = config.repeat;
-        let engines = slots
-            .iter()
-            .zip(config.workloads.iter().cloned())
-            .enumerate()
-            .map(|(index, (slot, workload))| {
-                let (core, slot, progress, stop, drain) = (
-                    core.clone(),
-                    slot.clone(),
-                    progress.clone(),
-                    stop.clone(),
-                    drain.clone(),
-                );
-                std::thread::spawn(move || {
-                    let drain = repeat.then_some(&*drain);
-                    engine::run_until(&core, &slot, &workload, &progress[index], &stop, drain)
-                })
-            })
-            .collect();
-        let host = Self {
-            core,
+        let shared = Arc::new(Shared {
             slots,
-            served: Arc::new(Mutex::new(vec![false; config.workloads.len()])),
-            progress,
-            stop,
-            drain,
-            engines,
-            connections: Arc::new(Mutex::new(Vec::new())),
-            disconnects: Arc::new(Mutex::new(Vec::new())),
-            unlisted: Arc::new(AtomicU64::new(0)),
+            served: Mutex::new(vec![false; devices]),
+            connections: AtomicUsize::new(0),
+            disconnects: Mutex::new(Vec::new()),
+            unlisted: AtomicU64::new(0),
+            reports: Mutex::new((0..devices).map(|_| None).collect()),
+            running: AtomicUsize::new(devices),
+            stop: stop.clone(),
+            ring_entries: config.ring_entries,
+        });
+        let reactor = Reactor::new().map_err(std::io::Error::other)?;
+        let workers = reactor
+            .spawn_workers(config.threads.max(1))
+            .map_err(std::io::Error::other)?;
+        let mut host = Self {
+            core,
+            shared: shared.clone(),
+            progress: progress.clone(),
+            drain: drain.clone(),
+            reactor: reactor.clone(),
+            workers: Some(workers),
             socket: None,
         };
-        host.accept_in_background(listener, config.ring_entries);
+        for (index, workload) in config.workloads.iter().cloned().enumerate() {
+            let done_shared = shared.clone();
+            let done = Box::new(move |report: EngineReport| {
+                done_shared
+                    .reports
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)[index] = Some(report);
+                done_shared.running.fetch_sub(1, Ordering::SeqCst);
+            });
+            let engine = EngineSource::new(
+                shared.slots[index].clone(),
+                workload,
+                progress.clone(),
+                index,
+                config.repeat.then(|| drain.clone()),
+                stop.clone(),
+                done,
+            );
+            if let Err(e) = reactor.register(Box::new(engine), EngineSource::wait()) {
+                host.stop_reactor();
+                return Err(std::io::Error::other(e));
+            }
+        }
+        let accept = Listener::new(listener, move |cx: &Context<'_>, stream| {
+            accept(&shared, cx, stream);
+        })?;
+        if let Err(e) = reactor.register(Box::new(accept), Wait::readable()) {
+            host.stop_reactor();
+            return Err(std::io::Error::other(e));
+        }
         Ok(host)
     }
 
@@ -147,105 +196,22 @@ impl Host {
         self.socket.as_ref().map(SocketGuard::path)
     }
 
-    /// Accepts VMM connections until the host finishes. The accepting thread notices the end
-    /// at its next connection attempt; a process that embeds a `Host` and outlives it keeps
-    /// that one thread blocked in `accept` until then.
-    fn accept_in_background(&self, listener: UnixListener, ring_entries: u32) {
-        let unlisted = self.unlisted.clone();
-        let (slots, served, connections, disconnects, stop) = (
-            self.slots.clone(),
-            self.served.clone(),
-            self.connections.clone(),
-            self.disconnects.clone(),
-            self.stop.clone(),
-        );
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let free = {
-                    let mut served = served.lock().unwrap_or_else(PoisonError::into_inner);
-                    let now = std::time::Instant::now();
-                    let open = |i: usize| {
-                        slots[i]
-                            .closed_until
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .is_none_or(|until| now >= until)
-                    };
-                    let free = (0..served.len()).find(|&i| !served[i] && open(i));
-                    if let Some(i) = free {
-                        served[i] = true;
-                    }
-                    free
-                };
-                // No free device: closing the connection is the answer.
-                let Some(index) = free else { continue };
-                let Ok(control) = stream.try_clone() else {
-                    continue;
-                };
-                let (slot, served, disconnects, unlisted) = (
-                    slots[index].clone(),
-                    served.clone(),
-                    disconnects.clone(),
-                    unlisted.clone(),
-                );
-                let thread = std::thread::spawn(move || {
-                    let reason = match FaultPciDevice::new(slot.clone(), ring_entries) {
-                        Ok(mut device) => {
-                            let server = Server::new(ServerConfig::default());
-                            let reason = match server.serve(stream, &mut device) {
-                                Ok(Disconnect::Closed) => "closed".to_string(),
-                                Ok(other) => format!("{other:?}"),
-                                Err(e) => format!("server error: {}", iopf_core::ErrorChain(&e)),
-                            };
-                            device.detach();
-                            reason
-                        }
-                        Err(e) => format!("setup failed: {e}"),
-                    };
-                    {
-                        let mut list = disconnects.lock().unwrap_or_else(PoisonError::into_inner);
-                        // A host that serves VMM after VMM for days lists the first ones.
-                        if list.len() < MAX_DISCONNECTS_LISTED {
-                            list.push(format!("{}: {reason}", slot.id));
-                        } else {
-                            unlisted.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    served.lock().unwrap_or_else(PoisonError::into_inner)[index] = false;
-                });
-                let mut connections = connections.lock().unwrap_or_else(PoisonError::into_inner);
-                // Forget the connections whose VMM has left: join their threads and close
-                // their sockets, so serving VMM after VMM costs no fd and no thread for good.
-                let (ended, open): (Vec<Connection>, Vec<Connection>) =
-                    std::mem::take(&mut *connections)
-                        .into_iter()
-                        .partition(|(_, thread)| thread.is_finished());
-                *connections = open;
-                for (_, thread) in ended {
-                    // A connection thread that panicked has already dropped its VMM (the
-                    // device's `vmm_gone` ran in its drop): nothing is left to answer.
-                    let _ = thread.join();
-                }
-                connections.push((control, thread));
-            }
-        });
+    /// The reactor serving the devices (to add sources of one's own, or watch its load).
+    pub fn reactor(&self) -> &Reactor {
+        &self.reactor
     }
 
     /// Unregisters device `index`'s handler now (its pending groups are answered `Invalid`,
     /// `LIVE` is cleared, so its VMM lets the connection go) and lets no VMM attach to it for
     /// `down`; the next attach is a new handler life, with fresh regions.
-    pub fn unregister_for(&self, index: usize, down: std::time::Duration) {
-        let Some(slot) = self.slots.get(index) else {
+    pub fn unregister_for(&self, index: usize, down: Duration) {
+        let Some(slot) = self.shared.slots.get(index) else {
             return;
         };
         *slot
             .closed_until
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now() + down);
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + down);
         slot.port.unregister();
     }
 
@@ -255,23 +221,27 @@ impl Host {
         self.drain.store(true, Ordering::Relaxed);
     }
 
-    /// Ends the run now (the user interrupted it): every device's engine stops at once, with
-    /// accesses still in flight, and no VMM is accepted any more; [`Host::finish`] then
-    /// unregisters every device, so the groups still pending are answered.
+    /// Ends the run now (the user interrupted it): every device's engine stops at its next
+    /// turn, with accesses still in flight, and no VMM is accepted any more; [`Host::finish`]
+    /// then unregisters every device, so the groups still pending are answered.
     pub fn interrupt(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        // The engines notice at their next turn: make it now.
+        self.reactor.wake_all();
     }
 
     /// Whether every device has a handler with an attached consumer (a VMM serving it).
     pub fn all_attached(&self) -> bool {
-        self.slots
+        self.shared
+            .slots
             .iter()
             .all(|slot| self.core.consumer_attached(slot.id).unwrap_or(false))
     }
 
     /// Page request groups pending (sent to a VMM, not answered yet), all devices.
     pub fn pending_groups(&self) -> usize {
-        self.slots
+        self.shared
+            .slots
             .iter()
             .map(|slot| self.core.pending_groups(slot.id).unwrap_or(0))
             .sum()
@@ -287,7 +257,7 @@ impl Host {
     pub fn metrics(&self) -> iopf_host::metrics::Metrics {
         iopf_host::metrics::Metrics::new(
             self.core.clone(),
-            self.slots.iter().map(|slot| slot.id).collect(),
+            self.shared.slots.iter().map(|slot| slot.id).collect(),
         )
         .with_progress(self.progress.clone())
     }
@@ -299,41 +269,40 @@ impl Host {
 
     /// Whether every engine has finished its workload.
     pub fn finished(&self) -> bool {
-        self.engines.iter().all(JoinHandle::is_finished)
+        self.shared.running.load(Ordering::SeqCst) == 0
     }
 
     /// Waits for every engine, then removes the socket (no new VMM can connect), unregisters
-    /// every device (so the VMMs see `LIVE` cleared and leave), closes the connections, and
-    /// reports.
+    /// every device (so the VMMs see `LIVE` cleared and leave), closes the connections still
+    /// open after a grace period, stops the reactor, and reports.
     pub fn finish(mut self) -> HostReport {
-        let engines: Vec<EngineReport> = self
-            .engines
-            .drain(..)
-            .filter_map(|e| e.join().ok())
-            .collect();
-        drop(self.socket.take());
-        for slot in &self.slots {
-            slot.finished.store(true, Ordering::Relaxed);
-            self.core.unregister(slot.id);
+        while !self.finished() {
+            std::thread::sleep(Duration::from_millis(1));
         }
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.socket.take());
+        for slot in &self.shared.slots {
+            slot.finished.store(true, Ordering::Relaxed);
+            slot.port.unregister();
+        }
+        self.shared.stop.store(true, Ordering::Relaxed);
         // The VMMs leave once they see LIVE cleared; give them a moment, then close.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let connections = std::mem::take(
+        let deadline = Instant::now() + LEAVE_GRACE;
+        while self.shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop_reactor();
+        let engines = std::mem::take(
             &mut *self
-                .connections
+                .shared
+                .reports
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
-        );
-        for (control, thread) in connections {
-            while !thread.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            // Fails only if the VMM closed the socket first, which is what is wanted.
-            let _ = control.shutdown(std::net::Shutdown::Both);
-            let _ = thread.join();
-        }
+        )
+        .into_iter()
+        .flatten()
+        .collect();
         let devices = self
+            .shared
             .slots
             .iter()
             .map(|slot| DeviceSummary {
@@ -343,11 +312,12 @@ impl Host {
             .collect();
         let mut disconnects = std::mem::take(
             &mut *self
+                .shared
                 .disconnects
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        let unlisted = self.unlisted.load(Ordering::Relaxed);
+        let unlisted = self.shared.unlisted.load(Ordering::Relaxed);
         if unlisted > 0 {
             disconnects.push(format!("and {unlisted} more disconnects"));
         }
@@ -358,4 +328,102 @@ impl Host {
             disconnects,
         }
     }
+
+    /// Stops the reactor and joins its threads (the connections still open are closed, the
+    /// engines still running report what they did).
+    fn stop_reactor(&mut self) {
+        self.reactor.stop();
+        if let Some(workers) = self.workers.take() {
+            workers.join();
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.stop_reactor();
+    }
+}
+
+/// A VMM connected: it gets the first device no other connection serves and that is not
+/// closed for a while ([`Host::unregister_for`]); without one, closing the connection is the
+/// answer.
+fn accept(shared: &Arc<Shared>, cx: &Context<'_>, stream: UnixStream) {
+    if shared.stop.load(Ordering::Relaxed) {
+        return;
+    }
+    let free = {
+        let mut served = shared.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let open = |i: usize| {
+            shared.slots[i]
+                .closed_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none_or(|until| now >= until)
+        };
+        let free = (0..served.len()).find(|&i| !served[i] && open(i));
+        if let Some(i) = free {
+            served[i] = true;
+        }
+        free
+    };
+    let Some(index) = free else { return };
+    let slot = shared.slots[index].clone();
+    let device = match FaultPciDevice::new(slot.clone(), shared.ring_entries) {
+        Ok(device) => device,
+        Err(e) => {
+            ended(shared, index, format!("setup failed: {e}"));
+            return;
+        }
+    };
+    let closed_shared = shared.clone();
+    let closed = move |device: FaultPciDevice, reason: Option<Result<Disconnect, ServerError>>| {
+        device.detach();
+        let reason = match reason {
+            None | Some(Ok(Disconnect::Closed)) => "closed".to_string(),
+            Some(Ok(other)) => format!("{other:?}"),
+            Some(Err(e)) => format!("server error: {}", iopf_core::ErrorChain(&e)),
+        };
+        closed_shared.connections.fetch_sub(1, Ordering::SeqCst);
+        ended(&closed_shared, index, reason);
+    };
+    let source =
+        match VfioUserSource::new(stream, Server::new(ServerConfig::default()), device, closed) {
+            Ok(source) => source,
+            Err(e) => {
+                // The device went back with the failed source; nothing was attached.
+                ended(
+                    shared,
+                    index,
+                    format!("server error: {}", iopf_core::ErrorChain(&e)),
+                );
+                return;
+            }
+        };
+    shared.connections.fetch_add(1, Ordering::SeqCst);
+    let wait = source.wait();
+    if let Err(e) = cx.reactor().register(Box::new(source), wait) {
+        // The source was dropped with its device: the VMM sees its socket close.
+        shared.connections.fetch_sub(1, Ordering::SeqCst);
+        ended(shared, index, format!("cannot serve: {e}"));
+    }
+}
+
+/// Device `index`'s connection is over: records why, and frees the device for the next VMM.
+fn ended(shared: &Shared, index: usize, reason: String) {
+    {
+        let mut list = shared
+            .disconnects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // A host that serves VMM after VMM for days lists the first ones.
+        if list.len() < MAX_DISCONNECTS_LISTED {
+            list.push(format!("{}: {reason}", shared.slots[index].id));
+        } else {
+            shared.unlisted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    shared.served.lock().unwrap_or_else(PoisonError::into_inner)[index] = false;
 }

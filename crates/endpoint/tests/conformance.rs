@@ -38,6 +38,7 @@ fn rust_vmm_client_talks_to_the_iopf_host_device() {
         ring_entries: 64,
         device: iopf_core::DeviceConfig::default(),
         repeat: false,
+        threads: 2,
     };
     let host = Host::bind(config, &socket).unwrap();
     let fault_irq = Doorbell::new().unwrap();

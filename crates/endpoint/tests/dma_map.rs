@@ -44,6 +44,7 @@ fn host(name: &str) -> (Host, Client) {
         ring_entries: 16,
         device: DeviceConfig::default(),
         repeat: false,
+        threads: 2,
     };
     let host = Host::bind(config, &path).unwrap();
     let client = Client::connect(&path).unwrap();
@@ -315,6 +316,7 @@ fn direct_mode_pages_go_away_with_a_reset_and_with_an_unmap() {
         ring_entries: 16,
         device: DeviceConfig::default(),
         repeat: false,
+        threads: 2,
     };
     let host = Host::bind(config, &path).unwrap();
     let mut vmm = DirectVmm::attach(Client::connect(&path).unwrap());

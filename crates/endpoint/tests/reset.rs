@@ -223,6 +223,7 @@ fn device_reset_answers_held_groups_and_the_device_goes_on_after_the_directory_i
             ..DeviceConfig::default()
         },
         repeat: false,
+        threads: 2,
     };
     let host = Host::bind(config, &path).unwrap();
     let mut vmm = Vmm::attach(&path);

@@ -20,6 +20,7 @@ fn config() -> HostConfig {
         ring_entries: 64,
         device: iopf_core::DeviceConfig::default(),
         repeat: false,
+        threads: 2,
     }
 }
 

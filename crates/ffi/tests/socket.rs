@@ -57,6 +57,7 @@ fn host(name: &str) -> (Host, TempPath) {
         ring_entries: 64,
         device: DeviceConfig::default(),
         repeat: false,
+        threads: 1,
     };
     let host = Host::bind(config, &path).unwrap();
     (host, path)

@@ -5,6 +5,7 @@
 pub mod config_space;
 pub mod fault_regions;
 pub mod metrics;
+pub mod reactor;
 pub mod socket;
 
 #[cfg(test)]

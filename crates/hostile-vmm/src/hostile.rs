@@ -80,6 +80,15 @@ pub enum Behaviour {
     ResponseAbiZero,
     /// Holds groups back, then sends a header and half its payload and hangs up.
     DisconnectMidMessage,
+    /// Holds groups back, then sends a header and half its payload and sends nothing more,
+    /// the socket left open, until the host closes the connection.
+    StallMidMessage,
+    /// Sends one request a byte at a time (a few milliseconds apart), checks the reply, then
+    /// answers honestly.
+    Drip,
+    /// Never reads its fault queue nor drains its fault IRQ: waits, reading nothing, until the
+    /// host clears `LIVE`.
+    NeverRead,
 }
 
 /// Options of `iopf hostile-vmm`.
@@ -354,6 +363,48 @@ pub fn main(args: HostileArgs) -> anyhow::Result<()> {
             link.raw.write_all(&header)?;
             link.raw.write_all(&[0u8; 12])?;
             let _ = link.raw.shutdown(std::net::Shutdown::Both);
+        }
+        Behaviour::StallMidMessage => {
+            hostile.hold(&mut link, args.hold, false)?;
+            // A REGION_WRITE header, then half its payload; the socket stays open.
+            let header = header_bytes(0x777a, Command::RegionWrite, 16 + 16 + 8);
+            link.raw.write_all(&header)?;
+            link.raw.write_all(&[0u8; 12])?;
+            hostile.tally.host_closed = Some(closed_by_peer_within(
+                &mut link.raw,
+                Duration::from_secs(20),
+            ));
+        }
+        Behaviour::Drip => {
+            // REGION_READ of the device id register, 4 bytes, a byte at a time.
+            let mut message = header_bytes(0x777b, Command::RegionRead, 16 + 16).to_vec();
+            message.extend_from_slice(&REG_DEVICE_ID.to_le_bytes());
+            message.extend_from_slice(&VFIO_PCI_BAR0_REGION_INDEX.to_le_bytes());
+            message.extend_from_slice(&4u32.to_le_bytes());
+            for byte in &message {
+                link.raw.write_all(std::slice::from_ref(byte))?;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            let mut reply = [0u8; 16 + 16 + 4];
+            link.raw
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .context("set a read timeout")?;
+            link.raw
+                .read_exact(&mut reply)
+                .context("no reply to the dripped request")?;
+            let id = u32::from_le_bytes([reply[32], reply[33], reply[34], reply[35]]);
+            ensure!(
+                reply[0..2] == 0x777bu16.to_le_bytes() && id == link.device,
+                "a wrong reply to the dripped request: {reply:?}"
+            );
+            hostile
+                .tally
+                .attempts
+                .insert("drip".into(), format!("{} bytes", message.len()));
+            hostile.serve(&mut link, Mode::Honest)?;
+        }
+        Behaviour::NeverRead => {
+            hostile.wait_not_live_for(&link, Duration::from_secs(120))?;
         }
     }
     hostile.tally.host_rejected = link
@@ -668,7 +719,12 @@ impl Hostile {
 
     /// Waits until the host clears `LIVE` (it noticed the broken queue and unregistered).
     fn wait_not_live(&mut self, link: &Link) -> anyhow::Result<()> {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_not_live_for(link, PATIENCE)
+    }
+
+    /// [`wait_not_live`](Self::wait_not_live), for at most `patience`.
+    fn wait_not_live_for(&mut self, link: &Link, patience: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + patience;
         while link.live() {
             ensure!(
                 Instant::now() < deadline,
@@ -807,9 +863,15 @@ fn send_with_many_fds(
 /// Whether the host closes the connection within a few seconds (reads and drops anything it
 /// sends first).
 fn closed_by_peer(socket: &mut UnixStream) -> bool {
-    let _ = socket.set_read_timeout(Some(Duration::from_secs(4)));
+    closed_by_peer_within(socket, Duration::from_secs(4))
+}
+
+/// Whether the host closes `socket` within `patience` (what it sends meanwhile is read and
+/// dropped).
+fn closed_by_peer_within(socket: &mut UnixStream, patience: Duration) -> bool {
+    let _ = socket.set_read_timeout(Some(patience));
     let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(4);
+    let deadline = Instant::now() + patience;
     while Instant::now() < deadline {
         match socket.read(&mut buf) {
             Ok(0) => return true,

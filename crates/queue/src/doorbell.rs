@@ -56,11 +56,19 @@ impl Doorbell {
     /// clear; an eventfd write then blocks while the counter is saturated, and the peer can
     /// saturate it. So we ask `poll` first: a counter that is already non-zero (`POLLIN`) will
     /// wake the sleeper anyway and needs no write; a write is made only when `POLLOUT` says it
-    /// cannot block. A peer that saturates the counter between our poll and our write, and
-    /// has cleared `O_NONBLOCK`, can still stall this call: the window is a few instructions
-    /// wide. So never ring a peer's doorbell while holding a lock others need (the fault core
-    /// rings after releasing the device's lock; `docs/RELIABILITY.md` §4).
+    /// cannot block. `O_NONBLOCK` is set again first if the peer cleared it (one `fcntl` to
+    /// look), so a peer must both clear it and saturate the counter inside the few
+    /// instructions between our poll and our write to stall this call. Linux offers no write
+    /// to an eventfd that cannot block whatever the flags say: `pwritev2` with `RWF_NOWAIT`
+    /// is refused (`EOPNOTSUPP`) and an eventfd cannot be reopened through `/proc` for an
+    /// open file description of our own (`ENXIO`). So never ring a peer's doorbell while
+    /// holding a lock others need (the fault core rings after releasing the device's lock;
+    /// `docs/RELIABILITY.md` §4).
     pub fn ring(&self) -> io::Result<()> {
+        let flags = rustix::fs::fcntl_getfl(&self.fd)?;
+        if !flags.contains(rustix::fs::OFlags::NONBLOCK) {
+            rustix::fs::fcntl_setfl(&self.fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+        }
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN | PollFlags::OUT)];
         let ready = loop {
             match rustix::event::poll(&mut fds, Some(&Timespec::default())) {
@@ -131,5 +139,33 @@ impl AsFd for Doorbell {
 impl From<Doorbell> for OwnedFd {
     fn from(d: Doorbell) -> OwnedFd {
         d.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fs::OFlags;
+
+    #[test]
+    fn ring_sets_o_nonblock_again_after_the_peer_cleared_it() {
+        let ours = Doorbell::new().unwrap();
+        let theirs = ours.try_clone().unwrap();
+        // The peer clears the flag on the open file description we share.
+        let flags = rustix::fs::fcntl_getfl(&theirs).unwrap();
+        rustix::fs::fcntl_setfl(&theirs, flags - OFlags::NONBLOCK).unwrap();
+        ours.ring().unwrap();
+        assert!(
+            rustix::fs::fcntl_getfl(&ours)
+                .unwrap()
+                .contains(OFlags::NONBLOCK)
+        );
+        assert_eq!(theirs.drain().unwrap(), 1);
+        // Saturated by the peer, flag cleared: a ring returns at once.
+        let flags = rustix::fs::fcntl_getfl(&theirs).unwrap();
+        rustix::fs::fcntl_setfl(&theirs, flags - OFlags::NONBLOCK).unwrap();
+        rustix::io::write(&theirs, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+        ours.ring().unwrap();
+        assert_eq!(theirs.drain().unwrap(), u64::MAX - 1);
     }
 }

@@ -16,6 +16,22 @@ pub const MAX_FDS: usize = 16;
 
 /// Sends `data` with `fds` attached as one message.
 pub fn send_with_fds(socket: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let sent = send_some_with_fds(socket, data, fds)?;
+    if sent != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"));
+    }
+    Ok(())
+}
+
+/// Sends as much of `data` as the socket takes now, with `fds` attached to its first byte, in
+/// one `sendmsg`; returns the bytes sent. On a non-blocking socket a full buffer is
+/// [`io::ErrorKind::WouldBlock`] (nothing sent, fds not passed); a short count means the fds
+/// went with the bytes that were sent and the rest must follow without them.
+pub fn send_some_with_fds(
+    socket: impl AsFd,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -33,10 +49,7 @@ pub fn send_with_fds(socket: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> 
         &mut control,
         SendFlags::NOSIGNAL,
     )?;
-    if sent != data.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"));
-    }
-    Ok(())
+    Ok(sent)
 }
 
 /// Receives one message into `buf` and the fds attached to it (at most [`MAX_FDS`]).

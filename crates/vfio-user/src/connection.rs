@@ -71,6 +71,13 @@ pub enum ConnectionError {
     /// some bytes left): the stream is torn.
     #[error("a message was only partly sent")]
     ShortSend,
+    /// The peer did not read its replies: sending the next one would have queued more than
+    /// `limit` bytes for it.
+    #[error("the peer left more than {limit} bytes of replies unread")]
+    Backlog {
+        /// The bound on bytes queued for the peer.
+        limit: usize,
+    },
     /// The peer reset the connection, or is gone while we were sending.
     #[error("connection reset by the peer")]
     Reset,
@@ -91,7 +98,7 @@ impl ConnectionError {
         }
     }
 
-    fn from_io(error: io::Error) -> Self {
+    pub(crate) fn from_io(error: io::Error) -> Self {
         match error.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ConnectionError::Timeout,
             io::ErrorKind::ConnectionReset
@@ -149,100 +156,35 @@ impl Connection {
     /// Receives one whole message. `Ok(None)` means the peer closed the socket cleanly, between
     /// two messages.
     pub fn recv(&mut self) -> Result<Option<Message>, ConnectionError> {
-        let mut fds = Vec::new();
-        let mut head = [0u8; HEADER_SIZE];
-        let got = self.read_full(&mut head, 0, HEADER_SIZE, &mut fds)?;
-        if got == 0 {
-            return Ok(None);
-        }
-        let result = self.recv_body(&head, &mut fds);
-        self.restore_idle_timeout()?;
-        let (header, payload) = result?;
-        Ok(Some(Message {
-            header,
-            payload,
-            fds,
-        }))
-    }
-
-    fn recv_body(
-        &mut self,
-        head: &[u8; HEADER_SIZE],
-        fds: &mut Vec<OwnedFd>,
-    ) -> Result<(Header, Vec<u8>), ConnectionError> {
-        let header = Header::read_from_bytes(head).map_err(|_| ConnectionError::Truncated {
-            received: 0,
-            expected: HEADER_SIZE,
-        })?;
-        let size = header.msg_size as usize;
-        if size < HEADER_SIZE {
-            return Err(ConnectionError::TooSmall { header });
-        }
-        if size > MAX_MESSAGE_SIZE {
-            return Err(ConnectionError::TooLarge { header });
-        }
-        // Bounded by MAX_MESSAGE_SIZE just above.
-        let mut payload = vec![0u8; size - HEADER_SIZE];
-        let got = self.read_full(&mut payload, HEADER_SIZE, size, fds)?;
-        if got < payload.len() {
-            return Err(ConnectionError::Truncated {
-                received: HEADER_SIZE + got,
-                expected: size,
-            });
-        }
-        Ok((header, payload))
-    }
-
-    /// Fills `buf` (bytes `already..total` of the message), collecting fds. Returns the bytes
-    /// read: `buf.len()`, or less if the peer closed (0 only if it closed before the first
-    /// byte of a message). Once a message has started, the rest must come within the message
-    /// timeout.
-    fn read_full(
-        &mut self,
-        buf: &mut [u8],
-        already: usize,
-        total: usize,
-        fds: &mut Vec<OwnedFd>,
-    ) -> Result<usize, ConnectionError> {
-        let mut got = 0;
-        while got < buf.len() {
-            match recv_with_fds(self.stream.as_fd(), &mut buf[got..]) {
-                Ok((0, received)) => {
-                    fds.extend(received);
-                    if already + got == 0 {
-                        return Ok(0);
-                    }
-                    return Err(ConnectionError::Truncated {
-                        received: already + got,
-                        expected: total,
-                    });
-                }
-                Ok((n, received)) => {
-                    if already + got == 0 && self.message_timeout != self.idle_timeout {
-                        self.stream
-                            .set_read_timeout(self.message_timeout)
-                            .map_err(ConnectionError::Io)?;
-                    }
-                    got += n;
-                    fds.extend(received);
-                    if fds.len() > MAX_MSG_FDS {
-                        return Err(ConnectionError::TooManyFds);
+        let mut reader = MessageReader::new();
+        let result = loop {
+            match reader.read_some(self.stream.as_fd()) {
+                Ok(ReadProgress::Message(message)) => break Ok(Some(message)),
+                Ok(ReadProgress::Closed) => break Ok(None),
+                Ok(ReadProgress::Partial) => {
+                    // The first bytes of a message: the rest must come within the message
+                    // timeout.
+                    if reader.received() > 0
+                        && !reader.timeout_switched
+                        && self.message_timeout != self.idle_timeout
+                    {
+                        reader.timeout_switched = true;
+                        if let Err(error) = self.stream.set_read_timeout(self.message_timeout) {
+                            break Err(ConnectionError::Io(error));
+                        }
                     }
                 }
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(ConnectionError::from_io(error)),
+                // A blocking socket says "would block" only when its read timeout expired.
+                Ok(ReadProgress::WouldBlock) => break Err(ConnectionError::Timeout),
+                Err(error) => break Err(error),
             }
-        }
-        Ok(got)
-    }
-
-    fn restore_idle_timeout(&mut self) -> Result<(), ConnectionError> {
-        if self.message_timeout != self.idle_timeout {
+        };
+        if reader.timeout_switched {
             self.stream
                 .set_read_timeout(self.idle_timeout)
                 .map_err(ConnectionError::Io)?;
         }
-        Ok(())
+        result
     }
 
     /// Sends one whole message (`bytes` starts with its header) with `fds`, in one `sendmsg`.
@@ -272,6 +214,144 @@ impl Connection {
     pub fn shutdown(&self) {
         // Fails only if the socket is no longer connected: then it is shut down already.
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// What one [`MessageReader::read_some`] did.
+#[derive(Debug)]
+pub enum ReadProgress {
+    /// The last bytes of a message arrived: here it is, with its fds.
+    Message(Message),
+    /// Bytes of a message arrived, not all of it yet.
+    Partial,
+    /// Nothing to read now (a non-blocking socket), or a blocking socket's read timeout
+    /// expired.
+    WouldBlock,
+    /// The peer closed the socket between two messages.
+    Closed,
+}
+
+/// How many payload bytes a reader makes room for ahead of what has arrived: the buffer grows
+/// with the bytes the peer actually sends, so a header announcing a large message costs
+/// nothing until its body comes.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reassembles one message at a time from a stream socket, one `recvmsg` per
+/// [`read_some`](Self::read_some), blocking or not: the framing of both [`Connection::recv`]
+/// and the non-blocking [`ServerConnection`](crate::ServerConnection).
+///
+/// It never reads past the current message's last byte, so the fds received while reading a
+/// message belong to it (the kernel attaches `SCM_RIGHTS` to the first bytes of the `sendmsg`
+/// that carried them, and a message cut into many reads keeps the fds of its first). A header
+/// announcing a size below the header or above [`MAX_MESSAGE_SIZE`] is refused before any
+/// payload is read, more than [`MAX_MSG_FDS`] fds for one message are refused, and the payload
+/// buffer grows only as bytes arrive (at most the announced size).
+#[derive(Debug, Default)]
+pub struct MessageReader {
+    head: [u8; HEADER_SIZE],
+    head_got: usize,
+    header: Option<Header>,
+    payload: Vec<u8>,
+    payload_got: usize,
+    fds: Vec<OwnedFd>,
+    /// [`Connection::recv`] switched to the message timeout for this message.
+    timeout_switched: bool,
+}
+
+impl MessageReader {
+    /// A reader between two messages.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes of the current message received so far (0 between messages).
+    pub fn received(&self) -> usize {
+        self.head_got + self.payload_got
+    }
+
+    /// Whether a message has started and is not complete yet.
+    pub fn in_message(&self) -> bool {
+        self.received() > 0
+    }
+
+    /// One `recvmsg` (retried on `EINTR`): reads at most up to the end of the current message.
+    /// After an `Err` the stream position is lost and the connection must be closed.
+    pub fn read_some(&mut self, socket: BorrowedFd<'_>) -> Result<ReadProgress, ConnectionError> {
+        let (n, fds) = loop {
+            let buf = match &self.header {
+                None => &mut self.head[self.head_got..],
+                Some(header) => {
+                    let total = header.msg_size as usize - HEADER_SIZE;
+                    if self.payload.len() == self.payload_got {
+                        // Bounded by the announced size, itself checked against the limit.
+                        let room = (self.payload_got + READ_CHUNK).min(total);
+                        self.payload.resize(room, 0);
+                    }
+                    &mut self.payload[self.payload_got..]
+                }
+            };
+            match recv_with_fds(socket, buf) {
+                Ok(got) => break got,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(ReadProgress::WouldBlock);
+                }
+                Err(error) => return Err(ConnectionError::from_io(error)),
+            }
+        };
+        self.fds.extend(fds);
+        if self.fds.len() > MAX_MSG_FDS {
+            return Err(ConnectionError::TooManyFds);
+        }
+        if n == 0 {
+            if !self.in_message() {
+                return Ok(ReadProgress::Closed);
+            }
+            return Err(ConnectionError::Truncated {
+                received: self.received(),
+                expected: self
+                    .header
+                    .map_or(HEADER_SIZE, |header| header.msg_size as usize),
+            });
+        }
+        match self.header {
+            None => {
+                self.head_got += n;
+                if self.head_got < HEADER_SIZE {
+                    return Ok(ReadProgress::Partial);
+                }
+                let header = Header::read_from_bytes(&self.head).map_err(|_| {
+                    ConnectionError::Truncated {
+                        received: 0,
+                        expected: HEADER_SIZE,
+                    }
+                })?;
+                let size = header.msg_size as usize;
+                if size < HEADER_SIZE {
+                    return Err(ConnectionError::TooSmall { header });
+                }
+                if size > MAX_MESSAGE_SIZE {
+                    return Err(ConnectionError::TooLarge { header });
+                }
+                self.header = Some(header);
+            }
+            Some(_) => self.payload_got += n,
+        }
+        let Some(header) = self.header else {
+            return Ok(ReadProgress::Partial);
+        };
+        if self.payload_got < header.msg_size as usize - HEADER_SIZE {
+            return Ok(ReadProgress::Partial);
+        }
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.truncate(self.payload_got);
+        let fds = std::mem::take(&mut self.fds);
+        *self = Self::default();
+        Ok(ReadProgress::Message(Message {
+            header,
+            payload,
+            fds,
+        }))
     }
 }
 

@@ -10,6 +10,7 @@
 //! | [`request`] | the validating decoder of every command, and the client's encoders |
 //! | [`connection`] | one whole message in or out, fds included, one `sendmsg` per message |
 //! | [`server`] | [`VfioUserDevice`] and [`Server::serve`] (one connection per call) |
+//! | [`nonblocking`] | [`ServerConnection`]: one connection as a state machine an event loop drives |
 //! | [`client`] | [`Client`] |
 //! | [`device`] | the iopf device's region and IRQ indices, types and offsets |
 //!
@@ -24,6 +25,7 @@ pub mod client;
 pub mod connection;
 pub mod device;
 pub mod info;
+pub mod nonblocking;
 pub mod protocol;
 pub mod request;
 pub mod server;
@@ -33,11 +35,12 @@ pub use client::{
     Client, ClientError, ClientOptions, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Region,
     RegionIoFds,
 };
-pub use connection::{Connection, ConnectionError, Message};
+pub use connection::{Connection, ConnectionError, Message, MessageReader, ReadProgress};
 pub use info::{
     DeviceFlags, DeviceInfo, DmaProt, IoFd, IoFdKind, IrqFlags, IrqInfo, RegionCapability,
     RegionFlags, RegionInfo, SparseMmapArea,
 };
+pub use nonblocking::{ServerConnection, Status};
 pub use protocol::{Command, Errno, Header, ProtocolError};
 pub use request::{DmaMap, DmaUnmap, IrqAction, IrqData, IrqSetFlags, SetIrqs};
 pub use server::{Disconnect, Server, ServerConfig, ServerError, VfioUserDevice, serve};

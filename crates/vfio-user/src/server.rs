@@ -9,20 +9,24 @@
 //! end of a connection as unregister. It never panics on input and never allocates more than
 //! [`MAX_MESSAGE_SIZE`](crate::protocol::MAX_MESSAGE_SIZE) for a message.
 //!
-//! One connection per call, synchronously: a host runs one thread per connection.
+//! Both ways of serving run the same state machine, [`ServerConnection`]: an event loop drives
+//! it for many connections on few threads ([`ServerConnection::drive`] when the socket is
+//! ready or a deadline passes), and [`Server::serve`] drives one connection on the calling
+//! thread, waiting in `poll` between two calls.
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use zerocopy::IntoBytes;
 
-use crate::connection::{Connection, ConnectionError, Message};
+use crate::connection::{ConnectionError, Message};
 use crate::info::{
     DeviceFlags, DeviceInfo, IoFd, IrqFlags, IrqInfo, RegionFlags, RegionInfo, encode_io_fds_reply,
 };
+use crate::nonblocking::{Outbox, ServerConnection, Status};
 use crate::protocol::{
     Command, Errno, FLAGS_TYPE_COMMAND, HEADER_SIZE, Header, MAX_DATA_XFER_SIZE, MAX_MSG_FDS,
     PROTOCOL_MAJOR, PROTOCOL_MINOR, ProtocolError, RawRegionAccess,
@@ -126,6 +130,11 @@ pub struct ServerConfig {
     pub max_dma_maps: u32,
     /// `pgsizes` announced to a client that proposes it.
     pub pgsizes: u64,
+    /// Bytes of replies a connection may hold for a client that is not reading them; a reply
+    /// that would go past it closes the connection ([`ConnectionError::Backlog`]). At least
+    /// one largest message ([`MAX_MESSAGE_SIZE`](crate::protocol::MAX_MESSAGE_SIZE)) is
+    /// always allowed.
+    pub max_output: usize,
 }
 
 impl Default for ServerConfig {
@@ -134,6 +143,7 @@ impl Default for ServerConfig {
             message_timeout: Some(Duration::from_secs(5)),
             max_dma_maps: 65535,
             pgsizes: 4096,
+            max_output: 2 * crate::protocol::MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -145,7 +155,7 @@ pub struct Server {
 }
 
 /// What the dispatcher wants next.
-enum Next {
+pub(crate) enum Next {
     Continue,
     Close(Disconnect),
 }
@@ -173,7 +183,8 @@ impl Reply<'_> {
 }
 
 /// Per-connection state.
-struct Session {
+#[derive(Debug, Default)]
+pub(crate) struct Session {
     /// The client's capabilities, once `VERSION` has been exchanged.
     client: Option<Capabilities>,
 }
@@ -184,8 +195,15 @@ impl Server {
         Self { config }
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
     /// Serves `device` on `stream` until the connection ends, and says why it ended. The
-    /// socket is shut down on return.
+    /// socket is shut down on return. The calling thread drives a [`ServerConnection`] (the
+    /// socket is made non-blocking) and waits in `poll` for the socket or the connection's
+    /// next deadline between two steps.
     ///
     /// To stop serving from another thread, shut the socket down through a clone
     /// (`stream.try_clone()?.shutdown(Shutdown::Both)`): `serve` then returns
@@ -195,52 +213,37 @@ impl Server {
         stream: UnixStream,
         device: &mut dyn VfioUserDevice,
     ) -> Result<Disconnect, ServerError> {
-        let mut conn = Connection::new(stream);
-        conn.set_timeouts(None, self.config.message_timeout)
-            .map_err(ServerError::Io)?;
-        let mut session = Session { client: None };
-        let result = self.serve_loop(&mut conn, &mut session, device);
-        conn.shutdown();
-        result
-    }
-
-    fn serve_loop(
-        &self,
-        conn: &mut Connection,
-        session: &mut Session,
-        device: &mut dyn VfioUserDevice,
-    ) -> Result<Disconnect, ServerError> {
+        let mut conn = ServerConnection::new(stream, self.clone())?;
         loop {
-            let message = match conn.recv() {
-                Ok(Some(message)) => message,
-                Ok(None) => return Ok(Disconnect::Closed),
-                Err(error) => {
-                    if let Some(header) = error.header() {
-                        // The header is whole: tell the client why before closing (best
-                        // effort; the connection ends either way).
-                        let errno = match error {
-                            ConnectionError::TooLarge { .. } => Errno::E2BIG,
-                            _ => Errno::EINVAL,
-                        };
-                        if header.message_type() == FLAGS_TYPE_COMMAND && !header.no_reply() {
-                            // Best effort: a client that cannot take the error reply is
-                            // dropped by the next read or send, which reports it.
-                            let _ = conn.send(Header::error_reply(header, errno).as_bytes(), &[]);
-                        }
-                    }
-                    return broken(error);
-                }
-            };
-            match self.handle(conn, session, device, message)? {
-                Next::Continue => {}
-                Next::Close(reason) => return Ok(reason),
+            match conn.drive(device, Instant::now())? {
+                Status::Closed(reason) => return Ok(reason),
+                Status::Open {
+                    want_write,
+                    deadline,
+                } => wait_ready(conn.stream().as_fd(), want_write, deadline)?,
             }
         }
     }
 
-    fn handle(
+    /// The reply to a message whose header was read but whose stream broke (too small, too
+    /// large): an error reply naming it, if the client wants one. The connection closes
+    /// after it either way.
+    pub(crate) fn broken_reply(error: &ConnectionError, out: &mut Outbox) {
+        if let Some(header) = error.header() {
+            let errno = match error {
+                ConnectionError::TooLarge { .. } => Errno::E2BIG,
+                _ => Errno::EINVAL,
+            };
+            if header.message_type() == FLAGS_TYPE_COMMAND && !header.no_reply() {
+                // Best effort: the connection ends either way.
+                let _ = out.push(Header::error_reply(header, errno).as_bytes(), &[]);
+            }
+        }
+    }
+
+    pub(crate) fn handle(
         &self,
-        conn: &mut Connection,
+        conn: &mut Outbox,
         session: &mut Session,
         device: &mut dyn VfioUserDevice,
         message: Message,
@@ -277,14 +280,14 @@ impl Server {
 
     fn send(
         &self,
-        conn: &mut Connection,
+        conn: &mut Outbox,
         request: &Header,
         reply: Reply<'_>,
     ) -> Result<Next, ServerError> {
         if request.no_reply() {
             return Ok(Next::Continue);
         }
-        match conn.send(&reply.bytes, &reply.fds) {
+        match conn.push(&reply.bytes, &reply.fds) {
             Ok(()) => Ok(Next::Continue),
             Err(ConnectionError::Io(error)) => Err(ServerError::Io(error)),
             Err(error) => Ok(Next::Close(Disconnect::Broken(error))),
@@ -293,21 +296,21 @@ impl Server {
 
     fn refuse_version(
         &self,
-        conn: &mut Connection,
+        conn: &mut Outbox,
         header: &Header,
         error: ProtocolError,
     ) -> Result<Next, ServerError> {
         if !header.no_reply() {
             // Best effort: the connection ends with `error` below whether or not the client
             // could take the reply.
-            let _ = conn.send(Header::error_reply(header, error.errno()).as_bytes(), &[]);
+            let _ = conn.push(Header::error_reply(header, error.errno()).as_bytes(), &[]);
         }
         Ok(Next::Close(Disconnect::VersionRefused(error)))
     }
 
     fn negotiate(
         &self,
-        conn: &mut Connection,
+        conn: &mut Outbox,
         session: &mut Session,
         header: &Header,
         proposal: Version,
@@ -478,7 +481,7 @@ impl Server {
 }
 
 impl Session {
-    fn client_max_fds(&self) -> u32 {
+    pub(crate) fn client_max_fds(&self) -> u32 {
         self.client.as_ref().map_or(1, Capabilities::max_msg_fds)
     }
 }
@@ -491,10 +494,29 @@ pub fn serve(
     Server::default().serve(stream, device)
 }
 
-fn broken(error: ConnectionError) -> Result<Disconnect, ServerError> {
-    match error {
-        ConnectionError::Io(error) => Err(ServerError::Io(error)),
-        error => Ok(Disconnect::Broken(error)),
+/// Waits until `socket` is readable (or writable, with `want_write`), hung up, or `deadline`
+/// passes.
+fn wait_ready(
+    socket: BorrowedFd<'_>,
+    want_write: bool,
+    deadline: Option<Instant>,
+) -> Result<(), ServerError> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut flags = PollFlags::IN;
+    if want_write {
+        flags |= PollFlags::OUT;
+    }
+    let timeout = deadline.map(|deadline| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        }
+    });
+    let mut fds = [PollFd::new(&socket, flags)];
+    match rustix::event::poll(&mut fds, timeout.as_ref()) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(error) => Err(ServerError::Io(error.into())),
     }
 }
 

@@ -115,10 +115,10 @@ fn device_engine_and_vmm_finish_a_workload_through_guest_owned_tables() {
         seed: 3,
     };
     let report = run(
-        &core,
         &slot,
         &workload,
-        &Progress::default(),
+        &Arc::new(vec![Progress::default()]),
+        0,
         &AtomicBool::new(false),
     );
     core.unregister(id);

@@ -174,6 +174,7 @@ fn a_real_host_serves_a_workload_into_vm_memory_guest_memory() {
         ring_entries: 64,
         device: DeviceConfig::default(),
         repeat: false,
+        threads: 2,
     };
     let host = Host::bind(config, &path).unwrap();
 
