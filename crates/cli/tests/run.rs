@@ -113,6 +113,24 @@ fn iopf_run_answers_every_group_and_verifies_every_dma_byte() {
     assert!(r["latency_us"]["samples"].as_u64().unwrap() > 0);
 }
 
+/// A thousand devices on one host: every device's engine and VMM connection served by the
+/// host's two reactor threads, every group answered, every DMA byte verified.
+#[test]
+fn iopf_run_serves_1024_devices_and_answers_every_group() {
+    let r = run_json(iopf().args([
+        "run",
+        "--devices",
+        "1024",
+        "--accesses",
+        "4",
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    assert_clean(&r);
+    assert!(r["groups"].as_u64().unwrap() >= 1024, "{r:#}");
+}
+
 #[test]
 fn killing_the_vmm_with_groups_pending_answers_them_and_a_new_vmm_finishes() {
     let (_dir, socket) = socket_path("kill");

@@ -279,6 +279,7 @@ impl FaultCore {
             .devices
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .ordered
             .keys()
             .copied()
             .filter(|&other| other != id)
