@@ -607,3 +607,162 @@ impl DeviceState {
         expired
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iopf_abi::{PageAddr, Pasid, Perm, PrgIndex};
+    use iopf_queue::{QueueError, RingError};
+
+    use super::*;
+
+    /// A VMM seen through its handler: `published` response records wait in its response
+    /// queue (all of them malformed, so each is refused and counted), and it publishes
+    /// `per_read` more each time the host reads (a VMM that never stops).
+    #[derive(Debug, Default)]
+    struct FakeVmm {
+        published: usize,
+        per_read: usize,
+        fill: Option<(u32, u32)>,
+    }
+
+    impl FaultHandler for FakeVmm {
+        fn consumer_attached(&self) -> bool {
+            true
+        }
+        fn stage_group(&mut self, _group: &[PageRequest]) -> Result<(), StageError> {
+            Ok(())
+        }
+        fn stage_unrecoverable(&mut self, _: &UnrecoverableFault) -> Result<Staged, RingError> {
+            Ok(Staged::Queued)
+        }
+        fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
+            Ok(None)
+        }
+        fn drain_responses(
+            &mut self,
+            max: usize,
+            out: &mut Vec<ResponseRecord>,
+        ) -> Result<usize, RingError> {
+            self.published += self.per_read;
+            let n = max.min(self.published);
+            self.published -= n;
+            out.extend(std::iter::repeat_n(ResponseRecord::default(), n));
+            Ok(n)
+        }
+        fn count_rejected(&mut self, _n: u64) {}
+        fn set_live(&mut self, _live: bool) {}
+        fn kick(&mut self) -> Option<Wake> {
+            None
+        }
+        fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
+            Ok(true)
+        }
+        fn woke(&mut self) {}
+        fn set_fault_doorbell(&mut self, _doorbell: Option<iopf_queue::Doorbell>) {}
+        fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+            self.fill
+        }
+    }
+
+    fn device_with(vmm: FakeVmm) -> DeviceState {
+        let mut device = DeviceState::new(DeviceId(7), DeviceConfig::default());
+        device.register(Box::new(vmm)).unwrap();
+        device
+    }
+
+    /// Response records the device has read (every one the fake VMM sends is refused).
+    fn read(device: &DeviceState) -> u64 {
+        device.counters.refused_total()
+    }
+
+    /// Reports page `page` of group 5 (PASID 1), not the last one.
+    fn report_partial_page(device: &mut DeviceState, page: u64) {
+        let request = DevicePageRequest {
+            pasid: Some(Pasid::new(1).unwrap()),
+            grpid: PrgIndex::new(5).unwrap(),
+            perm: Perm::READ,
+            addr: PageAddr::new(page * 4096).unwrap(),
+            last: false,
+            private_data: None,
+        };
+        let mut out = Vec::new();
+        device.report(&DeviceFault::PageRequest(request), 0, &mut out);
+        assert!(out.is_empty(), "a partial group is not answered: {out:?}");
+    }
+
+    #[test]
+    fn reset_applies_every_response_published_before_it() {
+        // 3000 records: two full batches and a short one.
+        let mut device = device_with(FakeVmm {
+            published: 3000,
+            ..FakeVmm::default()
+        });
+        device.reset(0, &mut Vec::new());
+        assert_eq!(read(&device), 3000);
+    }
+
+    #[test]
+    fn reset_stops_reading_once_it_has_caught_up_with_the_vmm() {
+        // The VMM publishes 10 records whenever the host reads: the reset reads the first 10
+        // (a batch short of full: the queue was empty) and does not chase the rest.
+        let mut device = device_with(FakeVmm {
+            per_read: 10,
+            ..FakeVmm::default()
+        });
+        device.reset(0, &mut Vec::new());
+        assert_eq!(read(&device), 10);
+    }
+
+    #[test]
+    fn reset_reads_at_most_a_full_ring_of_the_largest_size() {
+        // A VMM that keeps the queue full: the reset reads 65536 records (a ring of
+        // MAX_ENTRIES) and answers, whatever is still waiting.
+        let max = iopf_abi::MAX_ENTRIES as usize;
+        let mut device = device_with(FakeVmm {
+            published: max + RESPONSE_BATCH,
+            ..FakeVmm::default()
+        });
+        device.reset(0, &mut Vec::new());
+        assert_eq!(read(&device), max as u64);
+        assert!(device.has_handler(), "a reset keeps the handler");
+    }
+
+    #[test]
+    fn unregister_counts_the_pages_of_the_partial_groups_it_discards() {
+        let mut device = device_with(FakeVmm::default());
+        report_partial_page(&mut device, 1);
+        report_partial_page(&mut device, 2);
+        let answered = device.unregister(AutoReason::Unregister, &mut Vec::new());
+        assert_eq!(answered, 0, "no group was complete");
+        assert_eq!(device.counters.partial_dropped, 2);
+    }
+
+    #[test]
+    fn reset_counts_the_pages_of_the_partial_groups_it_discards() {
+        let mut device = device_with(FakeVmm::default());
+        report_partial_page(&mut device, 1);
+        report_partial_page(&mut device, 2);
+        report_partial_page(&mut device, 3);
+        assert_eq!(device.reset(0, &mut Vec::new()), 0, "no group was complete");
+        assert_eq!(device.counters.partial_dropped, 3);
+    }
+
+    #[test]
+    fn fault_queue_fill_is_the_handlers() {
+        let device = device_with(FakeVmm {
+            fill: Some((3, 256)),
+            ..FakeVmm::default()
+        });
+        assert_eq!(device.fault_queue_fill(), Some((3, 256)));
+        let bare = DeviceState::new(DeviceId(8), DeviceConfig::default());
+        assert_eq!(bare.fault_queue_fill(), None, "no handler, no fill");
+    }
+
+    #[test]
+    fn fault_doorbell_is_taken_only_by_a_registered_handler() {
+        let mut device = device_with(FakeVmm::default());
+        assert!(device.set_fault_doorbell(None));
+        device.unregister(AutoReason::Unregister, &mut Vec::new());
+        assert!(!device.set_fault_doorbell(None));
+    }
+}
