@@ -617,12 +617,14 @@ mod tests {
 
     /// A VMM seen through its handler: `published` response records wait in its response
     /// queue (all of them malformed, so each is refused and counted), and it publishes
-    /// `per_read` more each time the host reads (a VMM that never stops).
+    /// `per_read` more each time the host reads (a VMM that never stops). With
+    /// `broken_fault_queue`, the VMM has broken its fault queue: staging fails.
     #[derive(Debug, Default)]
     struct FakeVmm {
         published: usize,
         per_read: usize,
         fill: Option<(u32, u32)>,
+        broken_fault_queue: bool,
     }
 
     impl FaultHandler for FakeVmm {
@@ -633,6 +635,13 @@ mod tests {
             Ok(())
         }
         fn stage_unrecoverable(&mut self, _: &UnrecoverableFault) -> Result<Staged, RingError> {
+            if self.broken_fault_queue {
+                return Err(RingError::ConsumerIndex {
+                    found: 9,
+                    low: 0,
+                    high: 1,
+                });
+            }
             Ok(Staged::Queued)
         }
         fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
@@ -764,5 +773,31 @@ mod tests {
         assert!(device.set_fault_doorbell(None));
         device.unregister(AutoReason::Unregister, &mut Vec::new());
         assert!(!device.set_fault_doorbell(None));
+    }
+
+    #[test]
+    fn unrecoverable_fault_on_a_broken_fault_queue_is_lost_and_the_handler_dropped() {
+        let mut device = device_with(FakeVmm {
+            broken_fault_queue: true,
+            ..FakeVmm::default()
+        });
+        let fault = UnrecoverableFault {
+            reason: iopf_abi::FaultReason::Permission,
+            pasid: None,
+            perm: Perm::WRITE,
+            addr: Some(0x1000),
+            fetch_addr: None,
+        };
+        device.report(&DeviceFault::Unrecoverable(fault), 0, &mut Vec::new());
+        let c = &device.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (1, 1, 0)
+        );
+        assert!(
+            !device.has_handler(),
+            "a broken queue unregisters its handler"
+        );
+        assert_eq!(c.unregistrations, 1);
     }
 }
