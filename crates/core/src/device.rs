@@ -610,7 +610,9 @@ impl DeviceState {
 
 #[cfg(test)]
 mod tests {
-    use iopf_abi::{PageAddr, Pasid, Perm, PrgIndex};
+    use std::sync::{Arc, Mutex};
+
+    use iopf_abi::{PageAddr, PageResponse, Pasid, Perm, PrgIndex};
     use iopf_queue::{QueueError, RingError};
 
     use super::*;
@@ -618,20 +620,25 @@ mod tests {
     /// A VMM seen through its handler: `published` response records wait in its response
     /// queue (all of them malformed, so each is refused and counted), and it publishes
     /// `per_read` more each time the host reads (a VMM that never stops). With
-    /// `broken_fault_queue`, the VMM has broken its fault queue: staging fails.
+    /// `broken_fault_queue`, the VMM has broken its fault queue: staging fails; with
+    /// `no_room_for_unrecoverable`, the fault ring drops unrecoverable faults. The page
+    /// requests of every group staged are kept in `staged`.
     #[derive(Debug, Default)]
     struct FakeVmm {
         published: usize,
         per_read: usize,
         fill: Option<(u32, u32)>,
         broken_fault_queue: bool,
+        no_room_for_unrecoverable: bool,
+        staged: Arc<Mutex<Vec<PageRequest>>>,
     }
 
     impl FaultHandler for FakeVmm {
         fn consumer_attached(&self) -> bool {
             true
         }
-        fn stage_group(&mut self, _group: &[PageRequest]) -> Result<(), StageError> {
+        fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError> {
+            self.staged.lock().unwrap().extend_from_slice(group);
             Ok(())
         }
         fn stage_unrecoverable(&mut self, _: &UnrecoverableFault) -> Result<Staged, RingError> {
@@ -641,6 +648,9 @@ mod tests {
                     low: 0,
                     high: 1,
                 });
+            }
+            if self.no_room_for_unrecoverable {
+                return Ok(Staged::Lost);
             }
             Ok(Staged::Queued)
         }
@@ -684,19 +694,34 @@ mod tests {
         device.counters.refused_total()
     }
 
-    /// Reports page `page` of group 5 (PASID 1), not the last one.
-    fn report_partial_page(device: &mut DeviceState, page: u64) {
+    /// Reports page `page` of group `grpid` (PASID 1); `last`: its last page.
+    fn report_page(device: &mut DeviceState, grpid: u32, page: u64, last: bool) {
         let request = DevicePageRequest {
             pasid: Some(Pasid::new(1).unwrap()),
-            grpid: PrgIndex::new(5).unwrap(),
+            grpid: PrgIndex::new(grpid).unwrap(),
             perm: Perm::READ,
             addr: PageAddr::new(page * 4096).unwrap(),
-            last: false,
+            last,
             private_data: None,
         };
         let mut out = Vec::new();
         device.report(&DeviceFault::PageRequest(request), 0, &mut out);
-        assert!(out.is_empty(), "a partial group is not answered: {out:?}");
+        assert!(out.is_empty(), "the group is staged, not answered: {out:?}");
+    }
+
+    /// Reports page `page` of group 5 (PASID 1), not the last one.
+    fn report_partial_page(device: &mut DeviceState, page: u64) {
+        report_page(device, 5, page, false);
+    }
+
+    fn unrecoverable_fault() -> DeviceFault {
+        DeviceFault::Unrecoverable(UnrecoverableFault {
+            reason: iopf_abi::FaultReason::Permission,
+            pasid: None,
+            perm: Perm::WRITE,
+            addr: Some(0x1000),
+            fetch_addr: None,
+        })
     }
 
     #[test]
@@ -781,14 +806,7 @@ mod tests {
             broken_fault_queue: true,
             ..FakeVmm::default()
         });
-        let fault = UnrecoverableFault {
-            reason: iopf_abi::FaultReason::Permission,
-            pasid: None,
-            perm: Perm::WRITE,
-            addr: Some(0x1000),
-            fetch_addr: None,
-        };
-        device.report(&DeviceFault::Unrecoverable(fault), 0, &mut Vec::new());
+        device.report(&unrecoverable_fault(), 0, &mut Vec::new());
         let c = &device.counters;
         assert_eq!(
             (c.unrecoverable, c.lost, c.unrecoverable_delivered),
@@ -799,5 +817,67 @@ mod tests {
             "a broken queue unregisters its handler"
         );
         assert_eq!(c.unregistrations, 1);
+    }
+
+    #[test]
+    fn unrecoverable_faults_are_counted_delivered_or_lost() {
+        let mut bare = DeviceState::new(DeviceId(8), DeviceConfig::default());
+        bare.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        bare.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        let c = &bare.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (2, 2, 0)
+        );
+
+        let mut full = device_with(FakeVmm {
+            no_room_for_unrecoverable: true,
+            ..FakeVmm::default()
+        });
+        full.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        full.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        let c = &full.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (2, 2, 0)
+        );
+
+        let mut device = device_with(FakeVmm::default());
+        device.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        device.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        let c = &device.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (2, 0, 2)
+        );
+    }
+
+    #[test]
+    fn unregister_answers_pending_groups_in_the_order_they_were_issued() {
+        // 100 groups issued, the 98 in the middle answered, one more issued: the pending
+        // table now keeps the oldest group apart from the two newest, and unregister still
+        // answers the oldest first.
+        let staged = Arc::new(Mutex::new(Vec::new()));
+        let mut device = device_with(FakeVmm {
+            staged: staged.clone(),
+            ..FakeVmm::default()
+        });
+        for grpid in 0..100 {
+            report_page(&mut device, grpid, u64::from(grpid), true);
+        }
+        let requests = staged.lock().unwrap().clone();
+        assert_eq!(requests.len(), 100);
+        let mut out = Vec::new();
+        for request in &requests[1..99] {
+            let answer = PageResponse::answering(request, ResponseCode::Success);
+            device
+                .respond(&ResponseRecord::from(&answer), 0, &mut out)
+                .unwrap();
+        }
+        report_page(&mut device, 100, 100, true);
+        out.clear();
+        assert_eq!(device.unregister(AutoReason::Unregister, &mut out), 3);
+        let order: Vec<u32> = out.iter().map(|r| r.grpid.get().into()).collect();
+        assert_eq!(order, [0, 99, 100]);
     }
 }
