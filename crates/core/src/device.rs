@@ -875,9 +875,40 @@ mod tests {
                 .unwrap();
         }
         report_page(&mut device, 100, 100, true);
+        let c = &device.counters;
+        assert_eq!(
+            (c.page_requests, c.groups, c.groups_delivered),
+            (101, 101, 101)
+        );
         out.clear();
         assert_eq!(device.unregister(AutoReason::Unregister, &mut out), 3);
         let order: Vec<u32> = out.iter().map(|r| r.grpid.get().into()).collect();
         assert_eq!(order, [0, 99, 100]);
+    }
+
+    #[test]
+    fn a_group_of_exactly_the_page_limit_is_delivered_whole() {
+        let staged = Arc::new(Mutex::new(Vec::new()));
+        let config = DeviceConfig {
+            max_group_pages: 2,
+            ..DeviceConfig::default()
+        };
+        let mut device = DeviceState::new(DeviceId(7), config);
+        device
+            .register(Box::new(FakeVmm {
+                staged: staged.clone(),
+                ..FakeVmm::default()
+            }))
+            .unwrap();
+        report_page(&mut device, 5, 1, false);
+        report_page(&mut device, 5, 2, true);
+        let pages: Vec<u64> = staged
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.addr.get())
+            .collect();
+        assert_eq!(pages, [0x1000, 0x2000]);
+        assert_eq!(device.counters.partial_dropped, 0);
     }
 }
