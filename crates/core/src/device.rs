@@ -911,4 +911,44 @@ mod tests {
         assert_eq!(pages, [0x1000, 0x2000]);
         assert_eq!(device.counters.partial_dropped, 0);
     }
+
+    #[test]
+    fn guest_answers_are_counted_by_code() {
+        let staged = Arc::new(Mutex::new(Vec::new()));
+        let config = DeviceConfig {
+            allow_failure: true,
+            ..DeviceConfig::default()
+        };
+        let mut device = DeviceState::new(DeviceId(7), config);
+        device
+            .register(Box::new(FakeVmm {
+                staged: staged.clone(),
+                ..FakeVmm::default()
+            }))
+            .unwrap();
+        for grpid in 0..6 {
+            report_page(&mut device, grpid, u64::from(grpid), true);
+        }
+        let requests = staged.lock().unwrap().clone();
+        let codes = [
+            ResponseCode::Success,
+            ResponseCode::Invalid,
+            ResponseCode::Invalid,
+            ResponseCode::Failure,
+            ResponseCode::Failure,
+            ResponseCode::Failure,
+        ];
+        let mut out = Vec::new();
+        for (request, code) in requests.iter().zip(codes) {
+            let answer = PageResponse::answering(request, code);
+            device
+                .respond(&ResponseRecord::from(&answer), 0, &mut out)
+                .unwrap();
+        }
+        let got: Vec<ResponseCode> = out.iter().map(|r| r.code).collect();
+        assert_eq!(got, codes);
+        let g = &device.counters.responses.guest;
+        assert_eq!((g.success, g.invalid, g.failure), (1, 2, 3));
+        assert_eq!(device.counters.answered(), 6);
+    }
 }
