@@ -609,7 +609,7 @@ impl DeviceState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use iopf_abi::{PageAddr, PageResponse, Pasid, Perm, PrgIndex};
@@ -623,14 +623,18 @@ mod tests {
     /// `broken_fault_queue`, the VMM has broken its fault queue: staging fails; with
     /// `no_room_for_unrecoverable`, the fault ring drops unrecoverable faults. The page
     /// requests of every group staged are kept in `staged`.
+    /// `responses_waiting`: what the VMM's response queue answers a request to sleep; `woke`
+    /// counts the requests withdrawn.
     #[derive(Debug, Default)]
-    struct FakeVmm {
+    pub(crate) struct FakeVmm {
         published: usize,
         per_read: usize,
         fill: Option<(u32, u32)>,
         broken_fault_queue: bool,
         no_room_for_unrecoverable: bool,
+        responses_waiting: bool,
         staged: Arc<Mutex<Vec<PageRequest>>>,
+        woke: Arc<Mutex<usize>>,
     }
 
     impl FaultHandler for FakeVmm {
@@ -674,9 +678,11 @@ mod tests {
             None
         }
         fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
-            Ok(true)
+            Ok(!self.responses_waiting)
         }
-        fn woke(&mut self) {}
+        fn woke(&mut self) {
+            *self.woke.lock().unwrap() += 1;
+        }
         fn set_fault_doorbell(&mut self, _doorbell: Option<iopf_queue::Doorbell>) {}
         fn fault_queue_fill(&self) -> Option<(u32, u32)> {
             self.fill
@@ -950,5 +956,35 @@ mod tests {
         let g = &device.counters.responses.guest;
         assert_eq!((g.success, g.invalid, g.failure), (1, 2, 3));
         assert_eq!(device.counters.answered(), 6);
+    }
+
+    #[test]
+    fn prepare_to_sleep_and_woke_go_to_the_handler() {
+        let woke = Arc::new(Mutex::new(0));
+        let mut device = device_with(FakeVmm {
+            woke: woke.clone(),
+            ..FakeVmm::default()
+        });
+        assert!(
+            device.prepare_to_sleep(&mut Vec::new()),
+            "queue empty: sleep"
+        );
+        device.woke();
+        assert_eq!(*woke.lock().unwrap(), 1, "the request is withdrawn");
+
+        let mut busy = device_with(FakeVmm {
+            responses_waiting: true,
+            ..FakeVmm::default()
+        });
+        assert!(
+            !busy.prepare_to_sleep(&mut Vec::new()),
+            "responses waiting: no sleep"
+        );
+
+        let mut bare = DeviceState::new(DeviceId(8), DeviceConfig::default());
+        assert!(
+            !bare.prepare_to_sleep(&mut Vec::new()),
+            "no handler to wait for"
+        );
     }
 }

@@ -369,3 +369,29 @@ impl FaultCore {
         total
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+    use crate::device::tests::FakeVmm;
+
+    #[derive(Debug)]
+    struct NoSink;
+
+    impl DeviceSink for NoSink {
+        fn page_response(&self, _device: DeviceId, _response: DeviceResponse) {}
+    }
+
+    #[test]
+    fn fault_doorbell_is_taken_only_by_a_registered_handler() {
+        let core = FaultCore::new(Arc::new(ManualClock::new(0)));
+        let id = DeviceId(3);
+        core.add_device(id, DeviceConfig::default(), Arc::new(NoSink))
+            .unwrap();
+        assert!(!core.set_fault_doorbell(id, None).unwrap());
+        core.register(id, Box::new(FakeVmm::default())).unwrap();
+        assert!(core.set_fault_doorbell(id, None).unwrap());
+        assert!(core.set_fault_doorbell(DeviceId(4), None).is_err());
+    }
+}
