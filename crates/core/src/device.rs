@@ -627,14 +627,14 @@ pub(crate) mod tests {
     /// counts the requests withdrawn.
     #[derive(Debug, Default)]
     pub(crate) struct FakeVmm {
-        published: usize,
-        per_read: usize,
-        fill: Option<(u32, u32)>,
-        broken_fault_queue: bool,
-        no_room_for_unrecoverable: bool,
-        responses_waiting: bool,
-        staged: Arc<Mutex<Vec<PageRequest>>>,
-        woke: Arc<Mutex<usize>>,
+        pub(crate) published: usize,
+        pub(crate) per_read: usize,
+        pub(crate) fill: Option<(u32, u32)>,
+        pub(crate) broken_fault_queue: bool,
+        pub(crate) no_room_for_unrecoverable: bool,
+        pub(crate) responses_waiting: bool,
+        pub(crate) staged: Arc<Mutex<Vec<PageRequest>>>,
+        pub(crate) woke: Arc<Mutex<usize>>,
     }
 
     impl FaultHandler for FakeVmm {

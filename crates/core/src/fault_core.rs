@@ -394,4 +394,36 @@ mod tests {
         assert!(core.set_fault_doorbell(id, None).unwrap());
         assert!(core.set_fault_doorbell(DeviceId(4), None).is_err());
     }
+
+    #[test]
+    fn prepare_to_sleep_and_woke_reach_the_handler() {
+        let core = FaultCore::new(Arc::new(ManualClock::new(0)));
+        let (idle, busy) = (DeviceId(3), DeviceId(4));
+        let woke = Arc::new(Mutex::new(0));
+        for id in [idle, busy] {
+            core.add_device(id, DeviceConfig::default(), Arc::new(NoSink))
+                .unwrap();
+        }
+        core.register(
+            idle,
+            Box::new(FakeVmm {
+                woke: woke.clone(),
+                ..FakeVmm::default()
+            }),
+        )
+        .unwrap();
+        core.register(
+            busy,
+            Box::new(FakeVmm {
+                responses_waiting: true,
+                ..FakeVmm::default()
+            }),
+        )
+        .unwrap();
+        assert!(core.prepare_to_sleep(idle).unwrap(), "queue empty: sleep");
+        assert!(!core.prepare_to_sleep(busy).unwrap(), "responses waiting");
+        core.woke(idle).unwrap();
+        assert_eq!(*woke.lock().unwrap(), 1, "the request is withdrawn");
+        assert!(core.woke(DeviceId(5)).is_err(), "no such device");
+    }
 }
