@@ -987,4 +987,36 @@ pub(crate) mod tests {
             "no handler to wait for"
         );
     }
+
+    /// How many more warnings the device may log at `now` (of its ten a second).
+    fn warnings_left(device: &mut DeviceState, now: Nanos) -> usize {
+        (0..20).filter(|_| device.log.allow(now)).count()
+    }
+
+    #[test]
+    fn an_expiry_sweep_spends_a_warning_only_when_it_times_groups_out() {
+        // The warnings are rate-limited per device: the periodic sweep must not use up the
+        // budget that refusals of a hostile VMM's responses need, when it has nothing to say.
+        let second: Nanos = 1_000_000_000;
+        let mut idle = device_with(FakeVmm::default());
+        for _ in 0..20 {
+            assert_eq!(idle.expire(second, &mut Vec::new()), 0);
+        }
+        assert_eq!(
+            warnings_left(&mut idle, second),
+            10,
+            "idle sweeps log nothing"
+        );
+
+        let mut device = device_with(FakeVmm::default());
+        report_page(&mut device, 1, 1, true);
+        let now = 11 * second;
+        let mut out = Vec::new();
+        assert_eq!(device.expire(now, &mut out), 1, "the 10 s timeout passed");
+        assert!(matches!(
+            out[0].source,
+            ResponseSource::Auto(AutoReason::Timeout)
+        ));
+        assert_eq!(warnings_left(&mut device, now), 9, "the timeout was logged");
+    }
 }
