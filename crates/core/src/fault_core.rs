@@ -426,4 +426,26 @@ mod tests {
         assert_eq!(*woke.lock().unwrap(), 1, "the request is withdrawn");
         assert!(core.woke(DeviceId(5)).is_err(), "no such device");
     }
+
+    #[test]
+    fn fault_queue_fill_is_the_devices_handlers() {
+        let core = FaultCore::new(Arc::new(ManualClock::new(0)));
+        let id = DeviceId(3);
+        core.add_device(id, DeviceConfig::default(), Arc::new(NoSink))
+            .unwrap();
+        assert_eq!(core.fault_queue_fill(id).unwrap(), None, "no handler");
+        core.register(
+            id,
+            Box::new(FakeVmm {
+                fill: Some((3, 256)),
+                ..FakeVmm::default()
+            }),
+        )
+        .unwrap();
+        assert_eq!(core.fault_queue_fill(id).unwrap(), Some((3, 256)));
+        assert!(
+            core.fault_queue_fill(DeviceId(4)).is_err(),
+            "no such device"
+        );
+    }
 }
