@@ -130,3 +130,49 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
         self.faults.fill()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport that says nothing about its fill: every method but the defaulted one.
+    #[derive(Debug)]
+    struct Opaque;
+
+    impl FaultHandler for Opaque {
+        fn consumer_attached(&self) -> bool {
+            true
+        }
+        fn stage_group(&mut self, _group: &[PageRequest]) -> Result<(), StageError> {
+            Ok(())
+        }
+        fn stage_unrecoverable(&mut self, _: &UnrecoverableFault) -> Result<Staged, RingError> {
+            Ok(Staged::Queued)
+        }
+        fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
+            Ok(None)
+        }
+        fn drain_responses(
+            &mut self,
+            _max: usize,
+            _out: &mut Vec<ResponseRecord>,
+        ) -> Result<usize, RingError> {
+            Ok(0)
+        }
+        fn count_rejected(&mut self, _n: u64) {}
+        fn set_live(&mut self, _live: bool) {}
+        fn kick(&mut self) -> Option<Wake> {
+            None
+        }
+        fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
+            Ok(true)
+        }
+        fn woke(&mut self) {}
+        fn set_fault_doorbell(&mut self, _doorbell: Option<Doorbell>) {}
+    }
+
+    #[test]
+    fn a_transport_that_cannot_tell_its_fill_reports_none() {
+        assert_eq!(Opaque.fault_queue_fill(), None);
+    }
+}
