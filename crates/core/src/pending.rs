@@ -241,6 +241,47 @@ mod tests {
     }
 
     #[test]
+    fn groups_issued_in_cookie_order_stay_in_the_window() {
+        // The common case (one cookie after another, a few skipped) takes the window's O(1)
+        // path, not the map's.
+        let mut t = PendingTable::default();
+        for c in (1..=200u32).chain(210..=300) {
+            t.insert(group(c, None));
+        }
+        assert_eq!(t.len(), 291);
+        assert!(
+            t.overflow.is_empty(),
+            "{} groups in the map",
+            t.overflow.len()
+        );
+        assert_eq!(t.window.len(), 300);
+    }
+
+    #[test]
+    fn window_stays_proportional_to_pending_groups() {
+        // 100 groups, the 98 in the middle answered, one more issued: the window, mostly
+        // holes, is trimmed to at most twice the groups plus its slack; the oldest group moves
+        // to the map and is still found.
+        let mut t = PendingTable::default();
+        for c in 1..=100u32 {
+            t.insert(group(c, None));
+        }
+        for c in 2..=99u32 {
+            assert!(t.remove(Cookie::new(c).unwrap()).is_some());
+        }
+        t.insert(group(101, None));
+        assert_eq!(t.len(), 3);
+        assert!(
+            t.window.len() <= 2 * t.len() + WINDOW_SLACK,
+            "window of {}",
+            t.window.len()
+        );
+        for c in [1, 100, 101] {
+            assert!(t.contains(c), "cookie {c}");
+        }
+    }
+
+    #[test]
     fn timer_queue_stays_proportional_to_pending_groups() {
         let mut t = PendingTable::default();
         for c in 1..=100_000u32 {
