@@ -332,6 +332,26 @@ mod tests {
     }
 
     #[test]
+    fn timer_queue_shrinks_with_the_pending_groups_behind_one_that_never_answers() {
+        // 999 groups answered one by one behind group 1: the bound falls by two at each
+        // answer, and the queue follows it down.
+        let mut t = PendingTable::default();
+        t.insert(group(1, Some(u64::MAX)));
+        for c in 2..=1000u32 {
+            t.insert(group(c, Some(u64::from(c))));
+        }
+        for c in 2..=1000u32 {
+            t.remove(Cookie::new(c).unwrap());
+            assert!(
+                t.timer_entries() <= 2 * t.len() + 64,
+                "{} timers for {} groups",
+                t.timer_entries(),
+                t.len()
+            );
+        }
+    }
+
+    #[test]
     fn timer_queue_stays_proportional_to_pending_groups() {
         let mut t = PendingTable::default();
         for c in 1..=100_000u32 {
