@@ -173,6 +173,43 @@ fn fault_types_are_those_of_struct_iommu_fault() {
 }
 
 #[test]
+fn flag_bits_are_those_of_the_kernel_uapi() {
+    // `IOMMU_FAULT_PAGE_REQUEST_*`, `IOMMU_FAULT_UNRECOV_*` and `IOMMU_FAULT_PERM_*` of
+    // <linux/iommu.h>: a record is the kernel's, bit for bit.
+    assert_eq!(page_request_flags::PASID_VALID, 1 << 0);
+    assert_eq!(page_request_flags::LAST_PAGE, 1 << 1);
+    assert_eq!(page_request_flags::PRIV_DATA, 1 << 2);
+    assert_eq!(page_request_flags::ALL, 0b111);
+    assert_eq!(unrecoverable_flags::PASID_VALID, 1 << 0);
+    assert_eq!(unrecoverable_flags::ADDR_VALID, 1 << 1);
+    assert_eq!(unrecoverable_flags::FETCH_ADDR_VALID, 1 << 2);
+    assert_eq!(unrecoverable_flags::ALL, 0b111);
+    assert_eq!(Perm::READ.bits(), 1 << 0);
+    assert_eq!(Perm::WRITE.bits(), 1 << 1);
+    assert_eq!(Perm::EXEC.bits(), 1 << 2);
+    assert_eq!(Perm::PRIV.bits(), 1 << 3);
+    assert_eq!(iopf_abi::RESPONSE_PASID_VALID, 1 << 0);
+}
+
+#[test]
+fn a_fault_encodes_as_the_record_of_its_variant() {
+    let request = page_request();
+    let fault = unrecoverable();
+    assert_eq!(
+        FaultRecord::from(&Fault::PageRequest(request)),
+        page_request_record()
+    );
+    assert_eq!(
+        FaultRecord::from(&Fault::Unrecoverable(fault)),
+        unrecoverable_record()
+    );
+    assert_eq!(
+        FaultRecord::from(&Fault::PageRequest(request)).decode(),
+        Ok(Fault::PageRequest(request))
+    );
+}
+
+#[test]
 fn page_request_bytes_follow_the_design_table() {
     let record = page_request_record();
     let b = record.as_bytes();

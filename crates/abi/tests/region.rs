@@ -437,6 +437,20 @@ fn region_smaller_than_its_header_pages_is_refused_before_reading_the_header() {
 }
 
 #[test]
+fn region_of_exactly_its_header_pages_is_refused_for_its_entries() {
+    // 8192 bytes hold both header pages: the header is read, and the region is refused for
+    // want of room for the entries, naming the whole length the queue needs.
+    let (g, header) = fault_queue();
+    assert_eq!(
+        QueueGeometry::from_host_header(&header, QueueKind::Fault, 8192),
+        Err(RegionError::TooSmall {
+            needed: g.region_len(),
+            len: 8192
+        })
+    );
+}
+
+#[test]
 fn region_too_small_for_its_entries_is_refused() {
     let (g, header) = fault_queue();
     let len = g.region_len() - 1;

@@ -65,3 +65,28 @@ impl Clock for ManualClock {
         self.now.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_clock_advances_with_real_time() {
+        let clock = MonotonicClock::new();
+        let before = clock.now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let after = clock.now();
+        assert!(
+            after >= before + 2_000_000,
+            "2 ms slept, clock moved {before} -> {after}"
+        );
+    }
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let clock = ManualClock::new(5);
+        assert_eq!(clock.now(), 5);
+        clock.advance(10);
+        assert_eq!(clock.now(), 15);
+    }
+}

@@ -141,3 +141,52 @@ impl DeviceCounters {
         r.malformed + r.bad_version + r.unknown_cookie + r.mismatch + r.failure_code
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answered_sums_every_guest_code_and_every_auto_reason() {
+        // Each counter a different power of two: a sum that misses or subtracts one shows.
+        let guest = CodeCounts {
+            success: 1,
+            invalid: 1 << 1,
+            failure: 1 << 2,
+        };
+        let auto = AutoResponses {
+            no_handler: 1 << 3,
+            not_attached: 1 << 4,
+            queue_full: 1 << 5,
+            pending_limit: 1 << 6,
+            group_too_large: 1 << 7,
+            unregister: 1 << 8,
+            vmm_gone: 1 << 9,
+            queue_broken: 1 << 10,
+            timeout: 1 << 11,
+            reset: 1 << 12,
+        };
+        let counters = DeviceCounters {
+            responses: Responses { guest, auto },
+            page_requests: 1 << 20,
+            groups: 1 << 21,
+            ..DeviceCounters::default()
+        };
+        assert_eq!(counters.answered(), (1 << 13) - 1);
+    }
+
+    #[test]
+    fn refused_total_sums_every_reason() {
+        let counters = DeviceCounters {
+            refused: Refusals {
+                malformed: 1,
+                bad_version: 1 << 1,
+                unknown_cookie: 1 << 2,
+                mismatch: 1 << 3,
+                failure_code: 1 << 4,
+            },
+            ..DeviceCounters::default()
+        };
+        assert_eq!(counters.refused_total(), (1 << 5) - 1);
+    }
+}

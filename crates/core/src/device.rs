@@ -607,3 +607,416 @@ impl DeviceState {
         expired
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use iopf_abi::{PageAddr, PageResponse, Pasid, Perm, PrgIndex};
+    use iopf_queue::{QueueError, RingError};
+
+    use super::*;
+
+    /// A VMM seen through its handler: `published` response records wait in its response
+    /// queue (all of them malformed, so each is refused and counted), and it publishes
+    /// `per_read` more each time the host reads (a VMM that never stops). With
+    /// `broken_fault_queue`, the VMM has broken its fault queue: staging fails; with
+    /// `no_room_for_unrecoverable`, the fault ring drops unrecoverable faults. The page
+    /// requests of every group staged are kept in `staged`.
+    /// `responses_waiting`: what the VMM's response queue answers a request to sleep; `woke`
+    /// counts the requests withdrawn.
+    #[derive(Debug, Default)]
+    pub(crate) struct FakeVmm {
+        pub(crate) published: usize,
+        pub(crate) per_read: usize,
+        pub(crate) fill: Option<(u32, u32)>,
+        pub(crate) broken_fault_queue: bool,
+        pub(crate) no_room_for_unrecoverable: bool,
+        pub(crate) responses_waiting: bool,
+        pub(crate) staged: Arc<Mutex<Vec<PageRequest>>>,
+        pub(crate) woke: Arc<Mutex<usize>>,
+    }
+
+    impl FaultHandler for FakeVmm {
+        fn consumer_attached(&self) -> bool {
+            true
+        }
+        fn stage_group(&mut self, group: &[PageRequest]) -> Result<(), StageError> {
+            self.staged.lock().unwrap().extend_from_slice(group);
+            Ok(())
+        }
+        fn stage_unrecoverable(&mut self, _: &UnrecoverableFault) -> Result<Staged, RingError> {
+            if self.broken_fault_queue {
+                return Err(RingError::ConsumerIndex {
+                    found: 9,
+                    low: 0,
+                    high: 1,
+                });
+            }
+            if self.no_room_for_unrecoverable {
+                return Ok(Staged::Lost);
+            }
+            Ok(Staged::Queued)
+        }
+        fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
+            Ok(None)
+        }
+        fn drain_responses(
+            &mut self,
+            max: usize,
+            out: &mut Vec<ResponseRecord>,
+        ) -> Result<usize, RingError> {
+            self.published += self.per_read;
+            let n = max.min(self.published);
+            self.published -= n;
+            out.extend(std::iter::repeat_n(ResponseRecord::default(), n));
+            Ok(n)
+        }
+        fn count_rejected(&mut self, _n: u64) {}
+        fn set_live(&mut self, _live: bool) {}
+        fn kick(&mut self) -> Option<Wake> {
+            None
+        }
+        fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
+            Ok(!self.responses_waiting)
+        }
+        fn woke(&mut self) {
+            *self.woke.lock().unwrap() += 1;
+        }
+        fn set_fault_doorbell(&mut self, _doorbell: Option<iopf_queue::Doorbell>) {}
+        fn fault_queue_fill(&self) -> Option<(u32, u32)> {
+            self.fill
+        }
+    }
+
+    fn device_with(vmm: FakeVmm) -> DeviceState {
+        let mut device = DeviceState::new(DeviceId(7), DeviceConfig::default());
+        device.register(Box::new(vmm)).unwrap();
+        device
+    }
+
+    /// Response records the device has read (every one the fake VMM sends is refused).
+    fn read(device: &DeviceState) -> u64 {
+        device.counters.refused_total()
+    }
+
+    /// Reports page `page` of group `grpid` (PASID 1); `last`: its last page.
+    fn report_page(device: &mut DeviceState, grpid: u32, page: u64, last: bool) {
+        let request = DevicePageRequest {
+            pasid: Some(Pasid::new(1).unwrap()),
+            grpid: PrgIndex::new(grpid).unwrap(),
+            perm: Perm::READ,
+            addr: PageAddr::new(page * 4096).unwrap(),
+            last,
+            private_data: None,
+        };
+        let mut out = Vec::new();
+        device.report(&DeviceFault::PageRequest(request), 0, &mut out);
+        assert!(out.is_empty(), "the group is staged, not answered: {out:?}");
+    }
+
+    /// Reports page `page` of group 5 (PASID 1), not the last one.
+    fn report_partial_page(device: &mut DeviceState, page: u64) {
+        report_page(device, 5, page, false);
+    }
+
+    fn unrecoverable_fault() -> DeviceFault {
+        DeviceFault::Unrecoverable(UnrecoverableFault {
+            reason: iopf_abi::FaultReason::Permission,
+            pasid: None,
+            perm: Perm::WRITE,
+            addr: Some(0x1000),
+            fetch_addr: None,
+        })
+    }
+
+    #[test]
+    fn reset_applies_every_response_published_before_it() {
+        // 3000 records: two full batches and a short one.
+        let mut device = device_with(FakeVmm {
+            published: 3000,
+            ..FakeVmm::default()
+        });
+        device.reset(0, &mut Vec::new());
+        assert_eq!(read(&device), 3000);
+    }
+
+    #[test]
+    fn reset_stops_reading_once_it_has_caught_up_with_the_vmm() {
+        // The VMM publishes 10 records whenever the host reads: the reset reads the first 10
+        // (a batch short of full: the queue was empty) and does not chase the rest.
+        let mut device = device_with(FakeVmm {
+            per_read: 10,
+            ..FakeVmm::default()
+        });
+        device.reset(0, &mut Vec::new());
+        assert_eq!(read(&device), 10);
+    }
+
+    #[test]
+    fn reset_reads_at_most_a_full_ring_of_the_largest_size() {
+        // A VMM that keeps the queue full: the reset reads 65536 records (a ring of
+        // MAX_ENTRIES) and answers, whatever is still waiting.
+        let max = iopf_abi::MAX_ENTRIES as usize;
+        let mut device = device_with(FakeVmm {
+            published: max + RESPONSE_BATCH,
+            ..FakeVmm::default()
+        });
+        device.reset(0, &mut Vec::new());
+        assert_eq!(read(&device), max as u64);
+        assert!(device.has_handler(), "a reset keeps the handler");
+    }
+
+    #[test]
+    fn unregister_counts_the_pages_of_the_partial_groups_it_discards() {
+        let mut device = device_with(FakeVmm::default());
+        report_partial_page(&mut device, 1);
+        report_partial_page(&mut device, 2);
+        let answered = device.unregister(AutoReason::Unregister, &mut Vec::new());
+        assert_eq!(answered, 0, "no group was complete");
+        assert_eq!(device.counters.partial_dropped, 2);
+    }
+
+    #[test]
+    fn reset_counts_the_pages_of_the_partial_groups_it_discards() {
+        let mut device = device_with(FakeVmm::default());
+        report_partial_page(&mut device, 1);
+        report_partial_page(&mut device, 2);
+        report_partial_page(&mut device, 3);
+        assert_eq!(device.reset(0, &mut Vec::new()), 0, "no group was complete");
+        assert_eq!(device.counters.partial_dropped, 3);
+    }
+
+    #[test]
+    fn fault_queue_fill_is_the_handlers() {
+        let device = device_with(FakeVmm {
+            fill: Some((3, 256)),
+            ..FakeVmm::default()
+        });
+        assert_eq!(device.fault_queue_fill(), Some((3, 256)));
+        let bare = DeviceState::new(DeviceId(8), DeviceConfig::default());
+        assert_eq!(bare.fault_queue_fill(), None, "no handler, no fill");
+    }
+
+    #[test]
+    fn fault_doorbell_is_taken_only_by_a_registered_handler() {
+        let mut device = device_with(FakeVmm::default());
+        assert!(device.set_fault_doorbell(None));
+        device.unregister(AutoReason::Unregister, &mut Vec::new());
+        assert!(!device.set_fault_doorbell(None));
+    }
+
+    #[test]
+    fn unrecoverable_fault_on_a_broken_fault_queue_is_lost_and_the_handler_dropped() {
+        let mut device = device_with(FakeVmm {
+            broken_fault_queue: true,
+            ..FakeVmm::default()
+        });
+        device.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        let c = &device.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (1, 1, 0)
+        );
+        assert!(
+            !device.has_handler(),
+            "a broken queue unregisters its handler"
+        );
+        assert_eq!(c.unregistrations, 1);
+    }
+
+    #[test]
+    fn unrecoverable_faults_are_counted_delivered_or_lost() {
+        let mut bare = DeviceState::new(DeviceId(8), DeviceConfig::default());
+        bare.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        bare.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        let c = &bare.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (2, 2, 0)
+        );
+
+        let mut full = device_with(FakeVmm {
+            no_room_for_unrecoverable: true,
+            ..FakeVmm::default()
+        });
+        full.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        full.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        let c = &full.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (2, 2, 0)
+        );
+
+        let mut device = device_with(FakeVmm::default());
+        device.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        device.report(&unrecoverable_fault(), 0, &mut Vec::new());
+        let c = &device.counters;
+        assert_eq!(
+            (c.unrecoverable, c.lost, c.unrecoverable_delivered),
+            (2, 0, 2)
+        );
+    }
+
+    #[test]
+    fn unregister_answers_pending_groups_in_the_order_they_were_issued() {
+        // 100 groups issued, the 98 in the middle answered, one more issued: the pending
+        // table now keeps the oldest group apart from the two newest, and unregister still
+        // answers the oldest first.
+        let staged = Arc::new(Mutex::new(Vec::new()));
+        let mut device = device_with(FakeVmm {
+            staged: staged.clone(),
+            ..FakeVmm::default()
+        });
+        for grpid in 0..100 {
+            report_page(&mut device, grpid, u64::from(grpid), true);
+        }
+        let requests = staged.lock().unwrap().clone();
+        assert_eq!(requests.len(), 100);
+        let mut out = Vec::new();
+        for request in &requests[1..99] {
+            let answer = PageResponse::answering(request, ResponseCode::Success);
+            device
+                .respond(&ResponseRecord::from(&answer), 0, &mut out)
+                .unwrap();
+        }
+        report_page(&mut device, 100, 100, true);
+        let c = &device.counters;
+        assert_eq!(
+            (c.page_requests, c.groups, c.groups_delivered),
+            (101, 101, 101)
+        );
+        out.clear();
+        assert_eq!(device.unregister(AutoReason::Unregister, &mut out), 3);
+        let order: Vec<u32> = out.iter().map(|r| r.grpid.get().into()).collect();
+        assert_eq!(order, [0, 99, 100]);
+    }
+
+    #[test]
+    fn a_group_of_exactly_the_page_limit_is_delivered_whole() {
+        let staged = Arc::new(Mutex::new(Vec::new()));
+        let config = DeviceConfig {
+            max_group_pages: 2,
+            ..DeviceConfig::default()
+        };
+        let mut device = DeviceState::new(DeviceId(7), config);
+        device
+            .register(Box::new(FakeVmm {
+                staged: staged.clone(),
+                ..FakeVmm::default()
+            }))
+            .unwrap();
+        report_page(&mut device, 5, 1, false);
+        report_page(&mut device, 5, 2, true);
+        let pages: Vec<u64> = staged
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.addr.get())
+            .collect();
+        assert_eq!(pages, [0x1000, 0x2000]);
+        assert_eq!(device.counters.partial_dropped, 0);
+    }
+
+    #[test]
+    fn guest_answers_are_counted_by_code() {
+        let staged = Arc::new(Mutex::new(Vec::new()));
+        let config = DeviceConfig {
+            allow_failure: true,
+            ..DeviceConfig::default()
+        };
+        let mut device = DeviceState::new(DeviceId(7), config);
+        device
+            .register(Box::new(FakeVmm {
+                staged: staged.clone(),
+                ..FakeVmm::default()
+            }))
+            .unwrap();
+        for grpid in 0..6 {
+            report_page(&mut device, grpid, u64::from(grpid), true);
+        }
+        let requests = staged.lock().unwrap().clone();
+        let codes = [
+            ResponseCode::Success,
+            ResponseCode::Invalid,
+            ResponseCode::Invalid,
+            ResponseCode::Failure,
+            ResponseCode::Failure,
+            ResponseCode::Failure,
+        ];
+        let mut out = Vec::new();
+        for (request, code) in requests.iter().zip(codes) {
+            let answer = PageResponse::answering(request, code);
+            device
+                .respond(&ResponseRecord::from(&answer), 0, &mut out)
+                .unwrap();
+        }
+        let got: Vec<ResponseCode> = out.iter().map(|r| r.code).collect();
+        assert_eq!(got, codes);
+        let g = &device.counters.responses.guest;
+        assert_eq!((g.success, g.invalid, g.failure), (1, 2, 3));
+        assert_eq!(device.counters.answered(), 6);
+    }
+
+    #[test]
+    fn prepare_to_sleep_and_woke_go_to_the_handler() {
+        let woke = Arc::new(Mutex::new(0));
+        let mut device = device_with(FakeVmm {
+            woke: woke.clone(),
+            ..FakeVmm::default()
+        });
+        assert!(
+            device.prepare_to_sleep(&mut Vec::new()),
+            "queue empty: sleep"
+        );
+        device.woke();
+        assert_eq!(*woke.lock().unwrap(), 1, "the request is withdrawn");
+
+        let mut busy = device_with(FakeVmm {
+            responses_waiting: true,
+            ..FakeVmm::default()
+        });
+        assert!(
+            !busy.prepare_to_sleep(&mut Vec::new()),
+            "responses waiting: no sleep"
+        );
+
+        let mut bare = DeviceState::new(DeviceId(8), DeviceConfig::default());
+        assert!(
+            !bare.prepare_to_sleep(&mut Vec::new()),
+            "no handler to wait for"
+        );
+    }
+
+    /// How many more warnings the device may log at `now` (of its ten a second).
+    fn warnings_left(device: &mut DeviceState, now: Nanos) -> usize {
+        (0..20).filter(|_| device.log.allow(now)).count()
+    }
+
+    #[test]
+    fn an_expiry_sweep_spends_a_warning_only_when_it_times_groups_out() {
+        // The warnings are rate-limited per device: the periodic sweep must not use up the
+        // budget that refusals of a hostile VMM's responses need, when it has nothing to say.
+        let second: Nanos = 1_000_000_000;
+        let mut idle = device_with(FakeVmm::default());
+        for _ in 0..20 {
+            assert_eq!(idle.expire(second, &mut Vec::new()), 0);
+        }
+        assert_eq!(
+            warnings_left(&mut idle, second),
+            10,
+            "idle sweeps log nothing"
+        );
+
+        let mut device = device_with(FakeVmm::default());
+        report_page(&mut device, 1, 1, true);
+        let now = 11 * second;
+        let mut out = Vec::new();
+        assert_eq!(device.expire(now, &mut out), 1, "the 10 s timeout passed");
+        assert!(matches!(
+            out[0].source,
+            ResponseSource::Auto(AutoReason::Timeout)
+        ));
+        assert_eq!(warnings_left(&mut device, now), 9, "the timeout was logged");
+    }
+}

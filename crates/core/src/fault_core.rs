@@ -379,3 +379,83 @@ impl FaultCore {
         total
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+    use crate::device::tests::FakeVmm;
+
+    #[derive(Debug)]
+    struct NoSink;
+
+    impl DeviceSink for NoSink {
+        fn page_response(&self, _device: DeviceId, _response: DeviceResponse) {}
+    }
+
+    #[test]
+    fn fault_doorbell_is_taken_only_by_a_registered_handler() {
+        let core = FaultCore::new(Arc::new(ManualClock::new(0)));
+        let id = DeviceId(3);
+        core.add_device(id, DeviceConfig::default(), Arc::new(NoSink))
+            .unwrap();
+        assert!(!core.set_fault_doorbell(id, None).unwrap());
+        core.register(id, Box::new(FakeVmm::default())).unwrap();
+        assert!(core.set_fault_doorbell(id, None).unwrap());
+        assert!(core.set_fault_doorbell(DeviceId(4), None).is_err());
+    }
+
+    #[test]
+    fn prepare_to_sleep_and_woke_reach_the_handler() {
+        let core = FaultCore::new(Arc::new(ManualClock::new(0)));
+        let (idle, busy) = (DeviceId(3), DeviceId(4));
+        let woke = Arc::new(Mutex::new(0));
+        for id in [idle, busy] {
+            core.add_device(id, DeviceConfig::default(), Arc::new(NoSink))
+                .unwrap();
+        }
+        core.register(
+            idle,
+            Box::new(FakeVmm {
+                woke: woke.clone(),
+                ..FakeVmm::default()
+            }),
+        )
+        .unwrap();
+        core.register(
+            busy,
+            Box::new(FakeVmm {
+                responses_waiting: true,
+                ..FakeVmm::default()
+            }),
+        )
+        .unwrap();
+        assert!(core.prepare_to_sleep(idle).unwrap(), "queue empty: sleep");
+        assert!(!core.prepare_to_sleep(busy).unwrap(), "responses waiting");
+        core.woke(idle).unwrap();
+        assert_eq!(*woke.lock().unwrap(), 1, "the request is withdrawn");
+        assert!(core.woke(DeviceId(5)).is_err(), "no such device");
+    }
+
+    #[test]
+    fn fault_queue_fill_is_the_devices_handlers() {
+        let core = FaultCore::new(Arc::new(ManualClock::new(0)));
+        let id = DeviceId(3);
+        core.add_device(id, DeviceConfig::default(), Arc::new(NoSink))
+            .unwrap();
+        assert_eq!(core.fault_queue_fill(id).unwrap(), None, "no handler");
+        core.register(
+            id,
+            Box::new(FakeVmm {
+                fill: Some((3, 256)),
+                ..FakeVmm::default()
+            }),
+        )
+        .unwrap();
+        assert_eq!(core.fault_queue_fill(id).unwrap(), Some((3, 256)));
+        assert!(
+            core.fault_queue_fill(DeviceId(4)).is_err(),
+            "no such device"
+        );
+    }
+}

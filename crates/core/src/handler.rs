@@ -130,3 +130,134 @@ impl<M: QueueMemory + Send + fmt::Debug> FaultHandler for QueueHandler<M> {
         self.faults.fill()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport that says nothing about its fill: every method but the defaulted one.
+    #[derive(Debug)]
+    struct Opaque;
+
+    impl FaultHandler for Opaque {
+        fn consumer_attached(&self) -> bool {
+            true
+        }
+        fn stage_group(&mut self, _group: &[PageRequest]) -> Result<(), StageError> {
+            Ok(())
+        }
+        fn stage_unrecoverable(&mut self, _: &UnrecoverableFault) -> Result<Staged, RingError> {
+            Ok(Staged::Queued)
+        }
+        fn publish(&mut self) -> Result<Option<Wake>, QueueError> {
+            Ok(None)
+        }
+        fn drain_responses(
+            &mut self,
+            _max: usize,
+            _out: &mut Vec<ResponseRecord>,
+        ) -> Result<usize, RingError> {
+            Ok(0)
+        }
+        fn count_rejected(&mut self, _n: u64) {}
+        fn set_live(&mut self, _live: bool) {}
+        fn kick(&mut self) -> Option<Wake> {
+            None
+        }
+        fn prepare_to_sleep(&mut self) -> Result<bool, RingError> {
+            Ok(true)
+        }
+        fn woke(&mut self) {}
+        fn set_fault_doorbell(&mut self, _doorbell: Option<Doorbell>) {}
+    }
+
+    #[test]
+    fn a_transport_that_cannot_tell_its_fill_reports_none() {
+        assert_eq!(Opaque.fault_queue_fill(), None);
+    }
+
+    use iopf_abi::{
+        Cookie, PageAddr, PageResponse, Perm, PrgIndex, QueueGeometry, QueueKind, ResponseCode,
+    };
+    use iopf_queue::{FaultQueueConsumer, HeapMemory, ResponseQueueProducer};
+
+    type Heap = Arc<HeapMemory>;
+
+    /// A queue handler over rings of 8 entries, and the VMM's ends of them (attached).
+    fn queues() -> (
+        QueueHandler<Heap>,
+        FaultQueueConsumer<Heap>,
+        ResponseQueueProducer<Heap>,
+    ) {
+        let faults = Arc::new(HeapMemory::new(
+            QueueGeometry::new(QueueKind::Fault, 8).unwrap(),
+        ));
+        let responses = Arc::new(HeapMemory::new(
+            QueueGeometry::new(QueueKind::Response, 8).unwrap(),
+        ));
+        let handler = QueueHandler {
+            faults: FaultQueueProducer::new(faults.clone()),
+            responses: ResponseQueueConsumer::new(responses.clone(), Doorbell::new().unwrap()),
+        };
+        let vmm_faults = FaultQueueConsumer::new(faults, Doorbell::new().unwrap());
+        let vmm_responses = ResponseQueueProducer::new(responses, Some(Doorbell::new().unwrap()));
+        (handler, vmm_faults, vmm_responses)
+    }
+
+    fn one_page_group(cookie: u32) -> PageRequest {
+        PageRequest {
+            cookie: Cookie::new(cookie).unwrap(),
+            pasid: None,
+            grpid: PrgIndex::new(1).unwrap(),
+            perm: Perm::READ,
+            addr: PageAddr::new(0x1000).unwrap(),
+            last: true,
+            private_data: None,
+        }
+    }
+
+    #[test]
+    fn queue_handler_fill_is_its_fault_rings() {
+        let (mut handler, _vmm_faults, _vmm_responses) = queues();
+        assert_eq!(handler.fault_queue_fill(), Some((0, 8)));
+        for cookie in 1..=3 {
+            handler.stage_group(&[one_page_group(cookie)]).unwrap();
+        }
+        handler.publish().unwrap();
+        assert_eq!(handler.fault_queue_fill(), Some((3, 8)));
+    }
+
+    #[test]
+    fn queue_handler_fault_doorbell_is_rung_for_a_sleeping_consumer_and_on_kick() {
+        let (mut handler, mut vmm_faults, _vmm_responses) = queues();
+        assert!(handler.kick().is_none(), "no doorbell yet");
+        handler.set_fault_doorbell(Some(Doorbell::new().unwrap()));
+        assert!(handler.kick().is_some(), "a kick rings the doorbell set");
+        assert!(vmm_faults.prepare_to_sleep().unwrap(), "the VMM sleeps");
+        handler.stage_group(&[one_page_group(1)]).unwrap();
+        assert!(
+            handler.publish().unwrap().is_some(),
+            "the sleeping VMM's doorbell is handed back to ring"
+        );
+    }
+
+    #[test]
+    fn queue_handler_sleeps_only_on_an_empty_response_queue_and_withdraws_on_woke() {
+        let (mut handler, _vmm_faults, mut vmm_responses) = queues();
+        assert!(
+            handler.prepare_to_sleep().unwrap(),
+            "nothing waiting: sleep"
+        );
+        handler.woke();
+        let answer = PageResponse::answering(&one_page_group(1), ResponseCode::Success);
+        vmm_responses.stage(&answer).unwrap();
+        assert!(
+            !vmm_responses.publish().unwrap().kick,
+            "the request to be woken was withdrawn: no ring"
+        );
+        assert!(
+            !handler.prepare_to_sleep().unwrap(),
+            "a response is waiting: no sleep"
+        );
+    }
+}

@@ -241,6 +241,117 @@ mod tests {
     }
 
     #[test]
+    fn groups_issued_in_cookie_order_stay_in_the_window() {
+        // The common case (one cookie after another, a few skipped) takes the window's O(1)
+        // path, not the map's.
+        let mut t = PendingTable::default();
+        for c in (1..=200u32).chain(210..=300) {
+            t.insert(group(c, None));
+        }
+        assert_eq!(t.len(), 291);
+        assert!(
+            t.overflow.is_empty(),
+            "{} groups in the map",
+            t.overflow.len()
+        );
+        assert_eq!(t.window.len(), 300);
+    }
+
+    #[test]
+    fn a_window_at_most_half_holes_is_kept() {
+        // 200 groups, every other one answered: 100 pending in a window of 200, under twice
+        // the groups plus the slack, so every group stays on the window's path.
+        let mut t = PendingTable::default();
+        for c in 1..=200u32 {
+            t.insert(group(c, None));
+        }
+        for c in (2..=200u32).step_by(2) {
+            assert!(t.remove(Cookie::new(c).unwrap()).is_some());
+        }
+        t.insert(group(201, None));
+        assert_eq!(t.len(), 101);
+        assert!(
+            t.overflow.is_empty(),
+            "{} groups in the map",
+            t.overflow.len()
+        );
+    }
+
+    #[test]
+    fn window_stays_proportional_to_pending_groups() {
+        // 100 groups, the 98 in the middle answered, one more issued: the window, mostly
+        // holes, is trimmed to at most twice the groups plus its slack; the oldest group moves
+        // to the map and is still found.
+        let mut t = PendingTable::default();
+        for c in 1..=100u32 {
+            t.insert(group(c, None));
+        }
+        for c in 2..=99u32 {
+            assert!(t.remove(Cookie::new(c).unwrap()).is_some());
+        }
+        t.insert(group(101, None));
+        assert_eq!(t.len(), 3);
+        assert!(
+            t.window.len() <= 2 * t.len() + WINDOW_SLACK,
+            "window of {}",
+            t.window.len()
+        );
+        for c in [1, 100, 101] {
+            assert!(t.contains(c), "cookie {c}");
+        }
+    }
+
+    #[test]
+    fn answering_a_group_leaves_the_timer_of_another_with_the_same_deadline() {
+        let mut t = PendingTable::default();
+        t.insert(group(1, Some(10)));
+        t.insert(group(2, Some(10)));
+        assert!(t.remove(Cookie::new(2).unwrap()).is_some());
+        assert_eq!(t.next_deadline(), Some(10));
+        assert_eq!(t.pop_expired(10).map(|g| g.cookie.get()), Some(1));
+    }
+
+    #[test]
+    fn timer_queue_stays_proportional_behind_a_group_that_never_answers() {
+        // Group 1 is never answered, so its timer stays at the front and no other answer
+        // finds its own timer there: the queue is compacted instead, and stays within twice
+        // the pending groups plus 64.
+        let mut t = PendingTable::default();
+        t.insert(group(1, Some(u64::MAX)));
+        for c in 2..=10_000u32 {
+            t.insert(group(c, Some(u64::from(c))));
+            t.remove(Cookie::new(c).unwrap());
+            assert!(
+                t.timer_entries() <= 2 * t.len() + 64,
+                "{} timers for {} groups",
+                t.timer_entries(),
+                t.len()
+            );
+        }
+        assert_eq!(t.next_deadline(), Some(u64::MAX));
+    }
+
+    #[test]
+    fn timer_queue_shrinks_with_the_pending_groups_behind_one_that_never_answers() {
+        // 999 groups answered one by one behind group 1: the bound falls by two at each
+        // answer, and the queue follows it down.
+        let mut t = PendingTable::default();
+        t.insert(group(1, Some(u64::MAX)));
+        for c in 2..=1000u32 {
+            t.insert(group(c, Some(u64::from(c))));
+        }
+        for c in 2..=1000u32 {
+            t.remove(Cookie::new(c).unwrap());
+            assert!(
+                t.timer_entries() <= 2 * t.len() + 64,
+                "{} timers for {} groups",
+                t.timer_entries(),
+                t.len()
+            );
+        }
+    }
+
+    #[test]
     fn timer_queue_stays_proportional_to_pending_groups() {
         let mut t = PendingTable::default();
         for c in 1..=100_000u32 {

@@ -53,4 +53,13 @@ mod tests {
         assert_eq!(allowed, 10);
         assert!(r.allow(5 + WINDOW));
     }
+
+    #[test]
+    fn counts_what_it_suppresses_until_the_next_second() {
+        let mut r = RateLimit::new();
+        let allowed = (0..15).filter(|_| r.allow(5)).count();
+        assert_eq!((allowed, r.suppressed), (10, 5));
+        assert!(r.allow(5 + WINDOW));
+        assert_eq!(r.suppressed, 0, "reported, and counted afresh");
+    }
 }

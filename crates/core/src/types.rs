@@ -199,3 +199,13 @@ impl Default for DeviceConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_id_displays_as_device_and_its_number() {
+        assert_eq!(DeviceId(7).to_string(), "device 7");
+    }
+}
