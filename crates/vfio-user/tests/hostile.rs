@@ -388,6 +388,27 @@ fn a_reply_sent_to_the_server_is_einval() {
     assert!(matches!(disconnect(server), Disconnect::Closed));
 }
 
+/// A broken message that asked for no reply, or that is a reply itself, gets none: the server
+/// only closes the connection.
+#[test]
+fn a_broken_message_that_wants_no_reply_gets_none() {
+    for flags in [FLAGS_NO_REPLY, FLAGS_TYPE_REPLY] {
+        let (mut raw, server) = negotiated();
+        raw.write(&header_bytes(
+            1,
+            Command::RegionWrite.raw(),
+            MAX_MESSAGE_SIZE as u32 + 1,
+            flags,
+        ));
+        assert!(matches!(
+            disconnect(server),
+            Disconnect::Broken(ConnectionError::TooLarge { .. })
+        ));
+        let left = raw.replies.recv().unwrap();
+        assert!(left.is_none(), "flags {flags:#x}: {left:?}");
+    }
+}
+
 #[test]
 fn no_reply_commands_get_no_reply() {
     let (mut raw, server) = negotiated();
