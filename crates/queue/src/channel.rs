@@ -342,4 +342,34 @@ mod tests {
         host.set_live(false);
         assert!(!channel.live());
     }
+
+    #[test]
+    fn a_deferred_publish_hands_back_the_doorbell_of_a_sleeping_vmm() {
+        let (mut host, mut channel) = pair();
+        host.stage_group(&[request()]).unwrap();
+        assert!(
+            host.publish_deferred().unwrap().is_none(),
+            "the VMM is awake"
+        );
+        assert_eq!(channel.read(16, &mut |_| {}).unwrap(), 1);
+        assert!(channel.prepare_to_sleep().unwrap());
+        host.stage_group(&[request()]).unwrap();
+        let bell = host.publish_deferred().unwrap().expect("the VMM sleeps");
+        assert_eq!(host.kicks(), 1);
+        assert!(!readable(channel.poll_fd()), "deferred: not rung yet");
+        bell.ring().unwrap();
+        assert!(readable(channel.poll_fd()));
+        channel.woke().unwrap();
+        // A deferred kick hands the doorbell back whether or not the VMM sleeps.
+        assert!(host.kick_deferred().is_some());
+        assert_eq!(host.kicks(), 2);
+    }
+
+    #[test]
+    fn a_kick_rings_an_awake_vmm_and_is_counted() {
+        let (mut host, channel) = pair();
+        host.kick().unwrap();
+        assert_eq!(host.kicks(), 1);
+        assert!(readable(channel.poll_fd()));
+    }
 }
