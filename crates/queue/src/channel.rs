@@ -216,6 +216,16 @@ mod tests {
     use crate::response_queue::ResponseQueueConsumer;
 
     fn pair() -> (FaultQueueProducer, SharedMemoryChannel) {
+        let (faults, _responses, channel) = host_and_channel();
+        (faults, channel)
+    }
+
+    /// The host's ends of both queues, and the VMM's channel over them.
+    fn host_and_channel() -> (
+        FaultQueueProducer,
+        ResponseQueueConsumer,
+        SharedMemoryChannel,
+    ) {
         let mut faults = FaultQueueProducer::create(8).unwrap();
         let bell = Doorbell::new().unwrap();
         faults.set_doorbell(Some(bell.try_clone().unwrap()));
@@ -229,7 +239,7 @@ mod tests {
             None,
         )
         .unwrap();
-        (faults, channel)
+        (faults, responses, channel)
     }
 
     fn readable(fd: BorrowedFd<'_>) -> bool {
@@ -273,5 +283,93 @@ mod tests {
         host.stage_group(&[request()]).unwrap();
         assert!(!host.publish().unwrap().kick);
         assert!(!readable(channel.poll_fd()));
+    }
+
+    #[test]
+    fn read_hands_over_every_ready_fault_and_counts_them() {
+        let (mut host, mut channel) = pair();
+        host.stage_group(&[request()]).unwrap();
+        host.stage_group(&[request()]).unwrap();
+        host.publish().unwrap();
+        let mut devices = Vec::new();
+        assert_eq!(
+            channel.read(16, &mut |f| devices.push(f.device)).unwrap(),
+            2
+        );
+        assert_eq!(devices, vec![5, 5]);
+        assert_eq!(channel.read(16, &mut |_| {}).unwrap(), 0);
+    }
+
+    #[test]
+    fn respond_publishes_what_fits_and_says_how_many() {
+        let (_host, mut responses, mut channel) = host_and_channel();
+        let records: Vec<_> = (1..=10u32)
+            .map(|n| ResponseRecord {
+                cookie: n.into(),
+                ..Default::default()
+            })
+            .collect();
+        // The response ring holds 8: the first 8 are taken and visible to the host at once.
+        assert_eq!(channel.respond(&records).unwrap(), 8);
+        let mut cookies = Vec::new();
+        responses
+            .drain(usize::MAX, |r| cookies.push(r.cookie.get()))
+            .unwrap();
+        assert_eq!(cookies, (1..=8).collect::<Vec<_>>());
+        assert_eq!(channel.respond(&records[8..]).unwrap(), 2);
+        cookies.clear();
+        responses
+            .drain(usize::MAX, |r| cookies.push(r.cookie.get()))
+            .unwrap();
+        assert_eq!(cookies, vec![9, 10]);
+        // Nothing is refused on the VMM's side.
+        assert_eq!(channel.refused(), 0);
+    }
+
+    #[test]
+    fn wait_says_whether_faults_are_ready() {
+        let (mut host, mut channel) = pair();
+        assert!(!channel.wait(Some(Duration::from_millis(5))).unwrap());
+        host.stage_group(&[request()]).unwrap();
+        host.publish().unwrap();
+        assert!(channel.wait(Some(Duration::from_millis(5))).unwrap());
+    }
+
+    #[test]
+    fn live_follows_the_host() {
+        let (mut host, channel) = pair();
+        assert!(channel.live());
+        host.set_live(false);
+        assert!(!channel.live());
+    }
+
+    #[test]
+    fn a_deferred_publish_hands_back_the_doorbell_of_a_sleeping_vmm() {
+        let (mut host, mut channel) = pair();
+        host.stage_group(&[request()]).unwrap();
+        assert!(
+            host.publish_deferred().unwrap().is_none(),
+            "the VMM is awake"
+        );
+        assert_eq!(channel.read(16, &mut |_| {}).unwrap(), 1);
+        assert!(channel.prepare_to_sleep().unwrap());
+        host.stage_group(&[request()]).unwrap();
+        let bell = host.publish_deferred().unwrap().expect("the VMM sleeps");
+        assert_eq!(host.kicks(), 1);
+        assert!(!readable(channel.poll_fd()), "deferred: not rung yet");
+        bell.ring().unwrap();
+        assert!(readable(channel.poll_fd()));
+        channel.woke().unwrap();
+        // A deferred kick hands the doorbell back whether or not the VMM sleeps.
+        assert!(host.kick_deferred().is_some());
+        assert_eq!(host.kicks(), 2);
+    }
+
+    #[test]
+    fn a_kick_rings_an_awake_vmm_and_is_counted() {
+        let (mut host, channel) = pair();
+        host.kick().unwrap();
+        assert_eq!(host.kicks(), 1);
+        assert!(readable(channel.poll_fd()));
     }
 }

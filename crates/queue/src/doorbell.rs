@@ -168,4 +168,30 @@ mod tests {
         ours.ring().unwrap();
         assert_eq!(theirs.drain().unwrap(), u64::MAX - 1);
     }
+
+    #[test]
+    fn from_fd_leaves_a_received_eventfd_non_blocking() {
+        for flags in [EventfdFlags::empty(), EventfdFlags::NONBLOCK] {
+            let fd = rustix::event::eventfd(0, flags).unwrap();
+            let bell = Doorbell::from_fd(fd).unwrap();
+            assert!(
+                rustix::fs::fcntl_getfl(&bell)
+                    .unwrap()
+                    .contains(OFlags::NONBLOCK),
+                "received with {flags:?}"
+            );
+            // So draining an empty counter returns at once.
+            assert_eq!(bell.drain().unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn wait_says_whether_the_doorbell_rang() {
+        let bell = Doorbell::new().unwrap();
+        assert!(!bell.wait(Some(Duration::from_millis(5))).unwrap());
+        bell.ring().unwrap();
+        assert!(bell.wait(Some(Duration::from_millis(5))).unwrap());
+        // The wait drained the ring.
+        assert_eq!(bell.drain().unwrap(), 0);
+    }
 }

@@ -191,3 +191,32 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
         self.ring.broken()
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::Arc;
+
+    use iopf_abi::{QueueGeometry, QueueKind, ResponseRecord};
+
+    use super::*;
+    use crate::memory::HeapMemory;
+
+    #[test]
+    fn ready_counts_the_records_published_and_not_drained() {
+        let memory = Arc::new(HeapMemory::new(
+            QueueGeometry::new(QueueKind::Response, 4).unwrap(),
+        ));
+        let mut producer = RingProducer::<ResponseRecord, _>::new(memory.clone());
+        let mut receiver = Receiver::new(
+            RingConsumer::<ResponseRecord, _>::new(memory),
+            Doorbell::new().unwrap(),
+        );
+        assert_eq!(receiver.ready(), Ok(0));
+        producer.stage_all(&[ResponseRecord::default(); 3]).unwrap();
+        assert_eq!(receiver.ready(), Ok(0), "staged, not published");
+        producer.publish().unwrap();
+        assert_eq!(receiver.ready(), Ok(3));
+        assert_eq!(receiver.drain(2, |_| ()), Ok(2));
+        assert_eq!(receiver.ready(), Ok(1));
+    }
+}

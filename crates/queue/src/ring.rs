@@ -906,6 +906,103 @@ mod tests {
         assert!(RingProducer::<ResponseRecord, _>::with_indices(memory, 5, 0).is_err());
     }
 
+    #[test]
+    fn with_indices_accepts_a_full_ring_and_refuses_one_more() {
+        let memory = Arc::new(HeapMemory::new(
+            QueueGeometry::new(QueueKind::Response, 4).unwrap(),
+        ));
+        memory.host_page().index.store(10, Ordering::Relaxed);
+        let mut p =
+            RingProducer::<ResponseRecord, _>::with_indices(memory.clone(), 14, 10).unwrap();
+        assert_eq!(p.stage(&record(1)), Err(PushError::Full));
+        assert_eq!(
+            RingProducer::<ResponseRecord, _>::with_indices(memory, 15, 10).unwrap_err(),
+            RingError::ConsumerIndex {
+                found: 10,
+                low: 11,
+                high: 15
+            }
+        );
+    }
+
+    #[test]
+    fn a_producer_resumes_a_completely_full_ring() {
+        let (mut p, mut c) = ring(4);
+        p.stage_all(&[record(1), record(2), record(3), record(4)])
+            .unwrap();
+        p.publish().unwrap();
+        let mut p2 = RingProducer::<ResponseRecord, _>::resume(p.memory().clone()).unwrap();
+        assert_eq!(p2.prod(), 4);
+        assert_eq!(p2.stage(&record(5)), Err(PushError::Full));
+        assert_eq!(c.refresh(), Ok(4));
+        assert_eq!(drain_all(&mut c), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn stage_some_stages_what_fits_and_says_how_many() {
+        let (mut p, mut c) = ring(4);
+        p.stage(&record(0)).unwrap();
+        let batch: Vec<_> = (1..=5).map(record).collect();
+        assert_eq!(p.stage_some(&batch), Ok(3));
+        assert_eq!(p.staged(), 4);
+        p.publish().unwrap();
+        assert_eq!(drain_all(&mut c), vec![0, 1, 2, 3]);
+        // The cached consumer index says "full": stage_some must look again to find room.
+        assert_eq!(p.stage_some(&batch[3..]), Ok(2));
+        p.publish().unwrap();
+        assert_eq!(drain_all(&mut c), vec![4, 5]);
+    }
+
+    #[test]
+    fn stage_some_reads_the_consumer_index_only_when_short_of_room() {
+        let (mut p, _c) = ring(4);
+        // A bogus consumer index is noticed only when the producer needs to read it: a batch
+        // that fits the cached room leaves the consumer's line alone.
+        p.memory().host_page().index.store(9, Ordering::Relaxed);
+        assert_eq!(
+            p.stage_some(&[record(1), record(2), record(3), record(4)]),
+            Ok(4)
+        );
+        assert_eq!(p.broken(), None);
+        assert!(matches!(
+            p.stage_some(&[record(5)]),
+            Err(RingError::ConsumerIndex { found: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn a_long_drain_returns_slots_every_sixteenth_of_the_ring() {
+        let (mut p, mut c) = ring(64);
+        let batch: Vec<_> = (0..64).map(record).collect();
+        p.stage_all(&batch).unwrap();
+        p.publish().unwrap();
+        // While record k is handed over, the producer sees the slots of the records before
+        // the last multiple of 4 (64 / 16) freed: room before the drain ends, and one index
+        // store per sixteenth, not one per record.
+        let mut seen = Vec::new();
+        let n = c
+            .drain(usize::MAX, |r| {
+                seen.push((r.cookie.get(), p.refresh().unwrap()))
+            })
+            .unwrap();
+        assert_eq!(n, 64);
+        let expected: Vec<_> = (0..64).map(|k| (k, k / 4 * 4)).collect();
+        assert_eq!(seen, expected);
+        assert_eq!(p.refresh(), Ok(64));
+    }
+
+    #[test]
+    fn an_empty_drain_stores_no_consumer_index() {
+        let (_p, mut c) = ring(4);
+        // A consumer spinning on an empty ring writes nothing the producer reads.
+        c.memory()
+            .host_page()
+            .index
+            .store(0xdead, Ordering::Relaxed);
+        assert_eq!(c.drain(usize::MAX, |_| ()), Ok(0));
+        assert_eq!(c.memory().host_page().index.load(Ordering::Relaxed), 0xdead);
+    }
+
     proptest! {
         /// Whatever a hostile peer stores in its index or in a slot's mark, between any
         /// operations, the honest side never panics, never yields a record it was not given,
