@@ -259,3 +259,117 @@ impl<M: QueueMemory> Drop for FaultQueueConsumer<M> {
         self.memory().vmm_page().abi.store(0, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iopf_abi::{Cookie, PageAddr, Perm, PrgIndex};
+
+    use super::*;
+    use crate::entry::Entry;
+
+    /// A host's fault queue of 8 entries with the VMM's doorbell, and the VMM's end attached
+    /// to it from its fd alone.
+    fn pair() -> (FaultQueueProducer, FaultQueueConsumer) {
+        let mut host = FaultQueueProducer::create(8).unwrap();
+        let bell = Doorbell::new().unwrap();
+        host.set_doorbell(Some(bell.try_clone().unwrap()));
+        let vmm =
+            FaultQueueConsumer::attach(host.memory().fd().try_clone_to_owned().unwrap(), bell)
+                .unwrap();
+        (host, vmm)
+    }
+
+    fn request(cookie: u32) -> PageRequest {
+        PageRequest {
+            cookie: Cookie::new(cookie).unwrap(),
+            pasid: None,
+            grpid: PrgIndex::new(1).unwrap(),
+            perm: Perm::READ,
+            addr: PageAddr::containing(0x1000),
+            last: true,
+            private_data: None,
+        }
+    }
+
+    #[test]
+    fn a_fault_queue_consumer_sees_the_host_go_live_and_not_live() {
+        let (mut host, vmm) = pair();
+        assert!(!vmm.live(), "no handler registered yet");
+        host.set_live(true);
+        assert!(vmm.live());
+        host.set_live(false);
+        assert!(!vmm.live());
+    }
+
+    #[test]
+    fn a_kick_rings_the_vmms_doorbell_even_when_it_is_awake() {
+        let (mut host, vmm) = pair();
+        host.kick().unwrap();
+        assert_eq!(host.kicks(), 1);
+        assert_eq!(vmm.doorbell().drain().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_deferred_publish_makes_the_faults_visible_and_hands_back_a_sleeping_vmms_doorbell() {
+        let (mut host, mut vmm) = pair();
+        assert!(vmm.prepare_to_sleep().unwrap());
+        host.stage_group(&[request(1)]).unwrap();
+        let bell = host.publish_deferred().unwrap().expect("the VMM sleeps");
+        assert_eq!(vmm.doorbell().drain().unwrap(), 0, "deferred: not rung yet");
+        bell.ring().unwrap();
+        assert_eq!(vmm.doorbell().drain().unwrap(), 1);
+        vmm.woke();
+        let mut cookies = Vec::new();
+        assert_eq!(vmm.drain(16, |r| cookies.push(r.cookie.get())), Ok(1));
+        assert_eq!(cookies, vec![1]);
+    }
+
+    #[test]
+    fn a_deferred_kick_hands_back_the_vmms_doorbell_whether_or_not_it_sleeps() {
+        let (mut host, vmm) = pair();
+        let bell = host.kick_deferred().expect("a doorbell is set");
+        assert_eq!(host.kicks(), 1);
+        bell.ring().unwrap();
+        assert_eq!(vmm.doorbell().drain().unwrap(), 1);
+        host.set_doorbell(None);
+        assert!(host.kick_deferred().is_none(), "no doorbell to ring");
+    }
+
+    #[test]
+    fn once_the_vmm_woke_the_host_no_longer_asks_to_ring_it() {
+        let (mut host, mut vmm) = pair();
+        assert!(vmm.prepare_to_sleep().unwrap());
+        vmm.woke();
+        host.stage_group(&[request(1)]).unwrap();
+        assert!(!host.publish().unwrap().kick);
+        assert_eq!(host.kicks(), 0);
+    }
+
+    #[test]
+    fn drain_hands_over_every_published_fault_in_order_and_counts_them() {
+        let (mut host, mut vmm) = pair();
+        for cookie in 1..=3 {
+            host.stage_group(&[request(cookie)]).unwrap();
+        }
+        host.publish().unwrap();
+        let mut cookies = Vec::new();
+        assert_eq!(vmm.drain(16, |r| cookies.push(r.cookie.get())), Ok(3));
+        assert_eq!(cookies, vec![1, 2, 3]);
+        assert_eq!(vmm.drain(16, |_| ()), Ok(0));
+    }
+
+    #[test]
+    fn a_forged_mark_breaks_the_ring_and_the_consumer_says_why() {
+        let (host, mut vmm) = pair();
+        assert_eq!(vmm.broken(), None);
+        // The host scribbles on the mark (last word) of the first slot.
+        let words = FaultRecord::WORDS;
+        host.memory().entry_words()[words - 1].store(0xdead, Ordering::Release);
+        let error = vmm.drain(16, |_| ()).unwrap_err();
+        assert!(
+            matches!(error, RingError::Mark { index: 0, .. }),
+            "{error:?}"
+        );
+        assert_eq!(vmm.broken(), Some(error));
+    }
+}
