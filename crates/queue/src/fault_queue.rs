@@ -262,7 +262,7 @@ impl<M: QueueMemory> Drop for FaultQueueConsumer<M> {
 
 #[cfg(test)]
 mod tests {
-    use iopf_abi::{Cookie, PageAddr, Perm, PrgIndex};
+    use iopf_abi::{Cookie, FaultReason, PageAddr, Perm, PrgIndex};
 
     use super::*;
     use crate::entry::Entry;
@@ -356,6 +356,88 @@ mod tests {
         assert_eq!(vmm.drain(16, |r| cookies.push(r.cookie.get())), Ok(3));
         assert_eq!(cookies, vec![1, 2, 3]);
         assert_eq!(vmm.drain(16, |_| ()), Ok(0));
+    }
+
+    #[test]
+    fn the_host_sees_a_vmm_attach_to_its_fault_queue_and_go_away() {
+        let host = FaultQueueProducer::create(8).unwrap();
+        assert!(!host.consumer_attached());
+        let vmm = FaultQueueConsumer::attach(
+            host.memory().fd().try_clone_to_owned().unwrap(),
+            Doorbell::new().unwrap(),
+        )
+        .unwrap();
+        assert!(host.consumer_attached());
+        drop(vmm);
+        assert!(!host.consumer_attached());
+    }
+
+    #[test]
+    fn fill_counts_the_faults_the_vmm_has_not_read() {
+        let (mut host, mut vmm) = pair();
+        assert_eq!(host.fill(), Some((0, 8)));
+        for cookie in 1..=3 {
+            host.stage_group(&[request(cookie)]).unwrap();
+        }
+        assert_eq!(host.fill(), Some((0, 8)), "staged, not published");
+        host.publish().unwrap();
+        assert_eq!(host.fill(), Some((3, 8)));
+        assert_eq!(vmm.drain(2, |_| ()), Ok(2));
+        assert_eq!(host.fill(), Some((1, 8)));
+        // An index the VMM could not have stored: nothing to count.
+        vmm.memory().vmm_page().index.store(20, Ordering::Release);
+        assert_eq!(host.fill(), None);
+    }
+
+    #[test]
+    fn faults_dropped_for_a_full_ring_are_counted_on_both_sides() {
+        let (mut host, vmm) = pair();
+        let fault = UnrecoverableFault {
+            reason: FaultReason::PteFetch,
+            pasid: None,
+            perm: Perm::READ,
+            addr: Some(0x1000),
+            fetch_addr: None,
+        };
+        for _ in 0..8 {
+            assert_eq!(host.stage_unrecoverable(&fault), Ok(Staged::Queued));
+        }
+        assert_eq!((host.lost(), vmm.lost()), (0, 0));
+        assert_eq!(host.stage_unrecoverable(&fault), Ok(Staged::Lost));
+        assert_eq!((host.lost(), vmm.lost()), (1, 1));
+        host.count_lost(2);
+        assert_eq!((host.lost(), vmm.lost()), (3, 3));
+    }
+
+    #[test]
+    fn each_time_the_vmm_sleeps_is_counted() {
+        let (_host, mut vmm) = pair();
+        vmm.set_spin(0);
+        assert_eq!(vmm.sleeps(), 0);
+        assert_eq!(vmm.wait(Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(vmm.sleeps(), 1);
+        assert_eq!(vmm.wait(Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(vmm.sleeps(), 2);
+    }
+
+    #[test]
+    fn a_vmm_index_past_the_published_faults_breaks_the_ring_and_the_host_says_why() {
+        let (mut host, vmm) = pair();
+        for cookie in 1..=8 {
+            host.stage_group(&[request(cookie)]).unwrap();
+        }
+        host.publish().unwrap();
+        assert_eq!(host.broken(), None);
+        vmm.memory().vmm_page().index.store(20, Ordering::Release);
+        let error = match host.stage_group(&[request(9)]) {
+            Err(PushError::Broken(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            matches!(error, RingError::ConsumerIndex { found: 20, .. }),
+            "{error:?}"
+        );
+        assert_eq!(host.broken(), Some(error));
     }
 
     #[test]
