@@ -141,7 +141,8 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
     /// while, then sets `NEED_WAKEUP` and sleeps on the doorbell. Returns the records ready
     /// (0 on timeout).
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<u32, QueueError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long for the clock to count (`Duration::MAX`, say) is no deadline.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             for _ in 0..=self.spin {
                 if self.ring.poll()? {
@@ -255,6 +256,14 @@ mod tests {
         sender.ring.stage(&ResponseRecord::default()).unwrap();
         assert!(sender.publish_deferred().unwrap().is_none());
         assert_eq!(sender.kicks(), 4);
+    }
+
+    #[test]
+    fn a_wait_longer_than_the_clock_can_count_returns_the_ready_records() {
+        let (mut sender, mut receiver) = pair();
+        sender.ring.stage(&ResponseRecord::default()).unwrap();
+        sender.publish().unwrap();
+        assert_eq!(receiver.wait(Some(Duration::MAX)).unwrap(), 1);
     }
 
     #[test]
