@@ -308,6 +308,25 @@ mod tests {
     }
 
     #[test]
+    fn a_host_waiting_for_responses_is_told_how_many_are_ready() {
+        let (mut host, mut vmm) = pair();
+        host.set_spin(0);
+        assert_eq!(host.wait(Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(vmm.stage_some(&[response(1), response(2)]), Ok(2));
+        vmm.publish().unwrap();
+        assert_eq!(host.wait(Some(Duration::ZERO)).unwrap(), 2);
+    }
+
+    #[test]
+    fn refused_responses_are_counted_where_the_vmm_can_see_them() {
+        let (mut host, vmm) = pair();
+        host.count_rejected(2);
+        host.count_rejected(1);
+        assert_eq!(host.rejected(), 3);
+        assert_eq!(vmm.memory().host_page().rejected.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
     fn the_vmm_sees_the_host_go_live_and_not_live() {
         let (mut host, vmm) = pair();
         let live = || vmm.memory().host_page().flags.load(Ordering::Acquire) & HOST_FLAG_LIVE != 0;
