@@ -215,6 +215,7 @@ mod tests {
     use iopf_abi::{Cookie, PrgIndex, ResponseCode};
 
     use super::*;
+    use crate::entry::Entry;
 
     /// A host's response queue of 4 entries, sleeping on `bell`, and the VMM's end attached to
     /// it from its fd alone with the host's doorbell.
@@ -324,6 +325,20 @@ mod tests {
         host.count_rejected(1);
         assert_eq!(host.rejected(), 3);
         assert_eq!(vmm.memory().host_page().rejected.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_forged_mark_breaks_the_ring_and_the_host_says_why() {
+        let (mut host, vmm) = pair();
+        assert_eq!(host.broken(), None);
+        // The VMM scribbles on the mark (last word) of the first slot.
+        vmm.memory().entry_words()[ResponseRecord::WORDS - 1].store(0xdead, Ordering::Release);
+        let error = host.drain(16, |_| ()).unwrap_err();
+        assert!(
+            matches!(error, RingError::Mark { index: 0, .. }),
+            "{error:?}"
+        );
+        assert_eq!(host.broken(), Some(error));
     }
 
     #[test]
