@@ -141,7 +141,8 @@ impl<E: Entry, M: QueueMemory> Receiver<E, M> {
     /// while, then sets `NEED_WAKEUP` and sleeps on the doorbell. Returns the records ready
     /// (0 on timeout).
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<u32, QueueError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long for the clock to count (`Duration::MAX`, say) is no deadline.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             for _ in 0..=self.spin {
                 if self.ring.poll()? {
@@ -218,5 +219,61 @@ mod tests {
         assert_eq!(receiver.ready(), Ok(3));
         assert_eq!(receiver.drain(2, |_| ()), Ok(2));
         assert_eq!(receiver.ready(), Ok(1));
+    }
+
+    type Memory = Arc<HeapMemory>;
+
+    /// A sender and a receiver over one response ring of 4, the sender holding the receiver's
+    /// doorbell.
+    fn pair() -> (
+        Sender<ResponseRecord, Memory>,
+        Receiver<ResponseRecord, Memory>,
+    ) {
+        let memory = Arc::new(HeapMemory::new(
+            QueueGeometry::new(QueueKind::Response, 4).unwrap(),
+        ));
+        let bell = Doorbell::new().unwrap();
+        let sender = Sender::new(
+            RingProducer::new(memory.clone()),
+            Some(bell.try_clone().unwrap()),
+        );
+        (sender, Receiver::new(RingConsumer::new(memory), bell))
+    }
+
+    #[test]
+    fn every_kick_is_counted_whether_rung_at_once_or_handed_back() {
+        let (mut sender, receiver) = pair();
+        sender.kick().unwrap();
+        sender.kick().unwrap();
+        assert_eq!(sender.kicks(), 2);
+        assert!(receiver.doorbell().drain().unwrap() > 0);
+        let bell = sender.kick_deferred().expect("a doorbell is set");
+        assert!(sender.kick_deferred().is_some());
+        assert_eq!(sender.kicks(), 4);
+        bell.ring().unwrap();
+        assert_eq!(receiver.doorbell().drain().unwrap(), 1);
+        // A deferred publish to an awake receiver hands back nothing and counts no kick.
+        sender.ring.stage(&ResponseRecord::default()).unwrap();
+        assert!(sender.publish_deferred().unwrap().is_none());
+        assert_eq!(sender.kicks(), 4);
+    }
+
+    #[test]
+    fn a_wait_longer_than_the_clock_can_count_returns_the_ready_records() {
+        let (mut sender, mut receiver) = pair();
+        sender.ring.stage(&ResponseRecord::default()).unwrap();
+        sender.publish().unwrap();
+        assert_eq!(receiver.wait(Some(Duration::MAX)).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_receiver_that_woke_is_not_rung_for_the_next_publish() {
+        let (mut sender, mut receiver) = pair();
+        assert_eq!(receiver.prepare_to_sleep(), Ok(true));
+        receiver.woke();
+        sender.ring.stage(&ResponseRecord::default()).unwrap();
+        assert!(!sender.publish().unwrap().kick);
+        assert_eq!(sender.kicks(), 0);
+        assert_eq!(receiver.doorbell().drain().unwrap(), 0);
     }
 }

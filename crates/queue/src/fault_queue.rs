@@ -259,3 +259,199 @@ impl<M: QueueMemory> Drop for FaultQueueConsumer<M> {
         self.memory().vmm_page().abi.store(0, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iopf_abi::{Cookie, FaultReason, PageAddr, Perm, PrgIndex};
+
+    use super::*;
+    use crate::entry::Entry;
+
+    /// A host's fault queue of 8 entries with the VMM's doorbell, and the VMM's end attached
+    /// to it from its fd alone.
+    fn pair() -> (FaultQueueProducer, FaultQueueConsumer) {
+        let mut host = FaultQueueProducer::create(8).unwrap();
+        let bell = Doorbell::new().unwrap();
+        host.set_doorbell(Some(bell.try_clone().unwrap()));
+        let vmm =
+            FaultQueueConsumer::attach(host.memory().fd().try_clone_to_owned().unwrap(), bell)
+                .unwrap();
+        (host, vmm)
+    }
+
+    fn request(cookie: u32) -> PageRequest {
+        PageRequest {
+            cookie: Cookie::new(cookie).unwrap(),
+            pasid: None,
+            grpid: PrgIndex::new(1).unwrap(),
+            perm: Perm::READ,
+            addr: PageAddr::containing(0x1000),
+            last: true,
+            private_data: None,
+        }
+    }
+
+    #[test]
+    fn a_fault_queue_consumer_sees_the_host_go_live_and_not_live() {
+        let (mut host, vmm) = pair();
+        assert!(!vmm.live(), "no handler registered yet");
+        host.set_live(true);
+        assert!(vmm.live());
+        host.set_live(false);
+        assert!(!vmm.live());
+    }
+
+    #[test]
+    fn a_kick_rings_the_vmms_doorbell_even_when_it_is_awake() {
+        let (mut host, vmm) = pair();
+        host.kick().unwrap();
+        assert_eq!(host.kicks(), 1);
+        assert_eq!(vmm.doorbell().drain().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_deferred_publish_makes_the_faults_visible_and_hands_back_a_sleeping_vmms_doorbell() {
+        let (mut host, mut vmm) = pair();
+        assert!(vmm.prepare_to_sleep().unwrap());
+        host.stage_group(&[request(1)]).unwrap();
+        let bell = host.publish_deferred().unwrap().expect("the VMM sleeps");
+        assert_eq!(vmm.doorbell().drain().unwrap(), 0, "deferred: not rung yet");
+        bell.ring().unwrap();
+        assert_eq!(vmm.doorbell().drain().unwrap(), 1);
+        vmm.woke();
+        let mut cookies = Vec::new();
+        assert_eq!(vmm.drain(16, |r| cookies.push(r.cookie.get())), Ok(1));
+        assert_eq!(cookies, vec![1]);
+    }
+
+    #[test]
+    fn a_deferred_kick_hands_back_the_vmms_doorbell_whether_or_not_it_sleeps() {
+        let (mut host, vmm) = pair();
+        let bell = host.kick_deferred().expect("a doorbell is set");
+        assert_eq!(host.kicks(), 1);
+        bell.ring().unwrap();
+        assert_eq!(vmm.doorbell().drain().unwrap(), 1);
+        host.set_doorbell(None);
+        assert!(host.kick_deferred().is_none(), "no doorbell to ring");
+    }
+
+    #[test]
+    fn once_the_vmm_woke_the_host_no_longer_asks_to_ring_it() {
+        let (mut host, mut vmm) = pair();
+        assert!(vmm.prepare_to_sleep().unwrap());
+        vmm.woke();
+        host.stage_group(&[request(1)]).unwrap();
+        assert!(!host.publish().unwrap().kick);
+        assert_eq!(host.kicks(), 0);
+    }
+
+    #[test]
+    fn drain_hands_over_every_published_fault_in_order_and_counts_them() {
+        let (mut host, mut vmm) = pair();
+        for cookie in 1..=3 {
+            host.stage_group(&[request(cookie)]).unwrap();
+        }
+        host.publish().unwrap();
+        let mut cookies = Vec::new();
+        assert_eq!(vmm.drain(16, |r| cookies.push(r.cookie.get())), Ok(3));
+        assert_eq!(cookies, vec![1, 2, 3]);
+        assert_eq!(vmm.drain(16, |_| ()), Ok(0));
+    }
+
+    #[test]
+    fn the_host_sees_a_vmm_attach_to_its_fault_queue_and_go_away() {
+        let host = FaultQueueProducer::create(8).unwrap();
+        assert!(!host.consumer_attached());
+        let vmm = FaultQueueConsumer::attach(
+            host.memory().fd().try_clone_to_owned().unwrap(),
+            Doorbell::new().unwrap(),
+        )
+        .unwrap();
+        assert!(host.consumer_attached());
+        drop(vmm);
+        assert!(!host.consumer_attached());
+    }
+
+    #[test]
+    fn fill_counts_the_faults_the_vmm_has_not_read() {
+        let (mut host, mut vmm) = pair();
+        assert_eq!(host.fill(), Some((0, 8)));
+        for cookie in 1..=3 {
+            host.stage_group(&[request(cookie)]).unwrap();
+        }
+        assert_eq!(host.fill(), Some((0, 8)), "staged, not published");
+        host.publish().unwrap();
+        assert_eq!(host.fill(), Some((3, 8)));
+        assert_eq!(vmm.drain(2, |_| ()), Ok(2));
+        assert_eq!(host.fill(), Some((1, 8)));
+        // An index the VMM could not have stored: nothing to count.
+        vmm.memory().vmm_page().index.store(20, Ordering::Release);
+        assert_eq!(host.fill(), None);
+    }
+
+    #[test]
+    fn faults_dropped_for_a_full_ring_are_counted_on_both_sides() {
+        let (mut host, vmm) = pair();
+        let fault = UnrecoverableFault {
+            reason: FaultReason::PteFetch,
+            pasid: None,
+            perm: Perm::READ,
+            addr: Some(0x1000),
+            fetch_addr: None,
+        };
+        for _ in 0..8 {
+            assert_eq!(host.stage_unrecoverable(&fault), Ok(Staged::Queued));
+        }
+        assert_eq!((host.lost(), vmm.lost()), (0, 0));
+        assert_eq!(host.stage_unrecoverable(&fault), Ok(Staged::Lost));
+        assert_eq!((host.lost(), vmm.lost()), (1, 1));
+        host.count_lost(2);
+        assert_eq!((host.lost(), vmm.lost()), (3, 3));
+    }
+
+    #[test]
+    fn each_time_the_vmm_sleeps_is_counted() {
+        let (_host, mut vmm) = pair();
+        vmm.set_spin(0);
+        assert_eq!(vmm.sleeps(), 0);
+        assert_eq!(vmm.wait(Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(vmm.sleeps(), 1);
+        assert_eq!(vmm.wait(Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(vmm.sleeps(), 2);
+    }
+
+    #[test]
+    fn a_vmm_index_past_the_published_faults_breaks_the_ring_and_the_host_says_why() {
+        let (mut host, vmm) = pair();
+        for cookie in 1..=8 {
+            host.stage_group(&[request(cookie)]).unwrap();
+        }
+        host.publish().unwrap();
+        assert_eq!(host.broken(), None);
+        vmm.memory().vmm_page().index.store(20, Ordering::Release);
+        let error = match host.stage_group(&[request(9)]) {
+            Err(PushError::Broken(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            matches!(error, RingError::ConsumerIndex { found: 20, .. }),
+            "{error:?}"
+        );
+        assert_eq!(host.broken(), Some(error));
+    }
+
+    #[test]
+    fn a_forged_mark_breaks_the_ring_and_the_consumer_says_why() {
+        let (host, mut vmm) = pair();
+        assert_eq!(vmm.broken(), None);
+        // The host scribbles on the mark (last word) of the first slot.
+        let words = FaultRecord::WORDS;
+        host.memory().entry_words()[words - 1].store(0xdead, Ordering::Release);
+        let error = vmm.drain(16, |_| ()).unwrap_err();
+        assert!(
+            matches!(error, RingError::Mark { index: 0, .. }),
+            "{error:?}"
+        );
+        assert_eq!(vmm.broken(), Some(error));
+    }
+}

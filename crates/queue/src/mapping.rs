@@ -200,3 +200,67 @@ impl Drop for RawMapping {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use rustix::fs::MemfdFlags;
+
+    use super::*;
+    use crate::sync::Ordering;
+
+    fn memfd(name: &str, len: u64) -> OwnedFd {
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        fd
+    }
+
+    /// How many of this process's mappings are of the memfd called `name`.
+    fn mappings_of(name: &str) -> usize {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let needle = format!("/memfd:{name} ");
+        maps.lines().filter(|line| line.contains(&needle)).count()
+    }
+
+    #[test]
+    fn a_mapping_hands_out_only_aligned_words_inside_it() {
+        let fd = memfd("iopf-mapping-bounds", 3 * 4096);
+        let mapping = Mapping::new(fd.as_fd(), 3 * 4096).unwrap();
+        assert_eq!(mapping.len(), 3 * 4096);
+        let entries = 4096 / 8;
+        assert_eq!(mapping.entry_words(1).map(<[_]>::len), Some(1));
+        assert_eq!(mapping.entry_words(entries).map(<[_]>::len), Some(entries));
+        assert!(
+            mapping.entry_words(entries + 1).is_none(),
+            "one word past the end"
+        );
+        assert!(mapping.words_at(8196, 1).is_none(), "not 8-aligned");
+        assert!(mapping.words_at(usize::MAX, 1).is_none(), "overflows");
+    }
+
+    #[test]
+    fn a_word_mapping_is_its_range_of_the_file_word_by_word() {
+        let fd = memfd("iopf-word-mapping", 3 * 4096);
+        let mapping = WordMapping::new(fd.as_fd(), 4096, 2 * 4096).unwrap();
+        let words = mapping.words();
+        assert_eq!(words.len(), 2 * 4096 / 8);
+        words[words.len() - 1].store(0x1122_3344_5566_7788, Ordering::Relaxed);
+        let mut bytes = [0u8; 8];
+        rustix::io::pread(&fd, &mut bytes, 3 * 4096 - 8).unwrap();
+        assert_eq!(u64::from_le_bytes(bytes), 0x1122_3344_5566_7788);
+    }
+
+    #[test]
+    fn dropping_a_mapping_unmaps_it() {
+        let name = "iopf-mapping-unmapped-on-drop";
+        let fd = memfd(name, 3 * 4096);
+        let mapping = Mapping::new(fd.as_fd(), 3 * 4096).unwrap();
+        let words = WordMapping::new(fd.as_fd(), 0, 4096).unwrap();
+        assert_eq!(mappings_of(name), 2);
+        drop(mapping);
+        assert_eq!(mappings_of(name), 1);
+        drop(words);
+        assert_eq!(mappings_of(name), 0);
+    }
+}

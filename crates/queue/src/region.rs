@@ -197,3 +197,76 @@ impl QueueMemory for QueueRegion {
         self.mapping.entry_words(self.words).unwrap_or(&[])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iopf_abi::{REGION_MAGIC, VMM_ABI};
+
+    use super::*;
+    use crate::sync::Ordering;
+
+    /// A memfd of `len` zero bytes with the seals of a region.
+    fn sealed_memfd(len: u64) -> OwnedFd {
+        let fd =
+            rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS).unwrap();
+        fd
+    }
+
+    fn largest(kind: QueueKind) -> QueueGeometry {
+        QueueGeometry::new(kind, MAX_ENTRIES).unwrap()
+    }
+
+    #[test]
+    fn attach_takes_a_queue_of_the_largest_size() {
+        let host = QueueRegion::create(largest(QueueKind::Fault)).unwrap();
+        let vmm =
+            QueueRegion::attach(host.fd().try_clone_to_owned().unwrap(), QueueKind::Fault).unwrap();
+        assert_eq!(vmm.geometry(), largest(QueueKind::Fault));
+    }
+
+    #[test]
+    fn attach_refuses_a_region_larger_than_any_queue_before_reading_its_header() {
+        let max = largest(QueueKind::Response).region_len();
+        let error = QueueRegion::attach(sealed_memfd(max + 4096), QueueKind::Response).unwrap_err();
+        assert!(
+            matches!(error, RegionAttachError::SizeMismatch { len, expected } if len == max + 4096 && expected == max),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn attach_reads_the_header_of_a_region_as_small_as_its_header_pages_and_refuses_a_smaller_one()
+    {
+        // Header-sized: big enough to look at, and refused for what its header says.
+        let error =
+            QueueRegion::attach(sealed_memfd(ENTRIES_OFFSET.into()), QueueKind::Fault).unwrap_err();
+        assert!(
+            matches!(error, RegionAttachError::Region(RegionError::BadMagic(0))),
+            "{error:?}"
+        );
+        let error = QueueRegion::attach(sealed_memfd(4096), QueueKind::Fault).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RegionAttachError::Region(RegionError::TooSmall {
+                    needed: 8192,
+                    len: 4096
+                })
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_shows_both_header_pages_as_they_are() {
+        let region =
+            QueueRegion::create(QueueGeometry::new(QueueKind::Response, 8).unwrap()).unwrap();
+        region.vmm_page().abi.store(VMM_ABI, Ordering::Release);
+        let (host, vmm) = region.snapshot();
+        assert_eq!(host.magic.get(), REGION_MAGIC);
+        assert_eq!(host.nb_entries.get(), 8);
+        assert_eq!(vmm.abi.get(), VMM_ABI);
+    }
+}

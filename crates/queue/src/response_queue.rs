@@ -209,3 +209,164 @@ impl<M: QueueMemory> ResponseQueueConsumer<M> {
         self.receiver.broken()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iopf_abi::{Cookie, PrgIndex, ResponseCode};
+
+    use super::*;
+    use crate::entry::Entry;
+
+    /// A host's response queue of 4 entries, sleeping on `bell`, and the VMM's end attached to
+    /// it from its fd alone with the host's doorbell.
+    fn pair() -> (ResponseQueueConsumer, ResponseQueueProducer) {
+        let bell = Doorbell::new().unwrap();
+        let host = ResponseQueueConsumer::create(4, bell.try_clone().unwrap()).unwrap();
+        let vmm = ResponseQueueProducer::attach(
+            host.memory().fd().try_clone_to_owned().unwrap(),
+            Some(bell),
+        )
+        .unwrap();
+        (host, vmm)
+    }
+
+    fn response(cookie: u32) -> PageResponse {
+        PageResponse {
+            cookie: Cookie::new(cookie).unwrap(),
+            pasid: None,
+            grpid: PrgIndex::new(1).unwrap(),
+            code: ResponseCode::Success,
+        }
+    }
+
+    fn drain_cookies(host: &mut ResponseQueueConsumer) -> Vec<u32> {
+        let mut cookies = Vec::new();
+        host.drain(usize::MAX, |r| cookies.push(r.cookie.get()))
+            .unwrap();
+        cookies
+    }
+
+    #[test]
+    fn the_host_sees_a_vmm_attach_to_its_response_queue_and_go_away() {
+        let bell = Doorbell::new().unwrap();
+        let host = ResponseQueueConsumer::create(4, bell).unwrap();
+        assert!(!host.producer_attached());
+        let vmm =
+            ResponseQueueProducer::attach(host.memory().fd().try_clone_to_owned().unwrap(), None)
+                .unwrap();
+        assert!(host.producer_attached());
+        drop(vmm);
+        assert!(!host.producer_attached());
+    }
+
+    #[test]
+    fn stage_some_takes_the_responses_that_fit_and_says_how_many() {
+        let (mut host, mut vmm) = pair();
+        let responses: Vec<_> = (1..=6).map(response).collect();
+        assert_eq!(vmm.stage_some(&responses[..3]), Ok(3));
+        assert_eq!(vmm.stage_some(&responses[3..]), Ok(1), "one slot left");
+        assert_eq!(vmm.publish().unwrap().records, 4);
+        assert_eq!(drain_cookies(&mut host), vec![1, 2, 3, 4]);
+        let records = [5, 6].map(|n| ResponseRecord::from(&response(n)));
+        assert_eq!(vmm.stage_records_some(records), Ok(2));
+        vmm.publish().unwrap();
+        assert_eq!(drain_cookies(&mut host), vec![5, 6]);
+    }
+
+    #[test]
+    fn fill_counts_the_responses_the_host_has_not_read() {
+        let (mut host, mut vmm) = pair();
+        assert_eq!(vmm.fill(), Some((0, 4)));
+        assert_eq!(
+            vmm.stage_some(&[response(1), response(2), response(3)]),
+            Ok(3)
+        );
+        assert_eq!(vmm.fill(), Some((0, 4)), "staged, not published");
+        vmm.publish().unwrap();
+        assert_eq!(vmm.fill(), Some((3, 4)));
+        assert_eq!(host.drain(2, |_| ()), Ok(2));
+        assert_eq!(vmm.fill(), Some((1, 4)));
+        // An index the host could not have stored: nothing to count.
+        host.memory().host_page().index.store(9, Ordering::Release);
+        assert_eq!(vmm.fill(), None);
+    }
+
+    #[test]
+    fn a_sleeping_host_is_rung_once_and_an_awake_one_not_at_all() {
+        let (mut host, mut vmm) = pair();
+        assert_eq!(vmm.kicks(), 0);
+        assert_eq!(host.prepare_to_sleep(), Ok(true), "nothing to read");
+        vmm.stage(&response(1)).unwrap();
+        assert!(vmm.publish().unwrap().kick);
+        assert_eq!(vmm.kicks(), 1);
+        assert_eq!(host.doorbell().drain().unwrap(), 1);
+        host.woke();
+        vmm.stage(&response(2)).unwrap();
+        assert!(!vmm.publish().unwrap().kick);
+        assert_eq!(vmm.kicks(), 1);
+        assert_eq!(host.prepare_to_sleep(), Ok(false), "responses are ready");
+        assert!(!vmm.publish().unwrap().kick);
+    }
+
+    #[test]
+    fn a_host_waiting_for_responses_is_told_how_many_are_ready() {
+        let (mut host, mut vmm) = pair();
+        host.set_spin(0);
+        assert_eq!(host.wait(Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(vmm.stage_some(&[response(1), response(2)]), Ok(2));
+        vmm.publish().unwrap();
+        assert_eq!(host.wait(Some(Duration::ZERO)).unwrap(), 2);
+    }
+
+    #[test]
+    fn refused_responses_are_counted_where_the_vmm_can_see_them() {
+        let (mut host, vmm) = pair();
+        host.count_rejected(2);
+        host.count_rejected(1);
+        assert_eq!(host.rejected(), 3);
+        assert_eq!(vmm.memory().host_page().rejected.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_forged_mark_breaks_the_ring_and_the_host_says_why() {
+        let (mut host, vmm) = pair();
+        assert_eq!(host.broken(), None);
+        // The VMM scribbles on the mark (last word) of the first slot.
+        vmm.memory().entry_words()[ResponseRecord::WORDS - 1].store(0xdead, Ordering::Release);
+        let error = host.drain(16, |_| ()).unwrap_err();
+        assert!(
+            matches!(error, RingError::Mark { index: 0, .. }),
+            "{error:?}"
+        );
+        assert_eq!(host.broken(), Some(error));
+    }
+
+    #[test]
+    fn the_vmm_sees_the_host_go_live_and_not_live() {
+        let (mut host, vmm) = pair();
+        let live = || vmm.memory().host_page().flags.load(Ordering::Acquire) & HOST_FLAG_LIVE != 0;
+        assert!(!live());
+        host.set_live(true);
+        assert!(live());
+        host.set_live(false);
+        assert!(!live());
+    }
+
+    #[test]
+    fn a_host_index_past_the_published_responses_breaks_the_ring_and_the_producer_says_why() {
+        let (host, mut vmm) = pair();
+        assert_eq!(vmm.stage_some(&[1, 2, 3, 4].map(response)), Ok(4));
+        vmm.publish().unwrap();
+        assert_eq!(vmm.broken(), None);
+        host.memory().host_page().index.store(9, Ordering::Release);
+        let error = match vmm.stage(&response(5)) {
+            Err(PushError::Broken(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            matches!(error, RingError::ConsumerIndex { found: 9, .. }),
+            "{error:?}"
+        );
+        assert_eq!(vmm.broken(), Some(error));
+    }
+}

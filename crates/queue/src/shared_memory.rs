@@ -186,6 +186,41 @@ mod tests {
     }
 
     #[test]
+    fn attach_takes_two_pages_up_to_the_limit_exactly_and_refuses_one_page() {
+        let two = SharedMemory::create("two-pages", 8192).unwrap();
+        let m = SharedMemory::attach(two.fd().try_clone_to_owned().unwrap(), 8192).unwrap();
+        assert_eq!(m.len(), 8192);
+        assert!(!m.is_empty());
+        let fd =
+            rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&fd, 4096).unwrap();
+        rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS).unwrap();
+        assert!(matches!(
+            SharedMemory::attach(fd, 1 << 20),
+            Err(RegionAttachError::SizeMismatch { len: 4096, .. })
+        ));
+    }
+
+    #[test]
+    fn a_range_may_end_exactly_where_the_file_ends() {
+        let whole = SharedMemory::create("whole", 4 * 4096).unwrap();
+        let fd = whole.fd().try_clone_to_owned().unwrap();
+        let tail = SharedMemory::attach_range(fd, 3 * 4096, 4096).unwrap();
+        assert_eq!((tail.offset(), tail.len()), (3 * 4096, 4096));
+        whole.words()[3 * 512].store(7, Ordering::Relaxed);
+        assert_eq!(tail.words()[0].load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn same_file_tells_mappings_of_one_memfd_from_those_of_another() {
+        let a = SharedMemory::create("a", 8192).unwrap();
+        let also_a = SharedMemory::attach(a.fd().try_clone_to_owned().unwrap(), 8192).unwrap();
+        let b = SharedMemory::create("b", 8192).unwrap();
+        assert!(a.same_file(&also_a));
+        assert!(!a.same_file(&b));
+    }
+
+    #[test]
     fn attach_refuses_unsealed_and_oversized_memory() {
         let fd = rustix::fs::memfd_create("x", MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&fd, 8192).unwrap();
