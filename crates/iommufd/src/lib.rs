@@ -360,6 +360,26 @@ mod tests {
         assert!(refusal(Iommufd::from_fd(reader)).contains("Fifo"));
     }
 
+    /// Each ioctl wrapper returns the kernel's error, and never an id or an fd, when the file is
+    /// not `/dev/iommu` (the kernel refuses the command with `ENOTTY`).
+    #[test]
+    fn every_ioctl_on_a_file_that_is_not_dev_iommu_returns_the_kernels_error() {
+        let null = File::open("/dev/null").unwrap();
+        let enotty =
+            |e: std::io::Error| e.raw_os_error() == Some(rustix::io::Errno::NOTTY.raw_os_error());
+        assert!(sys::fault_queue_alloc(&null).is_err_and(enotty));
+        assert!(sys::viommu_alloc(&null, 1, 1, 1, &mut [0; 8]).is_err_and(enotty));
+        assert!(sys::vdevice_alloc(&null, 1, 1, 1).is_err_and(enotty));
+        assert!(sys::veventq_alloc(&null, 1, 1, 8).is_err_and(enotty));
+        #[cfg(feature = "selftest")]
+        {
+            let mut cmd = test_cmd::TestCmd::default();
+            assert!(sys::test_cmd(&null, &mut cmd).is_err_and(enotty));
+        }
+        // /dev/null is still open and still the caller's.
+        assert!(rustix::fs::fstat(&null).is_ok());
+    }
+
     #[test]
     fn dup_from_checks_the_fd_and_leaves_the_callers_open() {
         let null = File::open("/dev/null").unwrap();

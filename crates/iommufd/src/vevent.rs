@@ -439,6 +439,36 @@ mod tests {
         assert_eq!(p.counts().events, 1);
     }
 
+    /// Each SMMUv3 event id maps to its reason; only the translation faults carry an address.
+    #[test]
+    fn smmuv3_event_ids_map_to_their_reasons() {
+        let cases = [
+            (0x03, FaultReason::WalkExternalAbort, false),
+            (0x08, FaultReason::PasidInvalid, false),
+            (0x09, FaultReason::PasidFetch, false),
+            (0x0a, FaultReason::BadPasidEntry, false),
+            (0x10, FaultReason::PteFetch, true),
+            (0x11, FaultReason::OutOfRangeAddress, true),
+            (0x12, FaultReason::Access, true),
+            (0x13, FaultReason::Permission, true),
+            (0x25, FaultReason::WalkExternalAbort, false),
+            (0x04, FaultReason::Unknown, false),
+        ];
+        for (id, reason, has_addr) in cases {
+            let mut data = Vec::new();
+            for w in [(7u64 << 32) | id, 1 << 35, 0x1000, 0] {
+                data.extend_from_slice(&w.to_le_bytes());
+            }
+            match VeventType::ArmSmmuV3.to_channel_fault(&data).fault {
+                Ok(Fault::Unrecoverable(f)) => {
+                    assert_eq!(f.reason, reason, "event id {id:#x}");
+                    assert_eq!(f.addr.is_some(), has_addr, "event id {id:#x}");
+                }
+                other => panic!("event id {id:#x}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn smmuv3_translation_fault_carries_sid_ssid_access_and_address() {
         let w0: u64 = (0x42u64 << 32) | (0x5u64 << 12) | (1 << 11) | 0x10;

@@ -198,8 +198,14 @@ impl ViommuRig<'_> {
         if got.len() != 2 || good != 2 || q.lost() != 0 {
             return Err(format!("got {got:?}, lost {}", q.lost()));
         }
+        // An unrecoverable event takes no answer: answers given anyway are each refused.
+        let answers = [ResponseRecord::default(); 2];
+        let taken = q.respond(&answers).map_err(|e| e.to_string())?;
+        if taken != 2 || q.stats().refused != 2 {
+            return Err(format!("answers taken {taken}, {:?}", q.stats()));
+        }
         Ok(format!(
-            "events=2 device=virt_id {VIRT_ID:#x} unrecoverable, lost=0"
+            "events=2 device=virt_id {VIRT_ID:#x} unrecoverable, lost=0, answers refused=2"
         ))
     }
 

@@ -276,6 +276,127 @@ fn failure_is_sent_as_invalid_and_forged_or_malformed_answers_are_refused() {
     assert_eq!(q.stats().failure_as_invalid, 1);
 }
 
+/// Every kind of refusal counts once in `refused_total`, whatever its kind, and the groups and
+/// records read are counted as read.
+#[test]
+fn the_queue_counts_what_it_read_and_every_refusal_in_its_total() {
+    let mut q = KernelFaultQueue::new(9, KernelModel::default());
+    assert_eq!(q.fault_id(), 9);
+    q.file.trigger(1, 1, 3);
+    q.file.trigger(2, 1, 1);
+    q.file.trigger(1, 2, 1);
+    let got = read_all(&mut q);
+    let s = q.stats();
+    assert_eq!((s.groups, s.records), (3, 5));
+    let mut malformed = answer(&got[2], ResponseCode::Success);
+    malformed.version = 7.into();
+    let mut mismatch = answer(&got[2], ResponseCode::Success);
+    mismatch.grpid = 3.into();
+    // Device 2 leaves behind the queue's back: the kernel refuses the answer to its group.
+    q.file.detach(2);
+    q.write_responses(&[malformed, mismatch, answer(&got[3], ResponseCode::Success)])
+        .unwrap();
+    q.write_responses(&[answer(&got[2], ResponseCode::Success)])
+        .unwrap();
+    q.write_responses(&[answer(&got[2], ResponseCode::Success)])
+        .unwrap();
+    let s = q.stats();
+    assert_eq!(
+        (
+            s.refused_stale,
+            s.refused_malformed,
+            s.refused_mismatch,
+            s.refused_by_kernel
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(q.refused_total(), 4);
+}
+
+/// A file whose reads return the records it is given and whose writes the kernel refuses
+/// (`EINVAL`), as when a detach answered the group first.
+#[derive(Debug, Default)]
+struct RefusingFile {
+    reads: VecDeque<Vec<KernelFault>>,
+}
+
+impl FaultFileOps for RefusingFile {
+    fn read_into(&mut self, _buf: &mut [u8], out: &mut Vec<KernelFault>) -> io::Result<usize> {
+        out.clear();
+        out.extend(self.reads.pop_front().unwrap_or_default());
+        Ok(out.len())
+    }
+    fn write(&mut self, _responses: &[KernelResponse]) -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(libc_einval()))
+    }
+    fn poll(&mut self, _timeout: Option<Duration>) -> Result<bool, KernelError> {
+        Ok(!self.reads.is_empty())
+    }
+}
+
+/// A record that does not convert is answered `Invalid` at once; when the kernel refuses that
+/// answer (it answered the group itself), the refusal is counted and the read goes on.
+#[test]
+fn an_at_once_answer_the_kernel_refuses_is_counted_and_the_read_goes_on() {
+    let record = KernelFault {
+        flags: LAST_PAGE,
+        dev_id: 1,
+        grpid: 600, // wider than a PRG index
+        cookie: 4,
+        ..KernelFault::default()
+    };
+    let mut q = KernelFaultQueue::new(
+        1,
+        RefusingFile {
+            reads: VecDeque::from([vec![record]]),
+        },
+    );
+    let mut errors = 0;
+    q.read_faults(8, &mut |f| {
+        assert!(f.fault.is_err());
+        errors += 1;
+    })
+    .unwrap();
+    assert_eq!(errors, 1);
+    assert_eq!(q.stats().refused_by_kernel, 1);
+    assert_eq!(q.refused_total(), 1);
+}
+
+/// The channel's `wait` says what the fault file's poll says: false while nothing is queued.
+#[test]
+fn the_channel_waits_on_the_fault_file() {
+    let mut q = KernelFaultQueue::new(1, PolledModel(KernelModel::default(), dev_null()));
+    assert!(!FaultChannel::wait(&mut q, Some(Duration::ZERO)).unwrap());
+    q.file.0.trigger(1, 1, 1);
+    assert!(FaultChannel::wait(&mut q, Some(Duration::ZERO)).unwrap());
+}
+
+/// The kernel model with an fd, as the channel's owner registers it in its poll set.
+#[derive(Debug)]
+struct PolledModel(KernelModel, std::fs::File);
+
+fn dev_null() -> std::fs::File {
+    std::fs::File::open("/dev/null").unwrap()
+}
+
+impl FaultFileOps for PolledModel {
+    fn read_into(&mut self, buf: &mut [u8], out: &mut Vec<KernelFault>) -> io::Result<usize> {
+        self.0.read_into(buf, out)
+    }
+    fn write(&mut self, responses: &[KernelResponse]) -> io::Result<usize> {
+        self.0.write(responses)
+    }
+    fn poll(&mut self, timeout: Option<Duration>) -> Result<bool, KernelError> {
+        self.0.poll(timeout)
+    }
+}
+
+impl AsFd for PolledModel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.1.as_fd()
+    }
+}
+
 /// A response the kernel refuses in the middle of a batch does not stop the rest.
 #[test]
 fn a_batch_goes_on_past_a_response_the_kernel_refuses() {
