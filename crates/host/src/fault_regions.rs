@@ -598,6 +598,125 @@ mod tests {
         );
     }
 
+    fn request(grpid: u32, last: bool) -> DeviceFault {
+        DeviceFault::page_request(
+            None,
+            PrgIndex::new(grpid).unwrap(),
+            Perm::READ,
+            PageAddr::new(0x2000).unwrap(),
+            last,
+        )
+    }
+
+    /// The VMM's ends of both queues, attached as a VMM attaches them: from then on the core
+    /// hands it groups instead of answering them at once.
+    fn attach_vmm(
+        regions: &FaultRegions,
+    ) -> (
+        iopf_queue::FaultQueueConsumer,
+        iopf_queue::ResponseQueueProducer,
+    ) {
+        let fd = |index| {
+            regions
+                .region_fd(index)
+                .unwrap()
+                .try_clone_to_owned()
+                .unwrap()
+        };
+        (
+            iopf_queue::FaultQueueConsumer::attach(
+                fd(DMA_FAULT_REGION_INDEX),
+                Doorbell::new().unwrap(),
+            )
+            .unwrap(),
+            iopf_queue::ResponseQueueProducer::attach(fd(DMA_FAULT_RESPONSE_REGION_INDEX), None)
+                .unwrap(),
+        )
+    }
+
+    // Catches: a device that counts requests or groups wrongly as outstanding (its request
+    // credits), or that believes answers are waiting when none are.
+    #[test]
+    fn outstanding_counts_groups_closed_and_answers_are_drained_once() {
+        let port = port();
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        let _vmm = attach_vmm(&regions);
+        assert!(!port.has_responses());
+        port.report_batch(&[request(1, false), request(1, true), request(2, true)])
+            .unwrap();
+        assert_eq!(port.outstanding_groups(), 2);
+        assert!(!port.has_responses());
+        assert_eq!(regions.detach(), 2);
+        assert!(port.has_responses());
+        let mut answers = Vec::new();
+        assert_eq!(port.drain_responses(&mut answers), 2);
+        assert!(!port.has_responses());
+        assert_eq!(port.outstanding_groups(), 0);
+    }
+
+    // Catches: a reset, a detach or an unregister that says it answered fewer groups than
+    // were pending (or more), each one a different handler life.
+    #[test]
+    fn reset_detach_and_unregister_answer_and_count_every_pending_group() {
+        let port = port();
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        let _vmm = attach_vmm(&regions);
+        port.report_batch(&[request(1, true), request(2, true)])
+            .unwrap();
+        assert_eq!(regions.reset().unwrap(), 2);
+        port.report_batch(&[request(3, true), request(4, true)])
+            .unwrap();
+        assert_eq!(regions.detach(), 2);
+
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        let _vmm = attach_vmm(&regions);
+        port.report_batch(&[request(5, true), request(6, true)])
+            .unwrap();
+        assert_eq!(port.unregister(), 2);
+        let mut answers = Vec::new();
+        assert_eq!(port.drain_responses(&mut answers), 6);
+        assert!(answers.iter().all(|a| a.code == ResponseCode::Invalid));
+    }
+
+    // Catches: a read through the socket that fails although it read everything.
+    #[test]
+    fn a_read_through_the_socket_returns_the_regions_bytes() {
+        let port = port();
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        let mut magic = [0; 8];
+        assert_eq!(
+            regions.region_read(DMA_FAULT_REGION_INDEX, 0, &mut magic),
+            Some(Ok(()))
+        );
+        assert_ne!(magic, [0; 8], "the host page starts with its magic");
+    }
+
+    // Catches: a fault IRQ that takes no data, or several eventfds, wrongly.
+    #[test]
+    fn the_fault_irq_takes_one_eventfd_or_none_and_nothing_else() {
+        let port = port();
+        let regions = FaultRegions::attach(&port, 64).unwrap();
+        let eventfd = || {
+            Doorbell::new()
+                .unwrap()
+                .as_fd()
+                .try_clone_to_owned()
+                .unwrap()
+        };
+        assert_eq!(
+            regions.set_irqs(irqs(DMA_FAULT_IRQ_INDEX, vec![eventfd(), eventfd()])),
+            Err(Errno::EINVAL)
+        );
+        let none = SetIrqs {
+            index: DMA_FAULT_IRQ_INDEX,
+            start: 0,
+            count: 0,
+            action: IrqAction::Trigger,
+            data: IrqData::None,
+        };
+        assert_eq!(regions.set_irqs(none), Ok(()));
+    }
+
     // Catches: a VMM without the ioeventfd whose responses never wake the device.
     #[test]
     fn a_write_of_the_response_prod_rings_the_doorbell() {
