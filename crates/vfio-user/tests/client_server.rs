@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
@@ -50,6 +51,7 @@ fn version_negotiation_reports_the_server_limits() {
     // Proposed by our client, so echoed; migration was not proposed and is never echoed.
     assert_eq!(version.capabilities.pgsizes, Some(4096));
     assert_eq!(version.capabilities.migration, None);
+    assert_eq!(client.server_capabilities(), &version.capabilities);
     finish(client, server);
 }
 
@@ -443,4 +445,30 @@ fn server_end_closing_is_seen_by_the_client() {
     let (_, result) = server.join().unwrap();
     assert!(matches!(result, Ok(Disconnect::Closed)));
     assert!(client.device_info().is_err());
+}
+
+#[test]
+fn set_timeout_changes_the_request_limit_the_options_report() {
+    let (mut client, server) = connect();
+    client.set_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(client.options().request, Some(Duration::from_secs(3)));
+    client.set_timeout(None).unwrap();
+    assert_eq!(client.options().request, None);
+    assert_eq!(client.device_info().unwrap().num_irqs, NUM_IRQS);
+    finish(client, server);
+}
+
+// Catches: a close that only drops the client's fd, while another copy of the socket (say,
+// inherited by a child process) keeps the connection open.
+#[test]
+fn close_ends_the_connection_even_while_another_handle_to_the_socket_is_open() {
+    let (stream, server) = start();
+    let client = Client::from_stream(stream.try_clone().unwrap()).unwrap();
+    client.close();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!((&stream).read(&mut [0; 1]).unwrap(), 0, "end of stream");
+    let (_, result) = server.join().unwrap();
+    assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
 }
