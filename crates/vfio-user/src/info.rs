@@ -775,4 +775,13 @@ mod tests {
         );
         assert!(decode_io_fds_reply(&payload, 10, 1024, 0).is_err());
     }
+
+    #[test]
+    fn ioeventfd_flags_are_the_kernels() {
+        // linux/kvm.h: 1 << kvm_ioeventfd_flag_nr_datamatch, 1 << kvm_ioeventfd_flag_nr_pio.
+        assert_eq!(
+            (KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_PIO),
+            (1, 2)
+        );
+    }
 }

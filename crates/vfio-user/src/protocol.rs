@@ -846,4 +846,23 @@ mod tests {
         short.msg_size = 15;
         assert_eq!(short.payload_len(), None);
     }
+
+    #[test]
+    fn an_errno_is_its_number_and_reads_as_the_os_message() {
+        assert_eq!(Errno::EINVAL.raw(), 22);
+        assert_eq!(
+            Errno::EINVAL.to_string(),
+            io::Error::from_raw_os_error(22).to_string()
+        );
+        assert_eq!(Errno(u32::MAX).to_string(), "errno 4294967295");
+    }
+
+    #[test]
+    fn a_reply_too_large_to_send_is_refused_with_e2big() {
+        let error = ProtocolError::ReplyTooLarge {
+            command: Command::DeviceGetRegionInfo,
+            size: 1 << 21,
+        };
+        assert_eq!(error.errno(), Errno::E2BIG);
+    }
 }

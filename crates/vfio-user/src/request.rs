@@ -736,4 +736,56 @@ mod tests {
             crate::protocol::Errno::ENOSYS
         );
     }
+
+    // Catches: a request whose argsz leaves no room for the fixed reply (the reply would be
+    // larger than the client asked for).
+    #[test]
+    fn an_argsz_smaller_than_the_fixed_reply_is_refused() {
+        let small = encode::get_region_info(0, 8);
+        assert!(matches!(
+            decode_request(Command::DeviceGetRegionInfo, &small, vec![]),
+            Err(ProtocolError::Argsz { argsz: 8, .. })
+        ));
+        let fits = encode::get_region_info(0, 32);
+        assert!(decode_request(Command::DeviceGetRegionInfo, &fits, vec![]).is_ok());
+    }
+
+    #[test]
+    fn a_transfer_moves_at_most_max_data_xfer_size() {
+        let largest = encode::region_read(0, 0, MAX_DATA_XFER_SIZE);
+        assert!(decode_request(Command::RegionRead, &largest, vec![]).is_ok());
+        let past = encode::region_read(0, 0, MAX_DATA_XFER_SIZE + 1);
+        assert!(matches!(
+            decode_request(Command::RegionRead, &past, vec![]),
+            Err(ProtocolError::TransferTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dma_map_whose_address_or_offset_overflows_is_refused() {
+        let near_end = u64::MAX - 0x100;
+        for payload in [
+            encode::dma_map(DmaProt::READ, 0, near_end, 0x1000),
+            encode::dma_map(DmaProt::READ, near_end, 0x1000, 0x1000),
+        ] {
+            assert!(matches!(
+                decode_request(Command::DmaMap, &payload, vec![]),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn unmap_all_with_an_address_or_a_size_is_refused() {
+        for payload in [
+            encode::dma_unmap(0x1000, 0, true),
+            encode::dma_unmap(0, 0x1000, true),
+        ] {
+            assert!(matches!(
+                decode_request(Command::DmaUnmap, &payload, vec![]),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+        assert!(decode_request(Command::DmaUnmap, &encode::dma_unmap(0, 0, true), vec![]).is_ok());
+    }
 }
