@@ -784,4 +784,35 @@ mod tests {
             (1, 2)
         );
     }
+
+    fn device_info_reply(argsz: u32, num_regions: u32, num_irqs: u32) -> Vec<u8> {
+        [argsz, DeviceFlags::PCI.bits(), num_regions, num_irqs]
+            .iter()
+            .flat_map(|word| word.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn a_device_info_reply_needs_an_argsz_of_at_least_16() {
+        assert!(matches!(
+            DeviceInfo::decode_reply(&device_info_reply(8, 11, 6)),
+            Err(ProtocolError::Argsz { argsz: 8, .. })
+        ));
+        for argsz in [16, 32] {
+            let info = DeviceInfo::decode_reply(&device_info_reply(argsz, 11, 6)).unwrap();
+            assert_eq!((info.num_regions, info.num_irqs), (11, 6));
+        }
+    }
+
+    // Catches: a client that would walk millions of regions (or IRQs) a server claims.
+    #[test]
+    fn a_device_with_too_many_regions_or_irq_indices_is_refused() {
+        for (regions, irqs) in [(MAX_REGIONS + 1, 6), (11, MAX_IRQS + 1)] {
+            assert!(matches!(
+                DeviceInfo::decode_reply(&device_info_reply(16, regions, irqs)),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+        assert!(DeviceInfo::decode_reply(&device_info_reply(16, MAX_REGIONS, MAX_IRQS)).is_ok());
+    }
 }

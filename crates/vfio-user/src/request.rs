@@ -788,4 +788,17 @@ mod tests {
         }
         assert!(decode_request(Command::DmaUnmap, &encode::dma_unmap(0, 0, true), vec![]).is_ok());
     }
+
+    #[test]
+    fn unmapping_nothing_or_past_the_end_of_the_address_space_is_refused() {
+        for payload in [
+            encode::dma_unmap(0x1000, 0, false),
+            encode::dma_unmap(u64::MAX - 0x100, 0x1000, false),
+        ] {
+            assert!(matches!(
+                decode_request(Command::DmaUnmap, &payload, vec![]),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+    }
 }
