@@ -815,4 +815,23 @@ mod tests {
         }
         assert!(DeviceInfo::decode_reply(&device_info_reply(16, MAX_REGIONS, MAX_IRQS)).is_ok());
     }
+
+    #[test]
+    fn sparse_mmap_areas_are_those_of_the_capability() {
+        let areas = vec![SparseMmapArea {
+            offset: 4096,
+            size: 4096,
+        }];
+        let mut region = typed_region();
+        region.caps = vec![
+            RegionCapability::Type {
+                region_type: 4,
+                subtype: 1,
+            },
+            RegionCapability::SparseMmap(areas.clone()),
+        ];
+        assert_eq!(region.sparse_mmap_areas(), Some(areas.as_slice()));
+        region.caps.remove(1);
+        assert_eq!(region.sparse_mmap_areas(), None);
+    }
 }

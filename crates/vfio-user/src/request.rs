@@ -801,4 +801,16 @@ mod tests {
             ));
         }
     }
+
+    #[test]
+    fn set_irqs_without_data_may_name_a_range_but_count_0_means_all_from_0() {
+        let flags = IrqSetFlags::DATA_NONE | IrqSetFlags::ACTION_MASK;
+        let range = encode::set_irqs(flags, 0, 3, 2, &[]);
+        assert!(decode_request(Command::DeviceSetIrqs, &range, vec![]).is_ok());
+        let all_from_3 = encode::set_irqs(flags, 0, 3, 0, &[]);
+        assert!(matches!(
+            decode_request(Command::DeviceSetIrqs, &all_from_3, vec![]),
+            Err(ProtocolError::Field { .. })
+        ));
+    }
 }
