@@ -834,4 +834,32 @@ mod tests {
         region.caps.remove(1);
         assert_eq!(region.sparse_mmap_areas(), None);
     }
+
+    fn sparse_region(areas: usize) -> RegionInfo {
+        let mut region = typed_region();
+        region.caps = vec![RegionCapability::SparseMmap(vec![
+            SparseMmapArea {
+                offset: 0,
+                size: 4096,
+            };
+            areas
+        ])];
+        region
+    }
+
+    // Catches: an off-by-one at the message limit, either way.
+    #[test]
+    fn capabilities_may_fill_a_reply_to_the_last_byte_and_no_further() {
+        // 32 bytes of region info, 8 of capability header, 8 of sparse header, 16 per area.
+        let filling = (MAX_PAYLOAD_SIZE - 48) / 16;
+        assert_eq!(48 + 16 * filling, MAX_PAYLOAD_SIZE);
+        let full = sparse_region(filling)
+            .encode_reply(0, MAX_PAYLOAD_SIZE as u32)
+            .unwrap();
+        assert_eq!(full.len(), MAX_PAYLOAD_SIZE);
+        assert!(matches!(
+            sparse_region(filling + 1).encode_reply(0, MAX_PAYLOAD_SIZE as u32),
+            Err(ProtocolError::ReplyTooLarge { .. })
+        ));
+    }
 }

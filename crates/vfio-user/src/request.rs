@@ -813,4 +813,35 @@ mod tests {
             Err(ProtocolError::Field { .. })
         ));
     }
+
+    #[test]
+    fn bool_data_is_one_byte_per_sub_index_and_a_mismatch_says_how_many() {
+        let flags = IrqSetFlags::DATA_BOOL | IrqSetFlags::ACTION_MASK;
+        let payload = encode::set_irqs(flags, 0, 0, 3, &[1, 0]);
+        assert!(matches!(
+            decode_request(Command::DeviceSetIrqs, &payload, vec![]),
+            Err(ProtocolError::PayloadSize {
+                expected: 23,
+                actual: 22,
+                ..
+            })
+        ));
+        let payload = encode::set_irqs(flags, 0, 0, 3, &[1, 0, 1]);
+        assert!(decode_request(Command::DeviceSetIrqs, &payload, vec![]).is_ok());
+    }
+
+    #[test]
+    fn set_irqs_without_bool_data_carries_no_data() {
+        for flags in [IrqSetFlags::DATA_NONE, IrqSetFlags::DATA_EVENTFD] {
+            let payload = encode::set_irqs(flags | IrqSetFlags::ACTION_TRIGGER, 0, 0, 1, &[1, 1]);
+            assert!(matches!(
+                decode_request(Command::DeviceSetIrqs, &payload, vec![]),
+                Err(ProtocolError::PayloadSize {
+                    expected: 20,
+                    actual: 22,
+                    ..
+                })
+            ));
+        }
+    }
 }
