@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use common::{BAR0_SIZE, TestDevice, start, start_listening};
@@ -16,8 +16,9 @@ use iopf_vfio_user::device::{
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED, VMM_ABI_OFFSET,
 };
 use iopf_vfio_user::{
-    Client, ClientError, DeviceFlags, Disconnect, DmaProt, Errno, IoFdKind, IrqAction, IrqFlags,
-    IrqSetFlags, RegionCapability, RegionFlags, SparseMmapArea,
+    Capabilities, Client, ClientError, Command, DeviceFlags, DeviceInfo, Disconnect, DmaProt,
+    Errno, Header, IoFdKind, IrqAction, IrqFlags, IrqInfo, IrqSetFlags, RegionCapability,
+    RegionFlags, RegionInfo, SetIrqs, SparseMmapArea, Version, VfioUserDevice,
 };
 
 fn connect() -> (Client, common::ServerThread) {
@@ -48,6 +49,9 @@ fn version_negotiation_reports_the_server_limits() {
     assert_eq!((version.major, version.minor), (0, 1));
     assert_eq!(version.capabilities.max_msg_fds(), 16);
     assert_eq!(version.capabilities.max_data_xfer_size(), 1 << 20);
+    // Both limits are always sent, not left to the default (QEMU parses both).
+    assert_eq!(version.capabilities.max_msg_fds, Some(16));
+    assert_eq!(version.capabilities.max_data_xfer_size, Some(1 << 20));
     // Proposed by our client, so echoed; migration was not proposed and is never echoed.
     assert_eq!(version.capabilities.pgsizes, Some(4096));
     assert_eq!(version.capabilities.migration, None);
@@ -471,4 +475,79 @@ fn close_ends_the_connection_even_while_another_handle_to_the_socket_is_open() {
     assert_eq!((&stream).read(&mut [0; 1]).unwrap(), 0, "end of stream");
     let (_, result) = server.join().unwrap();
     assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
+}
+
+// Catches: max_dma_maps not echoed to a VMM that proposes it (QEMU does), or not capped.
+#[test]
+fn a_vmm_proposing_max_dma_maps_is_told_the_smaller_of_both_limits() {
+    for (theirs, agreed) in [(100, 100), (1_000_000, 65535)] {
+        let (stream, server) = start();
+        let mut conn = iopf_vfio_user::Connection::new(stream);
+        let proposal = Version {
+            major: 0,
+            minor: 0,
+            capabilities: Capabilities {
+                max_dma_maps: Some(theirs),
+                ..Capabilities::default()
+            },
+        }
+        .encode();
+        conn.send_parts(
+            &Header::command(0, Command::Version, proposal.len()),
+            &proposal,
+            &[],
+        )
+        .unwrap();
+        let reply = conn.recv().unwrap().expect("the version reply");
+        let version = Version::decode(&reply.payload).unwrap();
+        assert_eq!(version.capabilities.max_dma_maps, Some(agreed));
+        drop(conn);
+        let (_, result) = server.join().unwrap();
+        assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
+    }
+}
+
+/// A device that forgets to say it is PCI, and has nothing else.
+struct Bare;
+
+impl VfioUserDevice for Bare {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: DeviceFlags::RESET,
+            num_regions: 0,
+            num_irqs: 0,
+        }
+    }
+    fn region_info(&self, _: u32) -> Option<RegionInfo> {
+        None
+    }
+    fn region_fd(&self, _: u32) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    fn irq_info(&self, _: u32) -> Option<IrqInfo> {
+        None
+    }
+    fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+    fn set_irqs(&mut self, _: SetIrqs) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+}
+
+// Catches: the PCI flag left to each device (QEMU's vfio-user-pci refuses a non-PCI device).
+#[test]
+fn every_device_is_reported_as_pci() {
+    let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare)
+    });
+    let mut client = Client::from_stream(stream).unwrap();
+    let info = client.device_info().unwrap();
+    assert_eq!(info.flags, DeviceFlags::PCI | DeviceFlags::RESET);
+    client.close();
+    assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
 }
