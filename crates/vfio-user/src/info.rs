@@ -862,4 +862,18 @@ mod tests {
             Err(ProtocolError::ReplyTooLarge { .. })
         ));
     }
+
+    // Catches: a cap_offset pointing past the payload (no capabilities, or left out).
+    #[test]
+    fn cap_offset_is_set_only_when_capabilities_follow() {
+        let cap_offset = |payload: &[u8]| u32::from_le_bytes(payload[12..16].try_into().unwrap());
+        let region = typed_region();
+        assert_eq!(cap_offset(&region.encode_reply(0, 4096).unwrap()), 32);
+        assert_eq!(cap_offset(&region.encode_reply(0, 32).unwrap()), 0);
+        let plain = RegionInfo {
+            caps: Vec::new(),
+            ..typed_region()
+        };
+        assert_eq!(cap_offset(&plain.encode_reply(0, 4096).unwrap()), 0);
+    }
 }
