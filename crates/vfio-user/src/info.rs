@@ -876,4 +876,56 @@ mod tests {
         };
         assert_eq!(cap_offset(&plain.encode_reply(0, 4096).unwrap()), 0);
     }
+
+    // Catches: a capability's body measured past its successor (a short last capability then
+    // looks outside the reply).
+    #[test]
+    fn a_capability_ends_where_the_next_one_starts() {
+        let region = RegionInfo {
+            caps: vec![RegionCapability::Type {
+                region_type: 4,
+                subtype: 1,
+            }],
+            ..typed_region()
+        };
+        let mut payload = region.encode_reply(9, 4096).unwrap();
+        assert_eq!(payload.len(), 48);
+        // Chain an unknown capability with an empty body after the type capability.
+        payload[32 + 4..32 + 8].copy_from_slice(&48u32.to_le_bytes());
+        payload.extend_from_slice(&0x99u16.to_le_bytes());
+        payload.extend_from_slice(&1u16.to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        payload[..4].copy_from_slice(&56u32.to_le_bytes());
+        let RegionInfoReply::Complete(decoded) =
+            RegionInfo::decode_reply(&payload, 9, 4096).unwrap()
+        else {
+            panic!("the reply fits");
+        };
+        assert_eq!(
+            decoded.caps,
+            [
+                RegionCapability::Type {
+                    region_type: 4,
+                    subtype: 1
+                },
+                RegionCapability::Unknown {
+                    id: 0x99,
+                    version: 1
+                }
+            ]
+        );
+    }
+
+    // Catches: sub-regions sent past the client's argsz, or withheld when they fit exactly.
+    #[test]
+    fn io_fds_go_in_an_argsz_that_covers_them_exactly_and_not_one_byte_less() {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let sub_regions = [(crate::device::response_doorbell_io_fd(), file.as_fd())];
+        let full = size_of::<RawRegionIoFds>() + size_of::<RawSubRegionIoFd>();
+        let (payload, fds) = encode_io_fds_reply(10, full as u32, &sub_regions).unwrap();
+        assert_eq!((payload.len(), fds.len()), (full, 1));
+        let (payload, fds) = encode_io_fds_reply(10, full as u32 - 1, &sub_regions).unwrap();
+        assert_eq!((payload.len(), fds.len()), (size_of::<RawRegionIoFds>(), 0));
+    }
 }

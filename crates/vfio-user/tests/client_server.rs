@@ -551,3 +551,24 @@ fn every_device_is_reported_as_pci() {
     client.close();
     assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
 }
+
+// Catches: trait defaults that claim success for what the device cannot do.
+#[test]
+fn a_device_without_dma_or_reset_refuses_them_with_enotsup() {
+    let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare)
+    });
+    let mut client = Client::from_stream(stream).unwrap();
+    assert_eq!(
+        remote_errno(client.dma_map(None, 0, 0x1000, 0x1000, DmaProt::READ)),
+        Errno::ENOTSUP
+    );
+    assert_eq!(
+        remote_errno(client.dma_unmap(0x1000, 0x1000)),
+        Errno::ENOTSUP
+    );
+    assert_eq!(remote_errno(client.reset()), Errno::ENOTSUP);
+    client.close();
+    assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
+}
