@@ -477,33 +477,76 @@ fn close_ends_the_connection_even_while_another_handle_to_the_socket_is_open() {
     assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
 }
 
+/// A VMM of our own making: proposes `capabilities` on a raw connection to a fresh server;
+/// returns the connection and the server's version reply.
+fn raw_vmm(
+    capabilities: Capabilities,
+) -> (iopf_vfio_user::Connection, common::ServerThread, Version) {
+    let (stream, server) = start();
+    let mut conn = iopf_vfio_user::Connection::new(stream);
+    let proposal = Version {
+        major: 0,
+        minor: 0,
+        capabilities,
+    }
+    .encode();
+    conn.send_parts(
+        &Header::command(0, Command::Version, proposal.len()),
+        &proposal,
+        &[],
+    )
+    .unwrap();
+    let reply = conn.recv().unwrap().expect("the version reply");
+    (conn, server, Version::decode(&reply.payload).unwrap())
+}
+
+fn close_raw(conn: iopf_vfio_user::Connection, server: common::ServerThread) {
+    drop(conn);
+    let (_, result) = server.join().unwrap();
+    assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
+}
+
 // Catches: max_dma_maps not echoed to a VMM that proposes it (QEMU does), or not capped.
 #[test]
 fn a_vmm_proposing_max_dma_maps_is_told_the_smaller_of_both_limits() {
     for (theirs, agreed) in [(100, 100), (1_000_000, 65535)] {
-        let (stream, server) = start();
-        let mut conn = iopf_vfio_user::Connection::new(stream);
-        let proposal = Version {
-            major: 0,
-            minor: 0,
-            capabilities: Capabilities {
-                max_dma_maps: Some(theirs),
-                ..Capabilities::default()
-            },
-        }
-        .encode();
+        let (conn, server, version) = raw_vmm(Capabilities {
+            max_dma_maps: Some(theirs),
+            ..Capabilities::default()
+        });
+        assert_eq!(version.capabilities.max_dma_maps, Some(agreed));
+        close_raw(conn, server);
+    }
+}
+
+// Catches: an fd sent to a client that said it takes none, or withheld from one that takes
+// exactly as many as the reply has.
+#[test]
+fn region_io_fds_respect_the_fds_a_vmm_accepts() {
+    for (max_msg_fds, fds) in [(1, 1), (0, 0)] {
+        let (mut conn, server, _) = raw_vmm(Capabilities {
+            max_msg_fds: Some(max_msg_fds),
+            ..Capabilities::default()
+        });
+        let request = iopf_vfio_user::request::encode::get_region_io_fds(
+            DMA_FAULT_RESPONSE_REGION_INDEX,
+            4096,
+        );
         conn.send_parts(
-            &Header::command(0, Command::Version, proposal.len()),
-            &proposal,
+            &Header::command(1, Command::DeviceGetRegionIoFds, request.len()),
+            &request,
             &[],
         )
         .unwrap();
-        let reply = conn.recv().unwrap().expect("the version reply");
-        let version = Version::decode(&reply.payload).unwrap();
-        assert_eq!(version.capabilities.max_dma_maps, Some(agreed));
-        drop(conn);
-        let (_, result) = server.join().unwrap();
-        assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
+        let reply = conn.recv().unwrap().expect("a reply");
+        assert_eq!(reply.fds.len(), fds);
+        if fds == 0 {
+            assert!(reply.header.is_error());
+            assert_eq!(Errno(reply.header.error), Errno::E2BIG);
+        } else {
+            assert!(!reply.header.is_error(), "{:?}", reply.header);
+        }
+        close_raw(conn, server);
     }
 }
 
