@@ -15,9 +15,10 @@ use iopf_vfio_user::device::{
     VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED, VMM_ABI_OFFSET,
 };
+use iopf_vfio_user::protocol::MAX_MSG_FDS;
 use iopf_vfio_user::{
     Capabilities, Client, ClientError, Command, DeviceFlags, DeviceInfo, Disconnect, DmaProt,
-    Errno, Header, IoFdKind, IrqAction, IrqFlags, IrqInfo, IrqSetFlags, RegionCapability,
+    Errno, Header, IoFd, IoFdKind, IrqAction, IrqFlags, IrqInfo, IrqSetFlags, RegionCapability,
     RegionFlags, RegionInfo, SetIrqs, SparseMmapArea, Version, VfioUserDevice,
 };
 
@@ -477,13 +478,8 @@ fn close_ends_the_connection_even_while_another_handle_to_the_socket_is_open() {
     assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
 }
 
-/// A VMM of our own making: proposes `capabilities` on a raw connection to a fresh server;
-/// returns the connection and the server's version reply.
-fn raw_vmm(
-    capabilities: Capabilities,
-) -> (iopf_vfio_user::Connection, common::ServerThread, Version) {
-    let (stream, server) = start();
-    let mut conn = iopf_vfio_user::Connection::new(stream);
+/// Proposes `capabilities` on a raw connection; returns the server's version reply.
+fn propose(conn: &mut iopf_vfio_user::Connection, capabilities: Capabilities) -> Version {
     let proposal = Version {
         major: 0,
         minor: 0,
@@ -497,7 +493,30 @@ fn raw_vmm(
     )
     .unwrap();
     let reply = conn.recv().unwrap().expect("the version reply");
-    (conn, server, Version::decode(&reply.payload).unwrap())
+    Version::decode(&reply.payload).unwrap()
+}
+
+/// A VMM of our own making: proposes `capabilities` on a raw connection to a fresh server;
+/// returns the connection and the server's version reply.
+fn raw_vmm(
+    capabilities: Capabilities,
+) -> (iopf_vfio_user::Connection, common::ServerThread, Version) {
+    let (stream, server) = start();
+    let mut conn = iopf_vfio_user::Connection::new(stream);
+    let version = propose(&mut conn, capabilities);
+    (conn, server, version)
+}
+
+/// Sends `GET_REGION_IO_FDS` for region `index` (argsz 4096) and returns the reply.
+fn ask_io_fds(conn: &mut iopf_vfio_user::Connection, index: u32) -> iopf_vfio_user::Message {
+    let request = iopf_vfio_user::request::encode::get_region_io_fds(index, 4096);
+    conn.send_parts(
+        &Header::command(1, Command::DeviceGetRegionIoFds, request.len()),
+        &request,
+        &[],
+    )
+    .unwrap();
+    conn.recv().unwrap().expect("a reply")
 }
 
 fn close_raw(conn: iopf_vfio_user::Connection, server: common::ServerThread) {
@@ -528,17 +547,7 @@ fn region_io_fds_respect_the_fds_a_vmm_accepts() {
             max_msg_fds: Some(max_msg_fds),
             ..Capabilities::default()
         });
-        let request = iopf_vfio_user::request::encode::get_region_io_fds(
-            DMA_FAULT_RESPONSE_REGION_INDEX,
-            4096,
-        );
-        conn.send_parts(
-            &Header::command(1, Command::DeviceGetRegionIoFds, request.len()),
-            &request,
-            &[],
-        )
-        .unwrap();
-        let reply = conn.recv().unwrap().expect("a reply");
+        let reply = ask_io_fds(&mut conn, DMA_FAULT_RESPONSE_REGION_INDEX);
         assert_eq!(reply.fds.len(), fds);
         if fds == 0 {
             assert!(reply.header.is_error());
@@ -550,16 +559,35 @@ fn region_io_fds_respect_the_fds_a_vmm_accepts() {
     }
 }
 
-/// A device that forgets to say it is PCI, and has nothing else.
-struct Bare;
+/// A device that forgets to say it is PCI, and has nothing but one region served through
+/// `io_fds` (one sub-region each).
+#[derive(Default)]
+struct Bare {
+    io_fds: Vec<std::fs::File>,
+}
 
 impl VfioUserDevice for Bare {
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
             flags: DeviceFlags::RESET,
-            num_regions: 0,
+            num_regions: 1,
             num_irqs: 0,
         }
+    }
+    fn region_io_fds(&self, _: u32) -> Result<Vec<(IoFd, BorrowedFd<'_>)>, Errno> {
+        Ok((0..)
+            .zip(&self.io_fds)
+            .map(|(i, file)| {
+                let io_fd = IoFd {
+                    offset: 8 * i,
+                    size: 4,
+                    kind: IoFdKind::IoEventFd,
+                    flags: 0,
+                    data: 0,
+                };
+                (io_fd, file.as_fd())
+            })
+            .collect())
     }
     fn region_info(&self, _: u32) -> Option<RegionInfo> {
         None
@@ -586,7 +614,7 @@ impl VfioUserDevice for Bare {
 fn every_device_is_reported_as_pci() {
     let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let server = std::thread::spawn(move || {
-        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare)
+        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare::default())
     });
     let mut client = Client::from_stream(stream).unwrap();
     let info = client.device_info().unwrap();
@@ -600,7 +628,7 @@ fn every_device_is_reported_as_pci() {
 fn a_device_without_dma_or_reset_refuses_them_with_enotsup() {
     let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let server = std::thread::spawn(move || {
-        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare)
+        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare::default())
     });
     let mut client = Client::from_stream(stream).unwrap();
     assert_eq!(
@@ -614,4 +642,38 @@ fn a_device_without_dma_or_reset_refuses_them_with_enotsup() {
     assert_eq!(remote_errno(client.reset()), Errno::ENOTSUP);
     client.close();
     assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
+}
+
+// Catches: a reply with more fds than one message carries, or one refused at exactly that many.
+#[test]
+fn region_io_fds_go_up_to_the_fds_of_one_message_and_no_further() {
+    for (n, sent) in [(MAX_MSG_FDS, true), (MAX_MSG_FDS + 1, false)] {
+        let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut device = Bare {
+                io_fds: (0..n)
+                    .map(|_| std::fs::File::open("/dev/null").unwrap())
+                    .collect(),
+            };
+            iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut device)
+        });
+        let mut conn = iopf_vfio_user::Connection::new(stream);
+        propose(
+            &mut conn,
+            Capabilities {
+                max_msg_fds: Some(100),
+                ..Capabilities::default()
+            },
+        );
+        let reply = ask_io_fds(&mut conn, 0);
+        if sent {
+            assert!(!reply.header.is_error(), "{:?}", reply.header);
+            assert_eq!(reply.fds.len(), n);
+        } else {
+            assert_eq!(Errno(reply.header.error), Errno::E2BIG);
+            assert!(reply.fds.is_empty());
+        }
+        drop(conn);
+        assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
+    }
 }
