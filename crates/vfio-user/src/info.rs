@@ -928,4 +928,16 @@ mod tests {
         let (payload, fds) = encode_io_fds_reply(10, full as u32 - 1, &sub_regions).unwrap();
         assert_eq!((payload.len(), fds.len()), (size_of::<RawRegionIoFds>(), 0));
     }
+
+    #[test]
+    fn a_reply_may_list_up_to_1024_sub_regions_and_no_more() {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open("/dev/null").unwrap();
+        for (n, accepted) in [(1024, true), (1025, false)] {
+            let sub_regions = vec![(crate::device::response_doorbell_io_fd(), file.as_fd()); n];
+            let (payload, fds) = encode_io_fds_reply(10, u32::MAX, &sub_regions).unwrap();
+            let decoded = decode_io_fds_reply(&payload, 10, u32::MAX, fds.len());
+            assert_eq!(decoded.is_ok(), accepted, "{n}: {decoded:?}");
+        }
+    }
 }

@@ -844,4 +844,18 @@ mod tests {
             ));
         }
     }
+
+    #[test]
+    fn a_region_write_whose_data_is_not_its_count_says_how_long_it_should_be() {
+        let mut payload = encode::region_write(0, 0, &[1, 2, 3]);
+        payload.push(4);
+        assert!(matches!(
+            decode_request(Command::RegionWrite, &payload, vec![]),
+            Err(ProtocolError::PayloadSize {
+                expected: 19,
+                actual: 20,
+                ..
+            })
+        ));
+    }
 }
