@@ -292,3 +292,20 @@ fn replies_queued_for_a_client_that_reads_late_all_arrive_without_a_message_time
     let ended = server.join().unwrap();
     assert!(matches!(ended, Ok(Disconnect::Closed)), "{ended:?}");
 }
+
+// Catches: a send error taken for a full socket: the server would wait for a reader that is
+// gone until its message timeout, and name the wrong reason.
+#[test]
+fn a_client_that_shuts_its_reading_side_is_seen_as_reset() {
+    let (stream, server) = start();
+    let (mut stream, mut replies) = client(stream);
+    stream.write_all(&version_bytes(0)).unwrap();
+    expect_ok(&mut replies, 0);
+    stream.shutdown(std::net::Shutdown::Read).unwrap();
+    stream.write_all(&get_info_bytes(1)).unwrap();
+    let (_, result) = server.join().unwrap();
+    assert!(
+        matches!(result, Ok(Disconnect::Broken(ConnectionError::Reset))),
+        "{result:?}"
+    );
+}
