@@ -781,3 +781,32 @@ fn next_offset(offset: u64, count: u32) -> Result<u64, ClientError> {
         .checked_add(u64::from(count))
         .ok_or(ClientError::InvalidArgument("offset + length overflows"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_error_reply_has_an_errno() {
+        let remote = ClientError::Remote {
+            command: Command::DmaMap,
+            errno: Errno::EEXIST,
+        };
+        assert_eq!(remote.errno(), Some(Errno::EEXIST));
+        assert_eq!(ClientError::Closed.errno(), None);
+    }
+
+    #[test]
+    fn only_a_missing_reply_or_send_is_a_timeout() {
+        let waited = Duration::from_secs(1);
+        let command = Command::DeviceReset;
+        assert!(ClientError::NoReply { command, waited }.is_timeout());
+        assert!(ClientError::SendTimeout { command, waited }.is_timeout());
+        assert!(!ClientError::Closed.is_timeout());
+        let remote = ClientError::Remote {
+            command,
+            errno: Errno::EIO,
+        };
+        assert!(!remote.is_timeout());
+    }
+}

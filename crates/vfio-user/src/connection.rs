@@ -157,6 +157,9 @@ impl Connection {
     /// two messages.
     pub fn recv(&mut self) -> Result<Option<Message>, ConnectionError> {
         let mut reader = MessageReader::new();
+        // Whether this message switched the socket to the message timeout. Kept here, not in
+        // the reader: a reader that completes a message resets itself.
+        let mut switched = false;
         let result = loop {
             match reader.read_some(self.stream.as_fd()) {
                 Ok(ReadProgress::Message(message)) => break Ok(Some(message)),
@@ -165,10 +168,10 @@ impl Connection {
                     // The first bytes of a message: the rest must come within the message
                     // timeout.
                     if reader.received() > 0
-                        && !reader.timeout_switched
+                        && !switched
                         && self.message_timeout != self.idle_timeout
                     {
-                        reader.timeout_switched = true;
+                        switched = true;
                         if let Err(error) = self.stream.set_read_timeout(self.message_timeout) {
                             break Err(ConnectionError::Io(error));
                         }
@@ -179,7 +182,7 @@ impl Connection {
                 Err(error) => break Err(error),
             }
         };
-        if reader.timeout_switched {
+        if switched {
             self.stream
                 .set_read_timeout(self.idle_timeout)
                 .map_err(ConnectionError::Io)?;
@@ -254,8 +257,6 @@ pub struct MessageReader {
     payload: Vec<u8>,
     payload_got: usize,
     fds: Vec<OwnedFd>,
-    /// [`Connection::recv`] switched to the message timeout for this message.
-    timeout_switched: bool,
 }
 
 impl MessageReader {
@@ -403,5 +404,78 @@ mod tests {
                 expected: 16
             })
         ));
+    }
+
+    /// Sends 16-byte messages to a peer that reads nothing until one fails.
+    fn fill(conn: &mut Connection) -> ConnectionError {
+        let header = Header::command(1, Command::DeviceReset, 0).with_payload(&[]);
+        for _ in 0..1_000_000 {
+            if let Err(error) = conn.send(&header, &[]) {
+                return error;
+            }
+        }
+        panic!("a peer that reads nothing took a million messages");
+    }
+
+    // Catches: a send timeout reported as a bare I/O error (the client could not name it).
+    #[test]
+    fn a_send_the_peer_has_no_room_for_times_out() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut conn = Connection::new(a);
+        conn.set_timeouts(None, Some(Duration::from_millis(20)))
+            .unwrap();
+        let error = fill(&mut conn);
+        assert!(matches!(error, ConnectionError::Timeout), "{error:?}");
+    }
+
+    #[test]
+    fn a_message_the_peer_takes_only_in_part_is_a_short_send() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut conn = Connection::new(a);
+        conn.set_timeouts(None, Some(Duration::from_millis(20)))
+            .unwrap();
+        // Larger than any socket buffer: some of it goes, then the send times out.
+        let bytes = Header::command(1, Command::RegionWrite, MAX_MESSAGE_SIZE - HEADER_SIZE)
+            .with_payload(&vec![0; MAX_MESSAGE_SIZE - HEADER_SIZE]);
+        let error = conn.send(&bytes, &[]).unwrap_err();
+        assert!(matches!(error, ConnectionError::ShortSend), "{error:?}");
+    }
+
+    #[test]
+    fn sending_to_a_peer_that_is_gone_is_a_reset() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let mut conn = Connection::new(a);
+        let header = Header::command(1, Command::DeviceReset, 0);
+        let error = conn.send_parts(&header, &[], &[]).unwrap_err();
+        assert!(matches!(error, ConnectionError::Reset), "{error:?}");
+    }
+
+    // Catches: the idle timeout kept for the rest of a started message (a slow peer cut off
+    // mid-message although the message timeout allows it).
+    #[test]
+    fn a_started_message_has_the_message_timeout_to_finish_not_the_idle_one() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let header = Header::command(3, Command::RegionWrite, 4);
+        let bytes = header.with_payload(&[9; 4]);
+        let writer = std::thread::spawn(move || {
+            b.write_all(&bytes[..10]).unwrap();
+            // Longer than the idle timeout, well within the message timeout.
+            std::thread::sleep(Duration::from_millis(300));
+            b.write_all(&bytes[10..]).unwrap();
+            b
+        });
+        let mut conn = Connection::new(a);
+        conn.set_timeouts(
+            Some(Duration::from_millis(50)),
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+        let message = conn.recv().unwrap().expect("the whole message");
+        assert_eq!(message.header, header);
+        assert_eq!(message.payload, vec![9; 4]);
+        // Between messages the idle timeout holds again.
+        assert!(matches!(conn.recv(), Err(ConnectionError::Timeout)));
+        drop(writer.join().unwrap());
     }
 }

@@ -187,4 +187,13 @@ mod tests {
         assert_eq!((NUM_REGIONS, DMA_FAULT_IRQ_INDEX, NUM_IRQS), (11, 5, 6));
         assert_eq!((VMM_ABI_OFFSET, RESPONSE_PROD_OFFSET), (4096, 4160));
     }
+
+    #[test]
+    fn each_queue_has_its_region() {
+        assert_eq!(region_index(QueueKind::Fault), DMA_FAULT_REGION_INDEX);
+        assert_eq!(
+            region_index(QueueKind::Response),
+            DMA_FAULT_RESPONSE_REGION_INDEX
+        );
+    }
 }

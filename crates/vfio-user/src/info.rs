@@ -775,4 +775,169 @@ mod tests {
         );
         assert!(decode_io_fds_reply(&payload, 10, 1024, 0).is_err());
     }
+
+    #[test]
+    fn ioeventfd_flags_are_the_kernels() {
+        // linux/kvm.h: 1 << kvm_ioeventfd_flag_nr_datamatch, 1 << kvm_ioeventfd_flag_nr_pio.
+        assert_eq!(
+            (KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_PIO),
+            (1, 2)
+        );
+    }
+
+    fn device_info_reply(argsz: u32, num_regions: u32, num_irqs: u32) -> Vec<u8> {
+        [argsz, DeviceFlags::PCI.bits(), num_regions, num_irqs]
+            .iter()
+            .flat_map(|word| word.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn a_device_info_reply_needs_an_argsz_of_at_least_16() {
+        assert!(matches!(
+            DeviceInfo::decode_reply(&device_info_reply(8, 11, 6)),
+            Err(ProtocolError::Argsz { argsz: 8, .. })
+        ));
+        for argsz in [16, 32] {
+            let info = DeviceInfo::decode_reply(&device_info_reply(argsz, 11, 6)).unwrap();
+            assert_eq!((info.num_regions, info.num_irqs), (11, 6));
+        }
+    }
+
+    // Catches: a client that would walk millions of regions (or IRQs) a server claims.
+    #[test]
+    fn a_device_with_too_many_regions_or_irq_indices_is_refused() {
+        for (regions, irqs) in [(MAX_REGIONS + 1, 6), (11, MAX_IRQS + 1)] {
+            assert!(matches!(
+                DeviceInfo::decode_reply(&device_info_reply(16, regions, irqs)),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+        assert!(DeviceInfo::decode_reply(&device_info_reply(16, MAX_REGIONS, MAX_IRQS)).is_ok());
+    }
+
+    #[test]
+    fn sparse_mmap_areas_are_those_of_the_capability() {
+        let areas = vec![SparseMmapArea {
+            offset: 4096,
+            size: 4096,
+        }];
+        let mut region = typed_region();
+        region.caps = vec![
+            RegionCapability::Type {
+                region_type: 4,
+                subtype: 1,
+            },
+            RegionCapability::SparseMmap(areas.clone()),
+        ];
+        assert_eq!(region.sparse_mmap_areas(), Some(areas.as_slice()));
+        region.caps.remove(1);
+        assert_eq!(region.sparse_mmap_areas(), None);
+    }
+
+    fn sparse_region(areas: usize) -> RegionInfo {
+        let mut region = typed_region();
+        region.caps = vec![RegionCapability::SparseMmap(vec![
+            SparseMmapArea {
+                offset: 0,
+                size: 4096,
+            };
+            areas
+        ])];
+        region
+    }
+
+    // Catches: an off-by-one at the message limit, either way.
+    #[test]
+    fn capabilities_may_fill_a_reply_to_the_last_byte_and_no_further() {
+        // 32 bytes of region info, 8 of capability header, 8 of sparse header, 16 per area.
+        let filling = (MAX_PAYLOAD_SIZE - 48) / 16;
+        assert_eq!(48 + 16 * filling, MAX_PAYLOAD_SIZE);
+        let full = sparse_region(filling)
+            .encode_reply(0, MAX_PAYLOAD_SIZE as u32)
+            .unwrap();
+        assert_eq!(full.len(), MAX_PAYLOAD_SIZE);
+        assert!(matches!(
+            sparse_region(filling + 1).encode_reply(0, MAX_PAYLOAD_SIZE as u32),
+            Err(ProtocolError::ReplyTooLarge { .. })
+        ));
+    }
+
+    // Catches: a cap_offset pointing past the payload (no capabilities, or left out).
+    #[test]
+    fn cap_offset_is_set_only_when_capabilities_follow() {
+        let cap_offset = |payload: &[u8]| u32::from_le_bytes(payload[12..16].try_into().unwrap());
+        let region = typed_region();
+        assert_eq!(cap_offset(&region.encode_reply(0, 4096).unwrap()), 32);
+        assert_eq!(cap_offset(&region.encode_reply(0, 32).unwrap()), 0);
+        let plain = RegionInfo {
+            caps: Vec::new(),
+            ..typed_region()
+        };
+        assert_eq!(cap_offset(&plain.encode_reply(0, 4096).unwrap()), 0);
+    }
+
+    // Catches: a capability's body measured past its successor (a short last capability then
+    // looks outside the reply).
+    #[test]
+    fn a_capability_ends_where_the_next_one_starts() {
+        let region = RegionInfo {
+            caps: vec![RegionCapability::Type {
+                region_type: 4,
+                subtype: 1,
+            }],
+            ..typed_region()
+        };
+        let mut payload = region.encode_reply(9, 4096).unwrap();
+        assert_eq!(payload.len(), 48);
+        // Chain an unknown capability with an empty body after the type capability.
+        payload[32 + 4..32 + 8].copy_from_slice(&48u32.to_le_bytes());
+        payload.extend_from_slice(&0x99u16.to_le_bytes());
+        payload.extend_from_slice(&1u16.to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        payload[..4].copy_from_slice(&56u32.to_le_bytes());
+        let RegionInfoReply::Complete(decoded) =
+            RegionInfo::decode_reply(&payload, 9, 4096).unwrap()
+        else {
+            panic!("the reply fits");
+        };
+        assert_eq!(
+            decoded.caps,
+            [
+                RegionCapability::Type {
+                    region_type: 4,
+                    subtype: 1
+                },
+                RegionCapability::Unknown {
+                    id: 0x99,
+                    version: 1
+                }
+            ]
+        );
+    }
+
+    // Catches: sub-regions sent past the client's argsz, or withheld when they fit exactly.
+    #[test]
+    fn io_fds_go_in_an_argsz_that_covers_them_exactly_and_not_one_byte_less() {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let sub_regions = [(crate::device::response_doorbell_io_fd(), file.as_fd())];
+        let full = size_of::<RawRegionIoFds>() + size_of::<RawSubRegionIoFd>();
+        let (payload, fds) = encode_io_fds_reply(10, full as u32, &sub_regions).unwrap();
+        assert_eq!((payload.len(), fds.len()), (full, 1));
+        let (payload, fds) = encode_io_fds_reply(10, full as u32 - 1, &sub_regions).unwrap();
+        assert_eq!((payload.len(), fds.len()), (size_of::<RawRegionIoFds>(), 0));
+    }
+
+    #[test]
+    fn a_reply_may_list_up_to_1024_sub_regions_and_no_more() {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open("/dev/null").unwrap();
+        for (n, accepted) in [(1024, true), (1025, false)] {
+            let sub_regions = vec![(crate::device::response_doorbell_io_fd(), file.as_fd()); n];
+            let (payload, fds) = encode_io_fds_reply(10, u32::MAX, &sub_regions).unwrap();
+            let decoded = decode_io_fds_reply(&payload, 10, u32::MAX, fds.len());
+            assert_eq!(decoded.is_ok(), accepted, "{n}: {decoded:?}");
+        }
+    }
 }

@@ -271,3 +271,37 @@ fn broken(error: ConnectionError) -> Result<Status, ServerError> {
         error => Ok(Status::Closed(Disconnect::Broken(error))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Catches: an off-by-one at the backlog limit.
+    #[test]
+    fn the_backlog_may_reach_its_limit_and_not_pass_it() {
+        let mut outbox = Outbox::new(0);
+        outbox.push(&vec![0; MAX_MESSAGE_SIZE], &[]).unwrap();
+        assert!(matches!(
+            outbox.push(&[0], &[]),
+            Err(ConnectionError::Backlog { .. })
+        ));
+    }
+
+    // Catches: bytes that left still counted against the backlog, or too few counted.
+    #[test]
+    fn the_backlog_counts_the_bytes_still_queued() {
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut outbox = Outbox::new(0);
+        outbox.push(&vec![0; MAX_MESSAGE_SIZE], &[]).unwrap();
+        // The peer reads nothing: the socket takes what its buffer holds, not all.
+        outbox.flush(ours.as_fd(), Instant::now()).unwrap();
+        let sent = outbox.queue.front().expect("some bytes left").sent;
+        assert!(sent > 0);
+        outbox.push(&vec![0; sent], &[]).unwrap();
+        assert!(matches!(
+            outbox.push(&[0], &[]),
+            Err(ConnectionError::Backlog { .. })
+        ));
+    }
+}

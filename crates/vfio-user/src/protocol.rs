@@ -824,4 +824,45 @@ mod tests {
         assert_eq!(reply.error, 22);
         assert_eq!(reply.msg_size, 16);
     }
+
+    #[test]
+    fn a_command_is_not_a_reply() {
+        let command = Header::command(7, Command::DeviceReset, 0);
+        assert!(!command.is_reply());
+        assert!(Header::reply(&command, 0).is_reply());
+    }
+
+    #[test]
+    fn the_payload_length_is_the_message_size_less_the_header() {
+        assert_eq!(
+            Header::command(1, Command::RegionWrite, 20).payload_len(),
+            Some(20)
+        );
+        assert_eq!(
+            Header::command(1, Command::DeviceReset, 0).payload_len(),
+            Some(0)
+        );
+        let mut short = Header::command(1, Command::DeviceReset, 0);
+        short.msg_size = 15;
+        assert_eq!(short.payload_len(), None);
+    }
+
+    #[test]
+    fn an_errno_is_its_number_and_reads_as_the_os_message() {
+        assert_eq!(Errno::EINVAL.raw(), 22);
+        assert_eq!(
+            Errno::EINVAL.to_string(),
+            io::Error::from_raw_os_error(22).to_string()
+        );
+        assert_eq!(Errno(u32::MAX).to_string(), "errno 4294967295");
+    }
+
+    #[test]
+    fn a_reply_too_large_to_send_is_refused_with_e2big() {
+        let error = ProtocolError::ReplyTooLarge {
+            command: Command::DeviceGetRegionInfo,
+            size: 1 << 21,
+        };
+        assert_eq!(error.errno(), Errno::E2BIG);
+    }
 }

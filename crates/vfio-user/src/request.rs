@@ -736,4 +736,126 @@ mod tests {
             crate::protocol::Errno::ENOSYS
         );
     }
+
+    // Catches: a request whose argsz leaves no room for the fixed reply (the reply would be
+    // larger than the client asked for).
+    #[test]
+    fn an_argsz_smaller_than_the_fixed_reply_is_refused() {
+        let small = encode::get_region_info(0, 8);
+        assert!(matches!(
+            decode_request(Command::DeviceGetRegionInfo, &small, vec![]),
+            Err(ProtocolError::Argsz { argsz: 8, .. })
+        ));
+        let fits = encode::get_region_info(0, 32);
+        assert!(decode_request(Command::DeviceGetRegionInfo, &fits, vec![]).is_ok());
+    }
+
+    #[test]
+    fn a_transfer_moves_at_most_max_data_xfer_size() {
+        let largest = encode::region_read(0, 0, MAX_DATA_XFER_SIZE);
+        assert!(decode_request(Command::RegionRead, &largest, vec![]).is_ok());
+        let past = encode::region_read(0, 0, MAX_DATA_XFER_SIZE + 1);
+        assert!(matches!(
+            decode_request(Command::RegionRead, &past, vec![]),
+            Err(ProtocolError::TransferTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dma_map_whose_address_or_offset_overflows_is_refused() {
+        let near_end = u64::MAX - 0x100;
+        for payload in [
+            encode::dma_map(DmaProt::READ, 0, near_end, 0x1000),
+            encode::dma_map(DmaProt::READ, near_end, 0x1000, 0x1000),
+        ] {
+            assert!(matches!(
+                decode_request(Command::DmaMap, &payload, vec![]),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn unmap_all_with_an_address_or_a_size_is_refused() {
+        for payload in [
+            encode::dma_unmap(0x1000, 0, true),
+            encode::dma_unmap(0, 0x1000, true),
+        ] {
+            assert!(matches!(
+                decode_request(Command::DmaUnmap, &payload, vec![]),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+        assert!(decode_request(Command::DmaUnmap, &encode::dma_unmap(0, 0, true), vec![]).is_ok());
+    }
+
+    #[test]
+    fn unmapping_nothing_or_past_the_end_of_the_address_space_is_refused() {
+        for payload in [
+            encode::dma_unmap(0x1000, 0, false),
+            encode::dma_unmap(u64::MAX - 0x100, 0x1000, false),
+        ] {
+            assert!(matches!(
+                decode_request(Command::DmaUnmap, &payload, vec![]),
+                Err(ProtocolError::Field { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn set_irqs_without_data_may_name_a_range_but_count_0_means_all_from_0() {
+        let flags = IrqSetFlags::DATA_NONE | IrqSetFlags::ACTION_MASK;
+        let range = encode::set_irqs(flags, 0, 3, 2, &[]);
+        assert!(decode_request(Command::DeviceSetIrqs, &range, vec![]).is_ok());
+        let all_from_3 = encode::set_irqs(flags, 0, 3, 0, &[]);
+        assert!(matches!(
+            decode_request(Command::DeviceSetIrqs, &all_from_3, vec![]),
+            Err(ProtocolError::Field { .. })
+        ));
+    }
+
+    #[test]
+    fn bool_data_is_one_byte_per_sub_index_and_a_mismatch_says_how_many() {
+        let flags = IrqSetFlags::DATA_BOOL | IrqSetFlags::ACTION_MASK;
+        let payload = encode::set_irqs(flags, 0, 0, 3, &[1, 0]);
+        assert!(matches!(
+            decode_request(Command::DeviceSetIrqs, &payload, vec![]),
+            Err(ProtocolError::PayloadSize {
+                expected: 23,
+                actual: 22,
+                ..
+            })
+        ));
+        let payload = encode::set_irqs(flags, 0, 0, 3, &[1, 0, 1]);
+        assert!(decode_request(Command::DeviceSetIrqs, &payload, vec![]).is_ok());
+    }
+
+    #[test]
+    fn set_irqs_without_bool_data_carries_no_data() {
+        for flags in [IrqSetFlags::DATA_NONE, IrqSetFlags::DATA_EVENTFD] {
+            let payload = encode::set_irqs(flags | IrqSetFlags::ACTION_TRIGGER, 0, 0, 1, &[1, 1]);
+            assert!(matches!(
+                decode_request(Command::DeviceSetIrqs, &payload, vec![]),
+                Err(ProtocolError::PayloadSize {
+                    expected: 20,
+                    actual: 22,
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_region_write_whose_data_is_not_its_count_says_how_long_it_should_be() {
+        let mut payload = encode::region_write(0, 0, &[1, 2, 3]);
+        payload.push(4);
+        assert!(matches!(
+            decode_request(Command::RegionWrite, &payload, vec![]),
+            Err(ProtocolError::PayloadSize {
+                expected: 19,
+                actual: 20,
+                ..
+            })
+        ));
+    }
 }

@@ -565,3 +565,22 @@ fn check_access(
         _ => Err(invalid(command, "the access lies outside the region")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_keeps_the_config_it_was_made_with() {
+        let config = ServerConfig {
+            max_dma_maps: 7,
+            pgsizes: 1 << 21,
+            ..ServerConfig::default()
+        };
+        let server = Server::new(config);
+        assert_eq!(
+            (server.config().max_dma_maps, server.config().pgsizes),
+            (7, 1 << 21)
+        );
+    }
+}

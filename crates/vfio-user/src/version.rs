@@ -219,6 +219,22 @@ mod tests {
         assert!(Version::decode(&huge).is_err());
     }
 
+    // Catches: a limit below the documented 16 KiB (a peer's long capabilities refused).
+    #[test]
+    fn version_data_of_up_to_16_kib_is_accepted() {
+        let json = r#"{"capabilities":{"max_msg_fds":8}}"#;
+        // Padded with JSON whitespace to 16 KiB, the NUL included.
+        let padded = format!("{json:<width$}", width = 16 * 1024 - 1);
+        let version = Version::decode(&payload(&padded)).unwrap();
+        assert_eq!(version.capabilities.max_msg_fds(), 8);
+        // One byte more, however well-formed, is refused.
+        let over = format!("{json:<width$}", width = 16 * 1024);
+        assert!(matches!(
+            Version::decode(&payload(&over)),
+            Err(ProtocolError::VersionData(_))
+        ));
+    }
+
     #[test]
     fn encode_always_carries_the_capabilities_object() {
         let bytes = Version::default().encode();

@@ -2,7 +2,8 @@
 
 mod common;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use common::{BAR0_SIZE, TestDevice, start, start_listening};
@@ -14,9 +15,11 @@ use iopf_vfio_user::device::{
     VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT,
     VFIO_REGION_SUBTYPE_NESTED_DMA_FAULT_RESPONSE, VFIO_REGION_TYPE_NESTED, VMM_ABI_OFFSET,
 };
+use iopf_vfio_user::protocol::MAX_MSG_FDS;
 use iopf_vfio_user::{
-    Client, ClientError, DeviceFlags, Disconnect, DmaProt, Errno, IoFdKind, IrqAction, IrqFlags,
-    IrqSetFlags, RegionCapability, RegionFlags, SparseMmapArea,
+    Capabilities, Client, ClientError, Command, DeviceFlags, DeviceInfo, Disconnect, DmaProt,
+    Errno, Header, IoFd, IoFdKind, IrqAction, IrqFlags, IrqInfo, IrqSetFlags, RegionCapability,
+    RegionFlags, RegionInfo, SetIrqs, SparseMmapArea, Version, VfioUserDevice,
 };
 
 fn connect() -> (Client, common::ServerThread) {
@@ -47,9 +50,13 @@ fn version_negotiation_reports_the_server_limits() {
     assert_eq!((version.major, version.minor), (0, 1));
     assert_eq!(version.capabilities.max_msg_fds(), 16);
     assert_eq!(version.capabilities.max_data_xfer_size(), 1 << 20);
+    // Both limits are always sent, not left to the default (QEMU parses both).
+    assert_eq!(version.capabilities.max_msg_fds, Some(16));
+    assert_eq!(version.capabilities.max_data_xfer_size, Some(1 << 20));
     // Proposed by our client, so echoed; migration was not proposed and is never echoed.
     assert_eq!(version.capabilities.pgsizes, Some(4096));
     assert_eq!(version.capabilities.migration, None);
+    assert_eq!(client.server_capabilities(), &version.capabilities);
     finish(client, server);
 }
 
@@ -443,4 +450,230 @@ fn server_end_closing_is_seen_by_the_client() {
     let (_, result) = server.join().unwrap();
     assert!(matches!(result, Ok(Disconnect::Closed)));
     assert!(client.device_info().is_err());
+}
+
+#[test]
+fn set_timeout_changes_the_request_limit_the_options_report() {
+    let (mut client, server) = connect();
+    client.set_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(client.options().request, Some(Duration::from_secs(3)));
+    client.set_timeout(None).unwrap();
+    assert_eq!(client.options().request, None);
+    assert_eq!(client.device_info().unwrap().num_irqs, NUM_IRQS);
+    finish(client, server);
+}
+
+// Catches: a close that only drops the client's fd, while another copy of the socket (say,
+// inherited by a child process) keeps the connection open.
+#[test]
+fn close_ends_the_connection_even_while_another_handle_to_the_socket_is_open() {
+    let (stream, server) = start();
+    let client = Client::from_stream(stream.try_clone().unwrap()).unwrap();
+    client.close();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!((&stream).read(&mut [0; 1]).unwrap(), 0, "end of stream");
+    let (_, result) = server.join().unwrap();
+    assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
+}
+
+/// Proposes `capabilities` on a raw connection; returns the server's version reply.
+fn propose(conn: &mut iopf_vfio_user::Connection, capabilities: Capabilities) -> Version {
+    let proposal = Version {
+        major: 0,
+        minor: 0,
+        capabilities,
+    }
+    .encode();
+    conn.send_parts(
+        &Header::command(0, Command::Version, proposal.len()),
+        &proposal,
+        &[],
+    )
+    .unwrap();
+    let reply = conn.recv().unwrap().expect("the version reply");
+    Version::decode(&reply.payload).unwrap()
+}
+
+/// A VMM of our own making: proposes `capabilities` on a raw connection to a fresh server;
+/// returns the connection and the server's version reply.
+fn raw_vmm(
+    capabilities: Capabilities,
+) -> (iopf_vfio_user::Connection, common::ServerThread, Version) {
+    let (stream, server) = start();
+    let mut conn = iopf_vfio_user::Connection::new(stream);
+    let version = propose(&mut conn, capabilities);
+    (conn, server, version)
+}
+
+/// Sends `GET_REGION_IO_FDS` for region `index` (argsz 4096) and returns the reply.
+fn ask_io_fds(conn: &mut iopf_vfio_user::Connection, index: u32) -> iopf_vfio_user::Message {
+    let request = iopf_vfio_user::request::encode::get_region_io_fds(index, 4096);
+    conn.send_parts(
+        &Header::command(1, Command::DeviceGetRegionIoFds, request.len()),
+        &request,
+        &[],
+    )
+    .unwrap();
+    conn.recv().unwrap().expect("a reply")
+}
+
+fn close_raw(conn: iopf_vfio_user::Connection, server: common::ServerThread) {
+    drop(conn);
+    let (_, result) = server.join().unwrap();
+    assert!(matches!(result, Ok(Disconnect::Closed)), "{result:?}");
+}
+
+// Catches: max_dma_maps not echoed to a VMM that proposes it (QEMU does), or not capped.
+#[test]
+fn a_vmm_proposing_max_dma_maps_is_told_the_smaller_of_both_limits() {
+    for (theirs, agreed) in [(100, 100), (1_000_000, 65535)] {
+        let (conn, server, version) = raw_vmm(Capabilities {
+            max_dma_maps: Some(theirs),
+            ..Capabilities::default()
+        });
+        assert_eq!(version.capabilities.max_dma_maps, Some(agreed));
+        close_raw(conn, server);
+    }
+}
+
+// Catches: an fd sent to a client that said it takes none, or withheld from one that takes
+// exactly as many as the reply has.
+#[test]
+fn region_io_fds_respect_the_fds_a_vmm_accepts() {
+    for (max_msg_fds, fds) in [(1, 1), (0, 0)] {
+        let (mut conn, server, _) = raw_vmm(Capabilities {
+            max_msg_fds: Some(max_msg_fds),
+            ..Capabilities::default()
+        });
+        let reply = ask_io_fds(&mut conn, DMA_FAULT_RESPONSE_REGION_INDEX);
+        assert_eq!(reply.fds.len(), fds);
+        if fds == 0 {
+            assert!(reply.header.is_error());
+            assert_eq!(Errno(reply.header.error), Errno::E2BIG);
+        } else {
+            assert!(!reply.header.is_error(), "{:?}", reply.header);
+        }
+        close_raw(conn, server);
+    }
+}
+
+/// A device that forgets to say it is PCI, and has nothing but one region served through
+/// `io_fds` (one sub-region each).
+#[derive(Default)]
+struct Bare {
+    io_fds: Vec<std::fs::File>,
+}
+
+impl VfioUserDevice for Bare {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: DeviceFlags::RESET,
+            num_regions: 1,
+            num_irqs: 0,
+        }
+    }
+    fn region_io_fds(&self, _: u32) -> Result<Vec<(IoFd, BorrowedFd<'_>)>, Errno> {
+        Ok((0..)
+            .zip(&self.io_fds)
+            .map(|(i, file)| {
+                let io_fd = IoFd {
+                    offset: 8 * i,
+                    size: 4,
+                    kind: IoFdKind::IoEventFd,
+                    flags: 0,
+                    data: 0,
+                };
+                (io_fd, file.as_fd())
+            })
+            .collect())
+    }
+    fn region_info(&self, _: u32) -> Option<RegionInfo> {
+        None
+    }
+    fn region_fd(&self, _: u32) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    fn irq_info(&self, _: u32) -> Option<IrqInfo> {
+        None
+    }
+    fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+    fn set_irqs(&mut self, _: SetIrqs) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+}
+
+// Catches: the PCI flag left to each device (QEMU's vfio-user-pci refuses a non-PCI device).
+#[test]
+fn every_device_is_reported_as_pci() {
+    let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare::default())
+    });
+    let mut client = Client::from_stream(stream).unwrap();
+    let info = client.device_info().unwrap();
+    assert_eq!(info.flags, DeviceFlags::PCI | DeviceFlags::RESET);
+    client.close();
+    assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
+}
+
+// Catches: trait defaults that claim success for what the device cannot do.
+#[test]
+fn a_device_without_dma_or_reset_refuses_them_with_enotsup() {
+    let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare::default())
+    });
+    let mut client = Client::from_stream(stream).unwrap();
+    assert_eq!(
+        remote_errno(client.dma_map(None, 0, 0x1000, 0x1000, DmaProt::READ)),
+        Errno::ENOTSUP
+    );
+    assert_eq!(
+        remote_errno(client.dma_unmap(0x1000, 0x1000)),
+        Errno::ENOTSUP
+    );
+    assert_eq!(remote_errno(client.reset()), Errno::ENOTSUP);
+    client.close();
+    assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
+}
+
+// Catches: a reply with more fds than one message carries, or one refused at exactly that many.
+#[test]
+fn region_io_fds_go_up_to_the_fds_of_one_message_and_no_further() {
+    for (n, sent) in [(MAX_MSG_FDS, true), (MAX_MSG_FDS + 1, false)] {
+        let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut device = Bare {
+                io_fds: (0..n)
+                    .map(|_| std::fs::File::open("/dev/null").unwrap())
+                    .collect(),
+            };
+            iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut device)
+        });
+        let mut conn = iopf_vfio_user::Connection::new(stream);
+        propose(
+            &mut conn,
+            Capabilities {
+                max_msg_fds: Some(100),
+                ..Capabilities::default()
+            },
+        );
+        let reply = ask_io_fds(&mut conn, 0);
+        if sent {
+            assert!(!reply.header.is_error(), "{:?}", reply.header);
+            assert_eq!(reply.fds.len(), n);
+        } else {
+            assert_eq!(Errno(reply.header.error), Errno::E2BIG);
+            assert!(reply.fds.is_empty());
+        }
+        drop(conn);
+        assert!(matches!(server.join().unwrap(), Ok(Disconnect::Closed)));
+    }
 }

@@ -13,7 +13,7 @@ use common::{TestDevice, start, test_config};
 use iopf_queue::Doorbell;
 use iopf_queue::fdpass::send_with_fds;
 use iopf_vfio_user::connection::{Connection, ConnectionError};
-use iopf_vfio_user::device::DMA_FAULT_IRQ_INDEX;
+use iopf_vfio_user::device::{DMA_FAULT_IRQ_INDEX, VFIO_PCI_BAR0_REGION_INDEX};
 use iopf_vfio_user::request::encode;
 use iopf_vfio_user::{
     Command, Disconnect, Header, IrqSetFlags, Server, ServerConfig, ServerConnection, Status,
@@ -259,4 +259,53 @@ fn a_client_that_floods_and_never_reads_is_disconnected_and_others_are_served() 
         ended[0]
     );
     assert!(matches!(ended[1], Disconnect::Closed), "{:?}", ended[1]);
+}
+
+// Catches: a blocking server that does not wait for its socket to become writable: without a
+// message timeout it would sleep in poll for ever, holding replies a slow reader has yet to
+// take.
+#[test]
+fn replies_queued_for_a_client_that_reads_late_all_arrive_without_a_message_timeout() {
+    let (stream, theirs) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let config = ServerConfig {
+            message_timeout: None,
+            ..test_config()
+        };
+        Server::new(config).serve(theirs, &mut TestDevice::new())
+    });
+    let (mut stream, mut replies) = client(stream);
+    stream.write_all(&version_bytes(0)).unwrap();
+    expect_ok(&mut replies, 0);
+    // Far more reply bytes than the socket holds, queued before the client reads any.
+    let read = encode::region_read(VFIO_PCI_BAR0_REGION_INDEX, 0, 8192);
+    let mut batch = Vec::new();
+    for id in 1..=64u16 {
+        batch.extend(Header::command(id, Command::RegionRead, read.len()).with_payload(&read));
+    }
+    stream.write_all(&batch).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for id in 1..=64 {
+        expect_ok(&mut replies, id);
+    }
+    drop((stream, replies));
+    let ended = server.join().unwrap();
+    assert!(matches!(ended, Ok(Disconnect::Closed)), "{ended:?}");
+}
+
+// Catches: a send error taken for a full socket: the server would wait for a reader that is
+// gone until its message timeout, and name the wrong reason.
+#[test]
+fn a_client_that_shuts_its_reading_side_is_seen_as_reset() {
+    let (stream, server) = start();
+    let (mut stream, mut replies) = client(stream);
+    stream.write_all(&version_bytes(0)).unwrap();
+    expect_ok(&mut replies, 0);
+    stream.shutdown(std::net::Shutdown::Read).unwrap();
+    stream.write_all(&get_info_bytes(1)).unwrap();
+    let (_, result) = server.join().unwrap();
+    assert!(
+        matches!(result, Ok(Disconnect::Broken(ConnectionError::Reset))),
+        "{result:?}"
+    );
 }
