@@ -520,6 +520,15 @@ mod tests {
         FaultPort::add(core, DeviceId(7), DeviceConfig::default()).unwrap()
     }
 
+    /// A fresh eventfd, as a VMM hands one over in `SET_IRQS`.
+    fn eventfd() -> OwnedFd {
+        Doorbell::new()
+            .unwrap()
+            .as_fd()
+            .try_clone_to_owned()
+            .unwrap()
+    }
+
     fn irqs(index: u32, fds: Vec<OwnedFd>) -> SetIrqs {
         SetIrqs {
             index,
@@ -569,13 +578,6 @@ mod tests {
             );
         }
         // Another IRQ index is refused, the fault IRQ takes an eventfd and nothing else.
-        let eventfd = || {
-            Doorbell::new()
-                .unwrap()
-                .as_fd()
-                .try_clone_to_owned()
-                .unwrap()
-        };
         assert_eq!(
             regions.set_irqs(irqs(2, vec![eventfd()])),
             Err(Errno::EINVAL)
@@ -696,13 +698,6 @@ mod tests {
     fn the_fault_irq_takes_one_eventfd_or_none_and_nothing_else() {
         let port = port();
         let regions = FaultRegions::attach(&port, 64).unwrap();
-        let eventfd = || {
-            Doorbell::new()
-                .unwrap()
-                .as_fd()
-                .try_clone_to_owned()
-                .unwrap()
-        };
         assert_eq!(
             regions.set_irqs(irqs(DMA_FAULT_IRQ_INDEX, vec![eventfd(), eventfd()])),
             Err(Errno::EINVAL)

@@ -144,6 +144,18 @@ fn read_all(q: &mut KernelFaultQueue<KernelModel>) -> Vec<PageRequest> {
     got
 }
 
+/// Reads what the file has; every record must reach the VMM as a decode error. Returns how
+/// many did.
+fn read_decode_errors<F: FaultFileOps>(q: &mut KernelFaultQueue<F>) -> usize {
+    let mut errors = 0;
+    q.read_faults(8, &mut |f| {
+        assert!(f.fault.is_err());
+        errors += 1;
+    })
+    .unwrap();
+    errors
+}
+
 fn answer(request: &PageRequest, code: ResponseCode) -> ResponseRecord {
     ResponseRecord::from(&iopf_abi::PageResponse::answering(request, code))
 }
@@ -351,13 +363,7 @@ fn an_at_once_answer_the_kernel_refuses_is_counted_and_the_read_goes_on() {
             reads: VecDeque::from([vec![record]]),
         },
     );
-    let mut errors = 0;
-    q.read_faults(8, &mut |f| {
-        assert!(f.fault.is_err());
-        errors += 1;
-    })
-    .unwrap();
-    assert_eq!(errors, 1);
+    assert_eq!(read_decode_errors(&mut q), 1);
     assert_eq!(q.stats().refused_by_kernel, 1);
     assert_eq!(q.refused_total(), 1);
 }
@@ -436,13 +442,7 @@ fn a_group_larger_than_the_read_grows_the_buffer_and_arrives_whole() {
 fn a_record_that_does_not_convert_is_answered_invalid_at_once() {
     let mut q = KernelFaultQueue::new(1, KernelModel::default());
     let serial = q.file.trigger(1, 600, 1); // PRG index wider than 9 bits
-    let mut errors = 0;
-    q.read_faults(8, &mut |f| {
-        assert!(f.fault.is_err());
-        errors += 1;
-    })
-    .unwrap();
-    assert_eq!(errors, 1);
+    assert_eq!(read_decode_errors(&mut q), 1);
     assert_eq!(q.file.answers[&serial], [RESP_INVALID]);
     assert_eq!(q.pending(), 0);
 }
