@@ -355,6 +355,13 @@ impl Scenario {
                     "access_len must be 8..=65536"
                 );
                 ensure!(
+                    u64::from(s.access_len) <= s.pages * 4096,
+                    "access_len = {} is longer than the stream's buffer of {} page(s) ({} bytes)",
+                    s.access_len,
+                    s.pages,
+                    s.pages * 4096
+                );
+                ensure!(
                     s.accesses <= 10_000_000,
                     "at most 10,000,000 accesses per stream"
                 );
@@ -616,6 +623,10 @@ mod tests {
             (
                 "[[device]]\n[[device.stream]]\niova=0xffff_ffff_ffff_f000\npages=2\naccess_len=8\naccesses=1\n",
                 "beyond 2^64",
+            ),
+            (
+                "[[device]]\n[[device.stream]]\npages=1\naccess_len=4904\naccesses=1\n",
+                "longer than the stream's buffer of 1 page(s)",
             ),
         ] {
             let e = format!("{:#}", Scenario::parse(text).unwrap_err());

@@ -113,7 +113,8 @@ fn stream() -> impl Strategy<Value = Stream> {
                 pasid,
                 pattern,
                 pages,
-                access_len,
+                // The validator refuses an access longer than its stream's buffer.
+                access_len: access_len.min(pages as u32 * 4096),
                 write,
                 accesses,
                 interval_us,
@@ -241,6 +242,43 @@ fn too_little_guest_memory_is_refused_naming_the_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("guest.pages = 1000"), "{stderr}");
     assert!(stderr.contains("[[device]] 0"), "{stderr}");
+}
+
+/// The generated case that once failed: a one-page stream with 4904-byte accesses. Each access
+/// reached into a second page the guest's memory was never sized for, so a guest that never
+/// refuses answered Invalid. Such a stream is now refused before anything runs, and the same
+/// stream with accesses that fit its page runs with every access explained.
+#[test]
+fn an_access_longer_than_its_stream_is_refused_and_one_that_fits_runs() {
+    let case = |access_len: u32| {
+        Generated {
+            seed: 1,
+            ring_entries: 4,
+            latency_us: [19, 38],
+            extra_pages: 0,
+            devices: vec![(
+                1,
+                46,
+                vec![Stream {
+                    pasid: None,
+                    pattern: "strided",
+                    pages: 1,
+                    access_len,
+                    write: false,
+                    accesses: 100,
+                    interval_us: 10,
+                }],
+            )],
+        }
+        .toml()
+    };
+    let out = run_scenario(&case(4904));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("access_len = 4904"), "{stderr}");
+    assert!(stderr.contains("1 page(s)"), "{stderr}");
+    let fits = case(4096);
+    check_run(&run_scenario(&fits), &fits);
 }
 
 /// A PASID beyond the directory is refused naming the field.
