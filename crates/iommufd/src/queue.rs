@@ -288,8 +288,10 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
         }
     }
 
-    /// Writes `batch` (kernel responses), going on past responses the kernel refuses.
-    fn write_batch(&mut self, batch: &[KernelResponse]) -> Result<(), KernelError> {
+    /// Writes `batch` (kernel responses), going on past responses the kernel refuses. On an
+    /// error, returns it with how many responses were taken (written or refused) before it;
+    /// the kernel took none of the rest.
+    fn write_batch(&mut self, batch: &[KernelResponse]) -> Result<(), (usize, KernelError)> {
         let mut at = 0;
         while at < batch.len() {
             match self.file.write(&batch[at..]) {
@@ -308,7 +310,7 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
                     at += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(KernelError::Write(e)),
+                Err(e) => return Err((at, KernelError::Write(e))),
             }
         }
         Ok(())
@@ -400,10 +402,13 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
         Ok(())
     }
 
-    /// Sends responses (see [`FaultChannel::respond`]); every one is taken.
+    /// Sends responses (see [`FaultChannel::respond`]); every one is taken. If the write
+    /// fails, the error is returned and the groups whose responses the kernel did not take
+    /// stay pending, so they can be answered again.
     pub fn write_responses(&mut self, responses: &[ResponseRecord]) -> Result<usize, KernelError> {
         self.retire_notified();
         let mut batch = Vec::with_capacity(responses.len());
+        let mut taken = Vec::with_capacity(responses.len());
         for record in responses {
             let response = match record.decode() {
                 Ok(r) => r,
@@ -431,12 +436,20 @@ impl<F: FaultFileOps> KernelFaultQueue<F> {
             };
             self.pending.remove(&cookie);
             self.by_kernel.remove(&pending.kernel_cookie);
+            taken.push((cookie, pending));
             batch.push(KernelResponse {
                 cookie: pending.kernel_cookie,
                 code,
             });
         }
-        self.write_batch(&batch)?;
+        if let Err((done, e)) = self.write_batch(&batch) {
+            // The kernel never saw these: their groups are still pending there.
+            for (cookie, pending) in taken.drain(done..) {
+                self.pending.insert(cookie, pending);
+                self.by_kernel.insert(pending.kernel_cookie, cookie);
+            }
+            return Err(e);
+        }
         Ok(responses.len())
     }
 

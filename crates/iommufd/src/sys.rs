@@ -15,7 +15,7 @@
 
 use std::io;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use iommufd_bindings::iommufd::{
     IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_CMD_VDEVICE_ALLOC, IOMMUFD_CMD_VEVENTQ_ALLOC,
@@ -53,6 +53,18 @@ ioctl_io_nr!(
 #[cfg(feature = "selftest")]
 ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, IOMMU_TEST_CMD_NR);
 
+/// The fd number the kernel wrote into an allocation's output (`out_fault_fd`,
+/// `out_veventq_fd`), checked to be one it could have installed: non-negative (0 is possible
+/// in a process that closed its stdin) and not `iommufd`'s own.
+fn installed_fd(out: u32, iommufd: RawFd, what: &str) -> io::Result<RawFd> {
+    match RawFd::try_from(out) {
+        Ok(fd) if fd != iommufd => Ok(fd),
+        _ => Err(io::Error::other(format!(
+            "the kernel returned an impossible {what} fd ({out})"
+        ))),
+    }
+}
+
 /// `IOMMU_FAULT_QUEUE_ALLOC` on `iommufd`: a new fault object's id and its file.
 pub(crate) fn fault_queue_alloc(iommufd: &impl AsRawFd) -> io::Result<(u32, OwnedFd)> {
     let mut alloc = iommu_fault_alloc {
@@ -71,18 +83,12 @@ pub(crate) fn fault_queue_alloc(iommufd: &impl AsRawFd) -> io::Result<(u32, Owne
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    let fd = i32::try_from(alloc.out_fault_fd)
-        .map_err(|_| io::Error::other("the kernel returned a fault fd out of range"))?;
-    if fd < 0 || fd == iommufd.as_raw_fd() {
-        return Err(io::Error::other(
-            "the kernel returned an impossible fault fd",
-        ));
-    }
+    let fd = installed_fd(alloc.out_fault_fd, iommufd.as_raw_fd(), "fault")?;
     // SAFETY:
     // 1. On success the kernel installed a new file at `out_fault_fd` in our fd table
     //    (`iommufd_fault_alloc` does `fd_install` after `get_unused_fd_flags`), so the fd is
     //    open and nothing else in this process owns it: we take the only ownership.
-    // 2. It was checked to be non-negative and distinct from the iommufd above.
+    // 2. `installed_fd` checked it to be non-negative and distinct from the iommufd above.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok((alloc.out_fault_id, fd))
 }
@@ -183,18 +189,12 @@ pub(crate) fn veventq_alloc(
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    let fd = i32::try_from(alloc.out_veventq_fd)
-        .map_err(|_| io::Error::other("the kernel returned a vEVENTQ fd out of range"))?;
-    if fd < 0 || fd == iommufd.as_raw_fd() {
-        return Err(io::Error::other(
-            "the kernel returned an impossible vEVENTQ fd",
-        ));
-    }
+    let fd = installed_fd(alloc.out_veventq_fd, iommufd.as_raw_fd(), "vEVENTQ")?;
     // SAFETY:
     // 1. On success the kernel installed a new file at `out_veventq_fd` in our fd table
     //    (`iommufd_veventq_alloc` does `fd_install` after `get_unused_fd_flags`), so the fd is
     //    open and nothing else in this process owns it: we take the only ownership.
-    // 2. It was checked to be non-negative and distinct from the iommufd above.
+    // 2. `installed_fd` checked it to be non-negative and distinct from the iommufd above.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok((alloc.out_veventq_id, fd))
 }
@@ -227,4 +227,24 @@ pub(crate) fn test_cmd(iommufd: &impl AsRawFd, cmd: &mut TestCmd) -> io::Result<
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[cfg(not(loom))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_installed_fd_is_any_non_negative_fd_but_the_iommufds_own() {
+        assert_eq!(installed_fd(0, 3, "fault").unwrap(), 0);
+        assert_eq!(installed_fd(7, 3, "fault").unwrap(), 7);
+        let own = installed_fd(3, 3, "vEVENTQ").unwrap_err();
+        assert_eq!(
+            own.to_string(),
+            "the kernel returned an impossible vEVENTQ fd (3)"
+        );
+        // Negative as an `int`, or beyond it.
+        assert!(installed_fd(u32::MAX, 3, "fault").is_err());
+        assert!(installed_fd(1 << 31, 3, "fault").is_err());
+    }
 }

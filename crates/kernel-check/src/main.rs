@@ -123,6 +123,10 @@ fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile, String), String> {
         Ok(_) => return Err("a separately opened /dev/iommu accepted the VMM's IOAS".into()),
         Err(e) => e.errno().unwrap_or(0),
     };
+    // There, a backend that opened /dev/iommu itself allocates its own IOAS and attaches.
+    let own = MockDevice::new(&other)
+        .map_err(|e| format!("mock device on a separate open's own IOAS: {e}"))?;
+    let own_ioas = own.ioas_id;
     drop(other);
     let device = MockDevice::on_ioas(&iommufd, vmm_ioas.id())
         .map_err(|e| format!("mock device on the VMM's IOAS: {e}"))?;
@@ -141,7 +145,8 @@ fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile, String), String> {
         .map_err(|e| e.to_string())?;
     let detail = format!(
         "backend on the VMM's fd (dup), device on the VMM's IOAS {}, \
-         separate open refused it errno={other_errno}; fault queue, nested page table",
+         separate open refused it errno={other_errno} and attached to its own IOAS {own_ioas}; \
+         fault queue, nested page table",
         vmm_ioas.id()
     );
     let rig = Rig {
@@ -156,14 +161,15 @@ fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile, String), String> {
 
 /// A fault read, converted and answered through the channel trait.
 fn round_trip(rig: &Rig, q: &mut KernelFaultQueue) -> Check {
-    rig.trigger(2, 0xdead_b000)?;
+    // Above 4 GiB, so both halves of the address travel.
+    rig.trigger(2, 0x7_dead_b000)?;
     let got = wait_for(q, 1)?;
     let (device, r) = got[0];
     if device != rig.device.idev_id
         || r.pasid.map(|p| p.get()) != Some(1)
         || r.grpid.get() != 2
         || r.perm != Perm::READ | Perm::WRITE
-        || r.addr.get() != 0xdead_b000
+        || r.addr.get() != 0x7_dead_b000
         || !r.last
     {
         return Err(format!("converted wrongly: device {device} {r:?}"));

@@ -180,6 +180,15 @@ impl ViommuRig<'_> {
     /// Events arrive through the same `FaultChannel` as the shared-memory path's
     /// unrecoverable faults, each naming the vDevice's virtual ID.
     pub fn delivery(&mut self) -> Result<String, String> {
+        let quiet = std::time::Duration::from_millis(20);
+        if self
+            .stack()?
+            .veventq
+            .wait(Some(quiet))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("poll woke on an empty vEVENTQ".into());
+        }
         self.trigger_vevents(2)?;
         let q = &mut self.stack()?.veventq;
         if !q
@@ -198,6 +207,9 @@ impl ViommuRig<'_> {
         if got.len() != 2 || good != 2 || q.lost() != 0 {
             return Err(format!("got {got:?}, lost {}", q.lost()));
         }
+        if q.wait(Some(quiet)).map_err(|e| e.to_string())? {
+            return Err("poll woke on a vEVENTQ read empty".into());
+        }
         // An unrecoverable event takes no answer: answers given anyway are each refused.
         let answers = [ResponseRecord::default(); 2];
         let taken = q.respond(&answers).map_err(|e| e.to_string())?;
@@ -205,7 +217,8 @@ impl ViommuRig<'_> {
             return Err(format!("answers taken {taken}, {:?}", q.stats()));
         }
         Ok(format!(
-            "events=2 device=virt_id {VIRT_ID:#x} unrecoverable, lost=0, answers refused=2"
+            "events=2 device=virt_id {VIRT_ID:#x} unrecoverable, lost=0, answers refused=2, \
+             no wake when empty"
         ))
     }
 

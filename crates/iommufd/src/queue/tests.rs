@@ -31,6 +31,8 @@ struct KernelModel {
     answers: BTreeMap<u64, Vec<u32>>,
     /// Serials of the groups handed out, in the order they were read.
     read_order: Vec<u64>,
+    /// `read` calls, refused ones included.
+    reads: usize,
 }
 
 impl KernelModel {
@@ -78,6 +80,7 @@ impl KernelModel {
 
 impl FaultFileOps for KernelModel {
     fn read_into(&mut self, buf: &mut [u8], out: &mut Vec<KernelFault>) -> io::Result<usize> {
+        self.reads += 1;
         out.clear();
         assert_eq!(buf.len() % FAULT_RECORD_SIZE, 0, "ESPIPE in the kernel");
         let room = buf.len() / FAULT_RECORD_SIZE;
@@ -426,6 +429,8 @@ fn a_batch_goes_on_past_a_response_the_kernel_refuses() {
     assert_eq!(q.stats().written, 2);
 }
 
+/// A group larger than the read grows the buffer by doubling, so it costs a few refused reads
+/// (not one per record), and the next read starts at the size that fitted.
 #[test]
 fn a_group_larger_than_the_read_grows_the_buffer_and_arrives_whole() {
     let mut q = KernelFaultQueue::new(1, KernelModel::default());
@@ -433,6 +438,11 @@ fn a_group_larger_than_the_read_grows_the_buffer_and_arrives_whole() {
     let mut n = 0;
     q.read_faults(1, &mut |_| n += 1).unwrap();
     assert_eq!(n, 100);
+    // 1, 2, 4, ... 64 records refused, then 128 fits.
+    assert_eq!(q.file.reads, 8);
+    q.file.trigger(1, 2, 100);
+    q.read_faults(1, &mut |_| {}).unwrap();
+    assert_eq!(q.file.reads, 9, "the second read started small again");
     q.file.trigger(1, 2, MAX_GROUP_RECORDS as u32 + 1);
     let err = q.read_faults(1, &mut |_| {}).unwrap_err();
     assert!(matches!(err, KernelError::GroupTooLarge(_)));
@@ -613,4 +623,149 @@ proptest! {
         prop_assert_eq!(cookies.len(), written.len());
         prop_assert_eq!(q.pending(), 0);
     }
+}
+
+/// What the kernel calls a cookie stays inside the queue; `kernel_cookie` tells it for a group
+/// still pending, and nothing once the group is answered.
+#[test]
+fn kernel_cookie_names_the_kernels_cookie_of_a_pending_group_only() {
+    let mut q = KernelFaultQueue::new(1, KernelModel::default());
+    q.file.trigger(1, 1, 1);
+    q.file.trigger(1, 2, 1);
+    let got = read_all(&mut q);
+    // The model hands out the lowest free cookies: 1, then 2.
+    assert_eq!(q.kernel_cookie(got[0].cookie), Some(1));
+    assert_eq!(q.kernel_cookie(got[1].cookie), Some(2));
+    q.write_responses(&[answer(&got[1], ResponseCode::Success)])
+        .unwrap();
+    assert_eq!(q.kernel_cookie(got[1].cookie), None);
+}
+
+/// A file whose reads and writes fail with the given errors first, then are the model's.
+#[derive(Debug, Default)]
+struct FailingFile {
+    model: KernelModel,
+    read_errors: VecDeque<io::ErrorKind>,
+    write_errors: VecDeque<io::ErrorKind>,
+}
+
+impl FaultFileOps for FailingFile {
+    fn read_into(&mut self, buf: &mut [u8], out: &mut Vec<KernelFault>) -> io::Result<usize> {
+        match self.read_errors.pop_front() {
+            Some(kind) => Err(kind.into()),
+            None => self.model.read_into(buf, out),
+        }
+    }
+    fn write(&mut self, responses: &[KernelResponse]) -> io::Result<usize> {
+        match self.write_errors.pop_front() {
+            Some(kind) => Err(kind.into()),
+            None => self.model.write(responses),
+        }
+    }
+    fn poll(&mut self, timeout: Option<Duration>) -> Result<bool, KernelError> {
+        self.model.poll(timeout)
+    }
+}
+
+/// A read or write interrupted by a signal is tried again and loses nothing; any other error
+/// is returned at once, not retried, and the group it was for stays pending, so the same
+/// answer given again reaches it.
+#[test]
+fn interrupted_calls_are_retried_and_other_errors_are_returned() {
+    use io::ErrorKind::{Interrupted, Other};
+    let mut q = KernelFaultQueue::new(1, FailingFile::default());
+    let serial = q.file.model.trigger(1, 1, 1);
+    q.file.read_errors = [Interrupted, Interrupted].into();
+    let mut got = Vec::new();
+    q.read_faults(8, &mut |f| got.push(f)).unwrap();
+    assert_eq!(got.len(), 1);
+    let Ok(Fault::PageRequest(request)) = got[0].fault else {
+        panic!("{got:?}");
+    };
+    let response = [answer(&request, ResponseCode::Success)];
+
+    q.file.write_errors = [Other].into();
+    let err = q.write_responses(&response).unwrap_err();
+    assert!(matches!(err, KernelError::Write(_)), "{err:?}");
+    assert_eq!(q.file.model.answers[&serial], Vec::<u32>::new());
+    assert_eq!(q.pending(), 1);
+    assert_eq!(q.kernel_cookie(request.cookie), Some(1));
+
+    q.file.read_errors = [Other].into();
+    let err = q.read_faults(8, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, KernelError::Read(_)), "{err:?}");
+
+    q.file.write_errors = [Interrupted].into();
+    q.write_responses(&response).unwrap();
+    assert_eq!(q.file.model.answers[&serial], [RESP_SUCCESS]);
+    assert_eq!(q.pending(), 0);
+}
+
+/// One response answers a whole group with its PASID, so records of one kernel cookie must agree
+/// on it: records that disagree are refused (answered `Invalid`, each reported as a decode
+/// error). Without `PASID_VALID` the PASID field means nothing and may differ.
+#[test]
+fn records_of_a_group_must_agree_on_a_valid_pasid_only() {
+    let record = |cookie, flags, pasid| KernelFault {
+        flags,
+        dev_id: 1,
+        grpid: 3,
+        pasid,
+        perm: 3,
+        addr: 0x1000,
+        cookie,
+        ..KernelFault::default()
+    };
+    let reads = vec![
+        vec![record(1, 0, 0), record(1, LAST_PAGE, 7)],
+        vec![
+            record(2, PASID_VALID, 5),
+            record(2, PASID_VALID | LAST_PAGE, 5),
+        ],
+        vec![
+            record(3, PASID_VALID, 5),
+            record(3, PASID_VALID | LAST_PAGE, 6),
+        ],
+    ];
+    let mut q = KernelFaultQueue::new(
+        1,
+        ScriptedFile {
+            reads: reads.into(),
+            ..Default::default()
+        },
+    );
+    let mut read = || {
+        let mut got = Vec::new();
+        q.read_faults(8, &mut |f| got.push(f.fault)).unwrap();
+        got
+    };
+    let no_pasid = read();
+    assert!(
+        no_pasid
+            .iter()
+            .all(|f| matches!(f, Ok(Fault::PageRequest(r)) if r.pasid.is_none())),
+        "{no_pasid:?}"
+    );
+    let same = read();
+    assert!(
+        same.iter()
+            .all(|f| matches!(f, Ok(Fault::PageRequest(r)) if r.pasid.map(Pasid::get) == Some(5))),
+        "{same:?}"
+    );
+    let differ = read();
+    assert!(
+        matches!(
+            differ[..],
+            [Err(DecodeError::InconsistentGroup { field: "pasid" })]
+        ),
+        "{differ:?}"
+    );
+    assert_eq!(
+        q.file().written,
+        [KernelResponse {
+            cookie: 3,
+            code: RESP_INVALID
+        }]
+    );
+    assert_eq!(q.pending(), 2);
 }
