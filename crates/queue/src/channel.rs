@@ -208,12 +208,12 @@ impl FaultChannel for SharedMemoryChannel {
 #[cfg(test)]
 mod tests {
 
-    use iopf_abi::{Cookie, PageAddr, PageRequest, Perm, PrgIndex};
     use rustix::event::{PollFd, PollFlags, Timespec};
 
     use super::*;
     use crate::fault_queue::FaultQueueProducer;
     use crate::response_queue::ResponseQueueConsumer;
+    use crate::test_support::page_request;
 
     fn pair() -> (FaultQueueProducer, SharedMemoryChannel) {
         let (faults, _responses, channel) = host_and_channel();
@@ -247,25 +247,13 @@ mod tests {
         rustix::event::poll(&mut fds, Some(&Timespec::default())).unwrap() > 0
     }
 
-    fn request() -> PageRequest {
-        PageRequest {
-            cookie: Cookie::new(1).unwrap(),
-            pasid: None,
-            grpid: PrgIndex::new(1).unwrap(),
-            perm: Perm::READ,
-            addr: PageAddr::containing(0x1000),
-            last: true,
-            private_data: None,
-        }
-    }
-
     #[test]
     fn a_fault_published_after_prepare_to_sleep_makes_the_poll_fd_readable() {
         let (mut host, mut channel) = pair();
         assert_eq!(channel.device(), 5);
         assert!(channel.prepare_to_sleep().unwrap());
         assert!(!readable(channel.poll_fd()));
-        host.stage_group(&[request()]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         assert!(host.publish().unwrap().kick);
         assert!(readable(channel.poll_fd()));
         channel.woke().unwrap();
@@ -280,7 +268,7 @@ mod tests {
     #[test]
     fn without_prepare_to_sleep_the_host_does_not_ring() {
         let (mut host, channel) = pair();
-        host.stage_group(&[request()]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         assert!(!host.publish().unwrap().kick);
         assert!(!readable(channel.poll_fd()));
     }
@@ -288,8 +276,8 @@ mod tests {
     #[test]
     fn read_hands_over_every_ready_fault_and_counts_them() {
         let (mut host, mut channel) = pair();
-        host.stage_group(&[request()]).unwrap();
-        host.stage_group(&[request()]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         host.publish().unwrap();
         let mut devices = Vec::new();
         assert_eq!(
@@ -330,7 +318,7 @@ mod tests {
     fn wait_says_whether_faults_are_ready() {
         let (mut host, mut channel) = pair();
         assert!(!channel.wait(Some(Duration::from_millis(5))).unwrap());
-        host.stage_group(&[request()]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         host.publish().unwrap();
         assert!(channel.wait(Some(Duration::from_millis(5))).unwrap());
     }
@@ -346,14 +334,14 @@ mod tests {
     #[test]
     fn a_deferred_publish_hands_back_the_doorbell_of_a_sleeping_vmm() {
         let (mut host, mut channel) = pair();
-        host.stage_group(&[request()]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         assert!(
             host.publish_deferred().unwrap().is_none(),
             "the VMM is awake"
         );
         assert_eq!(channel.read(16, &mut |_| {}).unwrap(), 1);
         assert!(channel.prepare_to_sleep().unwrap());
-        host.stage_group(&[request()]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         let bell = host.publish_deferred().unwrap().expect("the VMM sleeps");
         assert_eq!(host.kicks(), 1);
         assert!(!readable(channel.poll_fd()), "deferred: not rung yet");

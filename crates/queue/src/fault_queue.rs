@@ -262,10 +262,11 @@ impl<M: QueueMemory> Drop for FaultQueueConsumer<M> {
 
 #[cfg(test)]
 mod tests {
-    use iopf_abi::{Cookie, FaultReason, PageAddr, Perm, PrgIndex};
+    use iopf_abi::{FaultReason, Perm};
 
     use super::*;
     use crate::entry::Entry;
+    use crate::test_support::page_request;
 
     /// A host's fault queue of 8 entries with the VMM's doorbell, and the VMM's end attached
     /// to it from its fd alone.
@@ -277,18 +278,6 @@ mod tests {
             FaultQueueConsumer::attach(host.memory().fd().try_clone_to_owned().unwrap(), bell)
                 .unwrap();
         (host, vmm)
-    }
-
-    fn request(cookie: u32) -> PageRequest {
-        PageRequest {
-            cookie: Cookie::new(cookie).unwrap(),
-            pasid: None,
-            grpid: PrgIndex::new(1).unwrap(),
-            perm: Perm::READ,
-            addr: PageAddr::containing(0x1000),
-            last: true,
-            private_data: None,
-        }
     }
 
     #[test]
@@ -313,7 +302,7 @@ mod tests {
     fn a_deferred_publish_makes_the_faults_visible_and_hands_back_a_sleeping_vmms_doorbell() {
         let (mut host, mut vmm) = pair();
         assert!(vmm.prepare_to_sleep().unwrap());
-        host.stage_group(&[request(1)]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         let bell = host.publish_deferred().unwrap().expect("the VMM sleeps");
         assert_eq!(vmm.doorbell().drain().unwrap(), 0, "deferred: not rung yet");
         bell.ring().unwrap();
@@ -340,7 +329,7 @@ mod tests {
         let (mut host, mut vmm) = pair();
         assert!(vmm.prepare_to_sleep().unwrap());
         vmm.woke();
-        host.stage_group(&[request(1)]).unwrap();
+        host.stage_group(&[page_request(1)]).unwrap();
         assert!(!host.publish().unwrap().kick);
         assert_eq!(host.kicks(), 0);
     }
@@ -349,7 +338,7 @@ mod tests {
     fn drain_hands_over_every_published_fault_in_order_and_counts_them() {
         let (mut host, mut vmm) = pair();
         for cookie in 1..=3 {
-            host.stage_group(&[request(cookie)]).unwrap();
+            host.stage_group(&[page_request(cookie)]).unwrap();
         }
         host.publish().unwrap();
         let mut cookies = Vec::new();
@@ -377,7 +366,7 @@ mod tests {
         let (mut host, mut vmm) = pair();
         assert_eq!(host.fill(), Some((0, 8)));
         for cookie in 1..=3 {
-            host.stage_group(&[request(cookie)]).unwrap();
+            host.stage_group(&[page_request(cookie)]).unwrap();
         }
         assert_eq!(host.fill(), Some((0, 8)), "staged, not published");
         host.publish().unwrap();
@@ -424,12 +413,12 @@ mod tests {
     fn a_vmm_index_past_the_published_faults_breaks_the_ring_and_the_host_says_why() {
         let (mut host, vmm) = pair();
         for cookie in 1..=8 {
-            host.stage_group(&[request(cookie)]).unwrap();
+            host.stage_group(&[page_request(cookie)]).unwrap();
         }
         host.publish().unwrap();
         assert_eq!(host.broken(), None);
         vmm.memory().vmm_page().index.store(20, Ordering::Release);
-        let error = match host.stage_group(&[request(9)]) {
+        let error = match host.stage_group(&[page_request(9)]) {
             Err(PushError::Broken(e)) => e,
             other => panic!("{other:?}"),
         };

@@ -35,6 +35,10 @@ mod response_queue;
 #[cfg(not(loom))]
 mod shared_memory;
 
+#[cfg(test)]
+#[cfg(not(loom))]
+mod test_support;
+
 #[cfg(not(loom))]
 pub use channel::{ChannelError, ChannelFault, FaultChannel, SharedMemoryChannel};
 #[cfg(not(loom))]
