@@ -124,9 +124,13 @@ fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile, String), String> {
         Err(e) => e.errno().unwrap_or(0),
     };
     // There, a backend that opened /dev/iommu itself allocates its own IOAS and attaches.
+    let first_ioas = other.alloc_ioas().map_err(|e| e.to_string())?;
     let own = MockDevice::new(&other)
         .map_err(|e| format!("mock device on a separate open's own IOAS: {e}"))?;
     let own_ioas = own.ioas_id;
+    if own_ioas == first_ioas {
+        return Err(format!("two IOAS allocations both returned id {own_ioas}"));
+    }
     drop(other);
     let device = MockDevice::on_ioas(&iommufd, vmm_ioas.id())
         .map_err(|e| format!("mock device on the VMM's IOAS: {e}"))?;
@@ -159,8 +163,15 @@ fn setup() -> Result<(Rig, KernelFaultQueue, FaultFile, String), String> {
     Ok((rig, KernelFaultQueue::new(fault_id, file), raw_file, detail))
 }
 
-/// A fault read, converted and answered through the channel trait.
+/// A fault read, converted and answered through the channel trait. Poll stays quiet while
+/// nothing is queued, and the answer reaches the kernel: it frees the group's cookie and gives
+/// it to the next group.
 fn round_trip(rig: &Rig, q: &mut KernelFaultQueue) -> Check {
+    if q.wait(Some(Duration::from_millis(20)))
+        .map_err(|e| e.to_string())?
+    {
+        return Err("poll woke on an empty fault queue".into());
+    }
     // Above 4 GiB, so both halves of the address travel.
     rig.trigger(2, 0x7_dead_b000)?;
     let got = wait_for(q, 1)?;
@@ -174,13 +185,29 @@ fn round_trip(rig: &Rig, q: &mut KernelFaultQueue) -> Check {
     {
         return Err(format!("converted wrongly: device {device} {r:?}"));
     }
+    let kernel_cookie = q.kernel_cookie(r.cookie);
     let before = q.stats().written;
     q.respond(&[answer(&r, ResponseCode::Success)])
         .map_err(|e| e.to_string())?;
     if q.stats().written != before + 1 || q.pending() != 0 {
         return Err(format!("response not accepted: {:?}", q.stats()));
     }
-    Ok(format!("dev_id={device} cookie={}", r.cookie.get()))
+    rig.trigger(2, 0x7_dead_b000)?;
+    let (_, next) = wait_for(q, 1)?[0];
+    let next_kernel_cookie = q.kernel_cookie(next.cookie);
+    q.respond(&[answer(&next, ResponseCode::Success)])
+        .map_err(|e| e.to_string())?;
+    if kernel_cookie.is_none() || next_kernel_cookie != kernel_cookie {
+        return Err(format!(
+            "the kernel did not free the answered group's cookie {kernel_cookie:?}: the next \
+             group got {next_kernel_cookie:?}"
+        ));
+    }
+    Ok(format!(
+        "dev_id={device} cookie={} kernel_cookie={} freed by the answer",
+        r.cookie.get(),
+        kernel_cookie.unwrap_or(0)
+    ))
 }
 
 /// The kernel itself refuses a forged cookie and the code FAILURE with EINVAL; the group stays
