@@ -174,6 +174,12 @@ fn round_trip(rig: &Rig, q: &mut KernelFaultQueue) -> Check {
     }
     // Above 4 GiB, so both halves of the address travel.
     rig.trigger(2, 0x7_dead_b000)?;
+    if !q
+        .wait(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?
+    {
+        return Err("poll did not wake for a queued fault".into());
+    }
     let got = wait_for(q, 1)?;
     let (device, r) = got[0];
     if device != rig.device.idev_id

@@ -769,3 +769,28 @@ fn records_of_a_group_must_agree_on_a_valid_pasid_only() {
     );
     assert_eq!(q.pending(), 2);
 }
+
+/// Our cookies wrap after 2^32 groups: the counter skips 0 and every cookie still pending, so
+/// an old group's cookie is never given to a new one.
+#[test]
+fn cookies_wrap_past_zero_and_past_groups_still_pending() {
+    let mut q = KernelFaultQueue::new(1, KernelModel::default());
+    let a = q.file.trigger(1, 1, 1);
+    let first = read_all(&mut q)[0];
+    assert_eq!(first.cookie.get(), 1);
+    q.next_cookie = u32::MAX - 1;
+    let b = q.file.trigger(1, 2, 1);
+    let c = q.file.trigger(1, 3, 1);
+    let got = read_all(&mut q);
+    let cookies: Vec<u32> = got.iter().map(|r| r.cookie.get()).collect();
+    assert_eq!(cookies, [u32::MAX, 2]);
+    q.write_responses(&[
+        answer(&first, ResponseCode::Success),
+        answer(&got[0], ResponseCode::Invalid),
+        answer(&got[1], ResponseCode::Success),
+    ])
+    .unwrap();
+    assert_eq!(q.file.answers[&a], [RESP_SUCCESS]);
+    assert_eq!(q.file.answers[&b], [RESP_INVALID]);
+    assert_eq!(q.file.answers[&c], [RESP_SUCCESS]);
+}
