@@ -794,3 +794,86 @@ fn cookies_wrap_past_zero_and_past_groups_still_pending() {
     assert_eq!(q.file.answers[&b], [RESP_INVALID]);
     assert_eq!(q.file.answers[&c], [RESP_SUCCESS]);
 }
+
+/// The queue as a VMM's loop sees it through `FaultChannel`: always live (the kernel's queue
+/// lives as long as its file), free to sleep at once (the file is level-triggered), and its
+/// refusals are the queue's total.
+#[test]
+fn the_channel_face_is_live_level_triggered_and_counts_every_refusal() {
+    let mut q = KernelFaultQueue::new(1, PolledModel(KernelModel::default(), dev_null()));
+    assert!(FaultChannel::live(&q));
+    assert!(FaultChannel::prepare_to_sleep(&mut q).unwrap());
+    q.file.0.trigger(1, 1, 1);
+    let mut got = Vec::new();
+    assert_eq!(
+        FaultChannel::read(&mut q, 8, &mut |f| got.push(f)).unwrap(),
+        1
+    );
+    let Ok(Fault::PageRequest(request)) = got[0].fault else {
+        panic!("{got:?}");
+    };
+    let mut forged = answer(&request, ResponseCode::Success);
+    forged.cookie = 99.into();
+    let responses = [forged, forged, answer(&request, ResponseCode::Success)];
+    assert_eq!(FaultChannel::respond(&mut q, &responses).unwrap(), 3);
+    assert_eq!(FaultChannel::refused(&q), 2);
+    assert_eq!(q.refused_total(), 2);
+}
+
+/// Retiring a device retires each of its pending groups and says how many; other devices'
+/// groups stay.
+#[test]
+fn retiring_a_device_retires_and_counts_all_its_groups_only() {
+    let mut q = KernelFaultQueue::new(1, KernelModel::default());
+    q.file.trigger(7, 1, 1);
+    q.file.trigger(8, 1, 1);
+    q.file.trigger(7, 2, 1);
+    read_all(&mut q);
+    q.file.detach(7);
+    assert_eq!(q.retire_device(7), 2);
+    assert_eq!(q.stats().retired, 2);
+    assert_eq!(q.pending(), 1);
+    assert_eq!(q.retire_device(7), 0);
+    assert_eq!(q.stats().retired, 2);
+}
+
+/// The at-once `Invalid` answer to a group that does not convert: an error writing it is the
+/// read's error (not taken for the kernel's refusal), and the decode error names the unknown
+/// permission bits exactly.
+#[test]
+fn an_at_once_answer_that_cannot_be_written_fails_the_read() {
+    let mut q = KernelFaultQueue::new(1, FailingFile::default());
+    q.file.model.trigger(1, 600, 1); // PRG index wider than 9 bits
+    q.file.write_errors = [io::ErrorKind::Other].into();
+    let err = q.read_faults(8, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, KernelError::Write(_)), "{err:?}");
+    assert_eq!(q.stats().refused_by_kernel, 0);
+
+    let record = KernelFault {
+        flags: LAST_PAGE,
+        dev_id: 1,
+        grpid: 1,
+        perm: 0x1_0003,
+        cookie: 5,
+        ..KernelFault::default()
+    };
+    let mut q = KernelFaultQueue::new(
+        1,
+        ScriptedFile {
+            reads: [vec![record]].into(),
+            ..Default::default()
+        },
+    );
+    let mut got = Vec::new();
+    q.read_faults(8, &mut |f| got.push(f.fault)).unwrap();
+    assert!(
+        matches!(
+            got[..],
+            [Err(DecodeError::UnknownBits {
+                field: "perm",
+                bits: 0x1_0000
+            })]
+        ),
+        "{got:?}"
+    );
+}
