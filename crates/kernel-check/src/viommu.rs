@@ -222,29 +222,40 @@ impl ViommuRig<'_> {
         ))
     }
 
-    /// Sequence numbers run on without gaps while nothing overflows.
+    /// Sequence numbers run on without gaps while nothing overflows, across reads: a read of
+    /// at most 2 events takes exactly 2, the next read the rest.
     pub fn ordering(&mut self) -> Result<String, String> {
         self.trigger_vevents(DEPTH)?;
         let q = &mut self.stack()?.veventq;
         let mut seqs = Vec::new();
         let mut gaps = 0;
-        q.read_entries(16, &mut |e| match e {
-            VeventEntry::Event {
-                sequence,
-                lost_before,
-                ..
-            } => {
-                seqs.push(sequence);
-                gaps += lost_before;
-            }
-            VeventEntry::Lost { .. } => gaps += 1,
-        })
-        .map_err(|e| e.to_string())?;
-        let consecutive = seqs.windows(2).all(|w| w[1] == w[0] + 1);
-        if seqs.len() != DEPTH as usize || !consecutive || gaps != 0 || seqs[0] != 2 {
-            return Err(format!("sequences {seqs:?}, gaps {gaps}"));
+        let mut reads = Vec::new();
+        for max in [2, 16] {
+            let n = q
+                .read_entries(max, &mut |e| match e {
+                    VeventEntry::Event {
+                        sequence,
+                        lost_before,
+                        ..
+                    } => {
+                        seqs.push(sequence);
+                        gaps += lost_before;
+                    }
+                    VeventEntry::Lost { .. } => gaps += 1,
+                })
+                .map_err(|e| e.to_string())?;
+            reads.push(n);
         }
-        Ok(format!("sequences={seqs:?} gaps=0"))
+        let consecutive = seqs.windows(2).all(|w| w[1] == w[0] + 1);
+        if reads != [2, DEPTH as usize - 2]
+            || seqs.len() != DEPTH as usize
+            || !consecutive
+            || gaps != 0
+            || seqs[0] != 2
+        {
+            return Err(format!("reads {reads:?}, sequences {seqs:?}, gaps {gaps}"));
+        }
+        Ok(format!("reads={reads:?} sequences={seqs:?} gaps=0"))
     }
 
     /// More events than the depth: the kernel drops the excess and says so with a
