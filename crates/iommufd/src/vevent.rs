@@ -489,6 +489,24 @@ mod tests {
                 fetch_addr: None,
             }))
         );
+        // A write (bit 35 clear) that fetched an instruction (bit 34), without a substream.
+        let w0: u64 = (0x43u64 << 32) | (0x5u64 << 12) | 0x13;
+        let mut data = Vec::new();
+        for w in [w0, 1 << 34, 0x7000, 0] {
+            data.extend_from_slice(&w.to_le_bytes());
+        }
+        let f = VeventType::ArmSmmuV3.to_channel_fault(&data);
+        assert_eq!(f.device, 0x43);
+        assert_eq!(
+            f.fault,
+            Ok(Fault::Unrecoverable(UnrecoverableFault {
+                reason: FaultReason::Permission,
+                pasid: None,
+                perm: Perm::WRITE | Perm::EXEC,
+                addr: Some(0x7000),
+                fetch_addr: None,
+            }))
+        );
         let f = VeventType::Selftest.to_channel_fault(&0x99u32.to_le_bytes());
         assert_eq!(f.device, 0x99);
         assert!(
