@@ -84,7 +84,7 @@ fn build(iommufd: &Iommufd, device: &MockDevice) -> Result<Stack, String> {
             Some(queue.detach_notifier()),
         )
         .map_err(|e| e.to_string())?;
-    Ok(Stack {
+    let stack = Stack {
         attachment,
         veventq,
         vdevice,
@@ -92,7 +92,28 @@ fn build(iommufd: &Iommufd, device: &MockDevice) -> Result<Stack, String> {
         queue,
         fault,
         viommu,
-    })
+    };
+    // What the handles say about themselves is what was allocated.
+    let ids = stack.ids();
+    let distinct = ids
+        .iter()
+        .enumerate()
+        .all(|(i, a)| a.1 != 0 && ids[..i].iter().all(|b| b.1 != a.1));
+    if !distinct
+        || stack.vdevice.dev_id() != device.idev_id
+        || stack.attachment.dev_id() != device.idev_id
+        || stack.veventq.kind() != VeventType::Selftest
+    {
+        return Err(format!(
+            "the handles disagree with the allocation: ids {ids:?}, vDevice on {}, attachment \
+             of {}, vEVENTQ {:?} (device {})",
+            stack.vdevice.dev_id(),
+            stack.attachment.dev_id(),
+            stack.veventq.kind(),
+            device.idev_id
+        ));
+    }
+    Ok(stack)
 }
 
 /// The vIOMMU rig: a second mock device on the VMM's IOAS and its stack.
