@@ -641,12 +641,14 @@ fn kernel_cookie_names_the_kernels_cookie_of_a_pending_group_only() {
     assert_eq!(q.kernel_cookie(got[1].cookie), None);
 }
 
-/// A file whose reads and writes fail with the given errors first, then are the model's.
+/// A file whose reads and writes fail with the given errors first (and whose writes then
+/// take nothing, `empty_writes` times), then are the model's.
 #[derive(Debug, Default)]
 struct FailingFile {
     model: KernelModel,
     read_errors: VecDeque<io::ErrorKind>,
     write_errors: VecDeque<io::ErrorKind>,
+    empty_writes: usize,
 }
 
 impl FaultFileOps for FailingFile {
@@ -657,10 +659,14 @@ impl FaultFileOps for FailingFile {
         }
     }
     fn write(&mut self, responses: &[KernelResponse]) -> io::Result<usize> {
-        match self.write_errors.pop_front() {
-            Some(kind) => Err(kind.into()),
-            None => self.model.write(responses),
+        if let Some(kind) = self.write_errors.pop_front() {
+            return Err(kind.into());
         }
+        if self.empty_writes > 0 {
+            self.empty_writes -= 1;
+            return Ok(0);
+        }
+        self.model.write(responses)
     }
     fn poll(&mut self, timeout: Option<Duration>) -> Result<bool, KernelError> {
         self.model.poll(timeout)
@@ -876,4 +882,28 @@ fn an_at_once_answer_that_cannot_be_written_fails_the_read() {
         ),
         "{got:?}"
     );
+}
+
+/// A write that takes nothing (which the kernel does not do: it refuses with `EINVAL`) counts
+/// the response at the batch's head as refused, and the rest of the batch still goes out.
+#[test]
+fn a_write_that_takes_nothing_skips_one_response_and_goes_on() {
+    let mut q = KernelFaultQueue::new(1, FailingFile::default());
+    let a = q.file.model.trigger(1, 1, 1);
+    let b = q.file.model.trigger(1, 2, 1);
+    let mut got = Vec::new();
+    q.read_faults(8, &mut |f| got.push(f.fault)).unwrap();
+    let answers: Vec<ResponseRecord> = got
+        .iter()
+        .map(|f| match f {
+            Ok(Fault::PageRequest(r)) => answer(r, ResponseCode::Success),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    q.file.empty_writes = 1;
+    q.write_responses(&answers).unwrap();
+    assert_eq!(q.stats().refused_by_kernel, 1);
+    assert_eq!(q.stats().written, 1);
+    assert_eq!(q.file.model.answers[&a], Vec::<u32>::new());
+    assert_eq!(q.file.model.answers[&b], [RESP_SUCCESS]);
 }
