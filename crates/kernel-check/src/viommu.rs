@@ -219,8 +219,16 @@ impl ViommuRig<'_> {
             return Err("poll did not wake".into());
         }
         let mut got = Vec::new();
-        q.read(16, &mut |f| got.push(f))
+        let read = q
+            .read(16, &mut |f| got.push(f))
             .map_err(|e| e.to_string())?;
+        if read != got.len() || !q.live() {
+            return Err(format!(
+                "read said {read} for {} events; live={}",
+                got.len(),
+                q.live()
+            ));
+        }
         let good = got
             .iter()
             .filter(|f| f.device == VIRT_ID && matches!(f.fault, Ok(Fault::Unrecoverable(_))))
