@@ -222,9 +222,11 @@ impl ViommuRig<'_> {
         let read = q
             .read(16, &mut |f| got.push(f))
             .map_err(|e| e.to_string())?;
-        if read != got.len() || !q.live() {
+        // Level-triggered like the fault queue: nothing to arm before sleeping.
+        let may_sleep = q.prepare_to_sleep().map_err(|e| e.to_string())?;
+        if read != got.len() || !q.live() || !may_sleep {
             return Err(format!(
-                "read said {read} for {} events; live={}",
+                "read said {read} for {} events; live={} prepare_to_sleep={may_sleep}",
                 got.len(),
                 q.live()
             ));
