@@ -881,10 +881,11 @@ impl StatsSocket {
                 source,
             })?;
         }
-        let listener = UnixListener::bind(path).map_err(|source| MetricsError::BindStats {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let listener =
+            crate::socket::listen_at(path).map_err(|source| MetricsError::BindStats {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let waker = listener
             .try_clone()
             .map_err(|source| MetricsError::BindStats {

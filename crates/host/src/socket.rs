@@ -8,6 +8,10 @@
 //! connect that sends nothing and closes at once; a live `iopf host` sees it as a VMM that
 //! connected and left.
 //!
+//! The path appears only once the socket listens (it is bound under a private name and linked
+//! into place), so a VMM that waits for the path can connect at once, and a second host never
+//! mistakes a host that is still starting for a stale socket.
+//!
 //! The [`SocketGuard`] it returns removes the socket when dropped, and only if the path still
 //! names the socket it bound (same device, inode and change time: a file system may give a
 //! new file the inode number of one just removed): a socket another process has bound at the
@@ -17,6 +21,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
@@ -152,6 +157,32 @@ fn probe(path: &Path) -> io::Result<Probe> {
     }
 }
 
+/// A listening UNIX socket that appears at `path` only once it listens. Binding at `path`
+/// directly (`bind` then `listen`) leaves a moment in which the path exists and connecting is
+/// refused: a client that waits for the path would fail, and another host probing it would
+/// take it for a stale socket and remove it. So the socket is bound and listening under a
+/// private name in the same directory first, then hard-linked to `path` (which never replaces
+/// anything there: `AlreadyExists`), and the private name removed. A directory whose private
+/// name would be too long for a socket address gets the direct bind.
+pub(crate) fn listen_at(path: &Path) -> io::Result<UnixListener> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let private = path.with_file_name(format!(
+        ".iopf-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let listener = match UnixListener::bind(&private) {
+        Ok(listener) => listener,
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => return UnixListener::bind(path),
+        Err(e) => return Err(e),
+    };
+    let linked = std::fs::hard_link(&private, path);
+    if let Err(error) = std::fs::remove_file(&private) {
+        tracing::warn!(path = %private.display(), %error, "could not remove the socket's private name");
+    }
+    linked.map(|()| listener)
+}
+
 /// Binds a listening UNIX socket at `path`, replacing only a stale socket (see the module
 /// documentation), and returns it with the guard that removes it.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), BindError> {
@@ -186,9 +217,9 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), BindError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => return Err(inspect(source)),
     }
-    let listener = UnixListener::bind(path).map_err(|source| match source.kind() {
+    let listener = listen_at(path).map_err(|source| match source.kind() {
         // Another process bound it between our look and our bind.
-        io::ErrorKind::AddrInUse => BindError::InUse {
+        io::ErrorKind::AddrInUse | io::ErrorKind::AlreadyExists => BindError::InUse {
             path: path.to_path_buf(),
         },
         _ => BindError::Bind {
@@ -225,6 +256,27 @@ mod tests {
         assert!(matches!(err, BindError::NotASocket { .. }), "{err}");
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+    }
+
+    /// The socket reaches its path by a link that never replaces what is there (a rename
+    /// would), and its private name is gone either way.
+    #[test]
+    fn the_socket_is_linked_into_place_without_replacing_anything() {
+        let dir = dir("link");
+        let path = dir.join("host.sock");
+        std::fs::write(&path, "someone else's").unwrap();
+        let err = listen_at(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's");
+        std::fs::remove_file(&path).unwrap();
+        let listener = listen_at(&path).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        listener.accept().unwrap();
+        let names: Vec<_> = std::fs::read_dir(&*dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["host.sock"]);
     }
 
     #[test]
