@@ -5,13 +5,12 @@
 //! every page request group `Success`.
 
 mod common;
-use common::Reaper;
+use common::{Reaper, wait_for_socket};
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -100,14 +99,6 @@ fn bytes(fd: &OwnedFd, offset: u64, len: u64) -> Vec<u8> {
     out
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "the host never bound its socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Catches: a host that maps only one region, ignores a mapping's IOVA or fd offset (the data
 /// would land elsewhere in the memfds), lets a device write a read-only mapping, fails the
 /// accesses a VMM without page tables has answered `Success` (direct mode missing), or
@@ -129,7 +120,7 @@ fn a_vmm_without_page_tables_gets_its_pages_one_to_one_and_read_only_memory_stay
             .spawn()
             .unwrap(),
     );
-    wait_for(&socket);
+    wait_for_socket(&socket);
 
     // Attach: the queues by region type, the response doorbell, the fault IRQ.
     let mut client = Client::connect(&socket).unwrap();

@@ -4,11 +4,11 @@
 //! VMM and be answered by it exactly once, with nothing refused and nothing answered by the
 //! host itself.
 
+mod common;
+use common::wait_for_socket;
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use iopf_vfio_user::DmaProt;
 use serde_json::Value;
@@ -33,14 +33,6 @@ const DEVICES: usize = 64;
 /// Per stream (two streams per device): small, so that 64 devices finish quickly.
 const ACCESSES: u64 = 60;
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "the host never bound its socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Catches: a host that serves fewer devices than asked or two connections one device, a
 /// VMM library that loses, duplicates or misroutes groups among many devices on one thread
 /// (the counts per device would differ from the host's), answers the host refuses, a host that
@@ -62,7 +54,7 @@ fn sixty_four_devices_on_one_thread_get_every_group_answered_exactly_once() {
             .spawn()
             .unwrap(),
     );
-    wait_for(&socket);
+    wait_for_socket(&socket);
 
     // Attach until the host refuses a connection (every device taken), then serve them all.
     let mut vmm = minimal::Vmm::new().unwrap();

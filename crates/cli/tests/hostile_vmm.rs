@@ -19,7 +19,7 @@
 //! a VMM killed with thousands of groups pending, stale answers across a host unregister).
 
 mod common;
-use common::{Reaper, iopf};
+use common::{Reaper, iopf, wait_for_socket};
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -137,18 +137,6 @@ struct Outcome {
     hostile: Value,
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the host never bound {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Waits until `vmm` holds a fault queue region (it has been handed a device).
 fn wait_attached(vmm: &Reaper) {
     let fds = format!("/proc/{}/fd", vmm.0.id());
@@ -227,7 +215,7 @@ fn run(case: &Case, extra: &[&str]) -> Outcome {
             .spawn()
             .unwrap(),
     );
-    wait_for(&socket);
+    wait_for_socket(&socket);
     // The good VMM first: it takes device 1, and must hold it before the hostile VMM can hang
     // up and attach again (a connection takes the first free device).
     let good = good_vmm(&socket, &scenario);

@@ -2,25 +2,13 @@
 //! groups pending and replaced, and garbage sent to the host's socket.
 
 mod common;
-use common::{Reaper, iopf, socket_path};
+use common::{Reaper, iopf, socket_path, wait_for_socket};
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the host never bound {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn host(socket: &Path, args: &[&str]) -> Reaper {
     Reaper(
@@ -147,7 +135,7 @@ fn killing_the_vmm_with_groups_pending_answers_them_and_a_new_vmm_finishes() {
             "4096",
         ],
     );
-    wait_for(&socket);
+    wait_for_socket(&socket);
     // A guest that takes 10 s per answer: each device's groups pile up to its credits (512
     // requests), so about two thousand groups are pending across the eight devices.
     let mut slow = vmm(
@@ -173,7 +161,7 @@ fn killing_the_vmm_with_groups_pending_answers_them_and_a_new_vmm_finishes() {
 fn garbage_on_the_socket_does_not_stop_the_host_serving_a_real_vmm() {
     let (_dir, socket) = socket_path("garbage");
     let host = host(&socket, &["--devices", "1", "--accesses", "500"]);
-    wait_for(&socket);
+    wait_for_socket(&socket);
     // A client that sends garbage, then one that stops mid-message, then one that lies about
     // its size: each gets an error or a closed connection, and frees the device again.
     for bytes in [
@@ -282,7 +270,7 @@ fn late_answers_from_an_earlier_handler_life_are_refused_across_processes() {
 fn the_vmm_reports_its_account_as_json() {
     let (_dir, socket) = socket_path("vmm-json");
     let host = host(&socket, &["--devices", "2", "--accesses", "500"]);
-    wait_for(&socket);
+    wait_for_socket(&socket);
     let out = iopf()
         .args(["vmm", "--devices", "2", "--json", "--socket"])
         .arg(&socket)

@@ -5,10 +5,9 @@
 //! attached.
 
 mod common;
-use common::{Reaper, iopf, socket_path};
+use common::{Reaper, iopf, socket_path, wait_for_socket};
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -77,7 +76,7 @@ fn host_threads(devices: u32, threads: u32, metrics: bool) -> Vec<String> {
             }
         }
     });
-    wait_for(&socket);
+    wait_for_socket(&socket);
     let vmm = Reaper(
         iopf()
             .args(["vmm", "--devices", &devices.to_string(), "--socket"])
@@ -116,14 +115,6 @@ fn host_threads(devices: u32, threads: u32, metrics: bool) -> Vec<String> {
     drop(host);
     most.sort();
     most
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "the host never bound its socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn scrape(addr: &str) {

@@ -1,9 +1,11 @@
 //! What the process-level tests share: the `iopf` command, a child that is killed and reaped
-//! however the test ends, and a socket path in a temporary directory that is removed with it.
+//! however the test ends, a socket path in a temporary directory that is removed with it, and
+//! the wait for a host's socket.
 #![allow(dead_code)] // Each test file uses its own part of this.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// The `iopf` binary under test.
 pub fn iopf() -> Command {
@@ -29,4 +31,18 @@ pub fn socket_path(name: &str) -> (tempfile::TempDir, PathBuf) {
         .unwrap();
     let path = dir.path().join("host.sock");
     (dir, path)
+}
+
+/// Waits (at most 30 s) until the host's socket is at `path`. The host puts it there only once
+/// it listens, so a client may connect as soon as this returns.
+pub fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the host never bound {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
