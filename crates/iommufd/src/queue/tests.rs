@@ -137,7 +137,7 @@ fn libc_einval() -> i32 {
     rustix::io::Errno::INVAL.raw_os_error()
 }
 
-fn read_all(q: &mut KernelFaultQueue<KernelModel>) -> Vec<PageRequest> {
+fn read_all<F: FaultFileOps>(q: &mut KernelFaultQueue<F>) -> Vec<PageRequest> {
     let mut got = Vec::new();
     q.read_faults(usize::MAX, &mut |f| match f.fault {
         Ok(Fault::PageRequest(r)) => got.push(r),
@@ -682,12 +682,9 @@ fn interrupted_calls_are_retried_and_other_errors_are_returned() {
     let mut q = KernelFaultQueue::new(1, FailingFile::default());
     let serial = q.file.model.trigger(1, 1, 1);
     q.file.read_errors = [Interrupted, Interrupted].into();
-    let mut got = Vec::new();
-    q.read_faults(8, &mut |f| got.push(f)).unwrap();
+    let got = read_all(&mut q);
     assert_eq!(got.len(), 1);
-    let Ok(Fault::PageRequest(request)) = got[0].fault else {
-        panic!("{got:?}");
-    };
+    let request = got[0];
     let response = [answer(&request, ResponseCode::Success)];
 
     q.file.write_errors = [Other].into();
@@ -891,14 +888,9 @@ fn a_write_that_takes_nothing_skips_one_response_and_goes_on() {
     let mut q = KernelFaultQueue::new(1, FailingFile::default());
     let a = q.file.model.trigger(1, 1, 1);
     let b = q.file.model.trigger(1, 2, 1);
-    let mut got = Vec::new();
-    q.read_faults(8, &mut |f| got.push(f.fault)).unwrap();
-    let answers: Vec<ResponseRecord> = got
+    let answers: Vec<ResponseRecord> = read_all(&mut q)
         .iter()
-        .map(|f| match f {
-            Ok(Fault::PageRequest(r)) => answer(r, ResponseCode::Success),
-            other => panic!("{other:?}"),
-        })
+        .map(|r| answer(r, ResponseCode::Success))
         .collect();
     q.file.empty_writes = 1;
     q.write_responses(&answers).unwrap();
