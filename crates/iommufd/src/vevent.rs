@@ -439,6 +439,12 @@ mod tests {
         assert_eq!(p.counts().events, 1);
     }
 
+    /// An SMMUv3 event record of four words, as the vEVENTQ carries it (little-endian).
+    fn smmuv3_fault_of(words: [u64; 4]) -> ChannelFault {
+        let data: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        VeventType::ArmSmmuV3.to_channel_fault(&data)
+    }
+
     /// Each SMMUv3 event id maps to its reason; only the translation faults carry an address.
     #[test]
     fn smmuv3_event_ids_map_to_their_reasons() {
@@ -455,11 +461,7 @@ mod tests {
             (0x04, FaultReason::Unknown, false),
         ];
         for (id, reason, has_addr) in cases {
-            let mut data = Vec::new();
-            for w in [(7u64 << 32) | id, 1 << 35, 0x1000, 0] {
-                data.extend_from_slice(&w.to_le_bytes());
-            }
-            match VeventType::ArmSmmuV3.to_channel_fault(&data).fault {
+            match smmuv3_fault_of([(7u64 << 32) | id, 1 << 35, 0x1000, 0]).fault {
                 Ok(Fault::Unrecoverable(f)) => {
                     assert_eq!(f.reason, reason, "event id {id:#x}");
                     assert_eq!(f.addr.is_some(), has_addr, "event id {id:#x}");
@@ -473,11 +475,7 @@ mod tests {
     fn smmuv3_translation_fault_carries_sid_ssid_access_and_address() {
         let w0: u64 = (0x42u64 << 32) | (0x5u64 << 12) | (1 << 11) | 0x10;
         let w1: u64 = (1 << 35) | (1 << 33);
-        let mut data = Vec::new();
-        for w in [w0, w1, 0xdead_b000, 0] {
-            data.extend_from_slice(&w.to_le_bytes());
-        }
-        let f = VeventType::ArmSmmuV3.to_channel_fault(&data);
+        let f = smmuv3_fault_of([w0, w1, 0xdead_b000, 0]);
         assert_eq!(f.device, 0x42);
         assert_eq!(
             f.fault,
@@ -491,11 +489,7 @@ mod tests {
         );
         // A write (bit 35 clear) that fetched an instruction (bit 34), without a substream.
         let w0: u64 = (0x43u64 << 32) | (0x5u64 << 12) | 0x13;
-        let mut data = Vec::new();
-        for w in [w0, 1 << 34, 0x7000, 0] {
-            data.extend_from_slice(&w.to_le_bytes());
-        }
-        let f = VeventType::ArmSmmuV3.to_channel_fault(&data);
+        let f = smmuv3_fault_of([w0, 1 << 34, 0x7000, 0]);
         assert_eq!(f.device, 0x43);
         assert_eq!(
             f.fault,
