@@ -566,6 +566,22 @@ struct Bare {
     io_fds: Vec<std::fs::File>,
 }
 
+/// Serves `device` on one end of a socket pair; returns the other end and the server's
+/// thread, which ends with how the connection ended.
+fn serve_bare(
+    device: Bare,
+) -> (
+    std::os::unix::net::UnixStream,
+    std::thread::JoinHandle<Result<Disconnect, iopf_vfio_user::ServerError>>,
+) {
+    let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut device = device;
+        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut device)
+    });
+    (stream, server)
+}
+
 impl VfioUserDevice for Bare {
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -612,10 +628,7 @@ impl VfioUserDevice for Bare {
 // Catches: the PCI flag left to each device (QEMU's vfio-user-pci refuses a non-PCI device).
 #[test]
 fn every_device_is_reported_as_pci() {
-    let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let server = std::thread::spawn(move || {
-        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare::default())
-    });
+    let (stream, server) = serve_bare(Bare::default());
     let mut client = Client::from_stream(stream).unwrap();
     let info = client.device_info().unwrap();
     assert_eq!(info.flags, DeviceFlags::PCI | DeviceFlags::RESET);
@@ -626,10 +639,7 @@ fn every_device_is_reported_as_pci() {
 // Catches: trait defaults that claim success for what the device cannot do.
 #[test]
 fn a_device_without_dma_or_reset_refuses_them_with_enotsup() {
-    let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let server = std::thread::spawn(move || {
-        iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut Bare::default())
-    });
+    let (stream, server) = serve_bare(Bare::default());
     let mut client = Client::from_stream(stream).unwrap();
     assert_eq!(
         remote_errno(client.dma_map(None, 0, 0x1000, 0x1000, DmaProt::READ)),
@@ -648,14 +658,10 @@ fn a_device_without_dma_or_reset_refuses_them_with_enotsup() {
 #[test]
 fn region_io_fds_go_up_to_the_fds_of_one_message_and_no_further() {
     for (n, sent) in [(MAX_MSG_FDS, true), (MAX_MSG_FDS + 1, false)] {
-        let (stream, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let server = std::thread::spawn(move || {
-            let mut device = Bare {
-                io_fds: (0..n)
-                    .map(|_| std::fs::File::open("/dev/null").unwrap())
-                    .collect(),
-            };
-            iopf_vfio_user::Server::new(common::test_config()).serve(theirs, &mut device)
+        let (stream, server) = serve_bare(Bare {
+            io_fds: (0..n)
+                .map(|_| std::fs::File::open("/dev/null").unwrap())
+                .collect(),
         });
         let mut conn = iopf_vfio_user::Connection::new(stream);
         propose(
