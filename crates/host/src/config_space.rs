@@ -672,13 +672,14 @@ impl ConfigSpace {
 mod tests {
     use std::sync::Arc;
 
-    use iopf_abi::{Fault, PageAddr, PageResponse, Perm, PrgIndex, ResponseCode, ResponseRecord};
-    use iopf_core::{DeviceConfig, DeviceFault, DeviceId, FaultCore, MonotonicClock};
+    use iopf_abi::{Fault, PageResponse, ResponseCode, ResponseRecord};
+    use iopf_core::{DeviceConfig, DeviceId, FaultCore, MonotonicClock};
     use iopf_queue::{Doorbell, FaultChannel, SharedMemoryChannel};
     use iopf_vfio_user::device::{DMA_FAULT_REGION_INDEX, DMA_FAULT_RESPONSE_REGION_INDEX};
 
     use super::*;
     use crate::fault_regions::FaultRegions;
+    use crate::test_support::page_request;
 
     fn full() -> ConfigSpace {
         ConfigSpaceBuilder::new(0x1b36, 0x10f1)
@@ -845,16 +846,6 @@ mod tests {
         assert!(!c.pri_enabled() && !c.ats_enabled() && !c.bus_master());
     }
 
-    fn request(grpid: u32) -> DeviceFault {
-        DeviceFault::page_request(
-            None,
-            PrgIndex::new(grpid).unwrap(),
-            Perm::READ,
-            PageAddr::new(0x1000).unwrap(),
-            true,
-        )
-    }
-
     // Catches: a PRI Status that does not follow the device: Stopped while it sends,
     // Response Failure that never shows or cannot be cleared, a Reset that keeps requests.
     #[test]
@@ -887,7 +878,7 @@ mod tests {
             None,
         )
         .unwrap();
-        port.report(&request(1)).unwrap();
+        port.report(&page_request(1, true)).unwrap();
         assert_eq!(port.outstanding_groups(), 1);
         write16(&mut c, 0x110 + pri::CONTROL, 0);
         assert_eq!(
@@ -919,7 +910,7 @@ mod tests {
         assert_eq!(status(&c) & pri::STATUS_RESPONSE_FAILURE, 0);
         assert!(!port.response_failure());
         // A PRI Reset while disabled forgets outstanding requests.
-        port.report(&request(2)).unwrap();
+        port.report(&page_request(2, true)).unwrap();
         assert_eq!(port.outstanding_groups(), 1);
         write16(&mut c, 0x110 + pri::CONTROL, pri::CONTROL_RESET);
         assert_eq!(port.outstanding_groups(), 0);

@@ -504,7 +504,6 @@ mod tests {
     use std::os::fd::OwnedFd;
     use std::time::Duration;
 
-    use iopf_abi::{PageAddr, Perm, PrgIndex};
     use iopf_core::MonotonicClock;
     use iopf_vfio_user::IrqAction;
     use iopf_vfio_user::device::{
@@ -514,6 +513,7 @@ mod tests {
     use iopf_vfio_user::info::RegionCapability;
 
     use super::*;
+    use crate::test_support::page_request;
 
     fn port() -> FaultPort {
         let core = Arc::new(FaultCore::new(Arc::new(MonotonicClock::new())));
@@ -600,16 +600,6 @@ mod tests {
         );
     }
 
-    fn request(grpid: u32, last: bool) -> DeviceFault {
-        DeviceFault::page_request(
-            None,
-            PrgIndex::new(grpid).unwrap(),
-            Perm::READ,
-            PageAddr::new(0x2000).unwrap(),
-            last,
-        )
-    }
-
     /// The VMM's ends of both queues, attached as a VMM attaches them: from then on the core
     /// hands it groups instead of answering them at once.
     fn attach_vmm(
@@ -644,8 +634,12 @@ mod tests {
         let regions = FaultRegions::attach(&port, 64).unwrap();
         let _vmm = attach_vmm(&regions);
         assert!(!port.has_responses());
-        port.report_batch(&[request(1, false), request(1, true), request(2, true)])
-            .unwrap();
+        port.report_batch(&[
+            page_request(1, false),
+            page_request(1, true),
+            page_request(2, true),
+        ])
+        .unwrap();
         assert_eq!(port.outstanding_groups(), 2);
         assert!(!port.has_responses());
         assert_eq!(regions.detach(), 2);
@@ -663,16 +657,16 @@ mod tests {
         let port = port();
         let regions = FaultRegions::attach(&port, 64).unwrap();
         let _vmm = attach_vmm(&regions);
-        port.report_batch(&[request(1, true), request(2, true)])
+        port.report_batch(&[page_request(1, true), page_request(2, true)])
             .unwrap();
         assert_eq!(regions.reset().unwrap(), 2);
-        port.report_batch(&[request(3, true), request(4, true)])
+        port.report_batch(&[page_request(3, true), page_request(4, true)])
             .unwrap();
         assert_eq!(regions.detach(), 2);
 
         let regions = FaultRegions::attach(&port, 64).unwrap();
         let _vmm = attach_vmm(&regions);
-        port.report_batch(&[request(5, true), request(6, true)])
+        port.report_batch(&[page_request(5, true), page_request(6, true)])
             .unwrap();
         assert_eq!(port.unregister(), 2);
         let mut answers = Vec::new();
@@ -756,13 +750,7 @@ mod tests {
         drop(regions);
         assert!(!port.is_registered());
         let regions = FaultRegions::attach(&port, 64).unwrap();
-        let fault = DeviceFault::page_request(
-            None,
-            PrgIndex::new(5).unwrap(),
-            Perm::READ,
-            PageAddr::new(0x2000).unwrap(),
-            true,
-        );
+        let fault = page_request(5, true);
         // The VMM has not attached its consumer: the core answers at once.
         port.report(&fault).unwrap();
         assert!(port.has_responses());

@@ -11,6 +11,8 @@ pub mod socket;
 #[cfg(test)]
 #[path = "../../../tests-support/temp_path.rs"]
 mod temp_path;
+#[cfg(test)]
+mod test_support;
 
 pub use config_space::{ConfigSpace, ConfigSpaceBuilder, ConfigSpaceError};
 pub use fault_regions::{FaultPort, FaultRegions, FaultRegionsError};
